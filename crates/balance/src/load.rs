@@ -1,0 +1,182 @@
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// How fast observed latency is forgotten, and what an endpoint with no
+/// history is assumed to cost.
+#[derive(Clone, Copy, Debug)]
+pub struct PeakEwmaConfig {
+    /// Time constant of the exponential decay: after this long without a
+    /// new sample an estimate has decayed to ~37 %.
+    pub decay: Duration,
+    /// Latency assumed for a fresh endpoint, so it is neither flooded nor
+    /// starved before it has answered.
+    pub default_rtt: Duration,
+}
+
+impl Default for PeakEwmaConfig {
+    fn default() -> Self {
+        Self {
+            decay: Duration::from_secs(10),
+            default_rtt: Duration::from_millis(30),
+        }
+    }
+}
+
+/// The live load of one endpoint: requests in flight and a peak-EWMA of
+/// response latency. Shared by every balancer that can pick the endpoint, so
+/// its history survives destination reloads.
+#[derive(Debug)]
+pub struct Load {
+    pending: AtomicU32,
+    estimate: Mutex<Estimate>,
+    decay_ns: f64,
+}
+
+#[derive(Debug)]
+struct Estimate {
+    rtt_ns: f64,
+    stamp: Instant,
+}
+
+impl Load {
+    pub fn new(config: PeakEwmaConfig) -> Self {
+        Self {
+            pending: AtomicU32::new(0),
+            estimate: Mutex::new(Estimate {
+                rtt_ns: config.default_rtt.as_nanos() as f64,
+                stamp: Instant::now(),
+            }),
+            // A zero decay would divide by zero below; a nanosecond is
+            // "forget immediately", which is what zero means.
+            decay_ns: (config.decay.as_nanos() as f64).max(1.0),
+        }
+    }
+
+    /// Marks a request as started. The returned guard keeps it counted as
+    /// in flight until dropped.
+    pub fn start(self: &std::sync::Arc<Self>) -> Pending {
+        self.pending.fetch_add(1, Ordering::Relaxed);
+        Pending {
+            load: self.clone(),
+            started: Instant::now(),
+            observed: false,
+        }
+    }
+
+    pub fn pending(&self) -> u32 {
+        self.pending.load(Ordering::Relaxed)
+    }
+
+    /// The balancer's cost: the decayed latency estimate scaled by the
+    /// requests this endpoint is already working on.
+    pub fn cost(&self) -> f64 {
+        self.cost_at(Instant::now())
+    }
+
+    /// [`Load::cost`] as of `now`: comparisons must use one instant, or the
+    /// endpoint asked second looks cheaper merely for having decayed longer.
+    pub fn cost_at(&self, now: Instant) -> f64 {
+        let rtt = match self.estimate.lock() {
+            Ok(mut e) => e.decay_to(now, self.decay_ns),
+            Err(poisoned) => poisoned.into_inner().rtt_ns,
+        };
+        rtt * f64::from(self.pending() + 1)
+    }
+
+    /// Current latency estimate, for introspection.
+    pub fn rtt_estimate(&self) -> Duration {
+        let ns = match self.estimate.lock() {
+            Ok(e) => e.rtt_ns,
+            Err(poisoned) => poisoned.into_inner().rtt_ns,
+        };
+        Duration::from_nanos(ns as u64)
+    }
+
+    fn observe(&self, rtt: Duration) {
+        let rtt_ns = rtt.as_nanos() as f64;
+        let now = Instant::now();
+        if let Ok(mut e) = self.estimate.lock() {
+            if rtt_ns > e.rtt_ns {
+                // Peak sensitivity: a slow response is believed at once.
+                e.rtt_ns = rtt_ns;
+                e.stamp = now;
+            } else {
+                let elapsed = now.saturating_duration_since(e.stamp).as_nanos() as f64;
+                let w = (-elapsed / self.decay_ns).exp();
+                e.rtt_ns = e.rtt_ns * w + rtt_ns * (1.0 - w);
+                e.stamp = now;
+            }
+        }
+    }
+}
+
+impl Estimate {
+    /// With no samples the estimate drifts towards zero, so an idle
+    /// endpoint is eventually tried again.
+    fn decay_to(&mut self, now: Instant, decay_ns: f64) -> f64 {
+        let elapsed = now.saturating_duration_since(self.stamp).as_nanos() as f64;
+        if elapsed > 0.0 {
+            self.rtt_ns *= (-elapsed / decay_ns).exp();
+            self.stamp = now;
+        }
+        self.rtt_ns
+    }
+}
+
+/// A request in flight on an endpoint.
+#[derive(Debug)]
+pub struct Pending {
+    load: std::sync::Arc<Load>,
+    started: Instant,
+    observed: bool,
+}
+
+impl Pending {
+    /// Records the time from start to the response (headers); the request
+    /// stays in flight until the guard is dropped (end of the body).
+    pub fn observe_response(&mut self) {
+        if !self.observed {
+            self.observed = true;
+            self.load.observe(self.started.elapsed());
+        }
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.load.pending.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn peaks_are_believed_at_once_and_decay_slowly() {
+        let load = Arc::new(Load::new(PeakEwmaConfig {
+            decay: Duration::from_secs(10),
+            default_rtt: Duration::from_millis(1),
+        }));
+        load.observe(Duration::from_millis(50));
+        assert!(load.rtt_estimate() >= Duration::from_millis(49));
+        load.observe(Duration::from_millis(1));
+        // Nearly no time has passed, so the peak still dominates.
+        assert!(load.rtt_estimate() >= Duration::from_millis(40));
+    }
+
+    #[test]
+    fn pending_counts_guards() {
+        let load = Arc::new(Load::new(PeakEwmaConfig::default()));
+        let base = load.cost();
+        let a = load.start();
+        let b = load.start();
+        assert_eq!(load.pending(), 2);
+        assert!(load.cost() > base * 2.5);
+        drop(a);
+        drop(b);
+        assert_eq!(load.pending(), 0);
+    }
+}

@@ -1,0 +1,112 @@
+use std::fmt;
+use std::str::FromStr;
+
+/// A normalized `host:port`: the key the proxy routes and labels metrics by.
+/// Hosts are lower-cased and lose a trailing dot; a missing port becomes the
+/// scheme's default, so `Svc.Test.` and `svc.test:80` name one destination.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Authority {
+    host: String,
+    port: u16,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AuthorityError {
+    #[error("authority {0:?} is not a valid host[:port]")]
+    Invalid(String),
+    #[error("authority {0:?} has no host")]
+    NoHost(String),
+}
+
+impl Authority {
+    /// Parses an authority as found in a `Host` header, an absolute-form
+    /// URI or HTTP/2 `:authority`, filling in `default_port` if absent.
+    pub fn parse(s: &str, default_port: u16) -> Result<Self, AuthorityError> {
+        let parsed = http::uri::Authority::from_str(s.trim())
+            .map_err(|_| AuthorityError::Invalid(s.to_string()))?;
+        if parsed.as_str().contains('@') {
+            // userinfo has no place in a routing key
+            return Err(AuthorityError::Invalid(s.to_string()));
+        }
+        let after_host = &parsed.as_str()[parsed.host().len()..];
+        if after_host.len() > 1 && parsed.port_u16().is_none() {
+            return Err(AuthorityError::Invalid(s.to_string()));
+        }
+        let host = parsed.host().trim_end_matches('.');
+        if host.is_empty() {
+            return Err(AuthorityError::NoHost(s.to_string()));
+        }
+        Ok(Self {
+            host: host.to_ascii_lowercase(),
+            port: parsed.port_u16().unwrap_or(default_port),
+        })
+    }
+
+    pub fn from_uri(authority: &http::uri::Authority, default_port: u16) -> Self {
+        let host = authority.host().trim_end_matches('.');
+        Self {
+            host: host.to_ascii_lowercase(),
+            port: authority.port_u16().unwrap_or(default_port),
+        }
+    }
+
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The host without IPv6 brackets, as DNS or `SocketAddr` parsing wants it.
+    pub fn bare_host(&self) -> &str {
+        self.host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(&self.host)
+    }
+}
+
+impl fmt::Display for Authority {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.host, self.port)
+    }
+}
+
+impl FromStr for Authority {
+    type Err = AuthorityError;
+
+    /// Configuration form: the port is required.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let a = Self::parse(s, 0)?;
+        if a.port == 0 {
+            return Err(AuthorityError::Invalid(s.to_string()));
+        }
+        Ok(a)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalizes() {
+        let a = Authority::parse("Svc.Test.", 80).expect("valid");
+        assert_eq!(a.to_string(), "svc.test:80");
+        assert_eq!(Authority::parse("svc.test:8080", 80).expect("valid").port(), 8080);
+        let v6 = Authority::parse("[::1]:90", 80).expect("valid");
+        assert_eq!(v6.bare_host(), "::1");
+        assert_eq!(v6.to_string(), "[::1]:90");
+    }
+
+    #[test]
+    fn rejects() {
+        assert!(Authority::parse("", 80).is_err());
+        assert!(Authority::parse("a b", 80).is_err());
+        assert!(Authority::parse("user@host", 80).is_err());
+        assert!(Authority::parse("host:99999", 80).is_err());
+        assert!("svc.test".parse::<Authority>().is_err());
+        assert!("svc.test:1".parse::<Authority>().is_ok());
+    }
+}

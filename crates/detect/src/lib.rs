@@ -1,0 +1,10 @@
+//! What the first bytes of a connection say about its protocol, and what a
+//! request head says about where it is going. Pure functions, no I/O: the
+//! proxy reads, this crate decides (and is fuzzed).
+#![forbid(unsafe_code)]
+
+mod authority;
+mod protocol;
+
+pub use authority::{Authority, AuthorityError};
+pub use protocol::{Detection, MAX_PREFIX, Protocol, detect};
