@@ -117,7 +117,10 @@ mod tests {
 
     #[test]
     fn zero_weight_is_refused() {
-        assert_eq!(Set::new([(1u8, load(), 0)]).err(), Some(SetError::ZeroWeight));
+        assert_eq!(
+            Set::new([(1u8, load(), 0)]).err(),
+            Some(SetError::ZeroWeight)
+        );
     }
 
     #[test]

@@ -50,6 +50,18 @@ impl Authority {
         }
     }
 
+    /// The authority naming a literal address.
+    pub fn from_socket_addr(addr: std::net::SocketAddr) -> Self {
+        let host = match addr.ip() {
+            std::net::IpAddr::V4(ip) => ip.to_string(),
+            std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+        };
+        Self {
+            host,
+            port: addr.port(),
+        }
+    }
+
     pub fn host(&self) -> &str {
         &self.host
     }
@@ -94,7 +106,10 @@ mod tests {
     fn normalizes() {
         let a = Authority::parse("Svc.Test.", 80).expect("valid");
         assert_eq!(a.to_string(), "svc.test:80");
-        assert_eq!(Authority::parse("svc.test:8080", 80).expect("valid").port(), 8080);
+        assert_eq!(
+            Authority::parse("svc.test:8080", 80).expect("valid").port(),
+            8080
+        );
         let v6 = Authority::parse("[::1]:90", 80).expect("valid");
         assert_eq!(v6.bare_host(), "::1");
         assert_eq!(v6.to_string(), "[::1]:90");

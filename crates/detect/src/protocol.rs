@@ -109,7 +109,9 @@ fn detect_http1(buf: &[u8]) -> Detection {
             Detection::NeedMore
         };
     };
-    let line = buf[..line_end].strip_suffix(b"\r").unwrap_or(&buf[..line_end]);
+    let line = buf[..line_end]
+        .strip_suffix(b"\r")
+        .unwrap_or(&buf[..line_end]);
     let version_ok = line.len() >= 8 && {
         let v = &line[line.len() - 8..];
         v.starts_with(b"HTTP/1.") && v[7].is_ascii_digit()

@@ -1,1 +1,148 @@
-//! placeholder
+//! weft's data plane: a transparent L7 proxy. Outbound it routes requests by
+//! authority and balances them per request; inbound it forwards to the local
+//! application; both detect the protocol of every connection.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod config;
+pub mod destinations;
+pub mod endpoint;
+pub mod http;
+pub mod io;
+pub mod metrics;
+pub mod orig_dst;
+pub mod route;
+pub mod server;
+pub mod tcp;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::endpoint::EndpointSettings;
+use crate::metrics::{Direction, Metrics};
+use crate::route::Router;
+use crate::server::Side;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("{var}: {source}")]
+    Destinations {
+        var: &'static str,
+        #[source]
+        source: destinations::DestinationsError,
+    },
+    #[error("cannot listen on {addr} ({which}): {source}")]
+    Bind {
+        which: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot install signal handler: {0}")]
+    Signal(#[source] std::io::Error),
+}
+
+impl RunError {
+    /// Exit code: 64 (EX_USAGE) when the configuration is at fault.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            RunError::Destinations { .. } => 64,
+            _ => 1,
+        }
+    }
+}
+
+async fn bind(which: &'static str, addr: SocketAddr) -> Result<TcpListener, RunError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| RunError::Bind {
+            which,
+            addr,
+            source,
+        })
+}
+
+/// Runs the proxy until SIGTERM or SIGINT, then drains in-flight work for
+/// up to the configured grace period.
+pub async fn run(config: Config) -> Result<(), RunError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut sigterm = signal(SignalKind::terminate()).map_err(RunError::Signal)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(RunError::Signal)?;
+
+    let metrics = Metrics::new();
+    let ready = Arc::new(AtomicBool::new(false));
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+
+    let settings = |direction| EndpointSettings {
+        connect_timeout: config.connect_timeout,
+        tcp_metrics: metrics.tcp.clone(),
+        direction,
+    };
+    let outbound_router = Router::new(settings(Direction::outbound), config.dns_refresh);
+    let inbound_router = Router::new(settings(Direction::inbound), config.dns_refresh);
+    if let Some(path) = &config.destinations {
+        let rx = destinations::watch(path.clone()).map_err(|source| RunError::Destinations {
+            var: config::ENV_DESTINATIONS,
+            source,
+        })?;
+        outbound_router.follow(rx);
+    }
+
+    let admin_listener = bind("admin", config.admin_listen).await?;
+    let outbound_listener = bind("outbound", config.outbound_listen).await?;
+    let inbound_listener = bind("inbound", config.inbound_listen).await?;
+    let addr = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    tracing::info!(
+        outbound = %addr(&outbound_listener),
+        inbound = %addr(&inbound_listener),
+        admin = %addr(&admin_listener),
+        "listening"
+    );
+
+    let admin = Arc::new(admin::Admin {
+        metrics: metrics.clone(),
+        ready: ready.clone(),
+        config: config.clone(),
+    });
+    let admin_shutdown = CancellationToken::new();
+    tokio::spawn(admin.serve(admin_listener, admin_shutdown.clone()));
+
+    for (direction, router, listener) in [
+        (Direction::outbound, outbound_router, outbound_listener),
+        (Direction::inbound, inbound_router, inbound_listener),
+    ] {
+        let side = Arc::new(Side {
+            direction,
+            router,
+            metrics: metrics.clone(),
+            detect_timeout: config.detect_timeout,
+            inbound_forward: config.inbound_forward,
+        });
+        tokio::spawn(side.accept_loop(listener, shutdown.clone(), tracker.clone()));
+    }
+    ready.store(true, Ordering::Release);
+
+    tokio::select! {
+        _ = sigterm.recv() => tracing::info!("SIGTERM: draining"),
+        _ = sigint.recv() => tracing::info!("SIGINT: draining"),
+    }
+    ready.store(false, Ordering::Release);
+    shutdown.cancel();
+    tracker.close();
+    if tokio::time::timeout(config.shutdown_grace, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(grace = ?config.shutdown_grace, remaining = tracker.len(), "grace period over; closing remaining connections");
+    }
+    admin_shutdown.cancel();
+    tracing::info!("stopped");
+    Ok(())
+}

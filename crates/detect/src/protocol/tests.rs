@@ -7,7 +7,10 @@ fn known(p: Protocol) -> Detection {
 #[test]
 fn http2_preface_whole_and_partial() {
     assert_eq!(detect(H2_PREFACE), known(Protocol::Http2));
-    assert_eq!(detect(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0"), known(Protocol::Http2));
+    assert_eq!(
+        detect(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0"),
+        known(Protocol::Http2)
+    );
     for i in 1..H2_PREFACE.len() {
         assert_eq!(detect(&H2_PREFACE[..i]), Detection::NeedMore, "prefix {i}");
     }
@@ -32,9 +35,15 @@ fn http1_extension_methods_need_the_whole_line() {
 
 #[test]
 fn tls_client_hello() {
-    assert_eq!(detect(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0, 0]), known(Protocol::Tls));
+    assert_eq!(
+        detect(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0, 0]),
+        known(Protocol::Tls)
+    );
     assert_eq!(detect(&[0x16, 0x03]), Detection::NeedMore);
-    assert_eq!(detect(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x02]), known(Protocol::Opaque));
+    assert_eq!(
+        detect(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x02]),
+        known(Protocol::Opaque)
+    );
     assert_eq!(detect(&[0x16, 0x02]), known(Protocol::Opaque));
 }
 

@@ -1,0 +1,106 @@
+//! The admin server: metrics, readiness, liveness and a config dump.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+
+pub struct Admin {
+    pub metrics: Metrics,
+    pub ready: Arc<AtomicBool>,
+    pub config: Config,
+}
+
+fn text(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
+    let mut rsp = Response::new(Full::new(body.into()));
+    *rsp.status_mut() = status;
+    rsp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    rsp
+}
+
+impl Admin {
+    fn handle(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+        const PLAIN: &str = "text/plain; charset=utf-8";
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            return text(StatusCode::METHOD_NOT_ALLOWED, PLAIN, "only GET and HEAD\n");
+        }
+        match req.uri().path() {
+            "/metrics" => match self.metrics.encode() {
+                Ok(body) => text(
+                    StatusCode::OK,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    body,
+                ),
+                Err(_) => text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    PLAIN,
+                    "cannot encode metrics\n",
+                ),
+            },
+            "/ready" => {
+                if self.ready.load(Ordering::Acquire) {
+                    text(StatusCode::OK, PLAIN, "ready\n")
+                } else {
+                    text(StatusCode::SERVICE_UNAVAILABLE, PLAIN, "not ready\n")
+                }
+            }
+            "/live" => text(StatusCode::OK, PLAIN, "live\n"),
+            "/env.json" => match serde_json::to_vec_pretty(&self.config) {
+                Ok(body) => text(StatusCode::OK, "application/json", body),
+                Err(_) => text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    PLAIN,
+                    "cannot encode config\n",
+                ),
+            },
+            _ => text(
+                StatusCode::NOT_FOUND,
+                PLAIN,
+                "not found; try /metrics, /ready, /live or /env.json\n",
+            ),
+        }
+    }
+
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
+        loop {
+            let (stream, _) = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = listener.accept() => match r {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "admin accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let admin = self.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| {
+                    let rsp = admin.handle(&req);
+                    async move { Ok::<_, Infallible>(rsp) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    }
+}

@@ -1,0 +1,274 @@
+//! Configuration from `WEFT_PROXY_*` environment variables. Every variable
+//! is parsed before any error is returned, so one start reports every bad
+//! value by name; the binary exits with code 64 (EX_USAGE) before binding.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Serialize;
+
+pub const ENV_OUTBOUND_LISTEN: &str = "WEFT_PROXY_OUTBOUND_LISTEN";
+pub const ENV_INBOUND_LISTEN: &str = "WEFT_PROXY_INBOUND_LISTEN";
+pub const ENV_ADMIN_LISTEN: &str = "WEFT_PROXY_ADMIN_LISTEN";
+pub const ENV_DESTINATIONS: &str = "WEFT_PROXY_DESTINATIONS";
+pub const ENV_INBOUND_FORWARD: &str = "WEFT_PROXY_INBOUND_FORWARD";
+pub const ENV_LOG: &str = "WEFT_PROXY_LOG";
+pub const ENV_DETECT_TIMEOUT: &str = "WEFT_PROXY_DETECT_TIMEOUT";
+pub const ENV_CONNECT_TIMEOUT: &str = "WEFT_PROXY_CONNECT_TIMEOUT";
+pub const ENV_SHUTDOWN_GRACE: &str = "WEFT_PROXY_SHUTDOWN_GRACE";
+pub const ENV_DNS_REFRESH: &str = "WEFT_PROXY_DNS_REFRESH";
+pub const ENV_CORES: &str = "WEFT_PROXY_CORES";
+
+/// The longest the proxy may wait for a silent client before treating the
+/// connection as server-speaks-first: beyond this, protocols like SMTP and
+/// MySQL would visibly stall.
+pub const MAX_DETECT_TIMEOUT: Duration = Duration::from_millis(300);
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Config {
+    pub outbound_listen: SocketAddr,
+    pub inbound_listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    /// Static destinations, when no control plane is configured.
+    pub destinations: Option<PathBuf>,
+    /// Where inbound traffic goes when its original destination is unknown.
+    pub inbound_forward: Option<SocketAddr>,
+    pub log: String,
+    #[serde(with = "humantime_serde_compat")]
+    pub detect_timeout: Duration,
+    #[serde(with = "humantime_serde_compat")]
+    pub connect_timeout: Duration,
+    #[serde(with = "humantime_serde_compat")]
+    pub shutdown_grace: Duration,
+    /// How long a DNS answer for an unknown authority is reused.
+    #[serde(with = "humantime_serde_compat")]
+    pub dns_refresh: Duration,
+    /// Worker threads.
+    pub cores: usize,
+}
+
+/// One rejected variable: its name, the value given and why.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{name}={value:?}: {reason}")]
+pub struct InvalidVar {
+    pub name: &'static str,
+    pub value: String,
+    pub reason: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration:\n  {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n  "))]
+pub struct ConfigError(pub Vec<InvalidVar>);
+
+impl Config {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_vars(std::env::vars().collect())
+    }
+
+    /// Parses from an explicit map, so tests need not touch the process
+    /// environment.
+    pub fn from_vars(vars: HashMap<String, String>) -> Result<Self, ConfigError> {
+        let mut p = Parser {
+            vars,
+            errors: Vec::new(),
+        };
+        let default_addr: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 0));
+        let config = Config {
+            outbound_listen: p
+                .parse(ENV_OUTBOUND_LISTEN, "127.0.0.1:4140", parse_addr)
+                .unwrap_or(default_addr),
+            inbound_listen: p
+                .parse(ENV_INBOUND_LISTEN, "0.0.0.0:4143", parse_addr)
+                .unwrap_or(default_addr),
+            admin_listen: p
+                .parse(ENV_ADMIN_LISTEN, "127.0.0.1:4191", parse_addr)
+                .unwrap_or(default_addr),
+            destinations: p.optional(ENV_DESTINATIONS, parse_path),
+            inbound_forward: p.optional(ENV_INBOUND_FORWARD, parse_addr),
+            log: p
+                .parse(ENV_LOG, "info", |s| Ok(s.to_string()))
+                .unwrap_or_default(),
+            detect_timeout: p
+                .parse(ENV_DETECT_TIMEOUT, "200ms", |s| {
+                    let d = parse_duration(s)?;
+                    if d.is_zero() || d > MAX_DETECT_TIMEOUT {
+                        return Err(format!(
+                            "must be more than 0 and at most {}",
+                            humantime::format_duration(MAX_DETECT_TIMEOUT)
+                        ));
+                    }
+                    Ok(d)
+                })
+                .unwrap_or(MAX_DETECT_TIMEOUT),
+            connect_timeout: p
+                .parse(ENV_CONNECT_TIMEOUT, "1s", parse_positive_duration)
+                .unwrap_or_default(),
+            shutdown_grace: p
+                .parse(ENV_SHUTDOWN_GRACE, "30s", parse_duration)
+                .unwrap_or_default(),
+            dns_refresh: p
+                .parse(ENV_DNS_REFRESH, "5s", parse_positive_duration)
+                .unwrap_or_default(),
+            cores: p
+                .parse(ENV_CORES, &default_cores().to_string(), |s| {
+                    match s.parse::<usize>() {
+                        Ok(n) if (1..=512).contains(&n) => Ok(n),
+                        _ => Err("must be a whole number from 1 to 512".into()),
+                    }
+                })
+                .unwrap_or(1),
+        };
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&config.log) {
+            p.errors.push(InvalidVar {
+                name: ENV_LOG,
+                value: config.log.clone(),
+                reason: format!("not a tracing filter: {e}"),
+            });
+        }
+        if p.errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError(p.errors))
+        }
+    }
+}
+
+struct Parser {
+    vars: HashMap<String, String>,
+    errors: Vec<InvalidVar>,
+}
+
+impl Parser {
+    fn parse<T>(
+        &mut self,
+        name: &'static str,
+        default: &str,
+        f: impl Fn(&str) -> Result<T, String>,
+    ) -> Option<T> {
+        let value = self
+            .vars
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| default.to_string());
+        self.check(name, value, f)
+    }
+
+    fn optional<T>(
+        &mut self,
+        name: &'static str,
+        f: impl Fn(&str) -> Result<T, String>,
+    ) -> Option<T> {
+        let value = self.vars.get(name).cloned()?;
+        if value.is_empty() {
+            return None;
+        }
+        self.check(name, value, f)
+    }
+
+    fn check<T>(
+        &mut self,
+        name: &'static str,
+        value: String,
+        f: impl Fn(&str) -> Result<T, String>,
+    ) -> Option<T> {
+        match f(value.trim()) {
+            Ok(v) => Some(v),
+            Err(reason) => {
+                self.errors.push(InvalidVar {
+                    name,
+                    value,
+                    reason,
+                });
+                None
+            }
+        }
+    }
+}
+
+/// One worker per available CPU, at most two: a sidecar shares its host
+/// with the application it serves.
+fn default_cores() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get().min(2))
+        .unwrap_or(1)
+}
+
+fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    s.parse()
+        .map_err(|e| format!("not an IP:port socket address ({e})"))
+}
+
+fn parse_path(s: &str) -> Result<PathBuf, String> {
+    Ok(PathBuf::from(s))
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("not a duration like 300ms or 30s ({e})"))
+}
+
+fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d.is_zero() {
+        return Err("must be more than 0".into());
+    }
+    Ok(d)
+}
+
+/// Durations in the config dump read as humans write them ("30s").
+mod humantime_serde_compat {
+    use std::time::Duration;
+
+    pub(super) fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults() {
+        let c = Config::from_vars(HashMap::new()).expect("defaults are valid");
+        assert_eq!(c.outbound_listen.to_string(), "127.0.0.1:4140");
+        assert_eq!(c.inbound_listen.to_string(), "0.0.0.0:4143");
+        assert_eq!(c.admin_listen.to_string(), "127.0.0.1:4191");
+        assert_eq!(c.shutdown_grace, Duration::from_secs(30));
+        assert!(c.detect_timeout <= MAX_DETECT_TIMEOUT);
+    }
+
+    #[test]
+    fn every_bad_value_is_named() {
+        let err = Config::from_vars(vars(&[
+            (ENV_OUTBOUND_LISTEN, "nowhere"),
+            (ENV_SHUTDOWN_GRACE, "soon"),
+            (ENV_DETECT_TIMEOUT, "10s"),
+            (ENV_LOG, "[[["),
+        ]))
+        .expect_err("invalid");
+        let names: Vec<_> = err.0.iter().map(|e| e.name).collect();
+        assert_eq!(
+            names,
+            [
+                ENV_OUTBOUND_LISTEN,
+                ENV_DETECT_TIMEOUT,
+                ENV_SHUTDOWN_GRACE,
+                ENV_LOG
+            ]
+        );
+        let text = err.to_string();
+        assert!(
+            text.contains("WEFT_PROXY_OUTBOUND_LISTEN=\"nowhere\""),
+            "{text}"
+        );
+    }
+}

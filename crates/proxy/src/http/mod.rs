@@ -1,0 +1,384 @@
+//! HTTP/1.1 and HTTP/2 proxying: serve a detected connection, route each
+//! request to a target, balance it onto an endpoint, stream both ways.
+
+mod body;
+mod error;
+mod headers;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::header;
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::sync::CancellationToken;
+use weft_detect::Authority;
+
+pub use body::ProxyBody;
+pub use error::{PROXY_ERROR_HEADER, ProxyError};
+
+use crate::metrics::{
+    Classification, Direction, LatencyLabels, Metrics, ResponseLabels, RouteLabels,
+};
+use crate::route::{Router, Target};
+use body::Classify;
+use headers::strip_hop_by_hop;
+
+/// A client that sends no request head within this long is disconnected.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HttpVersion {
+    Http1,
+    Http2,
+}
+
+/// What every request on one accepted connection shares.
+pub struct HttpContext {
+    pub direction: Direction,
+    pub router: Arc<Router>,
+    pub metrics: Metrics,
+    pub version: HttpVersion,
+    /// Outbound: the connection's original destination, when it was
+    /// redirected; the authority of last resort.
+    pub orig_dst: Option<SocketAddr>,
+    /// Inbound: where the local application listens.
+    pub inbound_target: Option<Arc<Target>>,
+}
+
+/// Serves one client connection until it closes, or until `shutdown` asks
+/// it to finish its in-flight requests and close.
+pub async fn serve<I>(io: I, ctx: Arc<HttpContext>, shutdown: CancellationToken)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let version = ctx.version;
+    let svc = service_fn(move |req| {
+        let ctx = ctx.clone();
+        async move { Ok::<_, Infallible>(ctx.handle(req).await) }
+    });
+    let io = TokioIo::new(io);
+    let result = match version {
+        HttpVersion::Http1 => {
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT);
+            let conn = builder.serve_connection(io, svc).with_upgrades();
+            tokio::pin!(conn);
+            tokio::select! {
+                res = conn.as_mut() => res,
+                _ = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            }
+        }
+        HttpVersion::Http2 => {
+            let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+            builder.timer(TokioTimer::new()).adaptive_window(true);
+            let conn = builder.serve_connection(io, svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                res = conn.as_mut() => res,
+                _ = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            }
+        }
+    };
+    if let Err(e) = result {
+        // Malformed requests land here after hyper has answered 400.
+        tracing::debug!(error = %e, "HTTP connection ended with an error");
+    }
+}
+
+fn is_grpc(req: &Request<Incoming>) -> bool {
+    req.headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+fn is_upgrade(req: &Request<Incoming>) -> bool {
+    req.version() <= Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+}
+
+/// The authority a request names: absolute-form URI or `:authority` first,
+/// then `Host`.
+fn request_authority(req: &Request<Incoming>) -> Result<Option<Authority>, ProxyError> {
+    let default_port = match req.uri().scheme_str() {
+        Some("https") => 443,
+        _ => 80,
+    };
+    if let Some(a) = req.uri().authority() {
+        return Ok(Some(Authority::from_uri(a, default_port)));
+    }
+    match req.headers().get(header::HOST) {
+        Some(h) => {
+            let s = h.to_str().map_err(|_| ProxyError::NoAuthority)?;
+            Ok(Some(Authority::parse(s, default_port)?))
+        }
+        None => Ok(None),
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let c = cause.to_string();
+        if !s.contains(&c) {
+            s.push_str(": ");
+            s.push_str(&c);
+        }
+        source = cause.source();
+    }
+    s
+}
+
+impl HttpContext {
+    async fn target(
+        &self,
+        req: &Request<Incoming>,
+    ) -> Result<(Arc<Target>, Option<Authority>), ProxyError> {
+        let authority = request_authority(req)?;
+        match self.direction {
+            Direction::inbound => {
+                let target = self
+                    .inbound_target
+                    .clone()
+                    .ok_or(ProxyError::NoInboundTarget)?;
+                Ok((target, authority))
+            }
+            Direction::outbound => {
+                let authority = match (authority, self.orig_dst) {
+                    (Some(a), _) => a,
+                    (None, Some(dst)) => Authority::from_socket_addr(dst),
+                    (None, None) => return Err(ProxyError::NoAuthority),
+                };
+                let target = self.router.resolve(&authority).await?;
+                Ok((target, Some(authority)))
+            }
+        }
+    }
+
+    async fn handle(&self, mut req: Request<Incoming>) -> Response<ProxyBody> {
+        let start = Instant::now();
+        let grpc = is_grpc(&req);
+        let (target, authority) = match self.target(&req).await {
+            Ok(t) => t,
+            Err(e) => {
+                let label: Arc<str> = match request_authority(&req) {
+                    Ok(Some(a)) => a.to_string().into(),
+                    _ => "".into(),
+                };
+                return self.fail(label, e, grpc, start);
+            }
+        };
+        let label: Arc<str> = match (self.direction, &authority) {
+            (Direction::outbound, _) | (Direction::inbound, None) => target.label.clone(),
+            (Direction::inbound, Some(a)) => a.to_string().into(),
+        };
+        self.metrics
+            .request_total
+            .get_or_create(&RouteLabels {
+                direction: self.direction,
+                authority: label.clone(),
+            })
+            .inc();
+
+        if req.method() == Method::CONNECT && self.version == HttpVersion::Http1 {
+            return self.tunnel(req, &target, label, start).await;
+        }
+
+        let Some((endpoint, load)) = target.pick() else {
+            let e = ProxyError::NoEndpoints(target.authority.to_string());
+            return self.fail(label, e, grpc, start);
+        };
+        let mut pending = load.start();
+
+        let upgrade = is_upgrade(&req);
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        strip_hop_by_hop(req.headers_mut(), upgrade);
+        // The proxy has already agreed to read the body (hyper sent the
+        // 100 Continue); asking upstream again would only add a round trip.
+        req.headers_mut().remove(header::EXPECT);
+        let uri_authority = authority.as_ref().unwrap_or(&target.authority);
+        let path = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        match Uri::try_from(format!("http://{uri_authority}{path}")) {
+            Ok(uri) => *req.uri_mut() = uri,
+            Err(_) => return self.fail(label, ProxyError::NoAuthority, grpc, start),
+        }
+        let client = match self.version {
+            HttpVersion::Http1 => {
+                *req.version_mut() = Version::HTTP_11;
+                &endpoint.http1
+            }
+            HttpVersion::Http2 => {
+                *req.version_mut() = Version::HTTP_2;
+                &endpoint.http2
+            }
+        };
+
+        let mut rsp = match client.request(req).await {
+            Ok(rsp) => rsp,
+            Err(e) => {
+                let reason = error_chain(&e);
+                let err = if e.is_connect() {
+                    ProxyError::Connect(reason)
+                } else {
+                    ProxyError::Upstream {
+                        addr: endpoint.addr,
+                        reason,
+                    }
+                };
+                tracing::debug!(error = %err, "request failed");
+                return self.fail(label, err, grpc, start);
+            }
+        };
+        pending.observe_response();
+        let status = rsp.status();
+        self.observe_latency(&label, status, start);
+
+        let upgraded = status == StatusCode::SWITCHING_PROTOCOLS;
+        if let (true, Some(client_side)) = (upgraded, client_upgrade) {
+            let server_side = hyper::upgrade::on(&mut rsp);
+            tokio::spawn(async move {
+                match tokio::try_join!(client_side, server_side) {
+                    Ok((a, b)) => {
+                        let mut a = TokioIo::new(a);
+                        let mut b = TokioIo::new(b);
+                        if let Err(e) = tokio::io::copy_bidirectional(&mut a, &mut b).await {
+                            tracing::debug!(error = %e, "upgraded connection ended");
+                        }
+                    }
+                    Err(e) => tracing::debug!(error = %e, "protocol upgrade failed"),
+                }
+            });
+        }
+        strip_hop_by_hop(rsp.headers_mut(), upgraded);
+
+        let labels = ResponseLabels {
+            direction: self.direction,
+            authority: label,
+            status_code: status.as_u16(),
+            classification: Classification::success,
+            grpc_status_code: None,
+            error: None,
+        };
+        let classify = Classify::new(
+            self.metrics.response_total.clone(),
+            labels,
+            grpc,
+            rsp.headers(),
+            Some(pending),
+        );
+        rsp.map(|b| ProxyBody::Upstream(b, Some(classify)))
+    }
+
+    /// `CONNECT host:port` in explicit proxy mode: pick an endpoint, connect,
+    /// answer 200 and relay bytes.
+    async fn tunnel(
+        &self,
+        mut req: Request<Incoming>,
+        target: &Target,
+        label: Arc<str>,
+        start: Instant,
+    ) -> Response<ProxyBody> {
+        let Some((endpoint, load)) = target.pick() else {
+            let e = ProxyError::NoEndpoints(target.authority.to_string());
+            return self.fail(label, e, false, start);
+        };
+        let upstream = match endpoint.connector.connect().await {
+            Ok(io) => io,
+            Err(e) => return self.fail(label, ProxyError::Connect(error_chain(&e)), false, start),
+        };
+        let on_upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            let _pending = load.start();
+            match on_upgrade.await {
+                Ok(client) => {
+                    let mut client = TokioIo::new(client);
+                    let mut upstream = upstream;
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                }
+                Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
+            }
+        });
+        self.observe_latency(&label, StatusCode::OK, start);
+        self.count_response(label, StatusCode::OK, None, Classification::success, None);
+        Response::new(ProxyBody::Full(Default::default()))
+    }
+
+    fn fail(
+        &self,
+        label: Arc<str>,
+        err: ProxyError,
+        grpc: bool,
+        start: Instant,
+    ) -> Response<ProxyBody> {
+        let rsp = err.to_response(grpc);
+        self.observe_latency(&label, rsp.status(), start);
+        let grpc_code = grpc.then(|| err.grpc_status());
+        self.count_response(
+            label,
+            rsp.status(),
+            grpc_code,
+            Classification::failure,
+            Some(err.kind()),
+        );
+        rsp
+    }
+
+    fn observe_latency(&self, label: &Arc<str>, status: StatusCode, start: Instant) {
+        self.metrics
+            .response_latency_ms
+            .get_or_create(&LatencyLabels {
+                direction: self.direction,
+                authority: label.clone(),
+                status_code: status.as_u16(),
+            })
+            .observe(start.elapsed().as_secs_f64() * 1000.0);
+    }
+
+    fn count_response(
+        &self,
+        label: Arc<str>,
+        status: StatusCode,
+        grpc_status_code: Option<u32>,
+        classification: Classification,
+        error: Option<&'static str>,
+    ) {
+        self.metrics
+            .response_total
+            .get_or_create(&ResponseLabels {
+                direction: self.direction,
+                authority: label,
+                status_code: status.as_u16(),
+                classification,
+                grpc_status_code,
+                error,
+            })
+            .inc();
+    }
+}

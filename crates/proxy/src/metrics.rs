@@ -1,0 +1,180 @@
+//! Golden metrics, named and labelled as Linkerd's proxy names them so
+//! existing dashboards and queries work unchanged.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::{EncodeLabel, EncodeLabelSet, EncodeLabelValue, LabelSetEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+mod process;
+
+/// Response latency buckets in milliseconds, as Linkerd exports them.
+const LATENCY_BUCKETS_MS: [f64; 25] = [
+    1.0, 2.0, 3.0, 4.0, 5.0, 10.0, 20.0, 30.0, 40.0, 50.0, 100.0, 200.0, 300.0, 400.0, 500.0,
+    1000.0, 2000.0, 3000.0, 4000.0, 5000.0, 10000.0, 20000.0, 30000.0, 40000.0, 50000.0,
+];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Direction {
+    inbound,
+    outbound,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Peer {
+    /// The side that connected to the proxy.
+    src,
+    /// The side the proxy connected to.
+    dst,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Classification {
+    success,
+    failure,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub direction: Direction,
+    pub authority: Arc<str>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct LatencyLabels {
+    pub direction: Direction,
+    pub authority: Arc<str>,
+    pub status_code: u16,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ResponseLabels {
+    pub direction: Direction,
+    pub authority: Arc<str>,
+    pub status_code: u16,
+    pub classification: Classification,
+    /// Only gRPC responses carry this label, as with Linkerd.
+    pub grpc_status_code: Option<u32>,
+    /// Set when the proxy, not the application, produced the failure.
+    pub error: Option<&'static str>,
+}
+
+impl EncodeLabelSet for ResponseLabels {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        EncodeLabel::encode(&("direction", self.direction), encoder.encode_label())?;
+        EncodeLabel::encode(&("authority", &*self.authority), encoder.encode_label())?;
+        EncodeLabel::encode(&("status_code", self.status_code), encoder.encode_label())?;
+        EncodeLabel::encode(
+            &("classification", self.classification),
+            encoder.encode_label(),
+        )?;
+        if let Some(code) = self.grpc_status_code {
+            EncodeLabel::encode(&("grpc_status_code", code), encoder.encode_label())?;
+        }
+        if let Some(error) = self.error {
+            EncodeLabel::encode(&("error", error), encoder.encode_label())?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct TcpLabels {
+    pub direction: Direction,
+    pub peer: Peer,
+}
+
+/// Every metric the proxy exports. Cloning shares the underlying values.
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    pub request_total: Family<RouteLabels, Counter>,
+    pub response_total: Family<ResponseLabels, Counter>,
+    pub response_latency_ms: Family<LatencyLabels, Histogram>,
+    pub tcp: TcpMetrics,
+    registry: Arc<Registry>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct TcpMetrics {
+    pub open_total: Family<TcpLabels, Counter>,
+    pub close_total: Family<TcpLabels, Counter>,
+    pub open_connections: Family<TcpLabels, Gauge>,
+    pub read_bytes_total: Family<TcpLabels, Counter>,
+    pub write_bytes_total: Family<TcpLabels, Counter>,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let request_total = Family::<RouteLabels, Counter>::default();
+        let response_total = Family::<ResponseLabels, Counter>::default();
+        let response_latency_ms = Family::<LatencyLabels, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> _,
+        );
+        let tcp = TcpMetrics::default();
+        registry.register(
+            "request",
+            "Requests the proxy received, by direction and authority",
+            request_total.clone(),
+        );
+        registry.register(
+            "response",
+            "Responses completed (at end of stream), classified by HTTP status and gRPC status",
+            response_total.clone(),
+        );
+        registry.register(
+            "response_latency_ms",
+            "Time from receiving a request to the response headers, in milliseconds",
+            response_latency_ms.clone(),
+        );
+        registry.register("tcp_open", "Connections opened", tcp.open_total.clone());
+        registry.register("tcp_close", "Connections closed", tcp.close_total.clone());
+        registry.register(
+            "tcp_open_connections",
+            "Connections currently open",
+            tcp.open_connections.clone(),
+        );
+        registry.register(
+            "tcp_read_bytes",
+            "Bytes read from peers",
+            tcp.read_bytes_total.clone(),
+        );
+        registry.register(
+            "tcp_write_bytes",
+            "Bytes written to peers",
+            tcp.write_bytes_total.clone(),
+        );
+        registry.register_collector(Box::new(process::ProcessCollector::new()));
+        Self {
+            request_total,
+            response_total,
+            response_latency_ms,
+            tcp,
+            registry: Arc::new(registry),
+        }
+    }
+
+    /// The exposition text for `/metrics`.
+    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut out = String::with_capacity(16 * 1024);
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(LATENCY_BUCKETS_MS)
+}

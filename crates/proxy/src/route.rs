@@ -1,0 +1,285 @@
+//! From an authority to the set of endpoints that serve it: static
+//! destinations first, then DNS for names nobody configured (like a plain
+//! forward proxy: unknown traffic is forwarded, never dropped).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use tokio::sync::watch;
+use weft_balance::{Load, Set};
+use weft_detect::Authority;
+
+use crate::destinations::{Destinations, EndpointSpec};
+use crate::endpoint::{Endpoint, EndpointSettings};
+
+/// Unknown-name targets beyond this many are forgotten wholesale: a bound
+/// on memory when clients name many distinct hosts.
+const MAX_DYNAMIC_TARGETS: usize = 10_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    #[error("DNS lookup for {authority} failed: {source}")]
+    Resolve {
+        authority: Authority,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Where the endpoints of a target come from.
+#[derive(Debug)]
+enum Source {
+    /// The destinations file (or, later, the control plane).
+    Discovery,
+    /// A DNS answer, refreshed when older than the router's refresh period.
+    Dns {
+        resolved_at: Mutex<Instant>,
+        refreshing: AtomicBool,
+    },
+    /// A literal address: an IP authority, an original destination, the
+    /// inbound application.
+    Fixed,
+}
+
+/// A logical destination: the name a client used, and the endpoints
+/// currently serving it.
+#[derive(Debug)]
+pub struct Target {
+    pub authority: Authority,
+    /// `authority` rendered once, for metric labels.
+    pub label: Arc<str>,
+    set: ArcSwap<Set<Arc<Endpoint>>>,
+    source: Source,
+}
+
+impl Target {
+    fn new(authority: Authority, set: Set<Arc<Endpoint>>, source: Source) -> Self {
+        Self {
+            label: authority.to_string().into(),
+            authority,
+            set: ArcSwap::from_pointee(set),
+            source,
+        }
+    }
+
+    /// Picks an endpoint for one request or connection.
+    pub fn pick(&self) -> Option<(Arc<Endpoint>, Arc<Load>)> {
+        let set = self.set.load();
+        set.pick().map(|(e, l)| (e.clone(), l.clone()))
+    }
+
+    pub fn endpoints(&self) -> Vec<SocketAddr> {
+        self.set.load().iter().map(|(e, _)| e.addr).collect()
+    }
+}
+
+#[derive(Debug)]
+pub struct Router {
+    settings: EndpointSettings,
+    dns_refresh: Duration,
+    /// Endpoints by address, so a reload keeps pools and load history.
+    endpoints: Mutex<HashMap<SocketAddr, Weak<Endpoint>>>,
+    discovered: ArcSwap<HashMap<Authority, Arc<Target>>>,
+    dynamic: RwLock<HashMap<Authority, Arc<Target>>>,
+    fixed: RwLock<HashMap<SocketAddr, Arc<Target>>>,
+}
+
+impl Router {
+    pub fn new(settings: EndpointSettings, dns_refresh: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            settings,
+            dns_refresh,
+            endpoints: Mutex::default(),
+            discovered: ArcSwap::from_pointee(HashMap::new()),
+            dynamic: RwLock::default(),
+            fixed: RwLock::default(),
+        })
+    }
+
+    /// Applies every new destinations version until the sender goes away.
+    pub fn follow(self: &Arc<Self>, mut rx: watch::Receiver<Arc<Destinations>>) {
+        self.apply(&rx.borrow_and_update());
+        let this = Arc::downgrade(self);
+        tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                let Some(router) = this.upgrade() else { return };
+                let d = rx.borrow_and_update().clone();
+                router.apply(&d);
+            }
+        });
+    }
+
+    /// Replaces the discovered targets. Targets that still exist are updated
+    /// in place, so requests holding them see the change; in-flight requests
+    /// keep the endpoint they picked.
+    pub fn apply(&self, d: &Destinations) {
+        let current = self.discovered.load();
+        let mut next = HashMap::with_capacity(d.by_authority.len());
+        for (authority, specs) in &d.by_authority {
+            let set = self.build_set(specs);
+            let target = match current.get(authority) {
+                Some(t) => {
+                    t.set.store(Arc::new(set));
+                    t.clone()
+                }
+                None => Arc::new(Target::new(authority.clone(), set, Source::Discovery)),
+            };
+            next.insert(authority.clone(), target);
+        }
+        self.discovered.store(Arc::new(next));
+        if let Ok(mut eps) = self.endpoints.lock() {
+            eps.retain(|_, w| w.strong_count() > 0);
+        }
+    }
+
+    fn endpoint(&self, addr: SocketAddr) -> Arc<Endpoint> {
+        let mut eps = match self.endpoints.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if let Some(e) = eps.get(&addr).and_then(Weak::upgrade) {
+            return e;
+        }
+        let e = Arc::new(Endpoint::new(addr, &self.settings));
+        eps.insert(addr, Arc::downgrade(&e));
+        e
+    }
+
+    fn build_set(&self, specs: &[EndpointSpec]) -> Set<Arc<Endpoint>> {
+        let items: Vec<_> = specs
+            .iter()
+            .map(|s| {
+                let e = self.endpoint(s.addr);
+                let load = e.load.clone();
+                (e, load, s.weight.get())
+            })
+            .collect();
+        // Weights are NonZero by construction, so this cannot fail.
+        Set::new(items).unwrap_or_else(|_| Set::empty())
+    }
+
+    fn single(&self, addr: SocketAddr) -> Set<Arc<Endpoint>> {
+        let e = self.endpoint(addr);
+        let load = e.load.clone();
+        Set::new([(e, load, 1)]).unwrap_or_else(|_| Set::empty())
+    }
+
+    /// The target a client means by `authority`.
+    pub async fn resolve(
+        self: &Arc<Self>,
+        authority: &Authority,
+    ) -> Result<Arc<Target>, RouteError> {
+        if let Some(t) = self.discovered.load().get(authority) {
+            return Ok(t.clone());
+        }
+        if let Ok(ip) = authority.bare_host().parse::<IpAddr>() {
+            return Ok(self.fixed(SocketAddr::new(ip, authority.port()), Some(authority)));
+        }
+        let cached = self
+            .dynamic
+            .read()
+            .ok()
+            .and_then(|m| m.get(authority).cloned());
+        if let Some(t) = cached {
+            self.refresh_if_stale(&t);
+            return Ok(t);
+        }
+        let set = self.lookup(authority).await?;
+        let target = Arc::new(Target::new(
+            authority.clone(),
+            set,
+            Source::Dns {
+                resolved_at: Mutex::new(Instant::now()),
+                refreshing: AtomicBool::new(false),
+            },
+        ));
+        if let Ok(mut m) = self.dynamic.write() {
+            if m.len() >= MAX_DYNAMIC_TARGETS {
+                m.clear();
+            }
+            m.entry(authority.clone()).or_insert_with(|| target.clone());
+        }
+        Ok(target)
+    }
+
+    /// A target for one literal address (inbound application, original
+    /// destination).
+    pub fn fixed(&self, addr: SocketAddr, authority: Option<&Authority>) -> Arc<Target> {
+        if let Some(t) = self.fixed.read().ok().and_then(|m| m.get(&addr).cloned()) {
+            return t;
+        }
+        let authority = authority
+            .cloned()
+            .unwrap_or_else(|| Authority::from_socket_addr(addr));
+        let target = Arc::new(Target::new(authority, self.single(addr), Source::Fixed));
+        if let Ok(mut m) = self.fixed.write() {
+            if m.len() >= MAX_DYNAMIC_TARGETS {
+                m.clear();
+            }
+            return m.entry(addr).or_insert(target).clone();
+        }
+        target
+    }
+
+    async fn lookup(&self, authority: &Authority) -> Result<Set<Arc<Endpoint>>, RouteError> {
+        let addrs: Vec<SocketAddr> =
+            tokio::net::lookup_host((authority.bare_host(), authority.port()))
+                .await
+                .map_err(|source| RouteError::Resolve {
+                    authority: authority.clone(),
+                    source,
+                })?
+                .collect();
+        let specs: Vec<EndpointSpec> = addrs
+            .into_iter()
+            .map(|addr| EndpointSpec {
+                addr,
+                weight: std::num::NonZeroU32::MIN,
+            })
+            .collect();
+        Ok(self.build_set(&specs))
+    }
+
+    fn refresh_if_stale(self: &Arc<Self>, target: &Arc<Target>) {
+        let Source::Dns {
+            resolved_at,
+            refreshing,
+        } = &target.source
+        else {
+            return;
+        };
+        let stale = resolved_at
+            .lock()
+            .map(|t| t.elapsed() >= self.dns_refresh)
+            .unwrap_or(true);
+        if !stale || refreshing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let router = self.clone();
+        let target = target.clone();
+        tokio::spawn(async move {
+            match router.lookup(&target.authority).await {
+                // An empty or failed answer keeps the last good endpoints.
+                Ok(set) if !set.is_empty() => target.set.store(Arc::new(set)),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(error = %e, "DNS refresh failed; keeping previous endpoints")
+                }
+            }
+            if let Source::Dns {
+                resolved_at,
+                refreshing,
+            } = &target.source
+            {
+                if let Ok(mut t) = resolved_at.lock() {
+                    *t = Instant::now();
+                }
+                refreshing.store(false, Ordering::Release);
+            }
+        });
+    }
+}
