@@ -118,7 +118,13 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         (Direction::outbound, outbound_router, outbound_listener),
         (Direction::inbound, inbound_router, inbound_listener),
     ] {
+        let listen_addr = listener.local_addr().map_err(|source| RunError::Bind {
+            which: "local address",
+            addr: config.outbound_listen,
+            source,
+        })?;
         let side = Arc::new(Side {
+            listen_addr,
             direction,
             router,
             metrics: metrics.clone(),

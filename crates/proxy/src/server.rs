@@ -34,6 +34,8 @@ pub struct Side {
     /// Inbound: where the application listens, if the original destination
     /// is not available.
     pub inbound_forward: Option<SocketAddr>,
+    /// This side's listening address, to refuse routing loops.
+    pub listen_addr: SocketAddr,
 }
 
 impl Side {
@@ -99,6 +101,15 @@ impl Side {
             Protocol::Http1 => HttpVersion::Http1,
             Protocol::Http2 => HttpVersion::Http2,
             Protocol::Tls | Protocol::Opaque => {
+                let looped = opaque_target.as_ref().is_some_and(|t| {
+                    t.endpoints()
+                        .iter()
+                        .any(|a| http::is_own_listener(self.listen_addr, *a))
+                });
+                if looped {
+                    tracing::info!(direction = ?self.direction, "opaque connection would loop back to this proxy; closing");
+                    return;
+                }
                 match opaque_target {
                     Some(t) => tcp::relay(io, t).await,
                     None => {
@@ -118,6 +129,7 @@ impl Side {
                 Direction::inbound => opaque_target,
                 Direction::outbound => None,
             },
+            listen_addr: self.listen_addr,
         });
         http::serve(io, ctx, shutdown).await;
     }

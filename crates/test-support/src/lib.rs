@@ -1,1 +1,58 @@
-//! placeholder
+//! Real peers for weft's tests, demo and benchmarks: HTTP/1.1 + HTTP/2
+//! servers, a gRPC server, raw TCP servers, HTTP clients that speak through
+//! a proxy, and a harness that runs the real `weft-proxy` binary.
+#![forbid(unsafe_code)]
+
+pub mod backend;
+pub mod client;
+pub mod grpc;
+pub mod metrics;
+pub mod proxy;
+pub mod tcp;
+
+/// Finds a binary built by this workspace next to the running executable
+/// (`target/<profile>/` or its `deps/` directory).
+pub fn workspace_binary(name: &str) -> anyhow::Result<std::path::PathBuf> {
+    let exe = std::env::current_exe()?;
+    let mut dir = exe.parent().map(std::path::Path::to_path_buf);
+    while let Some(d) = dir {
+        let candidate = d.join(name);
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+        if d.file_name().is_some_and(|n| n == "target") {
+            break;
+        }
+        dir = d.parent().map(std::path::Path::to_path_buf);
+    }
+    anyhow::bail!(
+        "binary {name} not found beside {}; build it first (cargo build --release --bins)",
+        exe.display()
+    )
+}
+
+/// Writes a destinations file in the proxy's format: each authority with
+/// its `(address, weight)` endpoints.
+pub fn write_destinations(
+    path: &std::path::Path,
+    destinations: &[(&str, &[(std::net::SocketAddr, u32)])],
+) -> anyhow::Result<()> {
+    let mut yaml = String::from("destinations:\n");
+    for (authority, endpoints) in destinations {
+        yaml.push_str(&format!("  \"{authority}\":\n    endpoints:"));
+        if endpoints.is_empty() {
+            yaml.push_str(" []\n");
+            continue;
+        }
+        yaml.push('\n');
+        for (addr, weight) in endpoints.iter() {
+            yaml.push_str(&format!("      - addr: {addr}\n        weight: {weight}\n"));
+        }
+    }
+    // Write-then-rename, as config management does, so the proxy never
+    // reads a half-written file.
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, yaml)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}

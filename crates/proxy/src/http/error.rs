@@ -34,6 +34,8 @@ pub enum ProxyError {
         "no inbound target: the original destination is unknown and WEFT_PROXY_INBOUND_FORWARD is not set"
     )]
     NoInboundTarget,
+    #[error("{0} is this proxy's own listener: the request would loop")]
+    Loop(std::net::SocketAddr),
 }
 
 impl ProxyError {
@@ -44,6 +46,7 @@ impl ProxyError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Self::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            Self::Loop(_) => StatusCode::LOOP_DETECTED,
         }
     }
 
@@ -56,6 +59,7 @@ impl ProxyError {
             Self::Connect(_) => "connect",
             Self::Upstream { .. } => "upstream",
             Self::NoInboundTarget => "no_target",
+            Self::Loop(_) => "loop",
         }
     }
 

@@ -49,6 +49,17 @@ pub struct HttpContext {
     pub orig_dst: Option<SocketAddr>,
     /// Inbound: where the local application listens.
     pub inbound_target: Option<Arc<Target>>,
+    /// The listener this connection arrived on: never a valid upstream.
+    pub listen_addr: SocketAddr,
+}
+
+/// Whether `addr` is the proxy's own listener `listen` (which may be bound
+/// to a wildcard address).
+pub fn is_own_listener(listen: SocketAddr, addr: SocketAddr) -> bool {
+    addr.port() == listen.port()
+        && (addr.ip() == listen.ip()
+            || (listen.ip().is_unspecified()
+                && (addr.ip().is_loopback() || addr.ip().is_unspecified())))
 }
 
 /// Serves one client connection until it closes, or until `shutdown` asks
@@ -211,6 +222,9 @@ impl HttpContext {
             let e = ProxyError::NoEndpoints(target.authority.to_string());
             return self.fail(label, e, grpc, start);
         };
+        if is_own_listener(self.listen_addr, endpoint.addr) {
+            return self.fail(label, ProxyError::Loop(endpoint.addr), grpc, start);
+        }
         let mut pending = load.start();
 
         let upgrade = is_upgrade(&req);
@@ -309,6 +323,9 @@ impl HttpContext {
             let e = ProxyError::NoEndpoints(target.authority.to_string());
             return self.fail(label, e, false, start);
         };
+        if is_own_listener(self.listen_addr, endpoint.addr) {
+            return self.fail(label, ProxyError::Loop(endpoint.addr), false, start);
+        }
         let upstream = match endpoint.connector.connect().await {
             Ok(io) => io,
             Err(e) => return self.fail(label, ProxyError::Connect(error_chain(&e)), false, start),
@@ -337,7 +354,13 @@ impl HttpContext {
         grpc: bool,
         start: Instant,
     ) -> Response<ProxyBody> {
-        let rsp = err.to_response(grpc);
+        let mut rsp = err.to_response(grpc);
+        if rsp.status() == StatusCode::BAD_REQUEST && self.version == HttpVersion::Http1 {
+            // After a malformed request the connection's state is suspect:
+            // answer, then close it.
+            rsp.headers_mut()
+                .insert(header::CONNECTION, http::HeaderValue::from_static("close"));
+        }
         self.observe_latency(&label, rsp.status(), start);
         let grpc_code = grpc.then(|| err.grpc_status());
         self.count_response(

@@ -1,0 +1,71 @@
+//! HTTP clients that talk to a proxy the way applications do: HTTP/1.1 in
+//! absolute form (explicit proxy), HTTP/2 with `:authority`.
+
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
+
+/// An HTTP/1.1 connection to `addr`.
+pub async fn http1<B>(addr: SocketAddr) -> anyhow::Result<http1::SendRequest<B>>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stream = TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let (send, conn) = http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(async move {
+        let _ = conn.with_upgrades().await;
+    });
+    Ok(send)
+}
+
+/// An HTTP/2 (prior knowledge) connection to `addr`.
+pub async fn http2<B>(addr: SocketAddr) -> anyhow::Result<http2::SendRequest<B>>
+where
+    B: hyper::body::Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stream = TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let (send, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(send)
+}
+
+/// A GET for `http://{authority}{path}`, with a matching Host header.
+pub fn get(authority: &str, path: &str) -> anyhow::Result<Request<Full<Bytes>>> {
+    Ok(Request::get(format!("http://{authority}{path}"))
+        .header(http::header::HOST, authority)
+        .body(Full::new(Bytes::new()))?)
+}
+
+/// The same request for HTTP/2: `:authority` only.
+pub fn get_h2(authority: &str, path: &str) -> anyhow::Result<Request<Full<Bytes>>> {
+    Ok(Request::get(format!("http://{authority}{path}"))
+        .version(http::Version::HTTP_2)
+        .body(Full::new(Bytes::new()))?)
+}
+
+/// Reads a whole response body as text.
+pub async fn text(
+    rsp: Response<Incoming>,
+) -> anyhow::Result<(http::StatusCode, http::HeaderMap, String)> {
+    let (parts, body) = rsp.into_parts();
+    let bytes = body.collect().await?.to_bytes();
+    Ok((
+        parts.status,
+        parts.headers,
+        String::from_utf8_lossy(&bytes).into_owned(),
+    ))
+}
