@@ -43,11 +43,7 @@ impl Admin {
         }
         match req.uri().path() {
             "/metrics" => match self.metrics.encode() {
-                Ok(body) => text(
-                    StatusCode::OK,
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    body,
-                ),
+                Ok(body) => text(StatusCode::OK, crate::metrics::CONTENT_TYPE, body),
                 Err(_) => text(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     PLAIN,

@@ -161,11 +161,12 @@ impl Metrics {
         }
     }
 
-    /// The exposition text for `/metrics`.
+    /// The exposition text for `/metrics`, in the Prometheus text format
+    /// (0.0.4) that Linkerd's proxy serves and every scraper reads.
     pub fn encode(&self) -> Result<String, std::fmt::Error> {
-        let mut out = String::with_capacity(16 * 1024);
-        prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
-        Ok(out)
+        let mut open_metrics = String::with_capacity(16 * 1024);
+        prometheus_client::encoding::text::encode(&mut open_metrics, &self.registry)?;
+        Ok(to_prometheus_text(&open_metrics))
     }
 }
 
@@ -177,4 +178,69 @@ impl Default for Metrics {
 
 fn latency_histogram() -> Histogram {
     Histogram::new(LATENCY_BUCKETS_MS)
+}
+
+/// The content type of [`Metrics::encode`]'s output.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// OpenMetrics names a counter family without its `_total` suffix and ends
+/// with `# EOF`; the Prometheus text format names the family as its samples
+/// are named and has no terminator. Everything else is the same.
+fn to_prometheus_text(open_metrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = open_metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(open_metrics.len());
+    for line in open_metrics.lines() {
+        if line == "# EOF" {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| line.strip_prefix(p).map(|rest| (p, rest)));
+        if let Some((prefix, rest)) = meta {
+            let name = rest.split(' ').next().unwrap_or("");
+            if counters.contains(name) {
+                out.push_str(prefix);
+                out.push_str(name);
+                out.push_str("_total");
+                out.push_str(&rest[name.len()..]);
+                out.push('\n');
+                continue;
+            }
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_are_named_with_total_and_eof_is_dropped() {
+        let m = Metrics::new();
+        m.request_total
+            .get_or_create(&RouteLabels {
+                direction: Direction::outbound,
+                authority: "a:1".into(),
+            })
+            .inc();
+        let text = m.encode().expect("encodes");
+        assert!(text.contains("# TYPE request_total counter\n"), "{text}");
+        assert!(text.contains("# HELP request_total Requests"), "{text}");
+        assert!(
+            text.contains("request_total{direction=\"outbound\",authority=\"a:1\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE response_latency_ms histogram\n"),
+            "{text}"
+        );
+        assert!(!text.contains("# EOF"), "{text}");
+    }
 }

@@ -190,7 +190,10 @@ async fn respond(name: &str, mut req: Request<Incoming>) -> Response<Body> {
                 Ok(Frame::trailers(trailers)),
             ];
             let body = StreamBody::new(futures_util::stream::iter(frames)).boxed();
-            reply(name, StatusCode::OK, body)
+            let mut rsp = reply(name, StatusCode::OK, body);
+            rsp.headers_mut()
+                .insert(http::header::TRAILER, HeaderValue::from_static("x-trailer"));
+            rsp
         }
         "headers" => {
             let mut out = String::new();

@@ -56,6 +56,29 @@ impl Scrape {
             .sum()
     }
 
+    /// Cumulative bucket counts `(le, count)` of histogram `name` (without
+    /// the `_bucket` suffix), summed over every series matching `labels`.
+    pub fn buckets(&self, name: &str, labels: &[(&str, &str)]) -> Vec<(f64, f64)> {
+        let mut out: Vec<(f64, f64)> = Vec::new();
+        for s in self
+            .samples
+            .iter()
+            .filter(|s| s.metric == name)
+            .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        {
+            if let prometheus_parse::Value::Histogram(counts) = &s.value {
+                for c in counts {
+                    match out.iter_mut().find(|(le, _)| *le == c.less_than) {
+                        Some((_, n)) => *n += c.count,
+                        None => out.push((c.less_than, c.count)),
+                    }
+                }
+            }
+        }
+        out.sort_by(|a, b| a.0.total_cmp(&b.0));
+        out
+    }
+
     pub fn samples(&self) -> &[prometheus_parse::Sample] {
         &self.samples
     }

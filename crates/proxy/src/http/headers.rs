@@ -4,14 +4,15 @@
 use http::HeaderMap;
 use http::header::{self, HeaderName, HeaderValue};
 
-const HOP_BY_HOP: [HeaderName; 8] = [
+/// `Trailer` is deliberately absent: it announces end-to-end trailer
+/// fields, and HTTP/1 peers only send trailers that it declares.
+const HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
     header::PROXY_AUTHENTICATE,
     header::PROXY_AUTHORIZATION,
     header::TE,
-    header::TRAILER,
     header::TRANSFER_ENCODING,
 ];
 
