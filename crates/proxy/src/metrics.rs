@@ -237,10 +237,6 @@ mod tests {
             text.contains("request_total{direction=\"outbound\",authority=\"a:1\"} 1\n"),
             "{text}"
         );
-        assert!(
-            text.contains("# TYPE response_latency_ms histogram\n"),
-            "{text}"
-        );
         assert!(!text.contains("# EOF"), "{text}");
     }
 }
