@@ -1,1 +1,59 @@
-fn main() {}
+//! Project tasks: `cargo xtask demo` and `cargo xtask bench`.
+
+mod bench;
+mod procs;
+
+use std::process::Command;
+
+use anyhow::{Context, bail};
+
+const USAGE: &str =
+    "usage: cargo xtask <demo [weft demo flags] | bench [--duration SECS] [--out FILE] [--strict]>";
+
+fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let task = args.next();
+    let rest: Vec<String> = args.collect();
+    match task.as_deref() {
+        Some("demo") => demo(&rest),
+        Some("bench") => bench::run(&rest),
+        _ => bail!("{USAGE}"),
+    }
+}
+
+/// Builds every binary in release mode, then runs `weft demo`.
+fn demo(args: &[String]) -> anyhow::Result<()> {
+    build_release()?;
+    let weft = procs::target_dir()?.join("release/weft");
+    let status = Command::new(&weft)
+        .arg("demo")
+        .args(args)
+        .status()
+        .with_context(|| format!("running {}", weft.display()))?;
+    if !status.success() {
+        bail!("weft demo failed: {status}");
+    }
+    Ok(())
+}
+
+pub(crate) fn build_release() -> anyhow::Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args([
+            "build",
+            "--release",
+            "--bins",
+            "-p",
+            "weft-proxy",
+            "-p",
+            "weft",
+            "-p",
+            "weft-test-support",
+        ])
+        .status()
+        .context("running cargo build")?;
+    if !status.success() {
+        bail!("cargo build --release failed");
+    }
+    Ok(())
+}

@@ -1,0 +1,506 @@
+//! `cargo xtask bench`: latency and throughput of the proxy against a
+//! direct connection and against HAProxy, in one run on one machine, so the
+//! ratios hold even when the machine is noisy.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, bail};
+use serde::Serialize;
+
+use crate::procs::{Proc, field, spawn_until, target_dir, wait_listening};
+
+const AUTHORITY: &str = "bench.test:8080";
+const HOP_AUTHORITY: &str = "hop.test:8080";
+
+/// What the issue asks of one proxy on this machine.
+const MAX_ADDED_P99_US: f64 = 200.0;
+const MIN_H2C_THROUGHPUT_VS_HAPROXY: f64 = 0.8;
+const MAX_IDLE_RSS: u64 = 8 << 20;
+const MAX_PEAK_RSS: u64 = 20 << 20;
+
+struct Options {
+    duration: u64,
+    out: PathBuf,
+    strict: bool,
+}
+
+fn options(args: &[String]) -> anyhow::Result<Options> {
+    let mut o = Options {
+        duration: 10,
+        out: target_dir()?.join("bench/bench.json"),
+        strict: false,
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--duration" => {
+                let v = it.next().context("--duration needs seconds")?;
+                o.duration = v
+                    .parse()
+                    .with_context(|| format!("--duration {v:?}: not a whole number of seconds"))?;
+                if o.duration < 2 {
+                    bail!("--duration {v}: at least 2 seconds");
+                }
+            }
+            "--out" => o.out = PathBuf::from(it.next().context("--out needs a path")?),
+            "--strict" => o.strict = true,
+            other => bail!("unknown bench flag {other:?}"),
+        }
+    }
+    Ok(o)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Proto {
+    H1,
+    H2c,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+enum Path_ {
+    Direct,
+    Weft,
+    WeftTwoHop,
+    Haproxy,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+enum Mode {
+    Rate1k,
+    Max,
+}
+
+#[derive(Debug, Serialize)]
+struct Row {
+    proto: Proto,
+    path: Path_,
+    mode: Mode,
+    requests: u64,
+    failed: u64,
+    rps: f64,
+    p50_us: f64,
+    p99_us: f64,
+    max_us: f64,
+    /// CPU seconds used by the proxies on the path during the run.
+    proxy_cpu_s: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct Target {
+    name: String,
+    measured: f64,
+    limit: f64,
+    unit: &'static str,
+    pass: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    duration_s: u64,
+    rows: Vec<Row>,
+    weft_idle_rss_bytes: u64,
+    weft_peak_rss_bytes: u64,
+    weft_inbound_peak_rss_bytes: u64,
+    haproxy_peak_rss_bytes: u64,
+    targets: Vec<Target>,
+}
+
+struct Setup {
+    backend: SocketAddr,
+    outbound: Proc,
+    outbound_addr: SocketAddr,
+    inbound: Proc,
+    haproxy: Proc,
+    haproxy_h1: SocketAddr,
+    haproxy_h2: SocketAddr,
+    idle_rss: u64,
+    _keep: Vec<Proc>,
+}
+
+fn free_port() -> anyhow::Result<SocketAddr> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+fn start_proxy(
+    bin: &Path,
+    env: &[(&str, String)],
+) -> anyhow::Result<(Proc, SocketAddr, SocketAddr)> {
+    let mut cmd = Command::new(bin);
+    cmd.env_clear()
+        .env("WEFT_PROXY_OUTBOUND_LISTEN", "127.0.0.1:0")
+        .env("WEFT_PROXY_INBOUND_LISTEN", "127.0.0.1:0")
+        .env("WEFT_PROXY_ADMIN_LISTEN", "127.0.0.1:0")
+        .env("WEFT_PROXY_LOG", "info");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let (proc, line) = spawn_until("weft-proxy", cmd, " listening ", true)?;
+    Ok((proc, field(&line, "outbound")?, field(&line, "inbound")?))
+}
+
+fn setup(dir: &Path) -> anyhow::Result<Setup> {
+    let release = target_dir()?.join("release");
+    let mut cmd = Command::new(release.join("weft-test-backend"));
+    cmd.args(["--listen", "127.0.0.1:0", "--name", "bench"]);
+    let (backend_proc, line) = spawn_until("backend", cmd, "listening ", false)?;
+    let backend: SocketAddr = line
+        .trim_start_matches("listening ")
+        .trim()
+        .parse()
+        .context("backend address")?;
+
+    let proxy = release.join("weft-proxy");
+    let (inbound, _, inbound_addr) = start_proxy(
+        &proxy,
+        &[("WEFT_PROXY_INBOUND_FORWARD", backend.to_string())],
+    )?;
+    let destinations = dir.join("destinations.yaml");
+    std::fs::write(
+        &destinations,
+        format!(
+            "destinations:\n  \"{AUTHORITY}\":\n    endpoints:\n      - addr: {backend}\n  \"{HOP_AUTHORITY}\":\n    endpoints:\n      - addr: {inbound_addr}\n"
+        ),
+    )?;
+    let (outbound, outbound_addr, _) = start_proxy(
+        &proxy,
+        &[(
+            "WEFT_PROXY_DESTINATIONS",
+            destinations.display().to_string(),
+        )],
+    )?;
+    // Let the allocator and runtime settle before calling it idle.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let idle_rss = outbound.rss_bytes();
+
+    let haproxy_h1 = free_port()?;
+    let haproxy_h2 = free_port()?;
+    let cfg = dir.join("haproxy.cfg");
+    std::fs::write(
+        &cfg,
+        format!(
+            "global\n  maxconn 4096\n\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\n\
+             frontend h1\n  bind {haproxy_h1}\n  default_backend be_h1\n\n\
+             frontend h2\n  bind {haproxy_h2} proto h2\n  default_backend be_h2\n\n\
+             backend be_h1\n  http-reuse always\n  server s1 {backend}\n\n\
+             backend be_h2\n  server s1 {backend} proto h2\n"
+        ),
+    )?;
+    let child = Command::new("haproxy")
+        .args(["-f", &cfg.display().to_string(), "-db"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .context("starting haproxy (Debian package haproxy)")?;
+    let haproxy = Proc {
+        child,
+        name: "haproxy".into(),
+    };
+    wait_listening(haproxy_h1)?;
+    wait_listening(haproxy_h2)?;
+    Ok(Setup {
+        backend,
+        outbound,
+        outbound_addr,
+        inbound,
+        haproxy,
+        haproxy_h1,
+        haproxy_h2,
+        idle_rss,
+        _keep: vec![backend_proc],
+    })
+}
+
+struct H2loadResult {
+    requests: u64,
+    failed: u64,
+    rps: f64,
+    latencies_us: Vec<f64>,
+}
+
+fn h2load(
+    proto: Proto,
+    mode: Mode,
+    url: &str,
+    authority: Option<&str>,
+    duration: u64,
+    log: &Path,
+) -> anyhow::Result<H2loadResult> {
+    // h2load appends to its log file; each run must start from nothing.
+    let _ = std::fs::remove_file(log);
+    let mut cmd = Command::new("h2load");
+    if proto == Proto::H1 {
+        cmd.arg("--h1");
+    }
+    match mode {
+        // 10 connections at 100 requests/s each: an even 1k RPS.
+        Mode::Rate1k => cmd.args(["-c", "10", "--rps", "100"]),
+        Mode::Max => match proto {
+            Proto::H1 => cmd.args(["-c", "32"]),
+            Proto::H2c => cmd.args(["-c", "16", "-m", "8"]),
+        },
+    };
+    if let Some(a) = authority {
+        cmd.args(["-H", &format!(":authority: {a}")]);
+    }
+    cmd.args(["-D", &duration.to_string(), "--warm-up-time", "1"])
+        .arg(format!("--log-file={}", log.display()))
+        .arg(url);
+    let out = cmd
+        .output()
+        .context("running h2load (Debian package nghttp2-client)")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "h2load {url} failed: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let requests_line = stdout
+        .lines()
+        .find(|l| l.starts_with("requests:"))
+        .with_context(|| format!("no requests line in h2load output:\n{stdout}"))?;
+    let number_before = |word: &str| -> u64 {
+        requests_line
+            .split(',')
+            .find(|p| p.trim().ends_with(word))
+            .and_then(|p| p.split_whitespace().rev().nth(1))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    let succeeded = number_before("succeeded");
+    let failed = number_before("failed") + number_before("errored") + number_before("timeout");
+    let rps = stdout
+        .lines()
+        .find(|l| l.starts_with("finished in"))
+        .and_then(|l| l.split(',').nth(1))
+        .and_then(|p| p.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0.0);
+    let log_text =
+        std::fs::read_to_string(log).with_context(|| format!("reading {}", log.display()))?;
+    let mut latencies_us: Vec<f64> = log_text
+        .lines()
+        .filter_map(|l| l.split('\t').nth(2))
+        .filter_map(|v| v.trim().parse().ok())
+        .collect();
+    latencies_us.sort_by(|a: &f64, b| a.total_cmp(b));
+    Ok(H2loadResult {
+        requests: succeeded + failed,
+        failed,
+        rps,
+        latencies_us,
+    })
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
+    let opts = options(args)?;
+    for tool in ["h2load", "haproxy"] {
+        if Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()?
+            .stdout
+            .is_empty()
+        {
+            bail!("{tool} is not installed: apt-get install nghttp2-client haproxy (see .ci/run)");
+        }
+    }
+    crate::build_release()?;
+    let dir = std::env::temp_dir().join(format!("weft-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let s = setup(&dir)?;
+    eprintln!(
+        "bench: backend {}, weft outbound {}, haproxy h1 {} h2 {}; {} s per run",
+        s.backend, s.outbound_addr, s.haproxy_h1, s.haproxy_h2, opts.duration
+    );
+
+    let mut rows = Vec::new();
+    for proto in [Proto::H1, Proto::H2c] {
+        for mode in [Mode::Rate1k, Mode::Max] {
+            for path in [
+                Path_::Direct,
+                Path_::Weft,
+                Path_::WeftTwoHop,
+                Path_::Haproxy,
+            ] {
+                let (url, authority, procs): (String, Option<&str>, Vec<&Proc>) = match path {
+                    Path_::Direct => (format!("http://{}/", s.backend), None, vec![]),
+                    Path_::Weft => (
+                        format!("http://{}/", s.outbound_addr),
+                        Some(AUTHORITY),
+                        vec![&s.outbound],
+                    ),
+                    Path_::WeftTwoHop => (
+                        format!("http://{}/", s.outbound_addr),
+                        Some(HOP_AUTHORITY),
+                        vec![&s.outbound, &s.inbound],
+                    ),
+                    Path_::Haproxy => {
+                        let addr = if proto == Proto::H1 {
+                            s.haproxy_h1
+                        } else {
+                            s.haproxy_h2
+                        };
+                        (format!("http://{addr}/"), None, vec![&s.haproxy])
+                    }
+                };
+                let cpu_before: f64 = procs.iter().map(|p| p.cpu_seconds()).sum();
+                let log = dir.join("h2load.log");
+                let r = h2load(proto, mode, &url, authority, opts.duration, &log)?;
+                let cpu_after: f64 = procs.iter().map(|p| p.cpu_seconds()).sum();
+                let row = Row {
+                    proto,
+                    path,
+                    mode,
+                    requests: r.requests,
+                    failed: r.failed,
+                    rps: r.rps,
+                    p50_us: percentile(&r.latencies_us, 50.0),
+                    p99_us: percentile(&r.latencies_us, 99.0),
+                    max_us: r.latencies_us.last().copied().unwrap_or(f64::NAN),
+                    proxy_cpu_s: cpu_after - cpu_before,
+                };
+                eprintln!(
+                    "  {:<4} {:<8} {:<12} {:>9.0} req/s  p99 {:>8.0} µs  failed {}",
+                    format!("{proto:?}"),
+                    format!("{mode:?}"),
+                    format!("{path:?}"),
+                    row.rps,
+                    row.p99_us,
+                    row.failed
+                );
+                rows.push(row);
+            }
+        }
+    }
+
+    let find = |proto, path, mode| {
+        rows.iter()
+            .find(|r| r.proto == proto && r.path == path && r.mode == mode)
+    };
+    let mut targets = Vec::new();
+    for proto in [Proto::H1, Proto::H2c] {
+        if let (Some(d), Some(w)) = (
+            find(proto, Path_::Direct, Mode::Rate1k),
+            find(proto, Path_::Weft, Mode::Rate1k),
+        ) {
+            let added = w.p99_us - d.p99_us;
+            targets.push(Target {
+                name: format!("{proto:?} p99 added by one proxy at 1k RPS"),
+                measured: added,
+                limit: MAX_ADDED_P99_US,
+                unit: "µs",
+                pass: added <= MAX_ADDED_P99_US,
+            });
+        }
+    }
+    if let (Some(w), Some(h)) = (
+        find(Proto::H2c, Path_::Weft, Mode::Max),
+        find(Proto::H2c, Path_::Haproxy, Mode::Max),
+    ) {
+        let ratio = w.rps / h.rps;
+        targets.push(Target {
+            name: "h2c max throughput, weft / HAProxy".into(),
+            measured: ratio,
+            limit: MIN_H2C_THROUGHPUT_VS_HAPROXY,
+            unit: "×",
+            pass: ratio >= MIN_H2C_THROUGHPUT_VS_HAPROXY,
+        });
+    }
+    let peak = s.outbound.peak_rss_bytes();
+    targets.push(Target {
+        name: "weft RSS idle".into(),
+        measured: s.idle_rss as f64 / (1 << 20) as f64,
+        limit: (MAX_IDLE_RSS >> 20) as f64,
+        unit: "MiB",
+        pass: s.idle_rss <= MAX_IDLE_RSS,
+    });
+    targets.push(Target {
+        name: "weft peak RSS after max-throughput runs".into(),
+        measured: peak as f64 / (1 << 20) as f64,
+        limit: (MAX_PEAK_RSS >> 20) as f64,
+        unit: "MiB",
+        pass: peak <= MAX_PEAK_RSS,
+    });
+
+    let report = Report {
+        duration_s: opts.duration,
+        weft_idle_rss_bytes: s.idle_rss,
+        weft_peak_rss_bytes: peak,
+        weft_inbound_peak_rss_bytes: s.inbound.peak_rss_bytes(),
+        haproxy_peak_rss_bytes: s.haproxy.peak_rss_bytes(),
+        rows,
+        targets,
+    };
+    print!("{}", table(&report));
+    if let Some(parent) = opts.out.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(&opts.out, serde_json::to_string_pretty(&report)?)?;
+    println!("\nJSON: {}", opts.out.display());
+    let _ = std::fs::remove_dir_all(&dir);
+    if opts.strict && report.targets.iter().any(|t| !t.pass) {
+        bail!("a performance target was missed");
+    }
+    Ok(())
+}
+
+fn table(r: &Report) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\n| proto | mode | path | req/s | p50 µs | p99 µs | max µs | failed | proxy CPU s |\n|---|---|---|---:|---:|---:|---:|---:|---:|"
+    );
+    for row in &r.rows {
+        let _ = writeln!(
+            out,
+            "| {:?} | {:?} | {:?} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {:.2} |",
+            row.proto,
+            row.mode,
+            row.path,
+            row.rps,
+            row.p50_us,
+            row.p99_us,
+            row.max_us,
+            row.failed,
+            row.proxy_cpu_s
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nRSS: weft idle {:.1} MiB, weft peak {:.1} MiB, weft inbound peak {:.1} MiB, HAProxy peak {:.1} MiB",
+        r.weft_idle_rss_bytes as f64 / 1048576.0,
+        r.weft_peak_rss_bytes as f64 / 1048576.0,
+        r.weft_inbound_peak_rss_bytes as f64 / 1048576.0,
+        r.haproxy_peak_rss_bytes as f64 / 1048576.0
+    );
+    let _ = writeln!(
+        out,
+        "\n| target | measured | limit | verdict |\n|---|---:|---:|---|"
+    );
+    for t in &r.targets {
+        let _ = writeln!(
+            out,
+            "| {} | {:.2} {} | {} {} | {} |",
+            t.name,
+            t.measured,
+            t.unit,
+            t.limit,
+            t.unit,
+            if t.pass { "PASS" } else { "MISS" }
+        );
+    }
+    out
+}

@@ -1,0 +1,135 @@
+//! Child processes the benchmark starts, and what procfs says about them.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+pub(crate) fn target_dir() -> anyhow::Result<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("xtask has no parent directory")?;
+    Ok(std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target")))
+}
+
+/// A child killed on drop.
+pub(crate) struct Proc {
+    pub child: Child,
+    pub name: String,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// User + system CPU seconds so far.
+    pub fn cpu_seconds(&self) -> f64 {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())) else {
+            return 0.0;
+        };
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            return 0.0;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        (ticks(11) + ticks(12)) / 100.0
+    }
+
+    fn status_kib(&self, key: &str) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with(key))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|v| v.parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
+    pub fn rss_bytes(&self) -> u64 {
+        self.status_kib("VmRSS:") * 1024
+    }
+
+    pub fn peak_rss_bytes(&self) -> u64 {
+        self.status_kib("VmHWM:") * 1024
+    }
+}
+
+/// Spawns `cmd` and waits for a stdout/stderr line containing `marker`,
+/// returning the process and that line.
+pub(crate) fn spawn_until(
+    name: &str,
+    mut cmd: Command,
+    marker: &str,
+    from_stderr: bool,
+) -> anyhow::Result<(Proc, String)> {
+    if from_stderr {
+        cmd.stderr(Stdio::piped()).stdout(Stdio::null());
+    } else {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::null());
+    }
+    let mut child = cmd.spawn().with_context(|| format!("starting {name}"))?;
+    let pipe: Box<dyn std::io::Read + Send> = if from_stderr {
+        Box::new(child.stderr.take().context("no stderr")?)
+    } else {
+        Box::new(child.stdout.take().context("no stdout")?)
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    let marker = marker.to_string();
+    std::thread::spawn(move || {
+        let mut sent = false;
+        for line in BufReader::new(pipe).lines() {
+            let Ok(line) = line else { break };
+            if !sent && line.contains(&marker) {
+                let _ = tx.send(line);
+                sent = true;
+            }
+        }
+    });
+    let proc = Proc {
+        child,
+        name: name.to_string(),
+    };
+    match rx.recv_timeout(Duration::from_secs(15)) {
+        Ok(line) => Ok((proc, line)),
+        Err(_) => bail!("{name} did not start"),
+    }
+}
+
+/// The `key=ADDR` field of a log line.
+pub(crate) fn field(line: &str, key: &str) -> anyhow::Result<SocketAddr> {
+    let start = line
+        .find(&format!("{key}="))
+        .with_context(|| format!("no {key}= in {line:?}"))?
+        + key.len()
+        + 1;
+    let rest = &line[start..];
+    let end = rest.find(' ').unwrap_or(rest.len());
+    Ok(rest[..end].parse()?)
+}
+
+/// Waits until `addr` accepts TCP connections.
+pub(crate) fn wait_listening(addr: SocketAddr) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(addr).is_err() {
+        if Instant::now() > deadline {
+            bail!("{addr} never accepted connections");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
