@@ -55,14 +55,26 @@ impl Backend {
         addr: SocketAddr,
         delay: Duration,
     ) -> anyhow::Result<Self> {
+        let behaviour = Behaviour {
+            delay,
+            fail_every: None,
+        };
+        Self::start_with(name, addr, behaviour).await
+    }
+
+    pub async fn start_with(
+        name: &str,
+        addr: SocketAddr,
+        behaviour: Behaviour,
+    ) -> anyhow::Result<Self> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let hits = Arc::new(AtomicU64::new(0));
-        let task = tokio::spawn(serve_with_delay(
+        let task = tokio::spawn(serve_with(
             listener,
             name.to_string(),
             hits.clone(),
-            delay,
+            behaviour,
         ));
         Ok(Self {
             addr,
@@ -86,15 +98,25 @@ impl Drop for Backend {
 
 /// Accepts until the task is aborted.
 pub async fn serve(listener: TcpListener, name: String, hits: Arc<AtomicU64>) {
-    serve_with_delay(listener, name, hits, Duration::ZERO).await
+    serve_with(listener, name, hits, Behaviour::default()).await
 }
 
-pub async fn serve_with_delay(
+/// How a backend misbehaves, for demos and balancing tests.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Behaviour {
+    /// Added to every response.
+    pub delay: Duration,
+    /// Every Nth request gets a 500.
+    pub fail_every: Option<u64>,
+}
+
+pub async fn serve_with(
     listener: TcpListener,
     name: String,
     hits: Arc<AtomicU64>,
-    delay: Duration,
+    behaviour: Behaviour,
 ) {
+    let Behaviour { delay, fail_every } = behaviour;
     let name: Arc<str> = name.into();
     loop {
         let Ok((stream, _)) = listener.accept().await else {
@@ -106,11 +128,18 @@ pub async fn serve_with_delay(
         let hits = hits.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
-                hits.fetch_add(1, Ordering::Relaxed);
+                let n = hits.fetch_add(1, Ordering::Relaxed) + 1;
                 let name = name.clone();
                 async move {
                     if !delay.is_zero() {
                         tokio::time::sleep(delay).await;
+                    }
+                    if fail_every.is_some_and(|every| every > 0 && n % every == 0) {
+                        return Ok::<_, Infallible>(reply(
+                            &name,
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            full("injected failure\n"),
+                        ));
                     }
                     Ok::<_, Infallible>(respond(&name, req).await)
                 }

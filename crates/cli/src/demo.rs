@@ -1,0 +1,270 @@
+//! `weft demo`: a small mesh on loopback with no root and no Kubernetes.
+//!
+//! Three sample services, each with two replicas, sit behind one real
+//! `weft-proxy` (its outbound side, as every client's sidecar would be):
+//! `web.demo:8080` (HTTP/1.1; one replica fails 5 % of requests),
+//! `api.demo:8080` (HTTP/2; one replica is slow) and `health.demo:9090`
+//! (gRPC; 5 % of calls ask for an unknown service and get NOT_FOUND).
+//! Traffic generators call all three through the proxy while a summary
+//! line is printed every few seconds; at the end the golden metrics table.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use weft_test_support::backend::{Backend, Behaviour};
+use weft_test_support::metrics::scrape;
+use weft_test_support::proxy::Proxy;
+use weft_test_support::{client, grpc, workspace_binary, write_destinations};
+
+use crate::golden;
+
+#[derive(clap::Args)]
+pub(crate) struct Args {
+    /// How long to run, e.g. 30s or 5m; 0 runs until Ctrl-C.
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Requests per second per service.
+    #[arg(long, default_value_t = 50)]
+    rps: u32,
+    /// Seconds between summary lines.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    every: Duration,
+    /// Print the final table as JSON instead.
+    #[arg(long, short = 'o', value_parser = ["table", "json"], default_value = "table")]
+    output: String,
+}
+
+pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
+    let Args {
+        duration,
+        rps,
+        every,
+        output,
+    } = args;
+    anyhow::ensure!(rps > 0, "--rps must be at least 1");
+    let proxy_bin = workspace_binary("weft-proxy")?;
+    let any: SocketAddr = "127.0.0.1:0".parse()?;
+
+    let web_ok = Backend::start("web-1").await?;
+    let web_flaky = Backend::start_with(
+        "web-2",
+        any,
+        Behaviour {
+            delay: Duration::ZERO,
+            fail_every: Some(10),
+        },
+    )
+    .await?;
+    let api_fast = Backend::start("api-1").await?;
+    let api_slow = Backend::start_with_delay("api-2", any, Duration::from_millis(25)).await?;
+    let health_a = grpc::start().await?;
+    let health_b = grpc::start().await?;
+
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("destinations.yaml");
+    write_destinations(
+        &file,
+        &[
+            ("web.demo:8080", &[(web_ok.addr, 1), (web_flaky.addr, 1)]),
+            ("api.demo:8080", &[(api_fast.addr, 1), (api_slow.addr, 1)]),
+            (
+                "health.demo:9090",
+                &[(health_a.addr, 1), (health_b.addr, 1)],
+            ),
+        ],
+    )?;
+    let path = file.to_string_lossy().into_owned();
+    let proxy = Proxy::start(
+        &proxy_bin,
+        &[
+            ("WEFT_PROXY_DESTINATIONS", &path),
+            ("WEFT_PROXY_LOG", "warn,weft_proxy=info"),
+        ],
+    )
+    .await
+    .context("starting weft-proxy")?;
+    println!(
+        "weft demo: proxy pid {} is up",
+        proxy.pid().unwrap_or_default()
+    );
+    println!(
+        "  outbound  {}   (try: curl -x http://{} http://web.demo:8080/)",
+        proxy.outbound, proxy.outbound
+    );
+    println!(
+        "  admin     http://{}/metrics   /ready   /env.json",
+        proxy.admin
+    );
+    println!("  destinations file: {path} (edit it: changes apply within a second)");
+    println!(
+        "  services: web.demo:8080 (HTTP/1.1, 2 replicas, one failing 10% => ~5% overall), api.demo:8080 (HTTP/2, one replica 25 ms slower), health.demo:9090 (gRPC, 5% NOT_FOUND)"
+    );
+    if duration.is_zero() {
+        println!("  running until Ctrl-C");
+    } else {
+        println!("  running for {}", humantime::format_duration(duration));
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let period = Duration::from_secs_f64(1.0 / f64::from(rps));
+    let mut generators = Vec::new();
+    generators.push(tokio::spawn(http1_traffic(
+        proxy.outbound,
+        period,
+        stop.clone(),
+    )));
+    generators.push(tokio::spawn(http2_traffic(
+        proxy.outbound,
+        period,
+        stop.clone(),
+    )));
+    generators.push(tokio::spawn(grpc_traffic(
+        proxy.outbound,
+        period,
+        stop.clone(),
+    )));
+
+    let started = Instant::now();
+    let first = scrape(proxy.admin).await?;
+    let mut last = scrape(proxy.admin).await?;
+    let mut last_at = Instant::now();
+    let deadline = (!duration.is_zero()).then(|| started + duration);
+    loop {
+        let tick = tokio::time::sleep(every);
+        tokio::select! {
+            _ = tick => {}
+            _ = tokio::signal::ctrl_c() => { println!("\nCtrl-C: stopping"); break; }
+        }
+        let now = scrape(proxy.admin).await?;
+        let rows = golden::between(&last, &now, last_at.elapsed());
+        let summary: Vec<String> = rows
+            .iter()
+            .map(|g| {
+                format!(
+                    "{} {:.0} rps {:.1}% ok p99 {:.1}ms",
+                    g.authority,
+                    g.rps,
+                    g.success_rate * 100.0,
+                    g.p99_ms
+                )
+            })
+            .collect();
+        println!(
+            "[{:>4.0}s] {}",
+            started.elapsed().as_secs_f64(),
+            summary.join(" | ")
+        );
+        last = now;
+        last_at = Instant::now();
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            break;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut errors = 0;
+    for g in generators {
+        errors += g.await.unwrap_or(0);
+    }
+    let end = scrape(proxy.admin).await?;
+    let rows = golden::between(&first, &end, started.elapsed());
+    if output == "json" {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        println!("\ngolden metrics over the whole run (from the proxy's /metrics):");
+        print!("{}", golden::table(&rows));
+    }
+    if errors > 0 {
+        println!("(traffic generators saw {errors} transport errors)");
+    }
+    proxy.terminate()?;
+    Ok(())
+}
+
+/// Waits out the rest of `period` from `since`.
+async fn pace(since: Instant, period: Duration) {
+    if let Some(rest) = period.checked_sub(since.elapsed()) {
+        tokio::time::sleep(rest).await;
+    }
+}
+
+async fn http1_traffic(proxy: SocketAddr, period: Duration, stop: Arc<AtomicBool>) -> u64 {
+    let mut errors = 0;
+    let mut conn = None;
+    while !stop.load(Ordering::Relaxed) {
+        let t = Instant::now();
+        if conn.is_none() {
+            conn = client::http1(proxy).await.ok();
+        }
+        if let Some(send) = conn.as_mut() {
+            let ok = async {
+                send.ready().await?;
+                let rsp = send
+                    .send_request(client::get("web.demo:8080", "/")?)
+                    .await?;
+                client::text(rsp).await
+            }
+            .await
+            .is_ok();
+            if !ok {
+                errors += 1;
+                conn = None;
+            }
+        }
+        pace(t, period).await;
+    }
+    errors
+}
+
+async fn http2_traffic(proxy: SocketAddr, period: Duration, stop: Arc<AtomicBool>) -> u64 {
+    let mut errors = 0;
+    let mut conn = None;
+    while !stop.load(Ordering::Relaxed) {
+        let t = Instant::now();
+        if conn.is_none() {
+            conn = client::http2(proxy).await.ok();
+        }
+        if let Some(send) = conn.as_mut() {
+            let ok = async {
+                let rsp = send
+                    .send_request(client::get_h2("api.demo:8080", "/")?)
+                    .await?;
+                client::text(rsp).await
+            }
+            .await
+            .is_ok();
+            if !ok {
+                errors += 1;
+                conn = None;
+            }
+        }
+        pace(t, period).await;
+    }
+    errors
+}
+
+async fn grpc_traffic(proxy: SocketAddr, period: Duration, stop: Arc<AtomicBool>) -> u64 {
+    let mut errors = 0;
+    let Ok(channel) = grpc::channel_via(proxy, "health.demo:9090").await else {
+        return 1;
+    };
+    let mut n: u64 = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let t = Instant::now();
+        n += 1;
+        let service = if n % 20 == 0 {
+            "demo.Unknown"
+        } else {
+            grpc::SERVING
+        };
+        if let Err(status) = grpc::check(&channel, service).await
+            && status.code() != tonic::Code::NotFound
+        {
+            errors += 1;
+        }
+        pace(t, period).await;
+    }
+    errors
+}
