@@ -19,24 +19,25 @@ pub(crate) fn target_dir() -> anyhow::Result<PathBuf> {
 
 /// A child killed on drop.
 pub(crate) struct Proc {
-    pub child: Child,
-    pub name: String,
+    pub(crate) child: Child,
+    pub(crate) name: String,
 }
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        tracing_free_log(&self.name);
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }
 
 impl Proc {
-    pub fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 
     /// User + system CPU seconds so far.
-    pub fn cpu_seconds(&self) -> f64 {
+    pub(crate) fn cpu_seconds(&self) -> f64 {
         let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())) else {
             return 0.0;
         };
@@ -60,11 +61,11 @@ impl Proc {
             .unwrap_or(0)
     }
 
-    pub fn rss_bytes(&self) -> u64 {
+    pub(crate) fn rss_bytes(&self) -> u64 {
         self.status_kib("VmRSS:") * 1024
     }
 
-    pub fn peak_rss_bytes(&self) -> u64 {
+    pub(crate) fn peak_rss_bytes(&self) -> u64 {
         self.status_kib("VmHWM:") * 1024
     }
 }
@@ -132,4 +133,11 @@ pub(crate) fn wait_listening(addr: SocketAddr) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(20));
     }
     Ok(())
+}
+
+/// Says which child is being stopped, for runs that end in an error.
+fn tracing_free_log(name: &str) {
+    if std::env::var_os("WEFT_XTASK_VERBOSE").is_some() {
+        eprintln!("stopping {name}");
+    }
 }

@@ -110,22 +110,11 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
 
     let stop = Arc::new(AtomicBool::new(false));
     let period = Duration::from_secs_f64(1.0 / f64::from(rps));
-    let mut generators = Vec::new();
-    generators.push(tokio::spawn(http1_traffic(
-        proxy.outbound,
-        period,
-        stop.clone(),
-    )));
-    generators.push(tokio::spawn(http2_traffic(
-        proxy.outbound,
-        period,
-        stop.clone(),
-    )));
-    generators.push(tokio::spawn(grpc_traffic(
-        proxy.outbound,
-        period,
-        stop.clone(),
-    )));
+    let generators = vec![
+        tokio::spawn(http1_traffic(proxy.outbound, period, stop.clone())),
+        tokio::spawn(http2_traffic(proxy.outbound, period, stop.clone())),
+        tokio::spawn(grpc_traffic(proxy.outbound, period, stop.clone())),
+    ];
 
     let started = Instant::now();
     let first = scrape(proxy.admin).await?;
@@ -254,7 +243,7 @@ async fn grpc_traffic(proxy: SocketAddr, period: Duration, stop: Arc<AtomicBool>
     while !stop.load(Ordering::Relaxed) {
         let t = Instant::now();
         n += 1;
-        let service = if n % 20 == 0 {
+        let service = if n.is_multiple_of(20) {
             "demo.Unknown"
         } else {
             grpc::SERVING

@@ -134,7 +134,7 @@ pub async fn serve_with(
                     if !delay.is_zero() {
                         tokio::time::sleep(delay).await;
                     }
-                    if fail_every.is_some_and(|every| every > 0 && n % every == 0) {
+                    if fail_every.is_some_and(|every| every > 0 && n.is_multiple_of(every)) {
                         return Ok::<_, Infallible>(reply(
                             &name,
                             StatusCode::INTERNAL_SERVER_ERROR,
