@@ -36,6 +36,9 @@ impl Authority {
         if host.is_empty() {
             return Err(AuthorityError::NoHost(s.to_string()));
         }
+        if !valid_host(host) {
+            return Err(AuthorityError::Invalid(s.to_string()));
+        }
         Ok(Self {
             host: host.to_ascii_lowercase(),
             port: parsed.port_u16().unwrap_or(default_port),
@@ -77,6 +80,19 @@ impl Authority {
             .and_then(|h| h.strip_suffix(']'))
             .unwrap_or(&self.host)
     }
+}
+
+/// `http` accepts any URI authority; a routing key must be a DNS name, an
+/// IPv4 address or a bracketed IPv6 address, so it renders and re-parses to
+/// itself.
+fn valid_host(host: &str) -> bool {
+    if let Some(inner) = host.strip_prefix('[') {
+        return inner
+            .strip_suffix(']')
+            .is_some_and(|ip| ip.parse::<std::net::Ipv6Addr>().is_ok());
+    }
+    host.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
 }
 
 impl fmt::Display for Authority {
@@ -121,6 +137,9 @@ mod tests {
         assert!(Authority::parse("a b", 80).is_err());
         assert!(Authority::parse("user@host", 80).is_err());
         assert!(Authority::parse("host:99999", 80).is_err());
+        // Found by the fuzzer: accepted by `http`, unusable as a key.
+        assert!(Authority::parse("vrrrr[:262", 80).is_err());
+        assert!(Authority::parse("[nope]:1", 80).is_err());
         assert!("svc.test".parse::<Authority>().is_err());
         assert!("svc.test:1".parse::<Authority>().is_ok());
     }
