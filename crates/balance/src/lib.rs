@@ -5,5 +5,5 @@
 mod load;
 mod set;
 
-pub use load::{Load, PeakEwmaConfig, Pending};
+pub use load::{FAILURE_PENALTY, Load, PeakEwmaConfig, Pending};
 pub use set::{Set, SetError};

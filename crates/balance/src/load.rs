@@ -143,6 +143,19 @@ impl Pending {
     }
 }
 
+impl Pending {
+    /// Records a failure to reach the endpoint (refused or timed-out
+    /// connect) as a very slow response, so the balancer steers away from
+    /// it until the estimate decays.
+    pub fn observe_failure(&mut self) {
+        self.observed = true;
+        self.load.observe(FAILURE_PENALTY);
+    }
+}
+
+/// The latency a failed attempt counts as.
+pub const FAILURE_PENALTY: Duration = Duration::from_secs(1);
+
 impl Drop for Pending {
     fn drop(&mut self) {
         self.load.pending.fetch_sub(1, Ordering::Relaxed);

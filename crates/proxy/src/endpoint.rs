@@ -1,16 +1,16 @@
-//! One upstream address and the pooled HTTP clients that reach it.
+//! One upstream address and the connections the proxy keeps to it: a pool
+//! of HTTP/1.1 keep-alive connections and one multiplexed HTTP/2
+//! connection. Connecting happens before a request is committed, so a
+//! failed connect can be retried on another endpoint.
 
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::Arc;
-use std::task::{Context, Poll};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use http::Uri;
+use arc_swap::ArcSwapOption;
+use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use weft_balance::{Load, PeakEwmaConfig};
@@ -18,74 +18,14 @@ use weft_balance::{Load, PeakEwmaConfig};
 use crate::io::CountingIo;
 use crate::metrics::{Direction, Peer, TcpMetrics};
 
-/// Idle upstream connections are closed after this long.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Idle HTTP/1.1 connections older than this are closed rather than reused:
+/// servers commonly time idle keep-alive connections out after a minute.
+const HTTP1_IDLE_TIMEOUT: Duration = Duration::from_secs(50);
+/// HTTP/1.1 connections kept per endpoint, busy or idle; beyond this a
+/// finished connection is closed instead of pooled.
+const HTTP1_MAX_POOLED: usize = 256;
 
-pub type UpstreamClient = Client<Connector, Incoming>;
-
-/// An upstream endpoint: its address, its load (shared by every balancer
-/// that can pick it) and one client per HTTP version, each with its own
-/// pool: HTTP/1.1 keep-alive connections, or one multiplexed HTTP/2
-/// connection.
-#[derive(Debug)]
-pub struct Endpoint {
-    pub addr: SocketAddr,
-    pub load: Arc<Load>,
-    pub http1: UpstreamClient,
-    pub http2: UpstreamClient,
-    pub connector: Connector,
-}
-
-impl Endpoint {
-    pub fn new(addr: SocketAddr, settings: &EndpointSettings) -> Self {
-        let connector = Connector {
-            addr,
-            timeout: settings.connect_timeout,
-            metrics: settings.tcp_metrics.clone(),
-            direction: settings.direction,
-        };
-        let mut h1 = Client::builder(TokioExecutor::new());
-        h1.pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            // The request came in with its own Host; a proxy must not
-            // invent one.
-            .set_host(false)
-            .retry_canceled_requests(true);
-        let mut h2 = Client::builder(TokioExecutor::new());
-        h2.http2_only(true)
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .http2_adaptive_window(true)
-            .set_host(false);
-        Self {
-            addr,
-            load: Arc::new(Load::new(PeakEwmaConfig::default())),
-            http1: h1.build(connector.clone()),
-            http2: h2.build(connector.clone()),
-            connector,
-        }
-    }
-}
-
-/// What every endpoint of one direction shares.
-#[derive(Clone, Debug)]
-pub struct EndpointSettings {
-    pub connect_timeout: Duration,
-    pub tcp_metrics: TcpMetrics,
-    pub direction: Direction,
-}
-
-/// Connects to one fixed address whatever the request URI says: routing
-/// already happened when the endpoint was picked.
-#[derive(Clone, Debug)]
-pub struct Connector {
-    addr: SocketAddr,
-    timeout: Duration,
-    metrics: TcpMetrics,
-    direction: Direction,
-}
+pub type UpstreamIo = CountingIo<TcpStream>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -97,9 +37,30 @@ pub enum ConnectError {
         #[source]
         source: std::io::Error,
     },
+    #[error("HTTP handshake with {addr} failed: {source}")]
+    Handshake {
+        addr: SocketAddr,
+        #[source]
+        source: hyper::Error,
+    },
 }
 
-pub type UpstreamIo = CountingIo<TcpStream>;
+/// What every endpoint of one direction shares.
+#[derive(Clone, Debug)]
+pub struct EndpointSettings {
+    pub connect_timeout: Duration,
+    pub tcp_metrics: TcpMetrics,
+    pub direction: Direction,
+}
+
+/// Connects to one fixed address.
+#[derive(Clone, Debug)]
+pub struct Connector {
+    addr: SocketAddr,
+    timeout: Duration,
+    metrics: TcpMetrics,
+    direction: Direction,
+}
 
 impl Connector {
     pub async fn connect(&self) -> Result<UpstreamIo, ConnectError> {
@@ -125,23 +86,194 @@ impl Connector {
     }
 }
 
-impl tower_service::Service<Uri> for Connector {
-    type Response = TokioIo<UpstreamIo>;
-    type Error = ConnectError;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+struct Pooled {
+    send: http1::SendRequest<Incoming>,
+    since: Instant,
+}
 
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
+/// An upstream endpoint. Its `Load` is shared by every balancer that can
+/// pick it, so latency history survives destination reloads.
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    pub load: Arc<Load>,
+    pub connector: Connector,
+    http1: Mutex<Vec<Pooled>>,
+    http2: ArcSwapOption<http2::SendRequest<Incoming>>,
+    /// Single flight for the HTTP/2 connection: concurrent first requests
+    /// share one connect.
+    http2_connecting: tokio::sync::Mutex<()>,
+}
 
-    fn call(&mut self, _: Uri) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move { this.connect().await.map(TokioIo::new) })
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
     }
 }
 
-impl Connection for CountingIo<TcpStream> {
-    fn connected(&self) -> Connected {
-        Connected::new()
+/// A connection ready to carry one request.
+pub enum Sender {
+    Http1(http1::SendRequest<Incoming>),
+    Http2(http2::SendRequest<Incoming>),
+}
+
+impl Endpoint {
+    pub fn new(addr: SocketAddr, settings: &EndpointSettings) -> Self {
+        Self {
+            addr,
+            load: Arc::new(Load::new(PeakEwmaConfig::default())),
+            connector: Connector {
+                addr,
+                timeout: settings.connect_timeout,
+                metrics: settings.tcp_metrics.clone(),
+                direction: settings.direction,
+            },
+            http1: Mutex::new(Vec::new()),
+            http2: ArcSwapOption::empty(),
+            http2_connecting: tokio::sync::Mutex::new(()),
+        }
     }
+
+    /// A ready HTTP/1.1 connection: an idle pooled one, or a new one.
+    pub async fn http1(&self) -> Result<Sender, ConnectError> {
+        if let Some(send) = self.checkout_http1() {
+            return Ok(Sender::Http1(send));
+        }
+        self.connect_http1().await.map(Sender::Http1)
+    }
+
+    async fn connect_http1(&self) -> Result<http1::SendRequest<Incoming>, ConnectError> {
+        let io = self.connector.connect().await?;
+        let (send, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(|source| ConnectError::Handshake {
+                addr: self.addr,
+                source,
+            })?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream HTTP/1 connection ended");
+            }
+        });
+        Ok(send)
+    }
+
+    fn checkout_http1(&self) -> Option<http1::SendRequest<Incoming>> {
+        let mut pool = self.http1.lock().ok()?;
+        let now = Instant::now();
+        // Closed and long-idle connections go; busy ones (a response body
+        // still streaming) stay for later.
+        pool.retain(|p| {
+            !p.send.is_closed() && !(p.send.is_ready() && now - p.since > HTTP1_IDLE_TIMEOUT)
+        });
+        let i = pool.iter().rposition(|p| p.send.is_ready())?;
+        Some(pool.swap_remove(i).send)
+    }
+
+    /// Returns a connection whose request has been answered; it becomes
+    /// ready again once the response body has been read.
+    pub fn checkin_http1(&self, send: http1::SendRequest<Incoming>) {
+        if let Ok(mut pool) = self.http1.lock()
+            && pool.len() < HTTP1_MAX_POOLED
+        {
+            pool.push(Pooled {
+                send,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    /// The endpoint's HTTP/2 connection, connecting if there is none.
+    pub async fn http2(&self) -> Result<Sender, ConnectError> {
+        if let Some(send) = self.live_http2() {
+            return Ok(Sender::Http2(send));
+        }
+        let _guard = self.http2_connecting.lock().await;
+        if let Some(send) = self.live_http2() {
+            return Ok(Sender::Http2(send));
+        }
+        let io = self.connector.connect().await?;
+        let (send, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .initial_stream_window_size(256 * 1024)
+            .initial_connection_window_size(1024 * 1024)
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(|source| ConnectError::Handshake {
+                addr: self.addr,
+                source,
+            })?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
+            }
+        });
+        self.http2.store(Some(Arc::new(send.clone())));
+        Ok(Sender::Http2(send))
+    }
+
+    fn live_http2(&self) -> Option<http2::SendRequest<Incoming>> {
+        let current = self.http2.load();
+        let send = current.as_deref()?;
+        (!send.is_closed()).then(|| send.clone())
+    }
+
+    /// Sends `req` on `sender`. If the connection turns out to be unusable
+    /// before the request was written (a pooled connection the server just
+    /// closed), the request is sent once more on a fresh connection.
+    pub async fn send(
+        &self,
+        sender: Sender,
+        req: Request<Incoming>,
+    ) -> Result<Response<Incoming>, SendError> {
+        let retry = match sender {
+            Sender::Http1(mut send) => match send.try_send_request(req).await {
+                Ok(rsp) => {
+                    if rsp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+                        self.checkin_http1(send);
+                    }
+                    return Ok(rsp);
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(req) => (req, true),
+                    None => return Err(SendError::Request(e.into_error())),
+                },
+            },
+            Sender::Http2(mut send) => match send.try_send_request(req).await {
+                Ok(rsp) => return Ok(rsp),
+                Err(mut e) => match e.take_message() {
+                    Some(req) => (req, false),
+                    None => return Err(SendError::Request(e.into_error())),
+                },
+            },
+        };
+        let (req, http1) = retry;
+        tracing::debug!(endpoint = %self.addr, "connection closed before the request was sent; reconnecting");
+        let sender = if http1 {
+            Sender::Http1(self.connect_http1().await.map_err(SendError::Connect)?)
+        } else {
+            self.http2.store(None);
+            self.http2().await.map_err(SendError::Connect)?
+        };
+        match sender {
+            Sender::Http1(mut send) => {
+                let rsp = send.send_request(req).await.map_err(SendError::Request)?;
+                if rsp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+                    self.checkin_http1(send);
+                }
+                Ok(rsp)
+            }
+            Sender::Http2(mut send) => send.send_request(req).await.map_err(SendError::Request),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error(transparent)]
+    Connect(ConnectError),
+    #[error("{0}")]
+    Request(#[source] hyper::Error),
 }

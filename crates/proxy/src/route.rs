@@ -72,6 +72,15 @@ impl Target {
         set.pick().map(|(e, l)| (e.clone(), l.clone()))
     }
 
+    /// How many endpoints the target has now.
+    pub fn len(&self) -> usize {
+        self.set.load().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     pub fn endpoints(&self) -> Vec<SocketAddr> {
         self.set.load().iter().map(|(e, _)| e.addr).collect()
     }

@@ -198,3 +198,25 @@ async fn malformed_requests_get_400_and_others_are_unaffected() -> anyhow::Resul
     assert_eq!(s.backend.hits(), 2, "garbage must not reach the backend");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_connect_is_retried_on_another_endpoint() -> anyhow::Result<()> {
+    let live = Backend::start("live").await?;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("d.yaml");
+    write_destinations(&file, &[("mixed.test:80", &[(closed, 1), (live.addr, 1)])])?;
+    let path = file.to_string_lossy().into_owned();
+    let proxy = Proxy::start(PROXY.as_ref(), &[("WEFT_PROXY_DESTINATIONS", &path)]).await?;
+    let mut h1 = client::http1(proxy.outbound).await?;
+    let mut h2 = client::http2(proxy.outbound).await?;
+    for _ in 0..50 {
+        h1.ready().await?;
+        let (status, _, body) = text(h1.send_request(get("mixed.test", "/")?).await?).await?;
+        assert_eq!((status.as_u16(), body.as_str()), (200, "live"));
+        let rsp = h2.send_request(client::get_h2("mixed.test", "/")?).await?;
+        assert_eq!(text(rsp).await?.0, 200);
+    }
+    assert_eq!(live.hits(), 100);
+    Ok(())
+}

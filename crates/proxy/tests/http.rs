@@ -155,6 +155,7 @@ async fn unknown_authorities_are_forwarded_via_dns() -> anyhow::Result<()> {
     // An IP literal needs no DNS; "localhost" does.
     let mut send = client::http1(m.proxy.outbound).await?;
     let authority = other.addr.to_string();
+    send.ready().await?;
     let (status, _, body) = text(send.send_request(get(&authority, "/")?).await?).await?;
     assert_eq!((status.as_u16(), body.as_str()), (200, "other"));
     let v4_only = tokio::net::lookup_host(("localhost", other.addr.port()))
@@ -162,6 +163,7 @@ async fn unknown_authorities_are_forwarded_via_dns() -> anyhow::Result<()> {
         .all(|a| a.is_ipv4());
     if v4_only {
         let authority = format!("localhost:{}", other.addr.port());
+        send.ready().await?;
         let (status, _, body) = text(send.send_request(get(&authority, "/")?).await?).await?;
         assert_eq!((status.as_u16(), body.as_str()), (200, "other"));
     }

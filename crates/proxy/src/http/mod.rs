@@ -22,12 +22,16 @@ use weft_detect::Authority;
 pub use body::ProxyBody;
 pub use error::{PROXY_ERROR_HEADER, ProxyError};
 
+use crate::endpoint::SendError;
 use crate::metrics::{
     Classification, Direction, LatencyLabels, Metrics, ResponseLabels, RouteLabels,
 };
 use crate::route::{Router, Target};
 use body::Classify;
 use headers::strip_hop_by_hop;
+
+/// Endpoints tried when connecting fails, before answering 503.
+const CONNECT_ATTEMPTS: usize = 3;
 
 /// A client that sends no request head within this long is disconnected.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -218,53 +222,56 @@ impl HttpContext {
             return self.tunnel(req, &target, label, start).await;
         }
 
-        let Some((endpoint, load)) = target.pick() else {
-            let e = ProxyError::NoEndpoints(target.authority.to_string());
-            return self.fail(label, e, grpc, start);
-        };
-        if is_own_listener(self.listen_addr, endpoint.addr) {
-            return self.fail(label, ProxyError::Loop(endpoint.addr), grpc, start);
-        }
-        let mut pending = load.start();
-
         let upgrade = is_upgrade(&req);
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         strip_hop_by_hop(req.headers_mut(), upgrade);
         // The proxy has already agreed to read the body (hyper sent the
         // 100 Continue); asking upstream again would only add a round trip.
         req.headers_mut().remove(header::EXPECT);
-        let uri_authority = authority.as_ref().unwrap_or(&target.authority);
-        let path = req
-            .uri()
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/");
-        match Uri::try_from(format!("http://{uri_authority}{path}")) {
-            Ok(uri) => *req.uri_mut() = uri,
-            Err(_) => return self.fail(label, ProxyError::NoAuthority, grpc, start),
+        let authority = authority.as_ref().unwrap_or(&target.authority);
+        if let Err(e) = self.prepare_uri(&mut req, authority) {
+            return self.fail(label, e, grpc, start);
         }
-        let client = match self.version {
-            HttpVersion::Http1 => {
-                *req.version_mut() = Version::HTTP_11;
-                &endpoint.http1
+
+        // Connect before committing the request: a refused or timed-out
+        // connect is retried on another endpoint, since nothing was sent.
+        let attempts = CONNECT_ATTEMPTS.min(target.len().max(1));
+        let mut attempt = 0;
+        let (endpoint, mut pending, sender) = loop {
+            attempt += 1;
+            let Some((endpoint, load)) = target.pick() else {
+                let e = ProxyError::NoEndpoints(target.authority.to_string());
+                return self.fail(label, e, grpc, start);
+            };
+            if is_own_listener(self.listen_addr, endpoint.addr) {
+                return self.fail(label, ProxyError::Loop(endpoint.addr), grpc, start);
             }
-            HttpVersion::Http2 => {
-                *req.version_mut() = Version::HTTP_2;
-                &endpoint.http2
+            let mut pending = load.start();
+            let connected = match self.version {
+                HttpVersion::Http1 => endpoint.http1().await,
+                HttpVersion::Http2 => endpoint.http2().await,
+            };
+            match connected {
+                Ok(sender) => break (endpoint, pending, sender),
+                Err(e) => {
+                    pending.observe_failure();
+                    tracing::debug!(endpoint = %endpoint.addr, attempt, error = %e, "connect failed");
+                    if attempt >= attempts {
+                        return self.fail(label, ProxyError::Connect(error_chain(&e)), grpc, start);
+                    }
+                }
             }
         };
 
-        let mut rsp = match client.request(req).await {
+        let mut rsp = match endpoint.send(sender, req).await {
             Ok(rsp) => rsp,
             Err(e) => {
-                let reason = error_chain(&e);
-                let err = if e.is_connect() {
-                    ProxyError::Connect(reason)
-                } else {
-                    ProxyError::Upstream {
+                let err = match &e {
+                    SendError::Connect(c) => ProxyError::Connect(error_chain(c)),
+                    SendError::Request(r) => ProxyError::Upstream {
                         addr: endpoint.addr,
-                        reason,
-                    }
+                        reason: error_chain(r),
+                    },
                 };
                 tracing::debug!(error = %err, "request failed");
                 return self.fail(label, err, grpc, start);
@@ -308,6 +315,49 @@ impl HttpContext {
             Some(pending),
         );
         rsp.map(|b| ProxyBody::Upstream(b, Some(classify)))
+    }
+
+    /// HTTP/1.1 upstream requests go in origin form with a `Host` header;
+    /// HTTP/2 ones need a scheme and `:authority`.
+    fn prepare_uri(
+        &self,
+        req: &mut Request<Incoming>,
+        authority: &Authority,
+    ) -> Result<(), ProxyError> {
+        match self.version {
+            HttpVersion::Http1 => {
+                if !req.headers().contains_key(header::HOST) {
+                    let host = http::HeaderValue::from_str(&authority.to_string())
+                        .map_err(|_| ProxyError::NoAuthority)?;
+                    req.headers_mut().insert(header::HOST, host);
+                }
+                if req.uri().scheme().is_some() || req.uri().authority().is_some() {
+                    let origin = req
+                        .uri()
+                        .path_and_query()
+                        .cloned()
+                        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+                    *req.uri_mut() = Uri::from(origin);
+                }
+                *req.version_mut() = Version::HTTP_11;
+            }
+            HttpVersion::Http2 => {
+                if req.uri().scheme().is_none() || req.uri().authority().is_none() {
+                    let mut parts = req.uri().clone().into_parts();
+                    parts.scheme = Some(http::uri::Scheme::HTTP);
+                    parts.authority = Some(
+                        http::uri::Authority::try_from(authority.to_string())
+                            .map_err(|_| ProxyError::NoAuthority)?,
+                    );
+                    if parts.path_and_query.is_none() {
+                        parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+                    }
+                    *req.uri_mut() = Uri::from_parts(parts).map_err(|_| ProxyError::NoAuthority)?;
+                }
+                *req.version_mut() = Version::HTTP_2;
+            }
+        }
+        Ok(())
     }
 
     /// `CONNECT host:port` in explicit proxy mode: pick an endpoint, connect,
