@@ -166,7 +166,8 @@ impl Endpoint {
         // Closed and long-idle connections go; busy ones (a response body
         // still streaming) stay for later.
         pool.retain(|p| {
-            !p.send.is_closed() && !(p.send.is_ready() && now - p.since > HTTP1_IDLE_TIMEOUT)
+            let stale = p.send.is_ready() && now - p.since > HTTP1_IDLE_TIMEOUT;
+            !p.send.is_closed() && !stale
         });
         let i = pool.iter().rposition(|p| p.send.is_ready())?;
         Some(pool.swap_remove(i).send)
