@@ -208,3 +208,42 @@ async fn hop_by_hop_headers_are_not_forwarded() -> anyhow::Result<()> {
     assert!(seen.contains(&format!("host: {AUTHORITY}")), "{seen}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_resets_propagate_both_ways() -> anyhow::Result<()> {
+    let (backend, proxy, _d) = setup().await?;
+    let mut h2 = client::http2(proxy.outbound).await?;
+
+    // The client gives up on a slow request: its RST_STREAM reaches the
+    // backend as a cancelled request, not a response nobody reads.
+    let slow = h2.send_request(get_h2(AUTHORITY, "/slow/5000")?);
+    let _ = tokio::time::timeout(Duration::from_millis(300), slow).await;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while backend.cancelled() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "backend never saw the cancellation"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // The backend resets mid-body: the client sees a stream error, and the
+    // connection still carries other requests.
+    let rsp = h2.send_request(get_h2(AUTHORITY, "/reset")?).await?;
+    assert_eq!(rsp.status(), 200);
+    let body = tokio::time::timeout(Duration::from_secs(5), rsp.into_body().collect()).await?;
+    assert!(body.is_err(), "a reset stream must not look complete");
+    let rsp = h2.send_request(get_h2(AUTHORITY, "/")?).await?;
+    assert_eq!(text(rsp).await?.0, 200);
+
+    let m = weft_test_support::metrics::scrape(proxy.admin).await?;
+    assert!(
+        m.sum(
+            "response_total",
+            &[("error", "stream"), ("classification", "failure")]
+        ) >= 1.0,
+        "{}",
+        m.text
+    );
+    Ok(())
+}

@@ -30,14 +30,41 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-type Body = BoxBody<Bytes, hyper::Error>;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type Body = BoxBody<Bytes, BoxError>;
 
 /// A running backend; stops when dropped.
 pub struct Backend {
     pub addr: SocketAddr,
     pub name: String,
-    hits: Arc<AtomicU64>,
+    stats: Arc<Stats>,
     task: JoinHandle<()>,
+}
+
+/// What a backend has seen.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub hits: AtomicU64,
+    /// Requests whose handling was abandoned before the response was done:
+    /// how a backend sees a client's RST_STREAM or disconnect.
+    pub cancelled: AtomicU64,
+}
+
+/// Counts a request as cancelled unless disarmed.
+struct CancelGuard(Option<Arc<Stats>>);
+
+impl CancelGuard {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for CancelGuard {
+    fn drop(&mut self) {
+        if let Some(stats) = self.0.take() {
+            stats.cancelled.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 impl Backend {
@@ -69,24 +96,29 @@ impl Backend {
     ) -> anyhow::Result<Self> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
-        let hits = Arc::new(AtomicU64::new(0));
+        let stats = Arc::new(Stats::default());
         let task = tokio::spawn(serve_with(
             listener,
             name.to_string(),
-            hits.clone(),
+            stats.clone(),
             behaviour,
         ));
         Ok(Self {
             addr,
             name: name.to_string(),
-            hits,
+            stats,
             task,
         })
     }
 
     /// Requests served so far.
     pub fn hits(&self) -> u64 {
-        self.hits.load(Ordering::Relaxed)
+        self.stats.hits.load(Ordering::Relaxed)
+    }
+
+    /// Requests abandoned mid-handling (reset or disconnected).
+    pub fn cancelled(&self) -> u64 {
+        self.stats.cancelled.load(Ordering::Relaxed)
     }
 }
 
@@ -97,8 +129,8 @@ impl Drop for Backend {
 }
 
 /// Accepts until the task is aborted.
-pub async fn serve(listener: TcpListener, name: String, hits: Arc<AtomicU64>) {
-    serve_with(listener, name, hits, Behaviour::default()).await
+pub async fn serve(listener: TcpListener, name: String) {
+    serve_with(listener, name, Arc::default(), Behaviour::default()).await
 }
 
 /// How a backend misbehaves, for demos and balancing tests.
@@ -113,7 +145,7 @@ pub struct Behaviour {
 pub async fn serve_with(
     listener: TcpListener,
     name: String,
-    hits: Arc<AtomicU64>,
+    stats: Arc<Stats>,
     behaviour: Behaviour,
 ) {
     let Behaviour { delay, fail_every } = behaviour;
@@ -125,29 +157,48 @@ pub async fn serve_with(
         };
         let _ = stream.set_nodelay(true);
         let name = name.clone();
-        let hits = hits.clone();
+        let stats = stats.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
-                let n = hits.fetch_add(1, Ordering::Relaxed) + 1;
+                let n = stats.hits.fetch_add(1, Ordering::Relaxed) + 1;
                 let name = name.clone();
+                let guard = CancelGuard(Some(stats.clone()));
                 async move {
-                    if !delay.is_zero() {
-                        tokio::time::sleep(delay).await;
-                    }
-                    if fail_every.is_some_and(|every| every > 0 && n.is_multiple_of(every)) {
-                        return Ok::<_, Infallible>(reply(
-                            &name,
-                            StatusCode::INTERNAL_SERVER_ERROR,
-                            full("injected failure\n"),
-                        ));
-                    }
-                    Ok::<_, Infallible>(respond(&name, req).await)
+                    let rsp = handle(&name, req, delay, fail_every, n).await;
+                    guard.disarm();
+                    rsp
                 }
             });
             let _ = auto::Builder::new(TokioExecutor::new())
                 .serve_connection_with_upgrades(TokioIo::new(stream), svc)
                 .await;
         });
+    }
+}
+
+async fn handle(
+    name: &str,
+    req: Request<Incoming>,
+    delay: Duration,
+    fail_every: Option<u64>,
+    n: u64,
+) -> Result<Response<Body>, Infallible> {
+    {
+        {
+            {
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                if fail_every.is_some_and(|every| every > 0 && n.is_multiple_of(every)) {
+                    return Ok::<_, Infallible>(reply(
+                        name,
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        full("injected failure\n"),
+                    ));
+                }
+                Ok::<_, Infallible>(respond(name, req).await)
+            }
+        }
     }
 }
 
@@ -200,14 +251,33 @@ async fn respond(name: &str, mut req: Request<Incoming>) -> Response<Body> {
             }
             reply(name, StatusCode::OK, full(n.to_string()))
         }
-        "echo" => reply(name, StatusCode::OK, req.into_body().boxed()),
+        "echo" => reply(
+            name,
+            StatusCode::OK,
+            req.into_body().map_err(BoxError::from).boxed(),
+        ),
+        "reset" => {
+            // One chunk, a pause (so the headers and chunk are on the wire),
+            // then the stream fails: HTTP/2 resets it.
+            let stream = futures_util::stream::unfold(0u8, |step| async move {
+                match step {
+                    0 => Some((Ok(Frame::data(Bytes::from_static(b"partial"))), 1)),
+                    1 => {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        Some((Err(BoxError::from("backend reset the stream")), 2))
+                    }
+                    _ => None,
+                }
+            });
+            reply(name, StatusCode::OK, StreamBody::new(stream).boxed())
+        }
         "bytes" => {
             let total: u64 = arg.parse().unwrap_or(0);
             const CHUNK: u64 = 64 * 1024;
             let chunk = Bytes::from(vec![b'x'; CHUNK as usize]);
             let stream = futures_util::stream::iter((0..total.div_ceil(CHUNK)).map(move |i| {
                 let len = CHUNK.min(total - i * CHUNK) as usize;
-                Ok::<_, hyper::Error>(Frame::data(chunk.slice(..len)))
+                Ok::<_, BoxError>(Frame::data(chunk.slice(..len)))
             }));
             reply(name, StatusCode::OK, StreamBody::new(stream).boxed())
         }
@@ -215,7 +285,7 @@ async fn respond(name: &str, mut req: Request<Incoming>) -> Response<Body> {
             let mut trailers = HeaderMap::new();
             trailers.insert("x-trailer", HeaderValue::from_static("yes"));
             let frames = vec![
-                Ok::<_, hyper::Error>(Frame::data(Bytes::from_static(b"body"))),
+                Ok::<_, BoxError>(Frame::data(Bytes::from_static(b"body"))),
                 Ok(Frame::trailers(trailers)),
             ];
             let body = StreamBody::new(futures_util::stream::iter(frames)).boxed();

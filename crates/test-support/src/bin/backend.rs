@@ -2,8 +2,6 @@
 //! the demo: HTTP/1.1 + HTTP/2 on one port (see `weft_test_support::backend`).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
 
 use clap::Parser;
 
@@ -26,7 +24,7 @@ fn main() -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(args.listen).await?;
         // The harness reads the bound address from this line.
         println!("listening {}", listener.local_addr()?);
-        weft_test_support::backend::serve(listener, args.name, Arc::new(AtomicU64::new(0))).await;
+        weft_test_support::backend::serve(listener, args.name).await;
         Ok(())
     })
 }
