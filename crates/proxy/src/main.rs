@@ -18,11 +18,16 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(config.cores)
-        .enable_all()
-        .build()
-    {
+    // One core gets a current-thread runtime: no work stealing, no
+    // cross-thread wakeups, no contended locks inside h2.
+    let mut builder = if config.cores == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(config.cores);
+        b
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("weft-proxy: cannot start the runtime: {e}");

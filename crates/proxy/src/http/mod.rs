@@ -96,7 +96,12 @@ where
         }
         HttpVersion::Http2 => {
             let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-            builder.timer(TokioTimer::new()).adaptive_window(true);
+            // Fixed windows rather than BDP probing: no extra PING traffic
+            // per connection, and memory per stream stays bounded.
+            builder
+                .timer(TokioTimer::new())
+                .initial_stream_window_size(256 * 1024)
+                .initial_connection_window_size(1024 * 1024);
             let conn = builder.serve_connection(io, svc);
             tokio::pin!(conn);
             tokio::select! {
