@@ -23,6 +23,15 @@ impl Proxy {
     /// Starts the proxy with `env` on top of loopback, port-0 listeners, and
     /// waits until `/ready` answers 200.
     pub async fn start(bin: &Path, env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let proxy = Self::spawn(&[], bin, env).await?;
+        proxy.wait_ready(Duration::from_secs(10)).await?;
+        Ok(proxy)
+    }
+
+    /// Starts the proxy under `wrapper` (e.g. `ip netns exec NAME`) and
+    /// returns once it listens; readiness is the caller's to check, since
+    /// its admin port may not be reachable from here.
+    pub async fn spawn(wrapper: &[&str], bin: &Path, env: &[(&str, &str)]) -> anyhow::Result<Self> {
         let mut vars: HashMap<String, String> = [
             ("WEFT_PROXY_OUTBOUND_LISTEN", "127.0.0.1:0"),
             ("WEFT_PROXY_INBOUND_LISTEN", "127.0.0.1:0"),
@@ -35,7 +44,18 @@ impl Proxy {
         for (k, v) in env {
             vars.insert(k.to_string(), v.to_string());
         }
-        let mut child = Command::new(bin)
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        if let Some(path) = std::env::var_os("PATH") {
+            vars.insert("PATH".into(), path.to_string_lossy().into_owned());
+        }
+        let mut child = command
             .env_clear()
             .envs(&vars)
             .stdout(Stdio::null())
@@ -79,15 +99,13 @@ impl Proxy {
             let end = rest.find(' ').unwrap_or(rest.len());
             Ok(rest[..end].parse()?)
         };
-        let proxy = Self {
+        Ok(Self {
             outbound: field("outbound")?,
             inbound: field("inbound")?,
             admin: field("admin")?,
             child,
             log,
-        };
-        proxy.wait_ready(Duration::from_secs(10)).await?;
-        Ok(proxy)
+        })
     }
 
     pub async fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {

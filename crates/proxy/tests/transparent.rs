@@ -1,0 +1,201 @@
+//! Transparent mode in a network namespace of our own: iptables `REDIRECT`
+//! sends an application's connections to the outbound listener, and the
+//! proxy recovers where they were going with `SO_ORIGINAL_DST`.
+//!
+//! Needs root, `ip` (iproute2) and `iptables`; `.ci/run` installs them.
+
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use weft_test_support::proxy::Proxy;
+use weft_test_support::workspace_binary;
+
+const PROXY: &str = env!("CARGO_BIN_EXE_weft-proxy");
+
+/// A network namespace with `lo` up, a veth pair holding
+/// 10.99.0.0/24 (addresses nothing listens on), and a nat rule redirecting
+/// every TCP connection to that range to the proxy's outbound port 4140.
+struct Netns {
+    name: String,
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<Output> {
+    let out = cmd.output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(out)
+}
+
+impl Netns {
+    fn new() -> anyhow::Result<Self> {
+        let name = format!("weft-t{}", std::process::id());
+        run(Command::new("ip").args(["netns", "add", &name]))?;
+        let ns = Self { name };
+        ns.exec(&["ip", "link", "set", "lo", "up"])?;
+        ns.exec(&["ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1"])?;
+        ns.exec(&["ip", "addr", "add", "10.99.0.254/24", "dev", "v0"])?;
+        ns.exec(&["ip", "link", "set", "v0", "up"])?;
+        ns.exec(&["ip", "link", "set", "v1", "up"])?;
+        ns.exec(&[
+            "iptables",
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "-d",
+            "10.99.0.0/24",
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            "4140",
+        ])?;
+        Ok(ns)
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name]).args(args);
+        c
+    }
+
+    fn exec(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = run(&mut self.command(args))?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// A child process killed on drop.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirected_connections_reach_their_original_destination() -> anyhow::Result<()> {
+    let ns = Netns::new()?;
+    let backend = workspace_binary("weft-test-backend")?;
+    let backend = backend.to_string_lossy().into_owned();
+    let mut peers = Vec::new();
+    for (mode, listen) in [
+        ("http", "127.0.0.1:18080"),
+        ("banner", "127.0.0.1:18025"),
+        ("echo", "127.0.0.1:18007"),
+    ] {
+        let child = ns
+            .command(&[
+                &backend, "--mode", mode, "--listen", listen, "--name", "inside",
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()?;
+        peers.push(Child(child));
+    }
+
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("d.yaml");
+    std::fs::write(
+        &file,
+        "destinations:\n\
+         \x20 \"10.99.0.1:80\":\n    endpoints:\n      - addr: 127.0.0.1:18080\n\
+         \x20 \"10.99.0.2:25\":\n    endpoints:\n      - addr: 127.0.0.1:18025\n\
+         \x20 \"10.99.0.3:7\":\n    endpoints:\n      - addr: 127.0.0.1:18007\n",
+    )?;
+    let path = file.to_string_lossy().into_owned();
+    let wrapper = ["ip", "netns", "exec", ns.name.as_str()];
+    let _proxy = Proxy::spawn(
+        &wrapper,
+        PROXY.as_ref(),
+        &[
+            ("WEFT_PROXY_DESTINATIONS", &path),
+            ("WEFT_PROXY_OUTBOUND_LISTEN", "127.0.0.1:4140"),
+            ("WEFT_PROXY_ADMIN_LISTEN", "127.0.0.1:4191"),
+        ],
+    )
+    .await?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ns
+        .exec(&["curl", "-sf", "http://127.0.0.1:4191/ready"])
+        .is_err()
+    {
+        anyhow::ensure!(Instant::now() < deadline, "proxy in namespace never ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Give the peers time to bind as well.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // An application that knows nothing of the proxy.
+    assert_eq!(
+        ns.exec(&["curl", "-sS", "--max-time", "5", "http://10.99.0.1/"])?,
+        "inside"
+    );
+    // HTTP/1.0 without Host: only the original destination says where.
+    let no_host = ns.exec(&[
+        "curl",
+        "-sS",
+        "--max-time",
+        "5",
+        "--http1.0",
+        "-H",
+        "Host:",
+        "http://10.99.0.1/",
+    ])?;
+    assert_eq!(no_host, "inside");
+    // Server speaks first: the banner arrives after the short peek timeout.
+    let started = Instant::now();
+    let banner = ns.exec(&[
+        "bash",
+        "-c",
+        "exec 3<>/dev/tcp/10.99.0.2/25; timeout 3 head -c 21 <&3",
+    ])?;
+    assert_eq!(banner, "220 weft-test ready\r\n");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    // Opaque bytes to the original destination.
+    let echoed = ns.exec(&[
+        "bash",
+        "-c",
+        "exec 3<>/dev/tcp/10.99.0.3/7; printf 'opaque\\n' >&3; timeout 3 head -c 7 <&3",
+    ])?;
+    assert_eq!(echoed, "opaque\n");
+
+    let metrics = ns.exec(&["curl", "-sS", "http://127.0.0.1:4191/metrics"])?;
+    let m = weft_test_support::metrics::Scrape::parse(metrics)?;
+    assert_eq!(
+        m.sum(
+            "request_total",
+            &[("direction", "outbound"), ("authority", "10.99.0.1:80")]
+        ),
+        2.0,
+        "{}",
+        m.text
+    );
+    assert!(
+        m.sum(
+            "tcp_open_total",
+            &[("direction", "outbound"), ("peer", "src")]
+        ) >= 4.0,
+        "{}",
+        m.text
+    );
+    Ok(())
+}
