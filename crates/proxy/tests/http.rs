@@ -67,7 +67,10 @@ async fn http1_requests_on_one_connection_are_balanced() -> anyhow::Result<()> {
     );
     assert_eq!(s.sum("response_latency_ms_count", &labels), 200.0);
     // Keep-alive upstream: one connection per endpoint, reused 100 times.
-    let upstream = s.sum("tcp_open_total", &[("direction", "outbound"), ("peer", "dst")]);
+    let upstream = s.sum(
+        "tcp_open_total",
+        &[("direction", "outbound"), ("peer", "dst")],
+    );
     assert_eq!(upstream, 2.0, "{}", s.text);
     Ok(())
 }

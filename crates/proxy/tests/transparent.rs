@@ -36,7 +36,9 @@ impl Netns {
         run(Command::new("ip").args(["netns", "add", &name]))?;
         let ns = Self { name };
         ns.exec(&["ip", "link", "set", "lo", "up"])?;
-        ns.exec(&["ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1"])?;
+        ns.exec(&[
+            "ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1",
+        ])?;
         ns.exec(&["ip", "addr", "add", "10.99.0.254/24", "dev", "v0"])?;
         ns.exec(&["ip", "link", "set", "v0", "up"])?;
         ns.exec(&["ip", "link", "set", "v1", "up"])?;
