@@ -26,7 +26,7 @@ pub fn workspace_binary(name: &str) -> anyhow::Result<std::path::PathBuf> {
         dir = d.parent().map(std::path::Path::to_path_buf);
     }
     anyhow::bail!(
-        "binary {name} not found beside {}; build it first (cargo build --release --bins)",
+        "binary {name} not found beside {}; build it first (cargo build --workspace --bins; add --release for release binaries)",
         exe.display()
     )
 }
