@@ -23,13 +23,15 @@ const MAX_PEAK_RSS: u64 = 20 << 20;
 
 struct Options {
     duration: u64,
+    rounds: u64,
     out: PathBuf,
     strict: bool,
 }
 
 fn options(args: &[String]) -> anyhow::Result<Options> {
     let mut o = Options {
-        duration: 10,
+        duration: 12,
+        rounds: 3,
         out: target_dir()?.join("bench/bench.json"),
         strict: false,
     };
@@ -43,6 +45,15 @@ fn options(args: &[String]) -> anyhow::Result<Options> {
                     .with_context(|| format!("--duration {v:?}: not a whole number of seconds"))?;
                 if o.duration < 2 {
                     bail!("--duration {v}: at least 2 seconds");
+                }
+            }
+            "--rounds" => {
+                let v = it.next().context("--rounds needs a number")?;
+                o.rounds = v
+                    .parse()
+                    .with_context(|| format!("--rounds {v:?}: not a whole number"))?;
+                if o.rounds == 0 {
+                    bail!("--rounds {v}: at least 1");
                 }
             }
             "--out" => o.out = PathBuf::from(it.next().context("--out needs a path")?),
@@ -103,6 +114,7 @@ struct Target {
 #[derive(Debug, Serialize)]
 struct Report {
     duration_s: u64,
+    rounds: u64,
     rows: Vec<Row>,
     weft_idle_rss_bytes: u64,
     weft_peak_rss_bytes: u64,
@@ -215,6 +227,42 @@ fn setup(dir: &Path) -> anyhow::Result<Setup> {
     })
 }
 
+#[derive(Default)]
+struct Acc {
+    requests: u64,
+    failed: u64,
+    rps_sum: f64,
+    cpu: f64,
+    latencies_us: Vec<f64>,
+}
+
+impl Setup {
+    /// The URL, authority override and proxies on `path`.
+    fn path(&self, proto: Proto, path: Path_) -> (String, Option<&'static str>, Vec<&Proc>) {
+        match path {
+            Path_::Direct => (format!("http://{}/", self.backend), None, vec![]),
+            Path_::Weft => (
+                format!("http://{}/", self.outbound_addr),
+                Some(AUTHORITY),
+                vec![&self.outbound],
+            ),
+            Path_::WeftTwoHop => (
+                format!("http://{}/", self.outbound_addr),
+                Some(HOP_AUTHORITY),
+                vec![&self.outbound, &self.inbound],
+            ),
+            Path_::Haproxy => {
+                let addr = if proto == Proto::H1 {
+                    self.haproxy_h1
+                } else {
+                    self.haproxy_h2
+                };
+                (format!("http://{addr}/"), None, vec![&self.haproxy])
+            }
+        }
+    }
+}
+
 struct H2loadResult {
     requests: u64,
     failed: u64,
@@ -322,55 +370,52 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir)?;
     let s = setup(&dir)?;
     eprintln!(
-        "bench: backend {}, weft outbound {}, haproxy h1 {} h2 {}; {} s per run",
-        s.backend, s.outbound_addr, s.haproxy_h1, s.haproxy_h2, opts.duration
+        "bench: backend {}, weft outbound {}, haproxy h1 {} h2 {}; {} s per scenario in {} rounds",
+        s.backend, s.outbound_addr, s.haproxy_h1, s.haproxy_h2, opts.duration, opts.rounds
     );
 
+    // Each scenario runs as several short rounds, the four paths taking
+    // turns, so a burst of noise from a neighbour on this shared machine
+    // lands on every path alike rather than on whichever ran at the time.
+    let round_secs = (opts.duration / opts.rounds).max(2);
+    let paths = [
+        Path_::Direct,
+        Path_::Weft,
+        Path_::WeftTwoHop,
+        Path_::Haproxy,
+    ];
     let mut rows = Vec::new();
     for proto in [Proto::H1, Proto::H2c] {
         for mode in [Mode::Rate1k, Mode::Max] {
-            for path in [
-                Path_::Direct,
-                Path_::Weft,
-                Path_::WeftTwoHop,
-                Path_::Haproxy,
-            ] {
-                let (url, authority, procs): (String, Option<&str>, Vec<&Proc>) = match path {
-                    Path_::Direct => (format!("http://{}/", s.backend), None, vec![]),
-                    Path_::Weft => (
-                        format!("http://{}/", s.outbound_addr),
-                        Some(AUTHORITY),
-                        vec![&s.outbound],
-                    ),
-                    Path_::WeftTwoHop => (
-                        format!("http://{}/", s.outbound_addr),
-                        Some(HOP_AUTHORITY),
-                        vec![&s.outbound, &s.inbound],
-                    ),
-                    Path_::Haproxy => {
-                        let addr = if proto == Proto::H1 {
-                            s.haproxy_h1
-                        } else {
-                            s.haproxy_h2
-                        };
-                        (format!("http://{addr}/"), None, vec![&s.haproxy])
-                    }
-                };
-                let cpu_before: f64 = procs.iter().map(|p| p.cpu_seconds()).sum();
-                let log = dir.join("h2load.log");
-                let r = h2load(proto, mode, &url, authority, opts.duration, &log)?;
-                let cpu_after: f64 = procs.iter().map(|p| p.cpu_seconds()).sum();
+            let mut acc: Vec<Acc> = paths.iter().map(|_| Acc::default()).collect();
+            for _ in 0..opts.rounds {
+                for (i, path) in paths.iter().enumerate() {
+                    let (url, authority, procs) = s.path(proto, *path);
+                    let cpu_before: f64 = procs.iter().map(|p| p.cpu_seconds()).sum();
+                    let log = dir.join("h2load.log");
+                    let r = h2load(proto, mode, &url, authority, round_secs, &log)?;
+                    let cpu_after: f64 = procs.iter().map(|p| p.cpu_seconds()).sum();
+                    let a = &mut acc[i];
+                    a.requests += r.requests;
+                    a.failed += r.failed;
+                    a.rps_sum += r.rps;
+                    a.cpu += cpu_after - cpu_before;
+                    a.latencies_us.extend(r.latencies_us);
+                }
+            }
+            for (path, mut a) in paths.into_iter().zip(acc) {
+                a.latencies_us.sort_by(|x, y| x.total_cmp(y));
                 let row = Row {
                     proto,
                     path,
                     mode,
-                    requests: r.requests,
-                    failed: r.failed,
-                    rps: r.rps,
-                    p50_us: percentile(&r.latencies_us, 50.0),
-                    p99_us: percentile(&r.latencies_us, 99.0),
-                    max_us: r.latencies_us.last().copied().unwrap_or(f64::NAN),
-                    proxy_cpu_s: cpu_after - cpu_before,
+                    requests: a.requests,
+                    failed: a.failed,
+                    rps: a.rps_sum / opts.rounds as f64,
+                    p50_us: percentile(&a.latencies_us, 50.0),
+                    p99_us: percentile(&a.latencies_us, 99.0),
+                    max_us: a.latencies_us.last().copied().unwrap_or(f64::NAN),
+                    proxy_cpu_s: a.cpu,
                 };
                 eprintln!(
                     "  {:<4} {:<8} {:<12} {:>9.0} req/s  p99 {:>8.0} µs  failed {}",
@@ -437,6 +482,7 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
 
     let report = Report {
         duration_s: opts.duration,
+        rounds: opts.rounds,
         weft_idle_rss_bytes: s.idle_rss,
         weft_peak_rss_bytes: peak,
         weft_inbound_peak_rss_bytes: s.inbound.peak_rss_bytes(),

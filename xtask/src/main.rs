@@ -7,8 +7,7 @@ use std::process::Command;
 
 use anyhow::{Context, bail};
 
-const USAGE: &str =
-    "usage: cargo xtask <demo [weft demo flags] | bench [--duration SECS] [--out FILE] [--strict]>";
+const USAGE: &str = "usage: cargo xtask <demo [weft demo flags] | bench [--duration SECS] [--rounds N] [--out FILE] [--strict]>";
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
