@@ -112,6 +112,13 @@ struct Target {
 }
 
 #[derive(Debug, Serialize)]
+struct Reference {
+    name: String,
+    measured: f64,
+    unit: &'static str,
+}
+
+#[derive(Debug, Serialize)]
 struct Report {
     duration_s: u64,
     rounds: u64,
@@ -121,6 +128,8 @@ struct Report {
     weft_inbound_peak_rss_bytes: u64,
     haproxy_peak_rss_bytes: u64,
     targets: Vec<Target>,
+    /// The same measures for the peer, to read the targets against.
+    references: Vec<Reference>,
 }
 
 struct Setup {
@@ -436,7 +445,18 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
             .find(|r| r.proto == proto && r.path == path && r.mode == mode)
     };
     let mut targets = Vec::new();
+    let mut references = Vec::new();
     for proto in [Proto::H1, Proto::H2c] {
+        if let (Some(d), Some(h)) = (
+            find(proto, Path_::Direct, Mode::Rate1k),
+            find(proto, Path_::Haproxy, Mode::Rate1k),
+        ) {
+            references.push(Reference {
+                name: format!("{proto:?} p99 added by HAProxy at 1k RPS"),
+                measured: h.p99_us - d.p99_us,
+                unit: "µs",
+            });
+        }
         if let (Some(d), Some(w)) = (
             find(proto, Path_::Direct, Mode::Rate1k),
             find(proto, Path_::Weft, Mode::Rate1k),
@@ -489,6 +509,7 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
         haproxy_peak_rss_bytes: s.haproxy.peak_rss_bytes(),
         rows,
         targets,
+        references,
     };
     print!("{}", table(&report));
     if let Some(parent) = opts.out.parent() {
@@ -546,6 +567,13 @@ fn table(r: &Report) -> String {
             t.limit,
             t.unit,
             if t.pass { "PASS" } else { "MISS" }
+        );
+    }
+    for reference in &r.references {
+        let _ = writeln!(
+            out,
+            "| (peer) {} | {:.2} {} | | |",
+            reference.name, reference.measured, reference.unit
         );
     }
     out
