@@ -172,18 +172,20 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Waits out the rest of `period` from `since`.
-async fn pace(since: Instant, period: Duration) {
-    if let Some(rest) = period.checked_sub(since.elapsed()) {
-        tokio::time::sleep(rest).await;
-    }
+/// A steady request clock: sleeping "the rest of the period" after each
+/// request would drift below the asked rate by the timer's granularity.
+fn pacer(period: Duration) -> tokio::time::Interval {
+    let mut interval = tokio::time::interval(period);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    interval
 }
 
 async fn http1_traffic(proxy: SocketAddr, period: Duration, stop: Arc<AtomicBool>) -> u64 {
     let mut errors = 0;
     let mut conn = None;
+    let mut clock = pacer(period);
     while !stop.load(Ordering::Relaxed) {
-        let t = Instant::now();
+        clock.tick().await;
         if conn.is_none() {
             conn = client::http1(proxy).await.ok();
         }
@@ -202,7 +204,6 @@ async fn http1_traffic(proxy: SocketAddr, period: Duration, stop: Arc<AtomicBool
                 conn = None;
             }
         }
-        pace(t, period).await;
     }
     errors
 }
@@ -210,8 +211,9 @@ async fn http1_traffic(proxy: SocketAddr, period: Duration, stop: Arc<AtomicBool
 async fn http2_traffic(proxy: SocketAddr, period: Duration, stop: Arc<AtomicBool>) -> u64 {
     let mut errors = 0;
     let mut conn = None;
+    let mut clock = pacer(period);
     while !stop.load(Ordering::Relaxed) {
-        let t = Instant::now();
+        clock.tick().await;
         if conn.is_none() {
             conn = client::http2(proxy).await.ok();
         }
@@ -229,7 +231,6 @@ async fn http2_traffic(proxy: SocketAddr, period: Duration, stop: Arc<AtomicBool
                 conn = None;
             }
         }
-        pace(t, period).await;
     }
     errors
 }
@@ -240,8 +241,9 @@ async fn grpc_traffic(proxy: SocketAddr, period: Duration, stop: Arc<AtomicBool>
         return 1;
     };
     let mut n: u64 = 0;
+    let mut clock = pacer(period);
     while !stop.load(Ordering::Relaxed) {
-        let t = Instant::now();
+        clock.tick().await;
         n += 1;
         let service = if n.is_multiple_of(20) {
             "demo.Unknown"
@@ -253,7 +255,6 @@ async fn grpc_traffic(proxy: SocketAddr, period: Duration, stop: Arc<AtomicBool>
         {
             errors += 1;
         }
-        pace(t, period).await;
     }
     errors
 }
