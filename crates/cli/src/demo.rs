@@ -17,7 +17,7 @@ use anyhow::Context;
 use weft_test_support::backend::{Backend, Behaviour};
 use weft_test_support::metrics::scrape;
 use weft_test_support::proxy::Proxy;
-use weft_test_support::{client, grpc, workspace_binary, write_destinations};
+use weft_test_support::{DestinationsFile, client, grpc, workspace_binary};
 
 use crate::golden;
 
@@ -63,20 +63,15 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let health_a = grpc::start().await?;
     let health_b = grpc::start().await?;
 
-    let dir = tempfile::tempdir()?;
-    let file = dir.path().join("destinations.yaml");
-    write_destinations(
-        &file,
-        &[
-            ("web.demo:8080", &[(web_ok.addr, 1), (web_flaky.addr, 1)]),
-            ("api.demo:8080", &[(api_fast.addr, 1), (api_slow.addr, 1)]),
-            (
-                "health.demo:9090",
-                &[(health_a.addr, 1), (health_b.addr, 1)],
-            ),
-        ],
-    )?;
-    let path = file.to_string_lossy().into_owned();
+    let file = DestinationsFile::new(&[
+        ("web.demo:8080", &[(web_ok.addr, 1), (web_flaky.addr, 1)]),
+        ("api.demo:8080", &[(api_fast.addr, 1), (api_slow.addr, 1)]),
+        (
+            "health.demo:9090",
+            &[(health_a.addr, 1), (health_b.addr, 1)],
+        ),
+    ])?;
+    let path = file.path_str();
     let proxy = Proxy::start(
         &proxy_bin,
         &[

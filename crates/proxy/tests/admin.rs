@@ -4,21 +4,19 @@
 use std::process::Stdio;
 
 use tokio::io::AsyncWriteExt;
+use weft_test_support::DestinationsFile;
 use weft_test_support::backend::Backend;
 use weft_test_support::client::{self, get, text};
 use weft_test_support::metrics::{get_text, scrape};
 use weft_test_support::proxy::Proxy;
-use weft_test_support::write_destinations;
 
 const PROXY: &str = env!("CARGO_BIN_EXE_weft-proxy");
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn endpoints_and_metrics_lint_clean() -> anyhow::Result<()> {
     let backend = Backend::start("a").await?;
-    let dir = tempfile::tempdir()?;
-    let file = dir.path().join("d.yaml");
-    write_destinations(&file, &[("svc.test:8080", &[(backend.addr, 1)])])?;
-    let path = file.to_string_lossy().into_owned();
+    let file = DestinationsFile::new(&[("svc.test:8080", &[(backend.addr, 1)])])?;
+    let path = file.path_str();
     let proxy = Proxy::start(
         PROXY.as_ref(),
         &[

@@ -9,22 +9,20 @@ use http::Request;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use weft_test_support::DestinationsFile;
 use weft_test_support::backend::Backend;
 use weft_test_support::client::{self, get, get_h2, text};
 use weft_test_support::proxy::Proxy;
-use weft_test_support::write_destinations;
 
 const PROXY: &str = env!("CARGO_BIN_EXE_weft-proxy");
 const AUTHORITY: &str = "svc.test:8080";
 
-async fn setup() -> anyhow::Result<(Backend, Proxy, tempfile::TempDir)> {
+async fn setup() -> anyhow::Result<(Backend, Proxy, DestinationsFile)> {
     let backend = Backend::start("body").await?;
-    let dir = tempfile::tempdir()?;
-    let file = dir.path().join("d.yaml");
-    write_destinations(&file, &[(AUTHORITY, &[(backend.addr, 1)])])?;
-    let path = file.to_string_lossy().into_owned();
+    let file = DestinationsFile::new(&[(AUTHORITY, &[(backend.addr, 1)])])?;
+    let path = file.path_str();
     let proxy = Proxy::start(PROXY.as_ref(), &[("WEFT_PROXY_DESTINATIONS", &path)]).await?;
-    Ok((backend, proxy, dir))
+    Ok((backend, proxy, file))
 }
 
 fn peak_rss_bytes(pid: u32) -> u64 {
@@ -143,7 +141,7 @@ async fn chunked_bodies_and_trailers_pass_on_both_versions() -> anyhow::Result<(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expect_100_continue_is_answered_promptly() -> anyhow::Result<()> {
     let (_b, proxy, dir) = setup().await?;
-    let file = dir.path().join("upload.bin");
+    let file = dir.dir().join("upload.bin");
     std::fs::write(&file, vec![0u8; 2 << 20])?;
     let started = Instant::now();
     let out = tokio::process::Command::new("curl")

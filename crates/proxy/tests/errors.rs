@@ -4,12 +4,12 @@
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use weft_test_support::DestinationsFile;
 use weft_test_support::backend::Backend;
 use weft_test_support::client::{self, get, text};
 use weft_test_support::grpc;
 use weft_test_support::metrics::scrape;
 use weft_test_support::proxy::Proxy;
-use weft_test_support::write_destinations;
 
 const PROXY: &str = env!("CARGO_BIN_EXE_weft-proxy");
 
@@ -78,7 +78,7 @@ async fn bad_destinations_file_exits_64_naming_it() -> anyhow::Result<()> {
 struct Setup {
     backend: Backend,
     proxy: Proxy,
-    _dir: tempfile::TempDir,
+    _file: DestinationsFile,
 }
 
 /// `svc.test:8080` works, `empty.test:80` has no endpoints, `down.test:80`
@@ -89,22 +89,17 @@ async fn setup() -> anyhow::Result<Setup> {
         let l = std::net::TcpListener::bind("127.0.0.1:0")?;
         l.local_addr()?
     };
-    let dir = tempfile::tempdir()?;
-    let file = dir.path().join("d.yaml");
-    write_destinations(
-        &file,
-        &[
-            ("svc.test:8080", &[(backend.addr, 1)]),
-            ("empty.test:80", &[]),
-            ("down.test:80", &[(closed, 1)]),
-        ],
-    )?;
-    let path = file.to_string_lossy().into_owned();
+    let file = DestinationsFile::new(&[
+        ("svc.test:8080", &[(backend.addr, 1)]),
+        ("empty.test:80", &[]),
+        ("down.test:80", &[(closed, 1)]),
+    ])?;
+    let path = file.path_str();
     let proxy = Proxy::start(PROXY.as_ref(), &[("WEFT_PROXY_DESTINATIONS", &path)]).await?;
     Ok(Setup {
         backend,
         proxy,
-        _dir: dir,
+        _file: file,
     })
 }
 
@@ -203,10 +198,8 @@ async fn malformed_requests_get_400_and_others_are_unaffected() -> anyhow::Resul
 async fn a_refused_connect_is_retried_on_another_endpoint() -> anyhow::Result<()> {
     let live = Backend::start("live").await?;
     let closed = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-    let dir = tempfile::tempdir()?;
-    let file = dir.path().join("d.yaml");
-    write_destinations(&file, &[("mixed.test:80", &[(closed, 1), (live.addr, 1)])])?;
-    let path = file.to_string_lossy().into_owned();
+    let file = DestinationsFile::new(&[("mixed.test:80", &[(closed, 1), (live.addr, 1)])])?;
+    let path = file.path_str();
     let proxy = Proxy::start(PROXY.as_ref(), &[("WEFT_PROXY_DESTINATIONS", &path)]).await?;
     let mut h1 = client::http1(proxy.outbound).await?;
     let mut h2 = client::http2(proxy.outbound).await?;

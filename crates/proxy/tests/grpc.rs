@@ -1,10 +1,10 @@
 //! gRPC through the proxy: one client channel spread over every endpoint,
 //! and success judged by `grpc-status`, not the HTTP status.
 
+use weft_test_support::DestinationsFile;
 use weft_test_support::grpc;
 use weft_test_support::metrics::scrape;
 use weft_test_support::proxy::Proxy;
-use weft_test_support::write_destinations;
 
 const PROXY: &str = env!("CARGO_BIN_EXE_weft-proxy");
 
@@ -12,10 +12,8 @@ const PROXY: &str = env!("CARGO_BIN_EXE_weft-proxy");
 async fn one_channel_is_balanced_and_classified_by_grpc_status() -> anyhow::Result<()> {
     let a = grpc::start().await?;
     let b = grpc::start().await?;
-    let dir = tempfile::tempdir()?;
-    let file = dir.path().join("d.yaml");
-    write_destinations(&file, &[("health.test:9090", &[(a.addr, 1), (b.addr, 1)])])?;
-    let path = file.to_string_lossy().into_owned();
+    let file = DestinationsFile::new(&[("health.test:9090", &[(a.addr, 1), (b.addr, 1)])])?;
+    let path = file.path_str();
     let proxy = Proxy::start(PROXY.as_ref(), &[("WEFT_PROXY_DESTINATIONS", &path)]).await?;
 
     let channel = grpc::channel_via(proxy.outbound, "health.test:9090").await?;

@@ -3,11 +3,11 @@
 
 use std::time::Duration;
 
+use weft_test_support::DestinationsFile;
 use weft_test_support::backend::Backend;
 use weft_test_support::client::{self, get, get_h2, text};
 use weft_test_support::metrics::scrape;
 use weft_test_support::proxy::Proxy;
-use weft_test_support::write_destinations;
 
 const PROXY: &str = env!("CARGO_BIN_EXE_weft-proxy");
 
@@ -15,25 +15,21 @@ struct Mesh {
     a: Backend,
     b: Backend,
     proxy: Proxy,
-    _dir: tempfile::TempDir,
+    _file: DestinationsFile,
 }
 
 async fn mesh(weights: (u32, u32)) -> anyhow::Result<Mesh> {
     let a = Backend::start("a").await?;
     let b = Backend::start("b").await?;
-    let dir = tempfile::tempdir()?;
-    let file = dir.path().join("destinations.yaml");
-    write_destinations(
-        &file,
-        &[("svc.test:8080", &[(a.addr, weights.0), (b.addr, weights.1)])],
-    )?;
-    let file = file.to_string_lossy().into_owned();
-    let proxy = Proxy::start(PROXY.as_ref(), &[("WEFT_PROXY_DESTINATIONS", &file)]).await?;
+    let file =
+        DestinationsFile::new(&[("svc.test:8080", &[(a.addr, weights.0), (b.addr, weights.1)])])?;
+    let path = file.path_str();
+    let proxy = Proxy::start(PROXY.as_ref(), &[("WEFT_PROXY_DESTINATIONS", &path)]).await?;
     Ok(Mesh {
         a,
         b,
         proxy,
-        _dir: dir,
+        _file: file,
     })
 }
 
@@ -121,14 +117,9 @@ async fn a_slow_endpoint_gets_less_traffic() -> anyhow::Result<()> {
     let fast = Backend::start("fast").await?;
     let slow = Backend::start_with_delay("slow", "127.0.0.1:0".parse()?, Duration::from_millis(40))
         .await?;
-    let dir = tempfile::tempdir()?;
-    let file = dir.path().join("destinations.yaml");
-    write_destinations(
-        &file,
-        &[("svc.test:8080", &[(fast.addr, 1), (slow.addr, 1)])],
-    )?;
-    let file = file.to_string_lossy().into_owned();
-    let proxy = Proxy::start(PROXY.as_ref(), &[("WEFT_PROXY_DESTINATIONS", &file)]).await?;
+    let file = DestinationsFile::new(&[("svc.test:8080", &[(fast.addr, 1), (slow.addr, 1)])])?;
+    let path = file.path_str();
+    let proxy = Proxy::start(PROXY.as_ref(), &[("WEFT_PROXY_DESTINATIONS", &path)]).await?;
     let send = client::http2(proxy.outbound).await?;
     // Eight concurrent request loops: both the in-flight count and the
     // latency estimate steer traffic away from the slow replica.

@@ -3,10 +3,10 @@
 
 use std::time::{Duration, Instant};
 
+use weft_test_support::DestinationsFile;
 use weft_test_support::backend::Backend;
 use weft_test_support::client::{self, get, text};
 use weft_test_support::proxy::Proxy;
-use weft_test_support::write_destinations;
 
 const PROXY: &str = env!("CARGO_BIN_EXE_weft-proxy");
 const AUTHORITY: &str = "svc.test:8080";
@@ -15,10 +15,8 @@ const AUTHORITY: &str = "svc.test:8080";
 async fn endpoint_changes_apply_within_a_second_without_dropping_requests() -> anyhow::Result<()> {
     let a = Backend::start("a").await?;
     let b = Backend::start("b").await?;
-    let dir = tempfile::tempdir()?;
-    let file = dir.path().join("d.yaml");
-    write_destinations(&file, &[(AUTHORITY, &[(a.addr, 1)])])?;
-    let path = file.to_string_lossy().into_owned();
+    let file = DestinationsFile::new(&[(AUTHORITY, &[(a.addr, 1)])])?;
+    let path = file.path_str();
     let proxy = Proxy::start(PROXY.as_ref(), &[("WEFT_PROXY_DESTINATIONS", &path)]).await?;
 
     // A slow request in flight on `a` while `a` is removed.
@@ -31,7 +29,7 @@ async fn endpoint_changes_apply_within_a_second_without_dropping_requests() -> a
     });
     tokio::time::sleep(Duration::from_millis(200)).await;
 
-    write_destinations(&file, &[(AUTHORITY, &[(b.addr, 1)])])?;
+    file.write(&[(AUTHORITY, &[(b.addr, 1)])])?;
     let changed = Instant::now();
     let mut send = client::http1(proxy.outbound).await?;
     loop {
@@ -60,7 +58,7 @@ async fn endpoint_changes_apply_within_a_second_without_dropping_requests() -> a
     );
 
     // A bad edit is logged and ignored.
-    std::fs::write(&file, "destinations: [this is not a map\n")?;
+    std::fs::write(file.path(), "destinations: [this is not a map\n")?;
     tokio::time::sleep(Duration::from_millis(600)).await;
     for _ in 0..20 {
         send.ready().await?;
@@ -74,7 +72,7 @@ async fn endpoint_changes_apply_within_a_second_without_dropping_requests() -> a
     );
 
     // And the next good edit applies again.
-    write_destinations(&file, &[(AUTHORITY, &[(a.addr, 1)])])?;
+    file.write(&[(AUTHORITY, &[(a.addr, 1)])])?;
     tokio::time::sleep(Duration::from_millis(700)).await;
     send.ready().await?;
     let (_, _, body) = text(send.send_request(get(AUTHORITY, "/")?).await?).await?;

@@ -31,6 +31,44 @@ pub fn workspace_binary(name: &str) -> anyhow::Result<std::path::PathBuf> {
     )
 }
 
+/// A destinations file in a temporary directory of its own, removed when
+/// dropped.
+pub struct DestinationsFile {
+    dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+}
+
+/// Destinations as `(authority, [(address, weight)])`.
+pub type DestinationList<'a> = [(&'a str, &'a [(std::net::SocketAddr, u32)])];
+
+impl DestinationsFile {
+    pub fn new(destinations: &DestinationList<'_>) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("destinations.yaml");
+        write_destinations(&path, destinations)?;
+        Ok(Self { dir, path })
+    }
+
+    /// Replaces the contents, atomically.
+    pub fn write(&self, destinations: &DestinationList<'_>) -> anyhow::Result<()> {
+        write_destinations(&self.path, destinations)
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    /// The path as the proxy's environment wants it.
+    pub fn path_str(&self) -> String {
+        self.path.to_string_lossy().into_owned()
+    }
+
+    /// The directory, for other files a test needs.
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+}
+
 /// Writes a destinations file in the proxy's format: each authority with
 /// its `(address, weight)` endpoints.
 pub fn write_destinations(
