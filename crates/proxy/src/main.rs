@@ -5,7 +5,42 @@ use std::process::ExitCode;
 
 use weft_proxy::config::Config;
 
+const HELP: &str = "\
+weft-proxy: weft's data plane. Configured by environment variables only:
+
+  WEFT_PROXY_OUTBOUND_LISTEN   outbound listener (default 127.0.0.1:4140)
+  WEFT_PROXY_INBOUND_LISTEN    inbound listener (default 0.0.0.0:4143)
+  WEFT_PROXY_ADMIN_LISTEN      admin: /metrics /ready /live /env.json (default 127.0.0.1:4191)
+  WEFT_PROXY_DESTINATIONS      YAML file of static destinations (followed for changes)
+  WEFT_PROXY_INBOUND_FORWARD   where inbound traffic goes without an original destination
+  WEFT_PROXY_LOG               tracing filter (default info)
+  WEFT_PROXY_DETECT_TIMEOUT    peek timeout for silent clients, at most 300ms (default 200ms)
+  WEFT_PROXY_CONNECT_TIMEOUT   upstream connect timeout (default 1s)
+  WEFT_PROXY_SHUTDOWN_GRACE    drain time after SIGTERM (default 30s)
+  WEFT_PROXY_DNS_REFRESH       reuse of DNS answers for unconfigured names (default 5s)
+  WEFT_PROXY_CORES             worker threads (default 1)
+
+Invalid values are reported by name; the proxy then exits with code 64.
+";
+
 fn main() -> ExitCode {
+    match std::env::args().nth(1).as_deref() {
+        None => {}
+        Some("-h" | "--help") => {
+            print!("{HELP}");
+            return ExitCode::SUCCESS;
+        }
+        Some("-V" | "--version") => {
+            println!("weft-proxy {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
+        Some(other) => {
+            eprintln!(
+                "weft-proxy: unexpected argument {other:?}; configuration is by environment (see --help)"
+            );
+            return ExitCode::from(64);
+        }
+    }
     let config = match Config::from_env() {
         Ok(c) => c,
         Err(e) => {

@@ -213,3 +213,27 @@ async fn a_refused_connect_is_retried_on_another_endpoint() -> anyhow::Result<()
     assert_eq!(live.hits(), 100);
     Ok(())
 }
+
+#[tokio::test]
+async fn help_lists_every_variable_and_stray_arguments_are_refused() -> anyhow::Result<()> {
+    let out = tokio::process::Command::new(PROXY)
+        .arg("--help")
+        .output()
+        .await?;
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout)?;
+    for var in [
+        "WEFT_PROXY_OUTBOUND_LISTEN",
+        "WEFT_PROXY_DESTINATIONS",
+        "WEFT_PROXY_SHUTDOWN_GRACE",
+        "WEFT_PROXY_CORES",
+    ] {
+        assert!(help.contains(var), "{var} missing from --help");
+    }
+    let out = tokio::process::Command::new(PROXY)
+        .arg("--listen")
+        .output()
+        .await?;
+    assert_eq!(out.status.code(), Some(64));
+    Ok(())
+}
