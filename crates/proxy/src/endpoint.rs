@@ -25,6 +25,11 @@ const HTTP1_IDLE_TIMEOUT: Duration = Duration::from_secs(50);
 /// finished connection is closed instead of pooled.
 const HTTP1_MAX_POOLED: usize = 256;
 
+/// PING an upstream HTTP/2 connection this often while it carries streams,
+/// and close it if no answer comes within the timeout.
+const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
+const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
 pub type UpstreamIo = CountingIo<TcpStream>;
 
 #[derive(Debug, thiserror::Error)]
@@ -200,6 +205,10 @@ impl Endpoint {
             .timer(TokioTimer::new())
             .initial_stream_window_size(256 * 1024)
             .initial_connection_window_size(1024 * 1024)
+            // A peer that vanished without a FIN would otherwise hold
+            // requests until the kernel gives up on the socket.
+            .keep_alive_interval(HTTP2_KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(HTTP2_KEEPALIVE_TIMEOUT)
             .handshake(TokioIo::new(io))
             .await
             .map_err(|source| ConnectError::Handshake {
