@@ -217,10 +217,7 @@ fn setup(dir: &Path) -> anyhow::Result<Setup> {
         .stdout(std::process::Stdio::null())
         .spawn()
         .context("starting haproxy (Debian package haproxy)")?;
-    let haproxy = Proc {
-        child,
-        name: "haproxy".into(),
-    };
+    let haproxy = Proc { child };
     wait_listening(haproxy_h1)?;
     wait_listening(haproxy_h2)?;
     Ok(Setup {

@@ -20,12 +20,10 @@ pub(crate) fn target_dir() -> anyhow::Result<PathBuf> {
 /// A child killed on drop.
 pub(crate) struct Proc {
     pub(crate) child: Child,
-    pub(crate) name: String,
 }
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        tracing_free_log(&self.name);
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -101,10 +99,7 @@ pub(crate) fn spawn_until(
             }
         }
     });
-    let proc = Proc {
-        child,
-        name: name.to_string(),
-    };
+    let proc = Proc { child };
     match rx.recv_timeout(Duration::from_secs(15)) {
         Ok(line) => Ok((proc, line)),
         Err(_) => bail!("{name} did not start"),
@@ -133,11 +128,4 @@ pub(crate) fn wait_listening(addr: SocketAddr) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(20));
     }
     Ok(())
-}
-
-/// Says which child is being stopped, for runs that end in an error.
-fn tracing_free_log(name: &str) {
-    if std::env::var_os("WEFT_XTASK_VERBOSE").is_some() {
-        eprintln!("stopping {name}");
-    }
 }

@@ -106,8 +106,20 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let period = Duration::from_secs_f64(1.0 / f64::from(rps));
     let generators = vec![
-        tokio::spawn(http1_traffic(proxy.outbound, period, stop.clone())),
-        tokio::spawn(http2_traffic(proxy.outbound, period, stop.clone())),
+        tokio::spawn(http_traffic(
+            proxy.outbound,
+            false,
+            "web.demo:8080",
+            period,
+            stop.clone(),
+        )),
+        tokio::spawn(http_traffic(
+            proxy.outbound,
+            true,
+            "api.demo:8080",
+            period,
+            stop.clone(),
+        )),
         tokio::spawn(grpc_traffic(proxy.outbound, period, stop.clone())),
     ];
 
@@ -175,56 +187,28 @@ fn pacer(period: Duration) -> tokio::time::Interval {
     interval
 }
 
-async fn http1_traffic(proxy: SocketAddr, period: Duration, stop: Arc<AtomicBool>) -> u64 {
+/// Requests to `authority` at a steady pace over one connection,
+/// reconnecting after an error. Returns the number of transport errors.
+async fn http_traffic(
+    proxy: SocketAddr,
+    use_http2: bool,
+    authority: &'static str,
+    period: Duration,
+    stop: Arc<AtomicBool>,
+) -> u64 {
     let mut errors = 0;
     let mut conn = None;
     let mut clock = pacer(period);
     while !stop.load(Ordering::Relaxed) {
         clock.tick().await;
         if conn.is_none() {
-            conn = client::http1(proxy).await.ok();
+            conn = client::Conn::connect(proxy, use_http2).await.ok();
         }
-        if let Some(send) = conn.as_mut() {
-            let ok = async {
-                send.ready().await?;
-                let rsp = send
-                    .send_request(client::get("web.demo:8080", "/")?)
-                    .await?;
-                client::text(rsp).await
-            }
-            .await
-            .is_ok();
-            if !ok {
-                errors += 1;
-                conn = None;
-            }
-        }
-    }
-    errors
-}
-
-async fn http2_traffic(proxy: SocketAddr, period: Duration, stop: Arc<AtomicBool>) -> u64 {
-    let mut errors = 0;
-    let mut conn = None;
-    let mut clock = pacer(period);
-    while !stop.load(Ordering::Relaxed) {
-        clock.tick().await;
-        if conn.is_none() {
-            conn = client::http2(proxy).await.ok();
-        }
-        if let Some(send) = conn.as_mut() {
-            let ok = async {
-                let rsp = send
-                    .send_request(client::get_h2("api.demo:8080", "/")?)
-                    .await?;
-                client::text(rsp).await
-            }
-            .await
-            .is_ok();
-            if !ok {
-                errors += 1;
-                conn = None;
-            }
+        if let Some(c) = conn.as_mut()
+            && c.get(authority, "/").await.is_err()
+        {
+            errors += 1;
+            conn = None;
         }
     }
     errors

@@ -45,12 +45,13 @@ impl Authority {
         })
     }
 
-    pub fn from_uri(authority: &http::uri::Authority, default_port: u16) -> Self {
-        let host = authority.host().trim_end_matches('.');
-        Self {
-            host: host.to_ascii_lowercase(),
-            port: authority.port_u16().unwrap_or(default_port),
-        }
+    /// The same rules as [`Authority::parse`], for an authority `http`
+    /// has already split out of a URI (which it checks less strictly).
+    pub fn from_uri(
+        authority: &http::uri::Authority,
+        default_port: u16,
+    ) -> Result<Self, AuthorityError> {
+        Self::parse(authority.as_str(), default_port)
     }
 
     /// The authority naming a literal address.

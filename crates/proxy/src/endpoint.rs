@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwapOption;
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::{TrySendError, http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use weft_balance::{Load, PeakEwmaConfig};
@@ -238,44 +238,42 @@ impl Endpoint {
         sender: Sender,
         req: Request<Incoming>,
     ) -> Result<Response<Incoming>, SendError> {
-        let retry = match sender {
-            Sender::Http1(mut send) => match send.try_send_request(req).await {
-                Ok(rsp) => {
-                    if rsp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
-                        self.checkin_http1(send);
-                    }
-                    return Ok(rsp);
-                }
-                Err(mut e) => match e.take_message() {
-                    Some(req) => (req, true),
-                    None => return Err(SendError::Request(e.into_error())),
-                },
-            },
-            Sender::Http2(mut send) => match send.try_send_request(req).await {
-                Ok(rsp) => return Ok(rsp),
-                Err(mut e) => match e.take_message() {
-                    Some(req) => (req, false),
-                    None => return Err(SendError::Request(e.into_error())),
-                },
+        let http1 = matches!(sender, Sender::Http1(_));
+        let req = match self.try_send(sender, req).await {
+            Ok(rsp) => return Ok(rsp),
+            Err(mut e) => match e.take_message() {
+                Some(req) => req,
+                None => return Err(SendError::Request(e.into_error())),
             },
         };
-        let (req, http1) = retry;
         tracing::debug!(endpoint = %self.addr, "connection closed before the request was sent; reconnecting");
-        let sender = if http1 {
+        let fresh = if http1 {
             Sender::Http1(self.connect_http1().await.map_err(SendError::Connect)?)
         } else {
             self.http2.store(None);
             self.http2().await.map_err(SendError::Connect)?
         };
+        self.try_send(fresh, req)
+            .await
+            .map_err(|e| SendError::Request(e.into_error()))
+    }
+
+    /// One attempt; an HTTP/1.1 connection goes back to the pool once its
+    /// response has arrived (unless it was upgraded away).
+    async fn try_send(
+        &self,
+        sender: Sender,
+        req: Request<Incoming>,
+    ) -> Result<Response<Incoming>, TrySendError<Request<Incoming>>> {
         match sender {
             Sender::Http1(mut send) => {
-                let rsp = send.send_request(req).await.map_err(SendError::Request)?;
+                let rsp = send.try_send_request(req).await?;
                 if rsp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
                     self.checkin_http1(send);
                 }
                 Ok(rsp)
             }
-            Sender::Http2(mut send) => send.send_request(req).await.map_err(SendError::Request),
+            Sender::Http2(mut send) => send.try_send_request(req).await,
         }
     }
 }

@@ -97,10 +97,6 @@ impl<T> CountingIo<T> {
             closed: metrics.close_total.get_or_create(&labels).clone(),
         }
     }
-
-    pub fn get_ref(&self) -> &T {
-        &self.inner
-    }
 }
 
 impl<T> Drop for CountingIo<T> {

@@ -14,7 +14,7 @@ pub async fn relay<I>(mut client: I, target: Arc<Target>)
 where
     I: AsyncRead + AsyncWrite + Unpin,
 {
-    let attempts = CONNECT_ATTEMPTS.min(target.endpoints().len().max(1));
+    let attempts = CONNECT_ATTEMPTS.min(target.len().max(1));
     for attempt in 1..=attempts {
         let Some((endpoint, load)) = target.pick() else {
             tracing::info!(target = %target.authority, "no endpoints for opaque connection; closing");

@@ -25,19 +25,6 @@ async fn setup() -> anyhow::Result<(Backend, Proxy, DestinationsFile)> {
     Ok((backend, proxy, file))
 }
 
-fn peak_rss_bytes(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse::<u64>().ok())
-        })
-        .map(|kb| kb * 1024)
-        .unwrap_or(u64::MAX)
-}
-
 type StreamedBody = StreamBody<
     futures_util::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, std::convert::Infallible>>>,
 >;
@@ -65,8 +52,7 @@ async fn a_1gib_upload_streams_in_bounded_memory() -> anyhow::Result<()> {
         .body(body)?;
     let (status, _, count) = text(send.send_request(req).await?).await?;
     assert_eq!((status.as_u16(), count.as_str()), (200, "1073741824"));
-    let pid = proxy.pid().ok_or_else(|| anyhow::anyhow!("no pid"))?;
-    let peak = peak_rss_bytes(pid);
+    let peak = proxy.peak_rss_bytes()?;
     assert!(
         peak < 64 << 20,
         "proxy peak RSS {} MiB while streaming 1 GiB",
@@ -90,8 +76,7 @@ async fn large_http2_downloads_respect_flow_control() -> anyhow::Result<()> {
         }
     }
     assert_eq!(n, 256 << 20);
-    let pid = proxy.pid().ok_or_else(|| anyhow::anyhow!("no pid"))?;
-    assert!(peak_rss_bytes(pid) < 64 << 20);
+    assert!(proxy.peak_rss_bytes()? < 64 << 20);
     Ok(())
 }
 

@@ -183,6 +183,26 @@ async fn curl_explicit_proxy_mode_and_h2c() -> anyhow::Result<()> {
     let body = String::from_utf8(out.stdout)?;
     assert!(body == "a" || body == "b", "{body}");
 
+    // `-p`: curl opens a CONNECT tunnel through the proxy and speaks HTTP
+    // inside it; the tunnel is balanced to one endpoint.
+    let out = tokio::process::Command::new("curl")
+        .args(["-sS", "-p", "-x", &proxy, "http://svc.test:8080/"])
+        .output()
+        .await?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let body = String::from_utf8(out.stdout)?;
+    assert!(body == "a" || body == "b", "{body}");
+    let tunnels = scrape(m.proxy.admin).await?.sum(
+        "response_total",
+        &[("authority", "svc.test:8080"), ("status_code", "200")],
+    );
+    // Two curl requests reached the proxy as requests: the plain one and the CONNECT.
+    assert_eq!(tunnels, 2.0);
+
     let url = format!("http://{}/", m.proxy.outbound);
     let out = tokio::process::Command::new("curl")
         .args([

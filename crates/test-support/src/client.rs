@@ -69,3 +69,36 @@ pub async fn text(
         String::from_utf8_lossy(&bytes).into_owned(),
     ))
 }
+
+/// An HTTP/1.1 or HTTP/2 connection behind one interface, for code that
+/// sends the same requests over either.
+pub enum Conn {
+    Http1(http1::SendRequest<Full<Bytes>>),
+    Http2(http2::SendRequest<Full<Bytes>>),
+}
+
+impl Conn {
+    pub async fn connect(addr: SocketAddr, use_http2: bool) -> anyhow::Result<Self> {
+        Ok(if use_http2 {
+            Self::Http2(http2(addr).await?)
+        } else {
+            Self::Http1(http1(addr).await?)
+        })
+    }
+
+    /// GETs `path` from `authority` and reads the whole response.
+    pub async fn get(
+        &mut self,
+        authority: &str,
+        path: &str,
+    ) -> anyhow::Result<(http::StatusCode, http::HeaderMap, String)> {
+        let rsp = match self {
+            Self::Http1(send) => {
+                send.ready().await?;
+                send.send_request(get(authority, path)?).await?
+            }
+            Self::Http2(send) => send.send_request(get_h2(authority, path)?).await?,
+        };
+        text(rsp).await
+    }
+}

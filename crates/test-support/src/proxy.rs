@@ -145,16 +145,16 @@ impl Proxy {
         self.log.lock().map(|l| l.join("\n")).unwrap_or_default()
     }
 
-    /// Resident set size in bytes, from procfs.
-    pub fn rss_bytes(&self) -> Option<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
-        status
+    /// Peak resident set size (VmHWM) in bytes, from procfs.
+    pub fn peak_rss_bytes(&self) -> anyhow::Result<u64> {
+        let pid = self.pid().context("proxy already exited")?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let kib: u64 = status
             .lines()
-            .find(|l| l.starts_with("VmRSS:"))?
-            .split_whitespace()
-            .nth(1)?
-            .parse::<u64>()
-            .ok()
-            .map(|kb| kb * 1024)
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .context("no VmHWM in /proc/PID/status")?
+            .parse()?;
+        Ok(kib * 1024)
     }
 }

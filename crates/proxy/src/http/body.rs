@@ -70,7 +70,7 @@ impl Body for ProxyBody {
 }
 
 fn finish(classify: &mut Option<Classify>, trailers: Option<&HeaderMap>, error: bool) {
-    if let Some(c) = classify.take() {
+    if let Some(mut c) = classify.take() {
         c.record(trailers, error);
     }
 }
@@ -116,11 +116,9 @@ impl Classify {
         }
     }
 
-    fn record(mut self, trailers: Option<&HeaderMap>, error: bool) {
-        self.record_inner(trailers, error);
-    }
-
-    fn record_inner(&mut self, trailers: Option<&HeaderMap>, error: bool) {
+    /// Counts the response once; later calls (the drop after a normal end)
+    /// do nothing.
+    fn record(&mut self, trailers: Option<&HeaderMap>, error: bool) {
         if self.recorded {
             return;
         }
@@ -154,6 +152,6 @@ impl Drop for Classify {
     /// A body dropped before its end was cut short (client went away, or a
     /// reset): it counts, as a failure.
     fn drop(&mut self) {
-        self.record_inner(None, true);
+        self.record(None, true);
     }
 }

@@ -147,7 +147,7 @@ fn request_authority(req: &Request<Incoming>) -> Result<Option<Authority>, Proxy
         _ => 80,
     };
     if let Some(a) = req.uri().authority() {
-        return Ok(Some(Authority::from_uri(a, default_port)));
+        return Ok(Some(Authority::from_uri(a, default_port)?));
     }
     match req.headers().get(header::HOST) {
         Some(h) => {
