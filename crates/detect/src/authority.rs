@@ -24,34 +24,36 @@ impl Authority {
     pub fn parse(s: &str, default_port: u16) -> Result<Self, AuthorityError> {
         let parsed = http::uri::Authority::from_str(s.trim())
             .map_err(|_| AuthorityError::Invalid(s.to_string()))?;
+        Self::from_uri(&parsed, default_port)
+    }
+
+    /// The same rules, for an authority `http` has already split out of a
+    /// URI: it checks less strictly than a routing key needs, but parsing
+    /// it again would cost an allocation per request.
+    pub fn from_uri(
+        parsed: &http::uri::Authority,
+        default_port: u16,
+    ) -> Result<Self, AuthorityError> {
+        let invalid = || AuthorityError::Invalid(parsed.as_str().to_string());
         if parsed.as_str().contains('@') {
             // userinfo has no place in a routing key
-            return Err(AuthorityError::Invalid(s.to_string()));
+            return Err(invalid());
         }
         let after_host = &parsed.as_str()[parsed.host().len()..];
         if after_host.len() > 1 && parsed.port_u16().is_none() {
-            return Err(AuthorityError::Invalid(s.to_string()));
+            return Err(invalid());
         }
         let host = parsed.host().trim_end_matches('.');
         if host.is_empty() {
-            return Err(AuthorityError::NoHost(s.to_string()));
+            return Err(AuthorityError::NoHost(parsed.as_str().to_string()));
         }
         if !valid_host(host) {
-            return Err(AuthorityError::Invalid(s.to_string()));
+            return Err(invalid());
         }
         Ok(Self {
             host: host.to_ascii_lowercase(),
             port: parsed.port_u16().unwrap_or(default_port),
         })
-    }
-
-    /// The same rules as [`Authority::parse`], for an authority `http`
-    /// has already split out of a URI (which it checks less strictly).
-    pub fn from_uri(
-        authority: &http::uri::Authority,
-        default_port: u16,
-    ) -> Result<Self, AuthorityError> {
-        Self::parse(authority.as_str(), default_port)
     }
 
     /// The authority naming a literal address.
