@@ -145,7 +145,9 @@ impl Endpoint {
         if let Some(send) = self.checkout_http1() {
             return Ok(Sender::Http1(send));
         }
-        self.connect_http1().await.map(Sender::Http1)
+        // Connecting is the cold path; boxing it keeps the per-request
+        // future (moved on every poll setup) small.
+        Box::pin(self.connect_http1()).await.map(Sender::Http1)
     }
 
     async fn connect_http1(&self) -> Result<http1::SendRequest<Incoming>, ConnectError> {
@@ -196,6 +198,10 @@ impl Endpoint {
         if let Some(send) = self.live_http2() {
             return Ok(Sender::Http2(send));
         }
+        Box::pin(self.connect_http2()).await
+    }
+
+    async fn connect_http2(&self) -> Result<Sender, ConnectError> {
         let _guard = self.http2_connecting.lock().await;
         if let Some(send) = self.live_http2() {
             return Ok(Sender::Http2(send));
@@ -246,6 +252,14 @@ impl Endpoint {
                 None => return Err(SendError::Request(e.into_error())),
             },
         };
+        Box::pin(self.resend(http1, req)).await
+    }
+
+    async fn resend(
+        &self,
+        http1: bool,
+        req: Request<Incoming>,
+    ) -> Result<Response<Incoming>, SendError> {
         tracing::debug!(endpoint = %self.addr, "connection closed before the request was sent; reconnecting");
         let fresh = if http1 {
             Sender::Http1(self.connect_http1().await.map_err(SendError::Connect)?)

@@ -197,7 +197,9 @@ impl Router {
             self.refresh_if_stale(&t);
             return Ok(t);
         }
-        let set = self.lookup(authority).await?;
+        // Boxed: the DNS lookup is the cold path, and keeping its state out
+        // of line keeps every request's future small.
+        let set = Box::pin(self.lookup(authority)).await?;
         let target = Arc::new(Target::new(
             authority.clone(),
             set,

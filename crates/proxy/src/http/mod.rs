@@ -224,7 +224,7 @@ impl HttpContext {
             .inc();
 
         if req.method() == Method::CONNECT && self.version == HttpVersion::Http1 {
-            return self.tunnel(req, &target, label, start).await;
+            return Box::pin(self.tunnel(req, &target, label, start)).await;
         }
 
         let upgrade = is_upgrade(&req);
