@@ -2,6 +2,7 @@
 
 mod demo;
 mod golden;
+mod identity;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -20,10 +21,26 @@ enum Command {
     /// Run a local demo mesh: sample HTTP/1.1, HTTP/2 and gRPC services behind
     /// a real weft-proxy, with traffic, printing golden metrics as it goes.
     Demo(demo::Args),
+    /// Manage the mesh's certificate authority and bootstrap tokens.
+    #[command(subcommand)]
+    Identity(identity::Command),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Offline commands need no runtime.
+    let command = match cli.command {
+        Command::Identity(c) => {
+            return match identity::run(c) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("weft: {e:#}");
+                    ExitCode::from(2)
+                }
+            };
+        }
+        other => other,
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -35,8 +52,9 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        match cli.command {
+        match command {
             Command::Demo(args) => demo::run(args).await,
+            Command::Identity(_) => Ok(()),
         }
     });
     // Background tasks (traffic, servers) must not hold the exit.

@@ -5,7 +5,7 @@
 
 pub mod admin;
 pub mod config;
-pub mod destinations;
+pub use weft_destinations as destinations;
 pub mod endpoint;
 pub mod http;
 pub mod io;

@@ -128,8 +128,8 @@ impl Router {
     pub fn apply(&self, d: &Destinations) {
         let current = self.discovered.load();
         let mut next = HashMap::with_capacity(d.by_authority.len());
-        for (authority, specs) in &d.by_authority {
-            let set = self.build_set(specs);
+        for (authority, destination) in &d.by_authority {
+            let set = self.build_set(&destination.endpoints);
             let target = match current.get(authority) {
                 Some(t) => {
                     t.set.store(Arc::new(set));
@@ -250,6 +250,7 @@ impl Router {
             .map(|addr| EndpointSpec {
                 addr,
                 weight: std::num::NonZeroU32::MIN,
+                identity: None,
             })
             .collect();
         Ok(self.build_set(&specs))

@@ -1,12 +1,14 @@
 //! Real peers for weft's tests, demo and benchmarks: HTTP/1.1 + HTTP/2
 //! servers, a gRPC server, raw TCP servers, HTTP clients that speak through
-//! a proxy, and a harness that runs the real `weft-proxy` binary.
+//! a proxy, and harnesses that run the real `weft-proxy` and `weft-control` binaries.
 #![forbid(unsafe_code)]
 
 pub mod backend;
 pub mod client;
+pub mod control;
 pub mod grpc;
 pub mod metrics;
+pub mod process;
 pub mod proxy;
 pub mod tcp;
 
@@ -49,6 +51,19 @@ impl DestinationsFile {
         Ok(Self { dir, path })
     }
 
+    /// A file with exactly `yaml` in it.
+    pub fn from_yaml(yaml: &str) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("destinations.yaml");
+        write_atomically(&path, yaml)?;
+        Ok(Self { dir, path })
+    }
+
+    /// Replaces the contents with `yaml`, atomically.
+    pub fn write_yaml(&self, yaml: &str) -> anyhow::Result<()> {
+        write_atomically(&self.path, yaml)
+    }
+
     /// Replaces the contents, atomically.
     pub fn write(&self, destinations: &DestinationList<'_>) -> anyhow::Result<()> {
         write_destinations(&self.path, destinations)
@@ -87,10 +102,14 @@ pub fn write_destinations(
             yaml.push_str(&format!("      - addr: {addr}\n        weight: {weight}\n"));
         }
     }
-    // Write-then-rename, as config management does, so the proxy never
-    // reads a half-written file.
+    write_atomically(path, &yaml)
+}
+
+/// Write-then-rename, as config management does, so a reader never sees a
+/// half-written file.
+fn write_atomically(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, yaml)?;
+    std::fs::write(&tmp, text)?;
     std::fs::rename(&tmp, path)?;
     Ok(())
 }

@@ -3,20 +3,18 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
+
+use crate::process::Logged;
 
 pub struct Proxy {
-    child: Child,
+    pub process: Logged,
     pub outbound: SocketAddr,
     pub inbound: SocketAddr,
     pub admin: SocketAddr,
-    log: Arc<Mutex<Vec<String>>>,
 }
 
 impl Proxy {
@@ -55,94 +53,36 @@ impl Proxy {
         if let Some(path) = std::env::var_os("PATH") {
             vars.insert("PATH".into(), path.to_string_lossy().into_owned());
         }
-        let mut child = command
-            .env_clear()
-            .envs(&vars)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("spawning {}", bin.display()))?;
-        let stderr = child.stderr.take().context("no stderr")?;
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let log2 = log.clone();
-        tokio::spawn(async move {
-            let mut tx = Some(tx);
-            let mut lines = BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                if line.contains(" listening ")
-                    && let Some(tx) = tx.take()
-                {
-                    let _ = tx.send(line.clone());
-                }
-                if let Ok(mut l) = log2.lock() {
-                    l.push(line);
-                }
-            }
-        });
-        let line = match tokio::time::timeout(Duration::from_secs(10), rx).await {
-            Ok(Ok(line)) => line,
-            _ => {
-                let status = child.try_wait().ok().flatten();
-                let log = log.lock().map(|l| l.join("\n")).unwrap_or_default();
-                anyhow::bail!("proxy did not start (exit: {status:?}):\n{log}");
-            }
-        };
-        let field = |name: &str| -> anyhow::Result<SocketAddr> {
-            let start = line
-                .find(&format!("{name}="))
-                .with_context(|| format!("no {name}= in {line:?}"))?
-                + name.len()
-                + 1;
-            let rest = &line[start..];
-            let end = rest.find(' ').unwrap_or(rest.len());
-            Ok(rest[..end].parse()?)
-        };
+        command.env_clear().envs(&vars);
+        let process = Logged::spawn(command, "weft-proxy").await?;
         Ok(Self {
-            outbound: field("outbound")?,
-            inbound: field("inbound")?,
-            admin: field("admin")?,
-            child,
-            log,
+            outbound: process.addr("outbound")?,
+            inbound: process.addr("inbound")?,
+            admin: process.addr("admin")?,
+            process,
         })
     }
 
     pub async fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            if crate::metrics::get_text(self.admin, "/ready").await.is_ok() {
-                return Ok(());
-            }
-            anyhow::ensure!(
-                tokio::time::Instant::now() < deadline,
-                "proxy never became ready"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        self.process.wait_ready(self.admin, timeout).await
     }
 
     pub fn pid(&self) -> Option<u32> {
-        self.child.id()
+        self.process.pid()
     }
 
     /// Sends SIGTERM.
     pub fn terminate(&self) -> anyhow::Result<()> {
-        let pid = self.pid().context("proxy already exited")?;
-        let status = std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()?;
-        anyhow::ensure!(status.success(), "kill -TERM {pid} failed");
-        Ok(())
+        self.process.terminate()
     }
 
     pub async fn wait(&mut self, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
-        Ok(tokio::time::timeout(timeout, self.child.wait()).await??)
+        self.process.wait(timeout).await
     }
 
     /// Everything the proxy logged so far.
     pub fn log(&self) -> String {
-        self.log.lock().map(|l| l.join("\n")).unwrap_or_default()
+        self.process.log()
     }
 
     /// Peak resident set size (VmHWM) in bytes, from procfs.

@@ -1,6 +1,7 @@
-//! Static destinations from a YAML file, used when no control plane is
-//! configured. The file is polled; a bad edit is logged and the last good
-//! version stays in force.
+//! The destinations file: static service discovery in YAML. `weft-proxy`
+//! reads it when no control plane is configured, and `weft-control` serves
+//! it as its embedded discovery backend. The file is polled; a bad edit is
+//! logged and the last good version stays in force.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -12,6 +13,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use tokio::sync::watch;
 use weft_detect::Authority;
+use weft_identity::Name;
 
 /// How often the file is checked. Changes must apply within 1 s.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
@@ -19,13 +21,24 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
 /// The endpoints of every statically known authority.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Destinations {
-    pub by_authority: HashMap<Authority, Vec<EndpointSpec>>,
+    pub by_authority: HashMap<Authority, Destination>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// One service: its endpoints and how to talk to them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Destination {
+    pub endpoints: Vec<EndpointSpec>,
+    /// Connections are relayed as bytes, never parsed as HTTP.
+    pub opaque: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct EndpointSpec {
     pub addr: SocketAddr,
     pub weight: NonZeroU32,
+    /// The identity the endpoint's proxy proves with its certificate. When
+    /// set, clients open mutual TLS to it and require exactly this name.
+    pub identity: Option<Name>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +65,8 @@ struct FileModel {
 struct DestinationModel {
     #[serde(default)]
     endpoints: Vec<EndpointModel>,
+    #[serde(default)]
+    opaque: bool,
 }
 
 #[derive(Deserialize)]
@@ -60,6 +75,8 @@ struct EndpointModel {
     addr: String,
     #[serde(default = "default_weight")]
     weight: u32,
+    #[serde(default)]
+    identity: Option<String>,
 }
 
 fn default_weight() -> u32 {
@@ -99,9 +116,25 @@ impl Destinations {
                         "destination {name:?}: endpoint {addr} has weight 0 (must be at least 1)"
                     ))
                 })?;
-                endpoints.push(EndpointSpec { addr, weight });
+                let identity = ep
+                    .identity
+                    .map(|i| i.parse::<Name>())
+                    .transpose()
+                    .map_err(|e| invalid(format!("destination {name:?}: endpoint {addr}: {e}")))?;
+                endpoints.push(EndpointSpec {
+                    addr,
+                    weight,
+                    identity,
+                });
             }
-            if by_authority.insert(authority.clone(), endpoints).is_some() {
+            let destination = Destination {
+                endpoints,
+                opaque: dest.opaque,
+            };
+            if by_authority
+                .insert(authority.clone(), destination)
+                .is_some()
+            {
                 return Err(invalid(format!(
                     "destination {authority} is listed twice (names are case-insensitive)"
                 )));
@@ -180,13 +213,20 @@ destinations:
       - addr: 127.0.0.1:18081
       - addr: 127.0.0.1:18082
         weight: 2
+        identity: svc.demo
 "#,
         )
         .expect("valid");
         let a: Authority = "svc.test:8080".parse().expect("authority");
-        let eps = &d.by_authority[&a];
+        let eps = &d.by_authority[&a].endpoints;
         assert_eq!(eps.len(), 2);
         assert_eq!(eps[1].weight.get(), 2);
+        assert_eq!(eps[0].identity, None);
+        assert_eq!(
+            eps[1].identity.as_ref().map(|n| n.as_str()),
+            Some("svc.demo")
+        );
+        assert!(!d.by_authority[&a].opaque);
     }
 
     #[test]
@@ -198,6 +238,11 @@ destinations:
         assert!(e.to_string().contains("\"nope\""), "{e}");
         let e = parse("destinations:\n  \"a:1\":\n    endpoints:\n      - addr: 1.2.3.4:5\n        weight: 0\n").expect_err("zero");
         assert!(e.to_string().contains("weight 0"), "{e}");
+        let e = parse("destinations:\n  \"a:1\":\n    endpoints:\n      - addr: 1.2.3.4:5\n        identity: Web\n").expect_err("bad identity");
+        assert!(
+            e.to_string().contains("1.2.3.4:5") && e.to_string().contains("\"Web\""),
+            "{e}"
+        );
         let e = parse("destinatons: {}\n").expect_err("typo");
         assert!(e.to_string().contains("d.yaml"), "{e}");
     }

@@ -1,0 +1,49 @@
+//! Flags, each with a `WEFT_CONTROL_*` environment fallback.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// weft-control: discovery and identity for weft proxies, over the Linkerd
+/// proxy API (Destination and Identity).
+#[derive(Clone, Debug, clap::Parser)]
+#[command(version, about)]
+pub struct Config {
+    /// gRPC listener for the Destination and Identity APIs.
+    #[arg(long, env = "WEFT_CONTROL_LISTEN", default_value = "127.0.0.1:8086")]
+    pub listen: SocketAddr,
+
+    /// Admin listener: /ready, /live, /metrics.
+    #[arg(
+        long,
+        env = "WEFT_CONTROL_ADMIN_LISTEN",
+        default_value = "127.0.0.1:9990"
+    )]
+    pub admin_listen: SocketAddr,
+
+    /// YAML destinations file (the proxy's format, plus per-endpoint
+    /// `identity`), followed for changes. The first discovery backend asked.
+    #[arg(long, env = "WEFT_CONTROL_DESTINATIONS")]
+    pub destinations: Option<PathBuf>,
+
+    /// Directory made by `weft identity init`: issuer.crt, issuer.key and
+    /// token.key. Without it the Identity API is not served.
+    #[arg(long, env = "WEFT_CONTROL_IDENTITY_DIR")]
+    pub identity_dir: Option<PathBuf>,
+
+    /// Lifetime of the certificates the Identity API signs.
+    #[arg(long, env = "WEFT_CONTROL_LEAF_LIFETIME", default_value = "24h", value_parser = parse_duration)]
+    pub leaf_lifetime: Duration,
+
+    /// tracing filter.
+    #[arg(long, env = "WEFT_CONTROL_LOG", default_value = "info")]
+    pub log: String,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{e} (use e.g. 24h, 90m)"))?;
+    if d < Duration::from_secs(60) {
+        return Err("must be at least 1m: proxies renew at 70 % of it".into());
+    }
+    Ok(d)
+}

@@ -1,0 +1,357 @@
+//! `io.linkerd.proxy.destination.Destination`: endpoint and profile streams.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures_util::Stream;
+use linkerd2_proxy_api::destination::{
+    self as api, AddrSet, DestinationProfile, GetDestination, NoEndpoints, ProtocolHint,
+    RetryBudget, TlsIdentity, Update, WeightedAddr, WeightedAddrSet,
+    destination_server::Destination, protocol_hint, tls_identity, update,
+};
+use tokio::sync::mpsc;
+use tonic::{Request, Response, Status};
+use weft_detect::Authority;
+
+use crate::discovery::{Discovery, Endpoint, Resolution};
+use crate::metrics::Metrics;
+
+/// Updates queued per stream before the sender waits for the client.
+const STREAM_BUFFER: usize = 8;
+
+pub struct DestinationService {
+    discovery: Discovery,
+    metrics: Metrics,
+}
+
+impl DestinationService {
+    pub fn new(discovery: Discovery, metrics: Metrics) -> Self {
+        Self { discovery, metrics }
+    }
+}
+
+type UpdateStream = Pin<Box<dyn Stream<Item = Result<Update, Status>> + Send>>;
+type ProfileStream = Pin<Box<dyn Stream<Item = Result<DestinationProfile, Status>> + Send>>;
+
+fn parse_path(dst: &GetDestination) -> Result<Authority, Status> {
+    dst.path.parse().map_err(|_| {
+        Status::invalid_argument(format!(
+            "path {:?} must be host:port, such as web.demo:8080",
+            dst.path
+        ))
+    })
+}
+
+#[tonic::async_trait]
+impl Destination for DestinationService {
+    type GetStream = UpdateStream;
+    type GetProfileStream = ProfileStream;
+
+    async fn get(
+        &self,
+        request: Request<GetDestination>,
+    ) -> Result<Response<Self::GetStream>, Status> {
+        let authority = parse_path(request.get_ref())?;
+        let mut watch = self.discovery.watch(&authority);
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let metrics = self.metrics.clone();
+        tokio::spawn(async move {
+            let _open = metrics.stream_opened("get");
+            let mut diff = Diff::default();
+            loop {
+                let (backend, resolution) = watch.current();
+                for update in diff.next(&resolution) {
+                    tracing::debug!(%authority, backend, ?update, "destination update");
+                    metrics.update_sent("get");
+                    if tx.send(Ok(update)).await.is_err() {
+                        return;
+                    }
+                }
+                tokio::select! {
+                    alive = watch.changed() => if !alive { return },
+                    () = tx.closed() => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn get_profile(
+        &self,
+        request: Request<GetDestination>,
+    ) -> Result<Response<Self::GetProfileStream>, Status> {
+        let authority = parse_path(request.get_ref())?;
+        let mut watch = self.discovery.watch(&authority);
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let metrics = self.metrics.clone();
+        tokio::spawn(async move {
+            let _open = metrics.stream_opened("get_profile");
+            let mut last = None;
+            loop {
+                let (_, resolution) = watch.current();
+                let profile = profile(&authority, &resolution);
+                if last.as_ref() != Some(&profile) {
+                    metrics.update_sent("get_profile");
+                    if tx.send(Ok(profile.clone())).await.is_err() {
+                        return;
+                    }
+                    last = Some(profile);
+                }
+                tokio::select! {
+                    alive = watch.changed() => if !alive { return },
+                    () = tx.closed() => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}
+
+/// The default retry budget: retries may add 20 % load, at least 10 per
+/// second, counted over 10 s, as Linkerd's defaults.
+fn retry_budget() -> RetryBudget {
+    RetryBudget {
+        retry_ratio: 0.2,
+        min_retries_per_second: 10,
+        ttl: Some(prost_types::Duration {
+            seconds: Duration::from_secs(10).as_secs() as i64,
+            nanos: 0,
+        }),
+    }
+}
+
+fn profile(authority: &Authority, resolution: &Resolution) -> DestinationProfile {
+    match resolution {
+        // An unknown name has no fully qualified name, as the API asks.
+        Resolution::Unknown => DestinationProfile {
+            retry_budget: Some(retry_budget()),
+            ..Default::default()
+        },
+        Resolution::Known(service) => DestinationProfile {
+            fully_qualified_name: authority.bare_host().to_string(),
+            opaque_protocol: service.opaque,
+            retry_budget: Some(retry_budget()),
+            ..Default::default()
+        },
+    }
+}
+
+/// What one `Get` stream has told its client, and so what to tell it next.
+#[derive(Default)]
+pub(crate) struct Diff {
+    /// `None` until the first message: every stream starts with one.
+    sent: Option<(bool, BTreeMap<SocketAddr, Endpoint>)>,
+}
+
+impl Diff {
+    /// The messages that bring the client from what it was told to
+    /// `resolution`. The first call always yields at least one message.
+    pub(crate) fn next(&mut self, resolution: &Resolution) -> Vec<Update> {
+        let (known, next) = match resolution {
+            Resolution::Unknown => (false, BTreeMap::new()),
+            Resolution::Known(s) => (true, s.endpoints.clone()),
+        };
+        let mut out = Vec::new();
+        match self.sent.take() {
+            None => {
+                if next.is_empty() {
+                    out.push(no_endpoints(known));
+                } else {
+                    out.push(add(next.values()));
+                }
+            }
+            Some((was_known, prev)) => {
+                let removed: Vec<_> = prev
+                    .keys()
+                    .filter(|a| !next.contains_key(a))
+                    .map(|a| (*a).into())
+                    .collect();
+                if !removed.is_empty() {
+                    out.push(Update {
+                        update: Some(update::Update::Remove(AddrSet { addrs: removed })),
+                    });
+                }
+                let changed: Vec<&Endpoint> = next
+                    .values()
+                    .filter(|e| prev.get(&e.addr) != Some(e))
+                    .collect();
+                if !changed.is_empty() {
+                    out.push(add(changed.into_iter()));
+                }
+                // The service came or went: say so, so a client can fall
+                // back to DNS (or stop doing so).
+                if next.is_empty() && (was_known != known || !prev.is_empty()) {
+                    out.push(no_endpoints(known));
+                }
+            }
+        }
+        self.sent = Some((known, next));
+        out
+    }
+}
+
+fn no_endpoints(exists: bool) -> Update {
+    Update {
+        update: Some(update::Update::NoEndpoints(NoEndpoints { exists })),
+    }
+}
+
+fn add<'a>(endpoints: impl Iterator<Item = &'a Endpoint>) -> Update {
+    Update {
+        update: Some(update::Update::Add(WeightedAddrSet {
+            addrs: endpoints.map(weighted_addr).collect(),
+            metric_labels: Default::default(),
+        })),
+    }
+}
+
+fn weighted_addr(e: &Endpoint) -> WeightedAddr {
+    let tls_identity = e.identity.as_ref().map(|name| TlsIdentity {
+        server_name: Some(tls_identity::DnsLikeIdentity {
+            name: name.to_string(),
+        }),
+        strategy: Some(tls_identity::Strategy::DnsLikeIdentity(
+            tls_identity::DnsLikeIdentity {
+                name: name.to_string(),
+            },
+        )),
+    });
+    // A meshed endpoint is a weft proxy, whose inbound side accepts HTTP/2
+    // whatever the application speaks.
+    let protocol_hint = e.identity.as_ref().map(|_| ProtocolHint {
+        protocol: Some(protocol_hint::Protocol::H2(protocol_hint::H2 {})),
+        opaque_transport: None,
+    });
+    WeightedAddr {
+        addr: Some(e.addr.into()),
+        weight: e.weight.get(),
+        tls_identity,
+        protocol_hint,
+        ..Default::default()
+    }
+}
+
+/// The endpoint set a sequence of updates describes: what a client builds.
+/// Used by tests and `weft endpoints`.
+pub fn apply_update(
+    state: &mut BTreeMap<SocketAddr, WeightedAddr>,
+    update: &Update,
+) -> Option<bool> {
+    match update.update.as_ref()? {
+        update::Update::Add(set) => {
+            for a in &set.addrs {
+                if let Some(addr) = a.addr.and_then(|t| SocketAddr::try_from(t).ok()) {
+                    state.insert(addr, a.clone());
+                }
+            }
+            None
+        }
+        update::Update::Remove(set) => {
+            for a in &set.addrs {
+                if let Ok(addr) = SocketAddr::try_from(*a) {
+                    state.remove(&addr);
+                }
+            }
+            None
+        }
+        update::Update::NoEndpoints(api::NoEndpoints { exists }) => {
+            state.clear();
+            Some(*exists)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::num::NonZeroU32;
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::discovery::Service;
+
+    fn ep(port: u16, weight: u32) -> Endpoint {
+        Endpoint {
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            weight: NonZeroU32::new(weight).expect("nonzero"),
+            identity: Some("web.demo".parse().expect("name")),
+        }
+    }
+
+    fn known(eps: &[Endpoint]) -> Resolution {
+        Resolution::Known(Arc::new(Service {
+            endpoints: eps.iter().map(|e| (e.addr, e.clone())).collect(),
+            opaque: false,
+        }))
+    }
+
+    fn kinds(updates: &[Update]) -> Vec<String> {
+        updates
+            .iter()
+            .map(|u| match u.update.as_ref().expect("set") {
+                update::Update::Add(s) => format!("add{}", s.addrs.len()),
+                update::Update::Remove(s) => format!("remove{}", s.addrs.len()),
+                update::Update::NoEndpoints(n) => format!("none:{}", n.exists),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn first_message_always_says_something() {
+        assert_eq!(
+            kinds(&Diff::default().next(&Resolution::Unknown)),
+            ["none:false"]
+        );
+        assert_eq!(kinds(&Diff::default().next(&known(&[]))), ["none:true"]);
+        assert_eq!(
+            kinds(&Diff::default().next(&known(&[ep(1, 1), ep(2, 1)]))),
+            ["add2"]
+        );
+    }
+
+    #[test]
+    fn changes_are_sent_as_differences() {
+        let mut d = Diff::default();
+        d.next(&known(&[ep(1, 1), ep(2, 1)]));
+        assert!(d.next(&known(&[ep(1, 1), ep(2, 1)])).is_empty());
+        assert_eq!(
+            kinds(&d.next(&known(&[ep(1, 1), ep(2, 3), ep(3, 1)]))),
+            ["add2"]
+        );
+        assert_eq!(kinds(&d.next(&known(&[ep(3, 1)]))), ["remove2"]);
+        assert_eq!(kinds(&d.next(&known(&[]))), ["remove1", "none:true"]);
+        assert_eq!(kinds(&d.next(&Resolution::Unknown)), ["none:false"]);
+        assert_eq!(kinds(&d.next(&known(&[ep(4, 1)]))), ["add1"]);
+    }
+
+    #[test]
+    fn a_client_rebuilds_the_same_set() {
+        let mut d = Diff::default();
+        let mut state = BTreeMap::new();
+        for r in [
+            known(&[ep(1, 1), ep(2, 1)]),
+            known(&[ep(2, 5), ep(3, 1)]),
+            known(&[ep(3, 1)]),
+        ] {
+            for u in d.next(&r) {
+                apply_update(&mut state, &u);
+            }
+            let Resolution::Known(s) = &r else { continue };
+            let got: Vec<(SocketAddr, u32)> = state.iter().map(|(a, w)| (*a, w.weight)).collect();
+            let want: Vec<(SocketAddr, u32)> = s
+                .endpoints
+                .values()
+                .map(|e| (e.addr, e.weight.get()))
+                .collect();
+            assert_eq!(got, want);
+        }
+        let w = state.values().next().expect("one");
+        let id = w.tls_identity.as_ref().and_then(|t| t.server_name.as_ref());
+        assert_eq!(id.map(|n| n.name.as_str()), Some("web.demo"));
+    }
+}

@@ -1,0 +1,113 @@
+//! The CA directory end to end: init, sign, chain, rotate, refuse.
+
+use std::time::{Duration, SystemTime};
+
+use weft_identity::{CaDir, CertInfo, CsrError, Issuer, Name, TokenKey, new_csr, verify_signed_by};
+
+fn name(s: &str) -> Name {
+    s.parse().expect("valid name")
+}
+
+fn init() -> (tempfile::TempDir, CaDir) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = CaDir::new(tmp.path().join("ca"));
+    dir.init(&name("weft.local"), false).expect("init");
+    (tmp, dir)
+}
+
+fn anchor(dir: &CaDir) -> Vec<u8> {
+    weft_identity::read_pem_certs(&dir.anchor_cert()).expect("anchor")[0].to_vec()
+}
+
+#[test]
+fn init_writes_a_chain_that_signs_leaves_for_the_named_identity() {
+    let (_tmp, dir) = init();
+    let issuer = Issuer::load(&dir).expect("issuer loads");
+    verify_signed_by(issuer.cert(), &anchor(&dir)).expect("issuer chains to the anchor");
+
+    let (_key, csr) = new_csr(&name("web.demo")).expect("csr");
+    let now = SystemTime::now();
+    let leaf = issuer
+        .certify(&csr, &name("web.demo"), Duration::from_secs(3600), now)
+        .expect("signed");
+    verify_signed_by(&leaf.der, issuer.cert()).expect("leaf chains to the issuer");
+    let info = CertInfo::parse(&leaf.der).expect("parses");
+    assert_eq!(info.dns_names, vec!["web.demo".to_string()]);
+    assert!(!info.is_ca);
+    let lifetime = info.not_after.duration_since(now).expect("in the future");
+    assert!(lifetime <= Duration::from_secs(3600) && lifetime > Duration::from_secs(3500));
+
+    // Keys are private to their owner.
+    use std::os::unix::fs::PermissionsExt;
+    for key in [dir.anchor_key(), dir.issuer_key(), dir.token_key()] {
+        let mode = std::fs::metadata(&key)
+            .expect("exists")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "{} is readable by others", key.display());
+    }
+    let token_key = std::fs::read_to_string(dir.token_key()).expect("token key");
+    TokenKey::from_hex(&token_key).expect("token key parses");
+}
+
+#[test]
+fn a_csr_for_another_name_is_refused() {
+    let (_tmp, dir) = init();
+    let issuer = Issuer::load(&dir).expect("issuer loads");
+    let (_key, csr) = new_csr(&name("api.demo")).expect("csr");
+    let err = issuer
+        .certify(
+            &csr,
+            &name("web.demo"),
+            Duration::from_secs(60),
+            SystemTime::now(),
+        )
+        .expect_err("refused");
+    assert!(matches!(err, CsrError::WrongNames { .. }), "{err}");
+    assert!(err.to_string().contains("api.demo"), "{err}");
+    let err = issuer
+        .certify(
+            b"garbage",
+            &name("web.demo"),
+            Duration::from_secs(60),
+            SystemTime::now(),
+        )
+        .expect_err("refused");
+    assert!(matches!(err, CsrError::Invalid(_)), "{err}");
+}
+
+#[test]
+fn init_refuses_to_replace_an_anchor_without_force() {
+    let (_tmp, dir) = init();
+    let before = anchor(&dir);
+    let err = dir.init(&name("weft.local"), false).expect_err("refused");
+    assert!(err.to_string().contains("ca.crt already exists"), "{err}");
+    assert_eq!(anchor(&dir), before);
+    dir.init(&name("weft.local"), true).expect("forced");
+    assert_ne!(anchor(&dir), before);
+}
+
+#[test]
+fn a_rotated_issuer_still_chains_to_the_same_anchor() {
+    let (_tmp, dir) = init();
+    let old = Issuer::load(&dir).expect("issuer");
+    dir.rotate_issuer(&name("weft.local")).expect("rotated");
+    let new = Issuer::load(&dir).expect("issuer");
+    assert_ne!(old.cert(), new.cert());
+    verify_signed_by(new.cert(), &anchor(&dir)).expect("new issuer chains to the anchor");
+}
+
+#[test]
+fn a_mismatched_issuer_key_is_named() {
+    let (_tmp, dir) = init();
+    std::fs::copy(dir.anchor_key(), dir.issuer_key()).expect("copy");
+    let err = Issuer::load(&dir).expect_err("refused");
+    let text = err.to_string();
+    assert!(
+        text.contains("issuer.key") && text.contains("does not belong"),
+        "{text}"
+    );
+    std::fs::write(dir.issuer_cert(), "not pem").expect("write");
+    let err = Issuer::load(&dir).expect_err("refused");
+    assert!(err.to_string().contains("issuer.crt"), "{err}");
+}
