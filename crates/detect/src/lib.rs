@@ -5,6 +5,8 @@
 
 mod authority;
 mod protocol;
+mod tls;
 
 pub use authority::{Authority, AuthorityError};
 pub use protocol::{Detection, MAX_PREFIX, Protocol, detect};
+pub use tls::{ClientHello, client_hello};
