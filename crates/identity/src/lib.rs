@@ -19,4 +19,4 @@ pub use info::{CertInfo, verify_signed_by};
 pub use name::{Name, NameError};
 pub use token::{TokenError, TokenKey};
 
-pub use rcgen::KeyPair;
+pub use rcgen::{Error as CertError, KeyPair};

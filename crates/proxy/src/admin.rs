@@ -21,6 +21,8 @@ pub struct Admin {
     pub metrics: Metrics,
     pub ready: Arc<AtomicBool>,
     pub config: Config,
+    /// With an identity, the proxy is ready only once it is certified.
+    pub tls: Option<Arc<crate::tls::Tls>>,
 }
 
 fn text(
@@ -51,7 +53,14 @@ impl Admin {
                 ),
             },
             "/ready" => {
-                if self.ready.load(Ordering::Acquire) {
+                let certified = self.tls.as_ref().is_none_or(|t| t.has_cert());
+                if !certified {
+                    text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        PLAIN,
+                        "not ready: no certificate yet\n",
+                    )
+                } else if self.ready.load(Ordering::Acquire) {
                     text(StatusCode::OK, PLAIN, "ready\n")
                 } else {
                     text(StatusCode::SERVICE_UNAVAILABLE, PLAIN, "not ready\n")

@@ -20,6 +20,10 @@ pub const ENV_CONNECT_TIMEOUT: &str = "WEFT_PROXY_CONNECT_TIMEOUT";
 pub const ENV_SHUTDOWN_GRACE: &str = "WEFT_PROXY_SHUTDOWN_GRACE";
 pub const ENV_DNS_REFRESH: &str = "WEFT_PROXY_DNS_REFRESH";
 pub const ENV_CORES: &str = "WEFT_PROXY_CORES";
+pub const ENV_CONTROL_ADDR: &str = "WEFT_PROXY_CONTROL_ADDR";
+pub const ENV_IDENTITY_NAME: &str = "WEFT_PROXY_IDENTITY_NAME";
+pub const ENV_IDENTITY_TOKEN_FILE: &str = "WEFT_PROXY_IDENTITY_TOKEN_FILE";
+pub const ENV_TRUST_ANCHORS: &str = "WEFT_PROXY_TRUST_ANCHORS";
 
 /// The longest the proxy may wait for a silent client before treating the
 /// connection as server-speaks-first: beyond this, protocols like SMTP and
@@ -47,6 +51,21 @@ pub struct Config {
     pub dns_refresh: Duration,
     /// Worker threads.
     pub cores: usize,
+    /// The control plane (`host:port`): destinations come from it instead
+    /// of the file, and certificates, when an identity is configured.
+    pub control_addr: Option<String>,
+    /// This proxy's identity: all three variables or none.
+    pub identity: Option<IdentityConfig>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct IdentityConfig {
+    #[serde(serialize_with = "serialize_display")]
+    pub name: weft_identity::Name,
+    /// Read again at every renewal, so a rotated token is picked up. The
+    /// token itself never appears in the config dump.
+    pub token_file: PathBuf,
+    pub trust_anchors: PathBuf,
 }
 
 /// One rejected variable: its name, the value given and why.
@@ -75,7 +94,7 @@ impl Config {
             errors: Vec::new(),
         };
         let default_addr: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 0));
-        let config = Config {
+        let mut config = Config {
             outbound_listen: p
                 .parse(ENV_OUTBOUND_LISTEN, "127.0.0.1:4140", parse_addr)
                 .unwrap_or(default_addr),
@@ -119,7 +138,25 @@ impl Config {
                     }
                 })
                 .unwrap_or(1),
+            control_addr: p.optional(ENV_CONTROL_ADDR, |s| {
+                s.parse::<weft_detect::Authority>()
+                    .map(|a| a.to_string())
+                    .map_err(|_| "must be host:port, such as 127.0.0.1:8086".to_string())
+            }),
+            identity: None,
         };
+        config.identity = p.identity(config.control_addr.is_some());
+        if config.control_addr.is_some() && config.destinations.is_some() {
+            p.errors.push(InvalidVar {
+                name: ENV_DESTINATIONS,
+                value: config
+                    .destinations
+                    .as_ref()
+                    .map(|d| d.display().to_string())
+                    .unwrap_or_default(),
+                reason: format!("set either {ENV_DESTINATIONS} or {ENV_CONTROL_ADDR}, not both"),
+            });
+        }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&config.log) {
             p.errors.push(InvalidVar {
                 name: ENV_LOG,
@@ -141,6 +178,77 @@ struct Parser {
 }
 
 impl Parser {
+    /// The three identity variables go together, and need a control plane
+    /// to certify against.
+    fn identity(&mut self, has_control: bool) -> Option<IdentityConfig> {
+        let name = self.optional(ENV_IDENTITY_NAME, |s| {
+            s.parse::<weft_identity::Name>()
+                .map_err(|e| e.reason.to_string())
+        });
+        let token_file = self.optional(ENV_IDENTITY_TOKEN_FILE, |s| {
+            std::fs::read_to_string(s)
+                .map_err(|e| format!("cannot read the token: {e}"))
+                .and_then(|t| {
+                    if t.trim().is_empty() {
+                        Err("the token file is empty".into())
+                    } else {
+                        Ok(PathBuf::from(s))
+                    }
+                })
+        });
+        let trust_anchors = self.optional(ENV_TRUST_ANCHORS, |s| {
+            weft_identity::read_pem_certs(std::path::Path::new(s))
+                .map(|_| PathBuf::from(s))
+                .map_err(|e| e.to_string())
+        });
+        let set = [
+            ENV_IDENTITY_NAME,
+            ENV_IDENTITY_TOKEN_FILE,
+            ENV_TRUST_ANCHORS,
+        ]
+        .into_iter()
+        .filter(|v| self.vars.get(*v).is_some_and(|s| !s.is_empty()))
+        .collect::<Vec<_>>();
+        if set.is_empty() {
+            return None;
+        }
+        if set.len() < 3 {
+            let missing: Vec<_> = [
+                ENV_IDENTITY_NAME,
+                ENV_IDENTITY_TOKEN_FILE,
+                ENV_TRUST_ANCHORS,
+            ]
+            .into_iter()
+            .filter(|v| !set.contains(v))
+            .collect();
+            self.errors.push(InvalidVar {
+                name: set[0],
+                value: self.vars.get(set[0]).cloned().unwrap_or_default(),
+                reason: format!("identity also needs {}", missing.join(" and ")),
+            });
+            return None;
+        }
+        if !has_control {
+            self.errors.push(InvalidVar {
+                name: ENV_IDENTITY_NAME,
+                value: self
+                    .vars
+                    .get(ENV_IDENTITY_NAME)
+                    .cloned()
+                    .unwrap_or_default(),
+                reason: format!(
+                    "identity needs {ENV_CONTROL_ADDR}, the control plane that certifies it"
+                ),
+            });
+            return None;
+        }
+        Some(IdentityConfig {
+            name: name?,
+            token_file: token_file?,
+            trust_anchors: trust_anchors?,
+        })
+    }
+
     fn parse<T>(
         &mut self,
         name: &'static str,
@@ -216,6 +324,13 @@ fn parse_positive_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+fn serialize_display<T: std::fmt::Display, S: serde::Serializer>(
+    v: &T,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}
+
 /// Durations in the config dump read as humans write them ("30s").
 mod humantime_serde_compat {
     use std::time::Duration;
@@ -270,5 +385,39 @@ mod tests {
             text.contains("WEFT_PROXY_OUTBOUND_LISTEN=\"nowhere\""),
             "{text}"
         );
+    }
+
+    #[test]
+    fn identity_is_all_or_nothing_and_needs_a_control_plane() {
+        let err = Config::from_vars(vars(&[(ENV_IDENTITY_NAME, "web.demo")])).expect_err("partial");
+        let text = err.to_string();
+        assert!(
+            text.contains(ENV_IDENTITY_TOKEN_FILE) && text.contains(ENV_TRUST_ANCHORS),
+            "{text}"
+        );
+
+        let err = Config::from_vars(vars(&[
+            (ENV_IDENTITY_NAME, "Web"),
+            (ENV_IDENTITY_TOKEN_FILE, "/nonexistent/token"),
+            (ENV_TRUST_ANCHORS, "/nonexistent/ca.crt"),
+            (ENV_CONTROL_ADDR, "127.0.0.1:8086"),
+        ]))
+        .expect_err("bad values");
+        let names: Vec<_> = err.0.iter().map(|e| e.name).collect();
+        assert_eq!(
+            names,
+            [
+                ENV_IDENTITY_NAME,
+                ENV_IDENTITY_TOKEN_FILE,
+                ENV_TRUST_ANCHORS
+            ]
+        );
+
+        let err = Config::from_vars(vars(&[
+            (ENV_CONTROL_ADDR, "127.0.0.1:8086"),
+            (ENV_DESTINATIONS, "/etc/weft/destinations.yaml"),
+        ]))
+        .expect_err("both sources");
+        assert!(err.to_string().contains("not both"), "{err}");
     }
 }

@@ -15,8 +15,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use weft_balance::{Load, PeakEwmaConfig};
 
-use crate::io::CountingIo;
-use crate::metrics::{Direction, Peer, TcpMetrics};
+use crate::io::{CountingIo, UpstreamIo};
+use crate::metrics::{Direction, Peer, TcpMetrics, TlsLabel};
+use crate::tls::Tls;
+use weft_identity::Name;
 
 /// Idle HTTP/1.1 connections older than this are closed rather than reused:
 /// servers commonly time idle keep-alive connections out after a minute.
@@ -30,8 +32,6 @@ const HTTP1_MAX_POOLED: usize = 256;
 const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
 const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub type UpstreamIo = CountingIo<TcpStream>;
-
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
     #[error("connect to {addr} timed out after {timeout:?}")]
@@ -39,6 +39,13 @@ pub enum ConnectError {
     #[error("connect to {addr} failed: {source}")]
     Io {
         addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("TLS handshake with {addr} (expected identity {identity}) failed: {source}")]
+    Tls {
+        addr: SocketAddr,
+        identity: Name,
         #[source]
         source: std::io::Error,
     },
@@ -56,15 +63,20 @@ pub struct EndpointSettings {
     pub connect_timeout: Duration,
     pub tcp_metrics: TcpMetrics,
     pub direction: Direction,
+    /// This proxy's identity, when it has one: meshed endpoints are then
+    /// reached over mutual TLS.
+    pub tls: Option<Arc<Tls>>,
 }
 
-/// Connects to one fixed address.
+/// Connects to one fixed address, over mutual TLS when the endpoint is
+/// meshed and this proxy has an identity.
 #[derive(Clone, Debug)]
 pub struct Connector {
     addr: SocketAddr,
     timeout: Duration,
     metrics: TcpMetrics,
     direction: Direction,
+    tls: Option<(Arc<Tls>, Name)>,
 }
 
 impl Connector {
@@ -82,12 +94,28 @@ impl Connector {
         };
         // Latency matters more than packet count for request/response.
         let _ = stream.set_nodelay(true);
-        Ok(CountingIo::new(
-            stream,
-            &self.metrics,
-            self.direction,
-            Peer::dst,
-        ))
+        let io = CountingIo::new(stream, &self.metrics, self.direction, Peer::dst);
+        let Some((tls, identity)) = &self.tls else {
+            return Ok(UpstreamIo::Plain(io));
+        };
+        let handshake = tls.connect(io, identity);
+        match tokio::time::timeout(self.timeout, handshake).await {
+            Ok(Ok(s)) => Ok(UpstreamIo::Tls(Box::new(s))),
+            Ok(Err(source)) => Err(ConnectError::Tls {
+                addr,
+                identity: identity.clone(),
+                source,
+            }),
+            Err(_) => Err(ConnectError::Timeout {
+                addr,
+                timeout: self.timeout,
+            }),
+        }
+    }
+
+    /// The identity the peer proved, when the connection is mutual TLS.
+    pub fn server_id(&self) -> Option<&Name> {
+        self.tls.as_ref().map(|(_, name)| name)
     }
 }
 
@@ -100,6 +128,10 @@ struct Pooled {
 /// pick it, so latency history survives destination reloads.
 pub struct Endpoint {
     pub addr: SocketAddr,
+    /// The identity discovery says this endpoint proves, if meshed.
+    pub identity: Option<Name>,
+    /// Metric labels for requests sent here, rendered once.
+    pub tls_label: TlsLabel,
     pub load: Arc<Load>,
     pub connector: Connector,
     http1: Mutex<Vec<Pooled>>,
@@ -124,15 +156,28 @@ pub enum Sender {
 }
 
 impl Endpoint {
-    pub fn new(addr: SocketAddr, settings: &EndpointSettings) -> Self {
+    pub fn new(addr: SocketAddr, identity: Option<Name>, settings: &EndpointSettings) -> Self {
+        let tls = match (&settings.tls, &identity) {
+            (Some(tls), Some(id)) => Some((tls.clone(), id.clone())),
+            _ => None,
+        };
+        let tls_label = match &tls {
+            Some((_, id)) => TlsLabel::Mutual {
+                peer_id: id.as_str().into(),
+            },
+            None => TlsLabel::Plain,
+        };
         Self {
             addr,
+            identity,
+            tls_label,
             load: Arc::new(Load::new(PeakEwmaConfig::default())),
             connector: Connector {
                 addr,
                 timeout: settings.connect_timeout,
                 metrics: settings.tcp_metrics.clone(),
                 direction: settings.direction,
+                tls,
             },
             http1: Mutex::new(Vec::new()),
             http2: ArcSwapOption::empty(),

@@ -160,6 +160,71 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for CountingIo<T> {
     }
 }
 
+/// A connection to an upstream endpoint: plain TCP, or mutual TLS to a
+/// meshed peer. Boxed TLS state keeps the plain case small.
+pub enum UpstreamIo {
+    Plain(CountingIo<tokio::net::TcpStream>),
+    Tls(Box<tokio_rustls::client::TlsStream<CountingIo<tokio::net::TcpStream>>>),
+}
+
+macro_rules! delegate {
+    ($self:ident, $io:ident => $e:expr) => {
+        match $self.get_mut() {
+            UpstreamIo::Plain($io) => {
+                let $io = Pin::new($io);
+                $e
+            }
+            UpstreamIo::Tls($io) => {
+                let $io = Pin::new($io.as_mut());
+                $e
+            }
+        }
+    };
+}
+
+impl AsyncRead for UpstreamIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        delegate!(self, io => io.poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for UpstreamIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        delegate!(self, io => io.poll_write(cx, buf))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        delegate!(self, io => io.poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            UpstreamIo::Plain(io) => io.is_write_vectored(),
+            UpstreamIo::Tls(io) => io.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, io => io.poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, io => io.poll_shutdown(cx))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,15 +5,18 @@
 
 pub mod admin;
 pub mod config;
+pub mod control;
 pub use weft_destinations as destinations;
 pub mod endpoint;
 pub mod http;
+pub mod identity;
 pub mod io;
 pub mod metrics;
 pub mod orig_dst;
 pub mod route;
 pub mod server;
 pub mod tcp;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -46,13 +49,25 @@ pub enum RunError {
     },
     #[error("cannot install signal handler: {0}")]
     Signal(#[source] std::io::Error),
+    #[error("{var}: {source}")]
+    Control {
+        var: &'static str,
+        #[source]
+        source: control::ControlError,
+    },
+    #[error("{var}: {source}")]
+    Tls {
+        var: &'static str,
+        #[source]
+        source: tls::TlsError,
+    },
 }
 
 impl RunError {
     /// Exit code: 64 (EX_USAGE) when the configuration is at fault.
     pub fn exit_code(&self) -> i32 {
         match self {
-            RunError::Destinations { .. } => 64,
+            RunError::Destinations { .. } | RunError::Control { .. } | RunError::Tls { .. } => 64,
             _ => 1,
         }
     }
@@ -80,13 +95,47 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
 
-    let settings = |direction| EndpointSettings {
+    let control = match &config.control_addr {
+        Some(addr) => Some(
+            control::Control::new(addr).map_err(|source| RunError::Control {
+                var: config::ENV_CONTROL_ADDR,
+                source,
+            })?,
+        ),
+        None => None,
+    };
+    let tls = match &config.identity {
+        Some(id) => Some(Arc::new(
+            tls::Tls::new(id.name.clone(), &id.trust_anchors).map_err(|source| RunError::Tls {
+                var: config::ENV_TRUST_ANCHORS,
+                source,
+            })?,
+        )),
+        None => None,
+    };
+    if let (Some(tls), Some(control), Some(id)) = (&tls, &control, &config.identity) {
+        tokio::spawn(identity::maintain(
+            tls.clone(),
+            control.clone(),
+            id.token_file.clone(),
+            metrics.identity.clone(),
+        ));
+    }
+
+    let settings = |direction, tls: Option<Arc<tls::Tls>>| EndpointSettings {
         connect_timeout: config.connect_timeout,
         tcp_metrics: metrics.tcp.clone(),
         direction,
+        tls,
     };
-    let outbound_router = Router::new(settings(Direction::outbound), config.dns_refresh);
-    let inbound_router = Router::new(settings(Direction::inbound), config.dns_refresh);
+    // Outbound connections to meshed endpoints are mutual TLS; inbound ones
+    // go to the local application, in plaintext.
+    let outbound_router = Router::new(
+        settings(Direction::outbound, tls.clone()),
+        config.dns_refresh,
+        control.clone(),
+    );
+    let inbound_router = Router::new(settings(Direction::inbound, None), config.dns_refresh, None);
     if let Some(path) = &config.destinations {
         let rx = destinations::watch(path.clone()).map_err(|source| RunError::Destinations {
             var: config::ENV_DESTINATIONS,
@@ -110,6 +159,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         metrics: metrics.clone(),
         ready: ready.clone(),
         config: config.clone(),
+        tls: tls.clone(),
     });
     let admin_shutdown = CancellationToken::new();
     tokio::spawn(admin.serve(admin_listener, admin_shutdown.clone()));
@@ -130,6 +180,10 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             metrics: metrics.clone(),
             detect_timeout: config.detect_timeout,
             inbound_forward: config.inbound_forward,
+            tls: match direction {
+                Direction::inbound => tls.clone(),
+                Direction::outbound => None,
+            },
         });
         tokio::spawn(side.accept_loop(listener, shutdown.clone(), tracker.clone()));
     }

@@ -41,17 +41,68 @@ pub enum Classification {
     failure,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+/// Whether a connection was mutual TLS, and who the peer proved to be.
+/// Encoded as Linkerd does: `tls="true"` with `client_id` (inbound) or
+/// `server_id` (outbound), else `tls="no_identity"`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum TlsLabel {
+    Plain,
+    Mutual { peer_id: Arc<str> },
+}
+
+fn encode_tls(
+    direction: Direction,
+    tls: &TlsLabel,
+    encoder: &mut LabelSetEncoder,
+) -> Result<(), std::fmt::Error> {
+    match tls {
+        TlsLabel::Plain => EncodeLabel::encode(&("tls", "no_identity"), encoder.encode_label()),
+        TlsLabel::Mutual { peer_id } => {
+            EncodeLabel::encode(&("tls", "true"), encoder.encode_label())?;
+            let key = match direction {
+                Direction::inbound => "client_id",
+                Direction::outbound => "server_id",
+            };
+            EncodeLabel::encode(&(key, &**peer_id), encoder.encode_label())
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct RouteLabels {
     pub direction: Direction,
     pub authority: Arc<str>,
+    /// Known for inbound requests (the connection's); outbound requests are
+    /// counted before an endpoint, and so a peer, is chosen.
+    pub tls: Option<TlsLabel>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+impl EncodeLabelSet for RouteLabels {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        EncodeLabel::encode(&("direction", self.direction), encoder.encode_label())?;
+        EncodeLabel::encode(&("authority", &*self.authority), encoder.encode_label())?;
+        if let Some(tls) = &self.tls {
+            encode_tls(self.direction, tls, encoder)?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct LatencyLabels {
     pub direction: Direction,
     pub authority: Arc<str>,
     pub status_code: u16,
+    pub tls: TlsLabel,
+}
+
+impl EncodeLabelSet for LatencyLabels {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        EncodeLabel::encode(&("direction", self.direction), encoder.encode_label())?;
+        EncodeLabel::encode(&("authority", &*self.authority), encoder.encode_label())?;
+        EncodeLabel::encode(&("status_code", self.status_code), encoder.encode_label())?;
+        encode_tls(self.direction, &self.tls, encoder)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -64,6 +115,7 @@ pub struct ResponseLabels {
     pub grpc_status_code: Option<u32>,
     /// Set when the proxy, not the application, produced the failure.
     pub error: Option<&'static str>,
+    pub tls: TlsLabel,
 }
 
 impl EncodeLabelSet for ResponseLabels {
@@ -81,7 +133,7 @@ impl EncodeLabelSet for ResponseLabels {
         if let Some(error) = self.error {
             EncodeLabel::encode(&("error", error), encoder.encode_label())?;
         }
-        Ok(())
+        encode_tls(self.direction, &self.tls, encoder)
     }
 }
 
@@ -98,7 +150,26 @@ pub struct Metrics {
     pub response_total: Family<ResponseLabels, Counter>,
     pub response_latency_ms: Family<LatencyLabels, Histogram>,
     pub tcp: TcpMetrics,
+    pub identity: IdentityMetrics,
     registry: Arc<Registry>,
+}
+
+/// Certificate state, named as Linkerd's proxy names it.
+#[derive(Clone, Debug, Default)]
+pub struct IdentityMetrics {
+    expiration: Gauge,
+    refreshes: Gauge,
+}
+
+impl IdentityMetrics {
+    /// A new certificate valid until `not_after` is in use.
+    pub fn refreshed(&self, not_after: std::time::SystemTime) {
+        let secs = not_after
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.expiration.set(secs as i64);
+        self.refreshes.inc();
+    }
 }
 
 #[derive(Clone, Debug, Default)]
@@ -151,12 +222,26 @@ impl Metrics {
             "Bytes written to peers",
             tcp.write_bytes_total.clone(),
         );
+        let identity = IdentityMetrics::default();
+        registry.register(
+            "identity_cert_expiration_timestamp_seconds",
+            "When this proxy's current certificate expires (0: not certified yet)",
+            identity.expiration.clone(),
+        );
+        // A gauge only ever incremented: Linkerd exports this name without
+        // the _total suffix a counter would get.
+        registry.register(
+            "identity_cert_refresh_count",
+            "Certificates this proxy has obtained",
+            identity.refreshes.clone(),
+        );
         registry.register_collector(Box::new(process::ProcessCollector::new()));
         Self {
             request_total,
             response_total,
             response_latency_ms,
             tcp,
+            identity,
             registry: Arc::new(registry),
         }
     }
@@ -228,6 +313,7 @@ mod tests {
             .get_or_create(&RouteLabels {
                 direction: Direction::outbound,
                 authority: "a:1".into(),
+                tls: None,
             })
             .inc();
         let text = m.encode().expect("encodes");

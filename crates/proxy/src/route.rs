@@ -1,6 +1,7 @@
 //! From an authority to the set of endpoints that serve it: static
-//! destinations first, then DNS for names nobody configured (like a plain
-//! forward proxy: unknown traffic is forwarded, never dropped).
+//! destinations or the control plane first, then DNS for names nobody
+//! knows (like a plain forward proxy: unknown traffic is forwarded, never
+//! dropped).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -13,8 +14,19 @@ use tokio::sync::watch;
 use weft_balance::{Load, Set};
 use weft_detect::Authority;
 
+use tokio::sync::OnceCell;
+use weft_identity::Name;
+
+use crate::control::Control;
 use crate::destinations::{Destinations, EndpointSpec};
 use crate::endpoint::{Endpoint, EndpointSettings};
+
+/// How long a request for a name new to this proxy waits for the control
+/// plane's first answer before falling back to DNS.
+const CONTROL_FIRST_ANSWER: Duration = Duration::from_secs(1);
+/// Names followed on the control plane, at most: beyond this, new names go
+/// to DNS.
+const MAX_CONTROLLED_TARGETS: usize = 10_000;
 
 /// Unknown-name targets beyond this many are forgotten wholesale: a bound
 /// on memory when clients name many distinct hosts.
@@ -33,8 +45,12 @@ pub enum RouteError {
 /// Where the endpoints of a target come from.
 #[derive(Debug)]
 enum Source {
-    /// The destinations file (or, later, the control plane).
+    /// The destinations file.
     Discovery,
+    /// A Destination stream from the control plane. `known` is false while
+    /// the control plane says it has never heard of the name (or has not
+    /// answered yet): requests then go to DNS.
+    Control { known: AtomicBool },
     /// A DNS answer, refreshed when older than the router's refresh period.
     Dns {
         resolved_at: Mutex<Instant>,
@@ -86,20 +102,32 @@ impl Target {
     }
 }
 
+type EndpointKey = (SocketAddr, Option<Name>);
+
 #[derive(Debug)]
 pub struct Router {
     settings: EndpointSettings,
     dns_refresh: Duration,
-    /// Endpoints by address, so a reload keeps pools and load history.
-    endpoints: Mutex<HashMap<SocketAddr, Weak<Endpoint>>>,
+    /// Endpoints by address and identity, so a reload keeps pools and load
+    /// history (and a changed identity gets fresh, differently secured
+    /// connections).
+    endpoints: Mutex<HashMap<EndpointKey, Weak<Endpoint>>>,
     discovered: ArcSwap<HashMap<Authority, Arc<Target>>>,
+    control: Option<Control>,
+    controlled: Mutex<HashMap<Authority, Arc<OnceCell<Arc<Target>>>>>,
     dynamic: RwLock<HashMap<Authority, Arc<Target>>>,
     fixed: RwLock<HashMap<SocketAddr, Arc<Target>>>,
 }
 
 impl Router {
-    pub fn new(settings: EndpointSettings, dns_refresh: Duration) -> Arc<Self> {
+    pub fn new(
+        settings: EndpointSettings,
+        dns_refresh: Duration,
+        control: Option<Control>,
+    ) -> Arc<Self> {
         Arc::new(Self {
+            control,
+            controlled: Mutex::default(),
             settings,
             dns_refresh,
             endpoints: Mutex::default(),
@@ -145,16 +173,17 @@ impl Router {
         }
     }
 
-    fn endpoint(&self, addr: SocketAddr) -> Arc<Endpoint> {
+    fn endpoint(&self, addr: SocketAddr, identity: Option<&Name>) -> Arc<Endpoint> {
         let mut eps = match self.endpoints.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         };
-        if let Some(e) = eps.get(&addr).and_then(Weak::upgrade) {
+        let key = (addr, identity.cloned());
+        if let Some(e) = eps.get(&key).and_then(Weak::upgrade) {
             return e;
         }
-        let e = Arc::new(Endpoint::new(addr, &self.settings));
-        eps.insert(addr, Arc::downgrade(&e));
+        let e = Arc::new(Endpoint::new(addr, identity.cloned(), &self.settings));
+        eps.insert(key, Arc::downgrade(&e));
         e
     }
 
@@ -162,7 +191,7 @@ impl Router {
         let items: Vec<_> = specs
             .iter()
             .map(|s| {
-                let e = self.endpoint(s.addr);
+                let e = self.endpoint(s.addr, s.identity.as_ref());
                 let load = e.load.clone();
                 (e, load, s.weight.get())
             })
@@ -172,7 +201,7 @@ impl Router {
     }
 
     fn single(&self, addr: SocketAddr) -> Set<Arc<Endpoint>> {
-        let e = self.endpoint(addr);
+        let e = self.endpoint(addr, None);
         let load = e.load.clone();
         Set::new([(e, load, 1)]).unwrap_or_else(|_| Set::empty())
     }
@@ -187,6 +216,11 @@ impl Router {
         }
         if let Ok(ip) = authority.bare_host().parse::<IpAddr>() {
             return Ok(self.fixed(SocketAddr::new(ip, authority.port()), Some(authority)));
+        }
+        if self.control.is_some()
+            && let Some(t) = Box::pin(self.resolve_controlled(authority)).await
+        {
+            return Ok(t);
         }
         let cached = self
             .dynamic
@@ -215,6 +249,72 @@ impl Router {
             m.entry(authority.clone()).or_insert_with(|| target.clone());
         }
         Ok(target)
+    }
+
+    /// The control plane's target for `authority`, if the control plane
+    /// knows the name. The first request for a name opens its stream and
+    /// waits (briefly) for the first answer; later ones never wait.
+    async fn resolve_controlled(self: &Arc<Self>, authority: &Authority) -> Option<Arc<Target>> {
+        let control = self.control.as_ref()?;
+        let cell = {
+            let mut controlled = match self.controlled.lock() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            match controlled.get(authority) {
+                Some(c) => c.clone(),
+                None if controlled.len() >= MAX_CONTROLLED_TARGETS => return None,
+                None => {
+                    let c = Arc::new(OnceCell::new());
+                    controlled.insert(authority.clone(), c.clone());
+                    c
+                }
+            }
+        };
+        let target = cell
+            .get_or_init(|| async {
+                let target = Arc::new(Target::new(
+                    authority.clone(),
+                    Set::empty(),
+                    Source::Control {
+                        known: AtomicBool::new(false),
+                    },
+                ));
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                tokio::spawn(control.clone().follow(
+                    authority.clone(),
+                    Arc::downgrade(self),
+                    target.clone(),
+                    tx,
+                ));
+                if tokio::time::timeout(CONTROL_FIRST_ANSWER, rx).await.is_err() {
+                    tracing::info!(%authority, "no answer from the control plane yet; using DNS meanwhile");
+                }
+                target
+            })
+            .await;
+        match &target.source {
+            Source::Control { known } if known.load(Ordering::Acquire) => Some(target.clone()),
+            _ => None,
+        }
+    }
+
+    /// Applies a control-plane answer to `target`. `known: None` leaves the
+    /// known/unknown state as it was.
+    pub(crate) fn update_controlled(
+        &self,
+        target: &Target,
+        specs: &[EndpointSpec],
+        known: Option<bool>,
+    ) {
+        target.set.store(Arc::new(self.build_set(specs)));
+        if let (Source::Control { known: k }, Some(v)) = (&target.source, known) {
+            k.store(v, Ordering::Release);
+        }
+        tracing::debug!(authority = %target.authority, endpoints = specs.len(), ?known, "destination update");
+        if let Ok(mut eps) = self.endpoints.lock() {
+            eps.retain(|_, w| w.strong_count() > 0);
+        }
     }
 
     /// A target for one literal address (inbound application, original

@@ -7,19 +7,25 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use weft_detect::{Authority, Detection, MAX_PREFIX, Protocol, detect};
+use weft_detect::{Authority, ClientHello, Detection, MAX_PREFIX, Protocol, client_hello, detect};
 
 use crate::http::{self, HttpContext, HttpVersion};
 use crate::io::{CountingIo, PrefixedIo};
-use crate::metrics::{Direction, Metrics, Peer};
+use crate::metrics::{Direction, Metrics, Peer, TlsLabel};
 use crate::orig_dst::original_dst;
 use crate::route::{Router, Target};
 use crate::tcp;
+use crate::tls::Tls;
 
+/// A TLS client must finish its handshake within this long.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The largest TLS record, and so the largest ClientHello this proxy reads
+/// before deciding whether the TLS is addressed to it.
+const MAX_CLIENT_HELLO: usize = 5 + 16 * 1024;
 /// How long to wait for a first request when the connection has nowhere
 /// to go as opaque bytes anyway (explicit proxy mode): a pooled client may
 /// well connect before it has anything to send.
@@ -36,6 +42,9 @@ pub struct Side {
     pub inbound_forward: Option<SocketAddr>,
     /// This side's listening address, to refuse routing loops.
     pub listen_addr: SocketAddr,
+    /// Inbound: this proxy's identity, to terminate mutual TLS addressed
+    /// to it.
+    pub tls: Option<Arc<Tls>>,
 }
 
 impl Side {
@@ -96,7 +105,88 @@ impl Side {
             }
         };
         tracing::trace!(?protocol, bytes = prefix.len(), "detected");
+        if let (Protocol::Tls, Direction::inbound, Some(tls)) =
+            (protocol, self.direction, &self.tls)
+        {
+            let mut prefix = prefix;
+            let sni = match read_client_hello(&mut io, &mut prefix).await {
+                Ok(sni) => sni,
+                Err(e) => {
+                    tracing::debug!(error = %e, "connection failed while reading the ClientHello");
+                    return;
+                }
+            };
+            // TLS addressed to this proxy's identity is a peer proxy's
+            // mutual TLS; anything else is the application's own TLS and is
+            // relayed untouched.
+            if sni.as_deref() == Some(tls.name.as_str()) {
+                let io = PrefixedIo::new(prefix.freeze(), io);
+                let accepted = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.accept(io)).await;
+                let (mut stream, client_id) = match accepted {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::info!(error = %e, "inbound TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::info!("inbound TLS handshake timed out");
+                        return;
+                    }
+                };
+                let client_tls = match client_id {
+                    Some(id) => TlsLabel::Mutual {
+                        peer_id: id.as_str().into(),
+                    },
+                    None => TlsLabel::Plain,
+                };
+                let (inner, protocol) = match read_prefix(&mut stream, timeout).await {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "TLS connection failed during detection");
+                        return;
+                    }
+                };
+                let io = PrefixedIo::new(inner.freeze(), stream);
+                return self
+                    .dispatch(io, protocol, opaque_target, orig_dst, client_tls, shutdown)
+                    .await;
+            }
+            let io = PrefixedIo::new(prefix.freeze(), io);
+            return self
+                .dispatch(
+                    io,
+                    protocol,
+                    opaque_target,
+                    orig_dst,
+                    TlsLabel::Plain,
+                    shutdown,
+                )
+                .await;
+        }
         let io = PrefixedIo::new(prefix.freeze(), io);
+        self.dispatch(
+            io,
+            protocol,
+            opaque_target,
+            orig_dst,
+            TlsLabel::Plain,
+            shutdown,
+        )
+        .await
+    }
+
+    /// Hands a detected connection to the HTTP proxy or the opaque relay.
+    async fn dispatch<I>(
+        &self,
+        io: I,
+        protocol: Protocol,
+        opaque_target: Option<Arc<Target>>,
+        orig_dst: Option<SocketAddr>,
+        client_tls: TlsLabel,
+        shutdown: CancellationToken,
+    ) where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let version = match protocol {
             Protocol::Http1 => HttpVersion::Http1,
             Protocol::Http2 => HttpVersion::Http2,
@@ -130,8 +220,38 @@ impl Side {
                 Direction::outbound => None,
             },
             listen_addr: self.listen_addr,
+            client_tls,
         });
         http::serve(io, ctx, shutdown).await;
+    }
+}
+
+/// Reads the rest of a TLS ClientHello into `buf`; returns its server name.
+async fn read_client_hello<I: AsyncRead + Unpin>(
+    io: &mut I,
+    buf: &mut BytesMut,
+) -> io::Result<Option<String>> {
+    let deadline = tokio::time::Instant::now() + TLS_HANDSHAKE_TIMEOUT;
+    loop {
+        match client_hello(buf) {
+            ClientHello::Parsed { server_name } => return Ok(server_name.map(str::to_string)),
+            ClientHello::Invalid => return Ok(None),
+            ClientHello::NeedMore(n) if n > MAX_CLIENT_HELLO => return Ok(None),
+            ClientHello::NeedMore(n) => {
+                buf.reserve(n - buf.len());
+                match tokio::time::timeout_at(deadline, io.read_buf(buf)).await {
+                    Err(_) => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "ClientHello incomplete",
+                        ));
+                    }
+                    Ok(Ok(0)) => return Ok(None),
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => return Err(e),
+                }
+            }
+        }
     }
 }
 

@@ -22,9 +22,9 @@ use weft_detect::Authority;
 pub use body::ProxyBody;
 pub use error::{PROXY_ERROR_HEADER, ProxyError};
 
-use crate::endpoint::SendError;
+use crate::endpoint::{Endpoint, SendError};
 use crate::metrics::{
-    Classification, Direction, LatencyLabels, Metrics, ResponseLabels, RouteLabels,
+    Classification, Direction, LatencyLabels, Metrics, ResponseLabels, RouteLabels, TlsLabel,
 };
 use crate::route::{Router, Target};
 use body::Classify;
@@ -55,6 +55,8 @@ pub struct HttpContext {
     pub inbound_target: Option<Arc<Target>>,
     /// The listener this connection arrived on: never a valid upstream.
     pub listen_addr: SocketAddr,
+    /// Inbound: whether the client connected over mutual TLS, and as whom.
+    pub client_tls: TlsLabel,
 }
 
 /// Whether `addr` is the proxy's own listener `listen` (which may be bound
@@ -208,7 +210,7 @@ impl HttpContext {
                     Ok(Some(a)) => a.to_string().into(),
                     _ => "".into(),
                 };
-                return self.fail(label, e, grpc, start);
+                return self.fail(label, e, grpc, start, self.tls_for(None));
             }
         };
         let label: Arc<str> = match (self.direction, &authority) {
@@ -220,6 +222,10 @@ impl HttpContext {
             .get_or_create(&RouteLabels {
                 direction: self.direction,
                 authority: label.clone(),
+                tls: match self.direction {
+                    Direction::inbound => Some(self.client_tls.clone()),
+                    Direction::outbound => None,
+                },
             })
             .inc();
 
@@ -235,7 +241,7 @@ impl HttpContext {
         req.headers_mut().remove(header::EXPECT);
         let authority = authority.as_ref().unwrap_or(&target.authority);
         if let Err(e) = self.prepare_uri(&mut req, authority) {
-            return self.fail(label, e, grpc, start);
+            return self.fail(label, e, grpc, start, self.tls_for(None));
         }
 
         // Connect before committing the request: a refused or timed-out
@@ -246,10 +252,16 @@ impl HttpContext {
             attempt += 1;
             let Some((endpoint, load)) = target.pick() else {
                 let e = ProxyError::NoEndpoints(target.authority.to_string());
-                return self.fail(label, e, grpc, start);
+                return self.fail(label, e, grpc, start, self.tls_for(None));
             };
             if is_own_listener(self.listen_addr, endpoint.addr) {
-                return self.fail(label, ProxyError::Loop(endpoint.addr), grpc, start);
+                return self.fail(
+                    label,
+                    ProxyError::Loop(endpoint.addr),
+                    grpc,
+                    start,
+                    self.tls_for(Some(&endpoint)),
+                );
             }
             let mut pending = load.start();
             let connected = match self.version {
@@ -262,7 +274,13 @@ impl HttpContext {
                     pending.observe_failure();
                     tracing::debug!(endpoint = %endpoint.addr, attempt, error = %e, "connect failed");
                     if attempt >= attempts {
-                        return self.fail(label, ProxyError::Connect(error_chain(&e)), grpc, start);
+                        return self.fail(
+                            label,
+                            ProxyError::Connect(error_chain(&e)),
+                            grpc,
+                            start,
+                            self.tls_for(Some(&endpoint)),
+                        );
                     }
                 }
             }
@@ -279,12 +297,12 @@ impl HttpContext {
                     },
                 };
                 tracing::debug!(error = %err, "request failed");
-                return self.fail(label, err, grpc, start);
+                return self.fail(label, err, grpc, start, self.tls_for(Some(&endpoint)));
             }
         };
         pending.observe_response();
         let status = rsp.status();
-        self.observe_latency(&label, status, start);
+        self.observe_latency(&label, status, start, self.tls_for(Some(&endpoint)));
 
         let upgraded = status == StatusCode::SWITCHING_PROTOCOLS;
         if let (true, Some(client_side)) = (upgraded, client_upgrade) {
@@ -311,6 +329,7 @@ impl HttpContext {
             classification: Classification::success,
             grpc_status_code: None,
             error: None,
+            tls: self.tls_for(Some(&endpoint)),
         };
         let classify = Classify::new(
             self.metrics.response_total.clone(),
@@ -376,14 +395,28 @@ impl HttpContext {
     ) -> Response<ProxyBody> {
         let Some((endpoint, load)) = target.pick() else {
             let e = ProxyError::NoEndpoints(target.authority.to_string());
-            return self.fail(label, e, false, start);
+            return self.fail(label, e, false, start, self.tls_for(None));
         };
         if is_own_listener(self.listen_addr, endpoint.addr) {
-            return self.fail(label, ProxyError::Loop(endpoint.addr), false, start);
+            return self.fail(
+                label,
+                ProxyError::Loop(endpoint.addr),
+                false,
+                start,
+                self.tls_for(Some(&endpoint)),
+            );
         }
         let upstream = match endpoint.connector.connect().await {
             Ok(io) => io,
-            Err(e) => return self.fail(label, ProxyError::Connect(error_chain(&e)), false, start),
+            Err(e) => {
+                return self.fail(
+                    label,
+                    ProxyError::Connect(error_chain(&e)),
+                    false,
+                    start,
+                    self.tls_for(Some(&endpoint)),
+                );
+            }
         };
         let on_upgrade = hyper::upgrade::on(&mut req);
         tokio::spawn(async move {
@@ -397,9 +430,26 @@ impl HttpContext {
                 Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
             }
         });
-        self.observe_latency(&label, StatusCode::OK, start);
-        self.count_response(label, StatusCode::OK, None, Classification::success, None);
+        self.observe_latency(&label, StatusCode::OK, start, self.tls_for(Some(&endpoint)));
+        self.count_response(
+            label,
+            StatusCode::OK,
+            None,
+            Classification::success,
+            None,
+            self.tls_for(Some(&endpoint)),
+        );
         Response::new(ProxyBody::Full(Default::default()))
+    }
+
+    /// The TLS labels of a request: the client's on inbound, the chosen
+    /// endpoint's on outbound (plaintext until one is chosen).
+    fn tls_for(&self, endpoint: Option<&Endpoint>) -> TlsLabel {
+        match (self.direction, endpoint) {
+            (Direction::inbound, _) => self.client_tls.clone(),
+            (Direction::outbound, Some(e)) => e.tls_label.clone(),
+            (Direction::outbound, None) => TlsLabel::Plain,
+        }
     }
 
     fn fail(
@@ -408,6 +458,7 @@ impl HttpContext {
         err: ProxyError,
         grpc: bool,
         start: Instant,
+        tls: TlsLabel,
     ) -> Response<ProxyBody> {
         let mut rsp = err.to_response(grpc);
         if rsp.status() == StatusCode::BAD_REQUEST && self.version == HttpVersion::Http1 {
@@ -416,7 +467,7 @@ impl HttpContext {
             rsp.headers_mut()
                 .insert(header::CONNECTION, http::HeaderValue::from_static("close"));
         }
-        self.observe_latency(&label, rsp.status(), start);
+        self.observe_latency(&label, rsp.status(), start, tls.clone());
         let grpc_code = grpc.then(|| err.grpc_status());
         self.count_response(
             label,
@@ -424,17 +475,19 @@ impl HttpContext {
             grpc_code,
             Classification::failure,
             Some(err.kind()),
+            tls,
         );
         rsp
     }
 
-    fn observe_latency(&self, label: &Arc<str>, status: StatusCode, start: Instant) {
+    fn observe_latency(&self, label: &Arc<str>, status: StatusCode, start: Instant, tls: TlsLabel) {
         self.metrics
             .response_latency_ms
             .get_or_create(&LatencyLabels {
                 direction: self.direction,
                 authority: label.clone(),
                 status_code: status.as_u16(),
+                tls,
             })
             .observe(start.elapsed().as_secs_f64() * 1000.0);
     }
@@ -446,6 +499,7 @@ impl HttpContext {
         grpc_status_code: Option<u32>,
         classification: Classification,
         error: Option<&'static str>,
+        tls: TlsLabel,
     ) {
         self.metrics
             .response_total
@@ -456,6 +510,7 @@ impl HttpContext {
                 classification,
                 grpc_status_code,
                 error,
+                tls,
             })
             .inc();
     }

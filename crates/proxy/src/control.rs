@@ -1,0 +1,184 @@
+//! The proxy's side of the control plane: a gRPC channel, and one
+//! Destination `Get` stream per authority the proxy routes to.
+//!
+//! The control plane is never on the request path: streams update targets
+//! in the background, and while the control plane is away the proxy keeps
+//! the last endpoints it was told and reconnects with backoff.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use linkerd2_proxy_api::destination::destination_client::DestinationClient;
+use linkerd2_proxy_api::destination::{GetDestination, WeightedAddr, tls_identity, update};
+use tokio::sync::oneshot;
+use tonic::transport::{Channel, Endpoint};
+use weft_destinations::EndpointSpec;
+use weft_detect::Authority;
+use weft_identity::Name;
+
+use crate::route::{Router, Target};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// A lazily connected channel to the control plane, shared by every
+/// stream and by identity renewal; it reconnects by itself.
+#[derive(Clone, Debug)]
+pub struct Control {
+    pub addr: String,
+    channel: Channel,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("control plane address {addr}: {source}")]
+pub struct ControlError {
+    addr: String,
+    #[source]
+    source: tonic::transport::Error,
+}
+
+impl Control {
+    pub fn new(addr: &str) -> Result<Self, ControlError> {
+        let channel = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|source| ControlError {
+                addr: addr.to_string(),
+                source,
+            })?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .keep_alive_while_idle(true)
+            .connect_lazy();
+        Ok(Self {
+            addr: addr.to_string(),
+            channel,
+        })
+    }
+
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+
+    /// Follows `authority` until the router goes away, keeping `target`'s
+    /// endpoints current. `first` fires on the first answer.
+    pub(crate) async fn follow(
+        self,
+        authority: Authority,
+        router: Weak<Router>,
+        target: Arc<Target>,
+        first: oneshot::Sender<()>,
+    ) {
+        let mut first = Some(first);
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let request = GetDestination {
+                scheme: "k8s".into(),
+                path: authority.to_string(),
+                context_token: String::new(),
+            };
+            let mut client = DestinationClient::new(self.channel.clone());
+            match client.get(request).await {
+                Ok(rsp) => {
+                    let mut stream = rsp.into_inner();
+                    // A new stream starts from scratch: its first message
+                    // describes the whole set.
+                    let mut state: Option<BTreeMap<SocketAddr, EndpointSpec>> = None;
+                    loop {
+                        let update = match stream.message().await {
+                            Ok(Some(u)) => u,
+                            Ok(None) => {
+                                tracing::info!(%authority, "destination stream ended; reconnecting");
+                                break;
+                            }
+                            Err(status) => {
+                                tracing::info!(%authority, error = %status.message(), "destination stream failed; keeping the last endpoints");
+                                break;
+                            }
+                        };
+                        backoff = BACKOFF_MIN;
+                        let Some(router) = router.upgrade() else {
+                            return;
+                        };
+                        let endpoints = state.get_or_insert_with(BTreeMap::new);
+                        let known = apply(endpoints, update.update);
+                        let specs: Vec<EndpointSpec> = endpoints.values().cloned().collect();
+                        router.update_controlled(&target, &specs, known);
+                        if let Some(tx) = first.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                }
+                Err(status) => {
+                    tracing::debug!(%authority, error = %status.message(), "control plane unavailable");
+                }
+            }
+            if router.strong_count() == 0 {
+                return;
+            }
+            // Jitter spreads a fleet's reconnects after a control plane
+            // restart.
+            let jitter = backoff.mul_f64(fastrand::f64() * 0.5);
+            tokio::time::sleep(backoff + jitter).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+}
+
+/// Applies one update; returns whether the service is known (`None` when
+/// the update does not say).
+fn apply(
+    endpoints: &mut BTreeMap<SocketAddr, EndpointSpec>,
+    update: Option<update::Update>,
+) -> Option<bool> {
+    match update? {
+        update::Update::Add(set) => {
+            for a in set.addrs {
+                if let Some(spec) = spec(a) {
+                    endpoints.insert(spec.addr, spec);
+                }
+            }
+            Some(true)
+        }
+        update::Update::Remove(set) => {
+            for a in set.addrs {
+                if let Ok(addr) = SocketAddr::try_from(a) {
+                    endpoints.remove(&addr);
+                }
+            }
+            None
+        }
+        update::Update::NoEndpoints(n) => {
+            endpoints.clear();
+            Some(n.exists)
+        }
+    }
+}
+
+fn spec(a: WeightedAddr) -> Option<EndpointSpec> {
+    let addr = SocketAddr::try_from(a.addr?).ok()?;
+    let identity = a.tls_identity.and_then(|t| {
+        let name = match (t.server_name, t.strategy) {
+            (Some(n), _) => n.name,
+            (None, Some(tls_identity::Strategy::DnsLikeIdentity(d))) => d.name,
+            _ => return None,
+        };
+        match name.parse::<Name>() {
+            Ok(n) => Some(n),
+            Err(e) => {
+                tracing::warn!(%addr, error = %e, "endpoint identity ignored");
+                None
+            }
+        }
+    });
+    Some(EndpointSpec {
+        addr,
+        // Weight 0 would take an endpoint out of rotation without removing
+        // it; the API means "unweighted".
+        weight: NonZeroU32::new(a.weight).unwrap_or(NonZeroU32::MIN),
+        identity,
+    })
+}
