@@ -19,10 +19,14 @@ impl Control {
     /// name others) and waits until it is ready.
     pub async fn start(bin: &Path, args: &[&str]) -> anyhow::Result<Self> {
         let mut command = Command::new(bin);
-        command
-            .env_clear()
-            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
-            .args(args);
+        command.env_clear();
+        if !args.contains(&"--listen") {
+            command.args(["--listen", "127.0.0.1:0"]);
+        }
+        if !args.contains(&"--admin-listen") {
+            command.args(["--admin-listen", "127.0.0.1:0"]);
+        }
+        command.args(args);
         let process = Logged::spawn(command, "weft-control").await?;
         let grpc = process.addr("grpc")?;
         let admin = process.addr("admin")?;

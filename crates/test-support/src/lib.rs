@@ -7,6 +7,7 @@ pub mod backend;
 pub mod client;
 pub mod control;
 pub mod grpc;
+pub mod mesh;
 pub mod metrics;
 pub mod process;
 pub mod proxy;

@@ -1,0 +1,430 @@
+//! Two real proxies and a real control plane: discovery from the control
+//! plane, certificates from its Identity API, mutual TLS between proxies.
+
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime};
+
+use weft_test_support::backend::Backend;
+use weft_test_support::client::Conn;
+use weft_test_support::control::Control;
+use weft_test_support::mesh::MeshCa;
+use weft_test_support::metrics::scrape;
+use weft_test_support::proxy::Proxy;
+use weft_test_support::{DestinationsFile, workspace_binary};
+
+/// A meshed proxy's environment.
+fn meshed(ca: &MeshCa, control: &Control, name: &str) -> anyhow::Result<Vec<(String, String)>> {
+    Ok(vec![
+        ("WEFT_PROXY_CONTROL_ADDR".into(), control.grpc.to_string()),
+        ("WEFT_PROXY_IDENTITY_NAME".into(), name.into()),
+        (
+            "WEFT_PROXY_IDENTITY_TOKEN_FILE".into(),
+            ca.token_file(name)?,
+        ),
+        ("WEFT_PROXY_TRUST_ANCHORS".into(), ca.anchors()),
+    ])
+}
+
+async fn start_proxy(env: &[(String, String)]) -> anyhow::Result<Proxy> {
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    Proxy::start(&workspace_binary("weft-proxy")?, &env).await
+}
+
+fn api_destination(addr: std::net::SocketAddr, identity: &str) -> String {
+    format!(
+        "destinations:\n  \"api.demo:8080\":\n    endpoints:\n      - addr: {addr}\n        identity: {identity}\n"
+    )
+}
+
+/// A control plane, the `api` service behind a meshed proxy, and a meshed
+/// client-side proxy for `web`.
+struct Mesh {
+    ca: MeshCa,
+    dests: DestinationsFile,
+    control: Control,
+    backend: Backend,
+    server: Proxy,
+    client: Proxy,
+}
+
+impl Mesh {
+    async fn start() -> anyhow::Result<Self> {
+        let ca = MeshCa::new()?;
+        let dests = DestinationsFile::from_yaml("destinations: {}\n")?;
+        let control = Control::start(
+            &workspace_binary("weft-control")?,
+            &[
+                "--destinations",
+                &dests.path_str(),
+                "--identity-dir",
+                &ca.dir_str(),
+            ],
+        )
+        .await?;
+        let backend = Backend::start("api").await?;
+        let mut env = meshed(&ca, &control, "api.demo")?;
+        env.push((
+            "WEFT_PROXY_INBOUND_FORWARD".into(),
+            backend.addr.to_string(),
+        ));
+        let server = start_proxy(&env).await?;
+        dests.write_yaml(&api_destination(server.inbound, "api.demo"))?;
+        // The control plane polls the file every 250 ms; a proxy asking
+        // before then would rightly be told the name does not exist.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let client = start_proxy(&meshed(&ca, &control, "web.demo")?).await?;
+        Ok(Self {
+            ca,
+            dests,
+            control,
+            backend,
+            server,
+            client,
+        })
+    }
+}
+
+#[tokio::test]
+async fn requests_between_meshed_proxies_are_mutual_tls() -> anyhow::Result<()> {
+    let mesh = Mesh::start().await?;
+    let mut conn = Conn::connect(mesh.client.outbound, false).await?;
+    for _ in 0..5 {
+        let (status, headers, body) = conn.get("api.demo:8080", "/").await?;
+        assert_eq!(status, 200, "{body}\n{}", mesh.client.log());
+        assert_eq!(
+            headers.get("x-backend").map(|v| v.as_bytes()),
+            Some(&b"api"[..])
+        );
+    }
+    assert_eq!(mesh.backend.hits(), 5);
+
+    // Each side saw the other's identity.
+    let client = scrape(mesh.client.admin).await?;
+    let outbound = [
+        ("direction", "outbound"),
+        ("tls", "true"),
+        ("server_id", "api.demo"),
+    ];
+    assert_eq!(
+        client.sum("response_total", &outbound),
+        5.0,
+        "{}",
+        client.text
+    );
+    let server = scrape(mesh.server.admin).await?;
+    let inbound = [
+        ("direction", "inbound"),
+        ("tls", "true"),
+        ("client_id", "web.demo"),
+    ];
+    assert_eq!(
+        server.sum("request_total", &inbound),
+        5.0,
+        "{}",
+        server.text
+    );
+    for proxy in [&client, &server] {
+        assert_eq!(proxy.sum("identity_cert_refresh_count", &[]), 1.0);
+        let expiry = proxy.sum("identity_cert_expiration_timestamp_seconds", &[]);
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)?
+            .as_secs_f64();
+        assert!(expiry > now + 23.0 * 3600.0, "expiry {expiry}, now {now}");
+    }
+
+    // Unmeshed clients still reach the service in plaintext (permissive).
+    let mut plain = Conn::connect(mesh.server.inbound, false).await?;
+    let (status, _, _) = plain.get("api.demo:8080", "/").await?;
+    assert_eq!(status, 200);
+    let server = scrape(mesh.server.admin).await?;
+    let plaintext = [("direction", "inbound"), ("tls", "no_identity")];
+    assert_eq!(
+        server.sum("request_total", &plaintext),
+        1.0,
+        "{}",
+        server.text
+    );
+    Ok(())
+}
+
+/// `openssl s_client` against an inbound port: the output, and whether the
+/// server closed the connection on it.
+async fn s_client(
+    addr: std::net::SocketAddr,
+    ca: &str,
+    cert: Option<(&Path, &Path)>,
+) -> anyhow::Result<String> {
+    let mut cmd = tokio::process::Command::new("openssl");
+    cmd.args([
+        "s_client",
+        "-connect",
+        &addr.to_string(),
+        "-servername",
+        "api.demo",
+    ])
+    .args(["-CAfile", ca, "-showcerts", "-ign_eof"]);
+    if let Some((cert, key)) = cert {
+        cmd.arg("-cert").arg(cert).arg("-key").arg(key);
+    }
+    cmd.stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn()?;
+    if let Some(mut stdin) = child.stdin.take() {
+        use tokio::io::AsyncWriteExt;
+        stdin
+            .write_all(b"GET / HTTP/1.1\r\nHost: api.demo:8080\r\nConnection: close\r\n\r\n")
+            .await?;
+    }
+    let out = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output()).await??;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+}
+
+/// A leaf for `name` from `ca`'s issuer, valid from `now` for `lifetime`,
+/// written as PEM (chain, key).
+fn leaf_files(
+    ca: &MeshCa,
+    dir: &Path,
+    name: &str,
+    now: SystemTime,
+    lifetime: Duration,
+) -> anyhow::Result<(std::path::PathBuf, std::path::PathBuf)> {
+    let issuer = weft_identity::Issuer::load(&ca.dir)?;
+    let (key, csr) = weft_identity::new_csr(&name.parse()?)?;
+    let leaf = issuer.certify(&csr, &name.parse()?, lifetime, now)?;
+    let der = dir.join(format!("{name}.der"));
+    std::fs::write(&der, leaf.der.as_ref())?;
+    let pem = dir.join(format!("{name}.pem"));
+    let status = std::process::Command::new("openssl")
+        .args(["x509", "-inform", "DER", "-in"])
+        .arg(&der)
+        .arg("-out")
+        .arg(&pem)
+        .status()?;
+    anyhow::ensure!(status.success(), "openssl x509 failed");
+    let key_path = dir.join(format!("{name}.key"));
+    std::fs::write(&key_path, key.serialize_pem())?;
+    Ok((pem, key_path))
+}
+
+#[tokio::test]
+async fn the_inbound_port_shows_its_chain_and_refuses_expired_or_foreign_clients()
+-> anyhow::Result<()> {
+    let mesh = Mesh::start().await?;
+    let tmp = tempfile::tempdir()?;
+
+    let out = s_client(mesh.server.inbound, &mesh.ca.anchors(), None).await?;
+    assert!(out.contains("Verify return code: 0 (ok)"), "{out}");
+    assert!(
+        out.contains("CN = api.demo") || out.contains("CN=api.demo"),
+        "{out}"
+    );
+    assert!(
+        out.contains("issuer-"),
+        "the chain includes the issuer:\n{out}"
+    );
+
+    let hits = mesh.backend.hits();
+    let day_ago = SystemTime::now() - Duration::from_secs(24 * 3600);
+    let (cert, key) = leaf_files(
+        &mesh.ca,
+        tmp.path(),
+        "web.demo",
+        day_ago,
+        Duration::from_secs(3600),
+    )?;
+    s_client(mesh.server.inbound, &mesh.ca.anchors(), Some((&cert, &key))).await?;
+
+    let foreign = MeshCa::new()?;
+    let (cert, key) = leaf_files(
+        &foreign,
+        tmp.path(),
+        "web.demo",
+        SystemTime::now(),
+        Duration::from_secs(3600),
+    )?;
+    s_client(mesh.server.inbound, &mesh.ca.anchors(), Some((&cert, &key))).await?;
+
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let log = mesh.server.log();
+        // The first s_client, without a certificate, is refused too.
+        let failures: Vec<&str> = log
+            .lines()
+            .filter(|l| {
+                l.contains("inbound TLS handshake failed") && !l.contains("no certificates")
+            })
+            .collect();
+        if failures.len() >= 2 {
+            assert!(
+                failures[0].to_lowercase().contains("expired"),
+                "{}",
+                failures[0]
+            );
+            assert!(
+                failures[1].contains("UnknownIssuer")
+                    || failures[1].to_lowercase().contains("issuer"),
+                "{}",
+                failures[1]
+            );
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "handshakes not refused:\n{log}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        mesh.backend.hits(),
+        hits,
+        "a refused client reached the application"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_peer_without_the_expected_identity_is_refused() -> anyhow::Result<()> {
+    let mesh = Mesh::start().await?;
+    // Discovery says the endpoint is `billing.demo`; the proxy there proves
+    // `api.demo`.
+    mesh.dests
+        .write_yaml(&api_destination(mesh.server.inbound, "billing.demo"))?;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let mut conn = Conn::connect(mesh.client.outbound, false).await?;
+    let (status, headers, body) = conn.get("api.demo:8080", "/").await?;
+    assert_eq!(status, 503, "{body}");
+    let reason = headers
+        .get("l5d-proxy-error")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    assert!(reason.contains("billing.demo"), "{reason}");
+    assert_eq!(mesh.backend.hits(), 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_bad_token_keeps_the_proxy_unready_and_says_why() -> anyhow::Result<()> {
+    let ca = MeshCa::new()?;
+    let control = Control::start(
+        &workspace_binary("weft-control")?,
+        &["--identity-dir", &ca.dir_str()],
+    )
+    .await?;
+    let mut env = meshed(&ca, &control, "web.demo")?;
+    // A token for another identity.
+    env[2].1 = ca.token_file("api.demo")?;
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let proxy = Proxy::spawn(&[], &workspace_binary("weft-proxy")?, &env).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let ready = weft_test_support::metrics::get_text(proxy.admin, "/ready").await;
+    let err = ready
+        .expect_err("not ready without a certificate")
+        .to_string();
+    assert!(err.contains("no certificate"), "{err}");
+    let log = proxy.log();
+    assert!(
+        log.contains("certification failed") && log.contains("minted for api.demo"),
+        "{log}"
+    );
+    assert!(control.process.log().contains("certify refused"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn endpoint_changes_reach_the_proxy_within_a_second() -> anyhow::Result<()> {
+    let mesh = Mesh::start().await?;
+    let mut conn = Conn::connect(mesh.client.outbound, false).await?;
+    assert_eq!(conn.get("api.demo:8080", "/").await?.0, 200);
+    let other = Backend::start("api-v2").await?;
+    let started = Instant::now();
+    mesh.dests.write_yaml(&format!(
+        "destinations:\n  \"api.demo:8080\":\n    endpoints:\n      - addr: {}\n",
+        other.addr
+    ))?;
+    loop {
+        let (status, headers, _) = conn.get("api.demo:8080", "/").await?;
+        assert_eq!(status, 200);
+        if headers.get("x-backend").map(|v| v.as_bytes()) == Some(&b"api-v2"[..]) {
+            break;
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(3),
+            "change never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let took = started.elapsed();
+    assert!(took <= Duration::from_secs(1), "the change took {took:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_control_plane_restart_under_load_fails_no_request() -> anyhow::Result<()> {
+    let mut mesh = Mesh::start().await?;
+    let mut conn = Conn::connect(mesh.client.outbound, false).await?;
+    let (mut ok, mut failed) = (0u32, Vec::new());
+    let mut send = async |conn: &mut Conn, ok: &mut u32, failed: &mut Vec<String>| match conn
+        .get("api.demo:8080", "/")
+        .await
+    {
+        Ok((s, _, _)) if s == 200 => *ok += 1,
+        Ok((s, h, b)) => failed.push(format!("{s} {h:?} {b}")),
+        Err(e) => failed.push(e.to_string()),
+    };
+    let until = Instant::now() + Duration::from_millis(500);
+    while Instant::now() < until {
+        send(&mut conn, &mut ok, &mut failed).await;
+    }
+    mesh.control.process.child.start_kill()?;
+    mesh.control.process.wait(Duration::from_secs(5)).await?;
+    let until = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < until {
+        send(&mut conn, &mut ok, &mut failed).await;
+    }
+    let listen = mesh.control.grpc.to_string();
+    let restarted = Control::start(
+        &workspace_binary("weft-control")?,
+        &[
+            "--listen",
+            &listen,
+            "--destinations",
+            &mesh.dests.path_str(),
+            "--identity-dir",
+            &mesh.ca.dir_str(),
+        ],
+    )
+    .await?;
+    let until = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < until {
+        send(&mut conn, &mut ok, &mut failed).await;
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of {} failed: {:?}",
+        failed.len(),
+        ok as usize + failed.len(),
+        &failed[..failed.len().min(3)]
+    );
+    assert!(ok > 50, "only {ok} requests");
+    // The proxy came back to the new control plane: an edit reaches it.
+    let other = Backend::start("api-v2").await?;
+    mesh.dests.write_yaml(&format!(
+        "destinations:\n  \"api.demo:8080\":\n    endpoints:\n      - addr: {}\n",
+        other.addr
+    ))?;
+    let deadline = Instant::now() + Duration::from_secs(8);
+    loop {
+        let (_, headers, _) = conn.get("api.demo:8080", "/").await?;
+        if headers.get("x-backend").map(|v| v.as_bytes()) == Some(&b"api-v2"[..]) {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the proxy never reconnected:\n{}",
+            mesh.client.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(restarted);
+    Ok(())
+}
