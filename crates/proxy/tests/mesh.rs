@@ -363,7 +363,7 @@ async fn a_control_plane_restart_under_load_fails_no_request() -> anyhow::Result
     let mut mesh = Mesh::start().await?;
     let mut conn = Conn::connect(mesh.client.outbound, false).await?;
     let (mut ok, mut failed) = (0u32, Vec::new());
-    let mut send = async |conn: &mut Conn, ok: &mut u32, failed: &mut Vec<String>| match conn
+    let send = async |conn: &mut Conn, ok: &mut u32, failed: &mut Vec<String>| match conn
         .get("api.demo:8080", "/")
         .await
     {
