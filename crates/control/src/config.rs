@@ -26,6 +26,15 @@ pub struct Config {
     #[arg(long, env = "WEFT_CONTROL_DESTINATIONS")]
     pub destinations: Option<PathBuf>,
 
+    /// etcd v3 endpoints (comma-separated URLs), followed for instances
+    /// registered under the prefix. Asked after the destinations file.
+    #[arg(long, env = "WEFT_CONTROL_ETCD", value_delimiter = ',')]
+    pub etcd: Vec<String>,
+
+    /// The etcd key prefix (see weft-registry for the layout).
+    #[arg(long, env = "WEFT_CONTROL_ETCD_PREFIX", default_value = weft_registry::DEFAULT_PREFIX)]
+    pub etcd_prefix: String,
+
     /// Directory made by `weft identity init`: issuer.crt, issuer.key and
     /// token.key. Without it the Identity API is not served.
     #[arg(long, env = "WEFT_CONTROL_IDENTITY_DIR")]

@@ -46,6 +46,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     if let Some(path) = &config.destinations {
         backends.push(discovery::file::FileBackend::start(path.clone())?);
     }
+    if !config.etcd.is_empty() {
+        backends.push(discovery::etcd::EtcdBackend::start(
+            config.etcd.clone(),
+            weft_registry::Layout::new(&config.etcd_prefix),
+        ));
+    }
     let discovery = discovery::Discovery::new(backends);
     let identity = match &config.identity_dir {
         Some(dir) => Some(identity::IdentityService::load(

@@ -24,6 +24,9 @@ pub const ENV_CONTROL_ADDR: &str = "WEFT_PROXY_CONTROL_ADDR";
 pub const ENV_IDENTITY_NAME: &str = "WEFT_PROXY_IDENTITY_NAME";
 pub const ENV_IDENTITY_TOKEN_FILE: &str = "WEFT_PROXY_IDENTITY_TOKEN_FILE";
 pub const ENV_TRUST_ANCHORS: &str = "WEFT_PROXY_TRUST_ANCHORS";
+pub const ENV_REGISTER: &str = "WEFT_PROXY_REGISTER";
+pub const ENV_REGISTER_ADDR: &str = "WEFT_PROXY_REGISTER_ADDR";
+pub const ENV_ETCD: &str = "WEFT_PROXY_ETCD";
 
 /// The longest the proxy may wait for a silent client before treating the
 /// connection as server-speaks-first: beyond this, protocols like SMTP and
@@ -56,6 +59,18 @@ pub struct Config {
     pub control_addr: Option<String>,
     /// This proxy's identity: all three variables or none.
     pub identity: Option<IdentityConfig>,
+    /// Register the local service in etcd under this authority.
+    pub register: Option<RegisterConfig>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct RegisterConfig {
+    #[serde(serialize_with = "serialize_display")]
+    pub service: weft_detect::Authority,
+    pub etcd: Vec<String>,
+    /// The address peers reach this proxy's inbound side at; by default
+    /// the inbound listener's own address.
+    pub addr: Option<SocketAddr>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -144,7 +159,44 @@ impl Config {
                     .map_err(|_| "must be host:port, such as 127.0.0.1:8086".to_string())
             }),
             identity: None,
+            register: None,
         };
+        let service = p.optional(ENV_REGISTER, |s| {
+            s.parse::<weft_detect::Authority>()
+                .map_err(|_| "must be name:port, such as api.demo:8080".to_string())
+        });
+        let etcd = p.optional(ENV_ETCD, |s| {
+            let urls: Vec<String> = s
+                .split(',')
+                .map(str::trim)
+                .filter(|u| !u.is_empty())
+                .map(str::to_string)
+                .collect();
+            if urls
+                .iter()
+                .all(|u| u.starts_with("http://") || u.starts_with("https://"))
+            {
+                Ok(urls)
+            } else {
+                Err("must be comma-separated http:// URLs".into())
+            }
+        });
+        let register_addr = p.optional(ENV_REGISTER_ADDR, parse_addr);
+        match (service, etcd) {
+            (Some(service), Some(etcd)) => {
+                config.register = Some(RegisterConfig {
+                    service,
+                    etcd,
+                    addr: register_addr,
+                });
+            }
+            (Some(_), None) if !p.vars.contains_key(ENV_ETCD) => p.errors.push(InvalidVar {
+                name: ENV_REGISTER,
+                value: p.vars.get(ENV_REGISTER).cloned().unwrap_or_default(),
+                reason: format!("registering needs {ENV_ETCD}"),
+            }),
+            _ => {}
+        }
         config.identity = p.identity(config.control_addr.is_some());
         if config.control_addr.is_some() && config.destinations.is_some() {
             p.errors.push(InvalidVar {

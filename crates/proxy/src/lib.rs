@@ -55,6 +55,12 @@ pub enum RunError {
         #[source]
         source: control::ControlError,
     },
+    #[error(
+        "{}: the inbound listener is a wildcard address; set {} to the address peers reach",
+        config::ENV_REGISTER,
+        config::ENV_REGISTER_ADDR
+    )]
+    RegisterAddr,
     #[error("{var}: {source}")]
     Tls {
         var: &'static str,
@@ -67,7 +73,10 @@ impl RunError {
     /// Exit code: 64 (EX_USAGE) when the configuration is at fault.
     pub fn exit_code(&self) -> i32 {
         match self {
-            RunError::Destinations { .. } | RunError::Control { .. } | RunError::Tls { .. } => 64,
+            RunError::Destinations { .. }
+            | RunError::Control { .. }
+            | RunError::Tls { .. }
+            | RunError::RegisterAddr => 64,
             _ => 1,
         }
     }
@@ -147,6 +156,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let admin_listener = bind("admin", config.admin_listen).await?;
     let outbound_listener = bind("outbound", config.outbound_listen).await?;
     let inbound_listener = bind("inbound", config.inbound_listen).await?;
+    let inbound_addr = inbound_listener.local_addr();
     let addr = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
     tracing::info!(
         outbound = %addr(&outbound_listener),
@@ -187,6 +197,36 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         });
         tokio::spawn(side.accept_loop(listener, shutdown.clone(), tracker.clone()));
     }
+    let deregister = CancellationToken::new();
+    let mut registered = None;
+    if let Some(reg) = &config.register {
+        let addr = match reg.addr {
+            Some(a) => a,
+            None => {
+                let a = inbound_addr.map_err(|source| RunError::Bind {
+                    which: "inbound local address",
+                    addr: config.inbound_listen,
+                    source,
+                })?;
+                if a.ip().is_unspecified() {
+                    return Err(RunError::RegisterAddr);
+                }
+                a
+            }
+        };
+        let registration = weft_registry::Registration {
+            etcd: reg.etcd.clone(),
+            layout: weft_registry::Layout::default(),
+            service: reg.service.clone(),
+            addr,
+            value: weft_registry::EndpointValue {
+                weight: 1,
+                identity: config.identity.as_ref().map(|i| i.name.to_string()),
+            },
+            ttl: weft_registry::DEFAULT_TTL,
+        };
+        registered = Some(tokio::spawn(registration.maintain(deregister.clone())));
+    }
     ready.store(true, Ordering::Release);
 
     tokio::select! {
@@ -194,6 +234,12 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         _ = sigint.recv() => tracing::info!("SIGINT: draining"),
     }
     ready.store(false, Ordering::Release);
+    // Leave discovery first, so peers stop choosing this instance while it
+    // drains.
+    deregister.cancel();
+    if let Some(task) = registered {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), task).await;
+    }
     shutdown.cancel();
     tracker.close();
     if tokio::time::timeout(config.shutdown_grace, tracker.wait())

@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use weft_detect::Authority;
 use weft_identity::Name;
 
+pub mod etcd;
 pub mod file;
 
 /// One endpoint of a service.
