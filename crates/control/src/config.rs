@@ -35,6 +35,19 @@ pub struct Config {
     #[arg(long, env = "WEFT_CONTROL_ETCD_PREFIX", default_value = weft_registry::DEFAULT_PREFIX)]
     pub etcd_prefix: String,
 
+    /// Answer names no other backend knows from DNS (A/AAAA; SRV for names
+    /// starting with `_`).
+    #[arg(long, env = "WEFT_CONTROL_DNS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub dns: bool,
+
+    /// The DNS server to ask instead of the system's (resolv.conf).
+    #[arg(long, env = "WEFT_CONTROL_DNS_SERVER")]
+    pub dns_server: Option<SocketAddr>,
+
+    /// How often followed names are looked up again.
+    #[arg(long, env = "WEFT_CONTROL_DNS_REFRESH", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub dns_refresh: Duration,
+
     /// Directory made by `weft identity init`: issuer.crt, issuer.key and
     /// token.key. Without it the Identity API is not served.
     #[arg(long, env = "WEFT_CONTROL_IDENTITY_DIR")]

@@ -93,6 +93,12 @@ impl Destination for DestinationService {
             let mut last = None;
             loop {
                 let (_, resolution) = watch.current();
+                if resolution == Resolution::Pending {
+                    if !watch.changed().await {
+                        return;
+                    }
+                    continue;
+                }
                 let profile = profile(&authority, &resolution);
                 if last.as_ref() != Some(&profile) {
                     metrics.update_sent("get_profile");
@@ -129,7 +135,7 @@ fn retry_budget() -> RetryBudget {
 fn profile(authority: &Authority, resolution: &Resolution) -> DestinationProfile {
     match resolution {
         // An unknown name has no fully qualified name, as the API asks.
-        Resolution::Unknown => DestinationProfile {
+        Resolution::Pending | Resolution::Unknown => DestinationProfile {
             retry_budget: Some(retry_budget()),
             ..Default::default()
         },
@@ -154,6 +160,8 @@ impl Diff {
     /// `resolution`. The first call always yields at least one message.
     pub(crate) fn next(&mut self, resolution: &Resolution) -> Vec<Update> {
         let (known, next) = match resolution {
+            // Nothing to say until discovery has an answer.
+            Resolution::Pending => return Vec::new(),
             Resolution::Unknown => (false, BTreeMap::new()),
             Resolution::Known(s) => (true, s.endpoints.clone()),
         };

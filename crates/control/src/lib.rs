@@ -29,6 +29,8 @@ pub enum RunError {
     Destinations(#[from] weft_destinations::DestinationsError),
     #[error(transparent)]
     Identity(#[from] identity::IdentityError),
+    #[error(transparent)]
+    Dns(#[from] discovery::dns::DnsError),
     #[error("gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
 }
@@ -51,6 +53,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
             config.etcd.clone(),
             weft_registry::Layout::new(&config.etcd_prefix),
         ));
+    }
+    if config.dns {
+        backends.push(discovery::dns::DnsBackend::new(
+            config.dns_server,
+            config.dns_refresh,
+        )?);
     }
     let discovery = discovery::Discovery::new(backends);
     let identity = match &config.identity_dir {

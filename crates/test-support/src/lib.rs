@@ -6,6 +6,7 @@
 pub mod backend;
 pub mod client;
 pub mod control;
+pub mod dns;
 pub mod etcd;
 pub mod grpc;
 pub mod mesh;

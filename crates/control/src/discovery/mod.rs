@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use weft_detect::Authority;
 use weft_identity::Name;
 
+pub mod dns;
 pub mod etcd;
 pub mod file;
 
@@ -36,6 +37,9 @@ pub struct Service {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Resolution {
+    /// The backend is still finding out (a DNS lookup in flight): lower
+    /// priority backends must not answer for it yet.
+    Pending,
     /// The backend has never heard of this name.
     Unknown,
     /// The service exists; it may have no endpoints right now.
@@ -82,7 +86,7 @@ pub struct Watch {
 
 impl Watch {
     /// The first backend's answer that knows the name, and which backend
-    /// gave it.
+    /// gave it; `Pending` while a backend before it is still finding out.
     pub fn current(&mut self) -> (Option<&'static str>, Resolution) {
         for (name, rx) in &mut self.sources {
             let r = rx.borrow_and_update().clone();
@@ -149,6 +153,29 @@ impl Watches {
                 }
             });
         }
+    }
+
+    /// Publishes `next` for one authority; false when nobody follows it.
+    pub fn update(&self, authority: &Authority, next: Resolution) -> bool {
+        let senders = self.lock();
+        let Some(tx) = senders.get(authority) else {
+            return false;
+        };
+        tx.send_if_modified(|cur| {
+            if *cur == next {
+                false
+            } else {
+                *cur = next;
+                true
+            }
+        });
+        tx.receiver_count() > 0
+    }
+
+    pub fn is_followed(&self, authority: &Authority) -> bool {
+        self.lock()
+            .get(authority)
+            .is_some_and(|tx| tx.receiver_count() > 0)
     }
 
     /// The authorities currently followed.
