@@ -1,13 +1,14 @@
 //! Project tasks: `cargo xtask demo` and `cargo xtask bench`.
 
 mod bench;
+mod mesh;
 mod procs;
 
 use std::process::Command;
 
 use anyhow::{Context, bail};
 
-const USAGE: &str = "usage: cargo xtask <demo [weft demo flags] | bench [--duration SECS] [--rounds N] [--out FILE] [--strict]>";
+const USAGE: &str = "usage: cargo xtask <demo [weft demo flags] | bench [--duration SECS] [--rounds N] [--watchers N] [--services N] [--out FILE] [--strict]>";
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
