@@ -428,3 +428,39 @@ async fn a_control_plane_restart_under_load_fails_no_request() -> anyhow::Result
     drop(restarted);
     Ok(())
 }
+
+#[tokio::test]
+async fn an_issuer_rotation_fails_no_request() -> anyhow::Result<()> {
+    let mesh = Mesh::start().await?;
+    let mut conn = Conn::connect(mesh.client.outbound, false).await?;
+    let mut failed = Vec::new();
+    let mut ok = 0u32;
+    let rotated_at = Instant::now() + Duration::from_millis(300);
+    let mut rotated = false;
+    let until = Instant::now() + Duration::from_millis(2500);
+    while Instant::now() < until {
+        if !rotated && Instant::now() >= rotated_at {
+            mesh.ca.dir.rotate_issuer(&"weft.local".parse()?)?;
+            rotated = true;
+        }
+        match conn.get("api.demo:8080", "/").await {
+            Ok((s, _, _)) if s == 200 => ok += 1,
+            Ok((s, _, b)) => failed.push(format!("{s} {b}")),
+            Err(e) => failed.push(e.to_string()),
+        }
+    }
+    assert!(failed.is_empty(), "{failed:?}");
+    assert!(ok > 20, "only {ok} requests");
+
+    // A proxy certified by the new issuer and the server, still on a leaf
+    // from the old one, accept each other: both chain to the same anchor.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let newcomer = start_proxy(&meshed(&mesh.ca, &mesh.control, "billing.demo")?).await?;
+    let scrape = scrape(newcomer.admin).await?;
+    assert_eq!(scrape.sum("identity_cert_refresh_count", &[]), 1.0);
+    let mut conn = Conn::connect(newcomer.outbound, false).await?;
+    let (status, _, body) = conn.get("api.demo:8080", "/").await?;
+    assert_eq!(status, 200, "{body}\n{}", newcomer.log());
+    assert!(mesh.control.process.log().contains("issuer reloaded"));
+    Ok(())
+}
