@@ -29,6 +29,8 @@ const MAX_MTLS_ADDED_P99_US: f64 = 50.0;
 const MAX_FAN_OUT_MS: f64 = 100.0;
 
 struct Options {
+    /// `fan-out`: only the control-plane fan-out measure.
+    only_fan_out: bool,
     duration: u64,
     rounds: u64,
     watchers: usize,
@@ -39,6 +41,7 @@ struct Options {
 
 fn options(args: &[String]) -> anyhow::Result<Options> {
     let mut o = Options {
+        only_fan_out: false,
         duration: 12,
         rounds: 3,
         watchers: 1000,
@@ -80,6 +83,10 @@ fn options(args: &[String]) -> anyhow::Result<Options> {
                     o.services = n;
                 }
             }
+            "--only" => match it.next().map(String::as_str) {
+                Some("fan-out") => o.only_fan_out = true,
+                other => bail!("--only {other:?}: the one partial run is fan-out"),
+            },
             "--out" => o.out = PathBuf::from(it.next().context("--out needs a path")?),
             "--strict" => o.strict = true,
             other => bail!("unknown bench flag {other:?}"),
@@ -519,6 +526,12 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     crate::build_release()?;
     let dir = std::env::temp_dir().join(format!("weft-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
+    if opts.only_fan_out {
+        let f = crate::mesh::fan_out(&dir, opts.watchers, opts.services, 5)?;
+        println!("{}", serde_json::to_string_pretty(&f)?);
+        let _ = std::fs::remove_dir_all(&dir);
+        return Ok(());
+    }
     let s = setup(&dir)?;
     eprintln!(
         "bench: backend {}, weft outbound {}, haproxy h1 {} h2 {}; {} s per scenario in {} rounds",

@@ -11,15 +11,13 @@ use linkerd2_proxy_api::destination::{
     RetryBudget, TlsIdentity, Update, WeightedAddr, WeightedAddrSet,
     destination_server::Destination, protocol_hint, tls_identity, update,
 };
-use tokio::sync::mpsc;
+use std::collections::VecDeque;
+
 use tonic::{Request, Response, Status};
 use weft_detect::Authority;
 
-use crate::discovery::{Discovery, Endpoint, Resolution};
-use crate::metrics::Metrics;
-
-/// Updates queued per stream before the sender waits for the client.
-const STREAM_BUFFER: usize = 8;
+use crate::discovery::{Discovery, Endpoint, Resolution, Watch};
+use crate::metrics::{Metrics, OpenStream};
 
 pub struct DestinationService {
     discovery: Discovery,
@@ -54,30 +52,12 @@ impl Destination for DestinationService {
         request: Request<GetDestination>,
     ) -> Result<Response<Self::GetStream>, Status> {
         let authority = parse_path(request.get_ref())?;
-        let mut watch = self.discovery.watch(&authority);
-        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        let metrics = self.metrics.clone();
-        tokio::spawn(async move {
-            let _open = metrics.stream_opened("get");
-            let mut diff = Diff::default();
-            loop {
-                let (backend, resolution) = watch.current();
-                for update in diff.next(&resolution) {
-                    tracing::debug!(%authority, backend, ?update, "destination update");
-                    metrics.update_sent("get");
-                    if tx.send(Ok(update)).await.is_err() {
-                        return;
-                    }
-                }
-                tokio::select! {
-                    alive = watch.changed() => if !alive { return },
-                    () = tx.closed() => return,
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+        let watch = self.discovery.watch(&authority);
+        Ok(Response::new(Box::pin(updates(
+            authority,
+            watch,
+            self.metrics.clone(),
+        ))))
     }
 
     async fn get_profile(
@@ -85,38 +65,98 @@ impl Destination for DestinationService {
         request: Request<GetDestination>,
     ) -> Result<Response<Self::GetProfileStream>, Status> {
         let authority = parse_path(request.get_ref())?;
-        let mut watch = self.discovery.watch(&authority);
-        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        let metrics = self.metrics.clone();
-        tokio::spawn(async move {
-            let _open = metrics.stream_opened("get_profile");
-            let mut last = None;
-            loop {
-                let (_, resolution) = watch.current();
-                if resolution == Resolution::Pending {
-                    if !watch.changed().await {
-                        return;
-                    }
-                    continue;
-                }
-                let profile = profile(&authority, &resolution);
-                if last.as_ref() != Some(&profile) {
-                    metrics.update_sent("get_profile");
-                    if tx.send(Ok(profile.clone())).await.is_err() {
-                        return;
-                    }
-                    last = Some(profile);
-                }
-                tokio::select! {
-                    alive = watch.changed() => if !alive { return },
-                    () = tx.closed() => return,
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+        let watch = self.discovery.watch(&authority);
+        Ok(Response::new(Box::pin(profiles(
+            authority,
+            watch,
+            self.metrics.clone(),
+        ))))
     }
+}
+
+/// One `Get` stream. No task and no channel per stream: the stream itself
+/// waits on discovery when polled, so an idle stream costs only its state
+/// (a hundred thousand streams are a common fan-out).
+fn updates(
+    authority: Authority,
+    watch: Watch,
+    metrics: Metrics,
+) -> impl Stream<Item = Result<Update, Status>> + Send {
+    struct State {
+        authority: Authority,
+        watch: Watch,
+        diff: Diff,
+        queue: VecDeque<Update>,
+        started: bool,
+        metrics: Metrics,
+        _open: OpenStream,
+    }
+    let state = State {
+        _open: metrics.stream_opened("get"),
+        authority,
+        watch,
+        diff: Diff::default(),
+        queue: VecDeque::new(),
+        started: false,
+        metrics,
+    };
+    futures_util::stream::unfold(state, |mut s| async move {
+        loop {
+            if let Some(update) = s.queue.pop_front() {
+                tracing::debug!(authority = %s.authority, ?update, "destination update");
+                s.metrics.update_sent("get");
+                return Some((Ok(update), s));
+            }
+            if s.started && !s.watch.changed().await {
+                return None;
+            }
+            s.started = true;
+            let (_, resolution) = s.watch.current();
+            s.queue.extend(s.diff.next(&resolution));
+        }
+    })
+}
+
+/// One `GetProfile` stream: a profile whenever it changes.
+fn profiles(
+    authority: Authority,
+    watch: Watch,
+    metrics: Metrics,
+) -> impl Stream<Item = Result<DestinationProfile, Status>> + Send {
+    struct State {
+        authority: Authority,
+        watch: Watch,
+        last: Option<DestinationProfile>,
+        started: bool,
+        metrics: Metrics,
+        _open: OpenStream,
+    }
+    let state = State {
+        _open: metrics.stream_opened("get_profile"),
+        authority,
+        watch,
+        last: None,
+        started: false,
+        metrics,
+    };
+    futures_util::stream::unfold(state, |mut s| async move {
+        loop {
+            if s.started && !s.watch.changed().await {
+                return None;
+            }
+            s.started = true;
+            let (_, resolution) = s.watch.current();
+            if resolution == Resolution::Pending {
+                continue;
+            }
+            let next = profile(&s.authority, &resolution);
+            if s.last.as_ref() != Some(&next) {
+                s.last = Some(next.clone());
+                s.metrics.update_sent("get_profile");
+                return Some((Ok(next), s));
+            }
+        }
+    })
 }
 
 /// The default retry budget: retries may add 20 % load, at least 10 per
