@@ -1,12 +1,14 @@
 //! `weft demo`: a small mesh on loopback with no root and no Kubernetes.
 //!
-//! Three sample services, each with two replicas, sit behind one real
-//! `weft-proxy` (its outbound side, as every client's sidecar would be):
-//! `web.demo:8080` (HTTP/1.1; one replica fails 5 % of requests),
-//! `api.demo:8080` (HTTP/2; one replica is slow) and `health.demo:9090`
-//! (gRPC; 5 % of calls ask for an unknown service and get NOT_FOUND).
-//! Traffic generators call all three through the proxy while a summary
-//! line is printed every few seconds; at the end the golden metrics table.
+//! A real `weft-control` (file discovery, a fresh certificate authority)
+//! and three sample services of two replicas each, every replica behind its
+//! own meshed `weft-proxy`: `web.demo:8080` (HTTP/1.1; one replica fails
+//! 10 % of requests, ~5 % overall), `api.demo:8080` (HTTP/2; one replica is
+//! slow) and `health.demo:9090` (gRPC; 5 % of calls ask for an unknown
+//! service and get NOT_FOUND). Traffic generators call all three through a
+//! client-side meshed proxy, so every hop between proxies is mutual TLS; a
+//! summary line is printed every few seconds, and at the end the golden
+//! metrics table.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,6 +17,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use weft_test_support::backend::{Backend, Behaviour};
+use weft_test_support::control::Control;
+use weft_test_support::mesh::MeshCa;
 use weft_test_support::metrics::scrape;
 use weft_test_support::proxy::Proxy;
 use weft_test_support::{DestinationsFile, client, grpc, workspace_binary};
@@ -63,37 +67,98 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let health_a = grpc::start().await?;
     let health_b = grpc::start().await?;
 
-    let file = DestinationsFile::new(&[
-        ("web.demo:8080", &[(web_ok.addr, 1), (web_flaky.addr, 1)]),
-        ("api.demo:8080", &[(api_fast.addr, 1), (api_slow.addr, 1)]),
-        (
-            "health.demo:9090",
-            &[(health_a.addr, 1), (health_b.addr, 1)],
-        ),
-    ])?;
+    // The control plane, with a fresh CA and (for now) no destinations.
+    let ca = MeshCa::new().context("creating the demo's certificate authority")?;
+    let file = DestinationsFile::from_yaml("destinations: {}\n")?;
     let path = file.path_str();
-    let proxy = Proxy::start(
-        &proxy_bin,
+    let control = Control::start(
+        &workspace_binary("weft-control")?,
         &[
-            ("WEFT_PROXY_DESTINATIONS", &path),
-            ("WEFT_PROXY_LOG", "warn,weft_proxy=info"),
+            "--destinations",
+            &path,
+            "--identity-dir",
+            &ca.dir_str(),
+            "--log",
+            "warn,weft_control=info",
         ],
     )
     .await
-    .context("starting weft-proxy")?;
+    .context("starting weft-control")?;
+    let grpc_addr = control.grpc.to_string();
+    let anchors = ca.anchors();
+    let meshed = |name: &str| -> anyhow::Result<Vec<(&'static str, String)>> {
+        Ok(vec![
+            ("WEFT_PROXY_CONTROL_ADDR", grpc_addr.clone()),
+            ("WEFT_PROXY_IDENTITY_NAME", name.to_string()),
+            ("WEFT_PROXY_IDENTITY_TOKEN_FILE", ca.token_file(name)?),
+            ("WEFT_PROXY_TRUST_ANCHORS", anchors.clone()),
+            ("WEFT_PROXY_LOG", "warn,weft_proxy=info".to_string()),
+        ])
+    };
+    let start_proxy = async |env: Vec<(&'static str, String)>| -> anyhow::Result<Proxy> {
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        Proxy::start(&proxy_bin, &env)
+            .await
+            .context("starting weft-proxy")
+    };
+
+    // One meshed proxy per replica, forwarding to it.
+    let replicas = [
+        ("web.demo:8080", web_ok.addr),
+        ("web.demo:8080", web_flaky.addr),
+        ("api.demo:8080", api_fast.addr),
+        ("api.demo:8080", api_slow.addr),
+        ("health.demo:9090", health_a.addr),
+        ("health.demo:9090", health_b.addr),
+    ];
+    let mut servers = Vec::new();
+    let mut yaml = String::from("destinations:\n");
+    let mut current = "";
+    for (service, app) in replicas {
+        let identity = service.split(':').next().unwrap_or(service);
+        let mut env = meshed(identity)?;
+        env.push(("WEFT_PROXY_INBOUND_FORWARD", app.to_string()));
+        let proxy = start_proxy(env).await?;
+        if service != current {
+            yaml.push_str(&format!("  \"{service}\":\n    endpoints:\n"));
+            current = service;
+        }
+        yaml.push_str(&format!(
+            "      - addr: {}\n        identity: {identity}\n",
+            proxy.inbound
+        ));
+        servers.push(proxy);
+    }
+    file.write_yaml(&yaml)?;
+    // The control plane reads the file within 250 ms; the client proxy's
+    // first lookups should find every service.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let proxy = start_proxy(meshed("traffic.demo")?).await?;
+
     println!(
-        "weft demo: proxy pid {} is up",
-        proxy.pid().unwrap_or_default()
+        "weft demo: weft-control and {} meshed proxies are up (mutual TLS between every pair)",
+        servers.len() + 1
     );
     println!(
-        "  outbound  {}   (try: curl -x http://{} http://web.demo:8080/)",
+        "  control   grpc {}   admin http://{}/metrics",
+        control.grpc, control.admin
+    );
+    println!(
+        "  client    outbound {}   (try: curl -x http://{} http://web.demo:8080/)",
         proxy.outbound, proxy.outbound
     );
     println!(
-        "  admin     http://{}/metrics   /ready   /env.json",
+        "            admin    http://{}/metrics   /ready   /env.json",
         proxy.admin
     );
+    for (s, (service, _)) in servers.iter().zip(replicas) {
+        println!(
+            "  {:<16} inbound {}   admin http://{}/metrics",
+            service, s.inbound, s.admin
+        );
+    }
     println!("  destinations file: {path} (edit it: changes apply within a second)");
+    println!("  trust anchor: {anchors}");
     println!(
         "  services: web.demo:8080 (HTTP/1.1, 2 replicas, one failing 10% => ~5% overall), api.demo:8080 (HTTP/2, one replica 25 ms slower), health.demo:9090 (gRPC, 5% NOT_FOUND)"
     );
@@ -140,11 +205,12 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
             .iter()
             .map(|g| {
                 format!(
-                    "{} {:.0} rps {:.1}% ok p99 {:.1}ms",
+                    "{} {:.0} rps {:.1}% ok p99 {:.1}ms {:.0}% mTLS",
                     g.authority,
                     g.rps,
                     g.success_rate * 100.0,
-                    g.p99_ms
+                    g.p99_ms,
+                    g.mtls_share * 100.0
                 )
             })
             .collect();
@@ -169,13 +235,17 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     if output == "json" {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
-        println!("\ngolden metrics over the whole run (from the proxy's /metrics):");
+        println!("\ngolden metrics over the whole run (from the client-side proxy's /metrics):");
         print!("{}", golden::table(&rows));
     }
     if errors > 0 {
         println!("(traffic generators saw {errors} transport errors)");
     }
     proxy.terminate()?;
+    for s in &servers {
+        s.terminate()?;
+    }
+    control.process.terminate()?;
     Ok(())
 }
 

@@ -17,12 +17,15 @@ pub(crate) struct Golden {
     pub p50_ms: f64,
     pub p95_ms: f64,
     pub p99_ms: f64,
+    /// Share of the responses that travelled over mutual TLS.
+    pub mtls_share: f64,
 }
 
 type Key = (String, String);
 
-fn responses(s: &Scrape) -> BTreeMap<Key, (f64, f64)> {
-    let mut out: BTreeMap<Key, (f64, f64)> = BTreeMap::new();
+/// (successes, total, over mutual TLS) per route.
+fn responses(s: &Scrape) -> BTreeMap<Key, (f64, f64, f64)> {
+    let mut out: BTreeMap<Key, (f64, f64, f64)> = BTreeMap::new();
     for sample in s.samples().iter().filter(|x| x.metric == "response_total") {
         let key = (
             sample.labels.get("direction").unwrap_or("").to_string(),
@@ -37,6 +40,9 @@ fn responses(s: &Scrape) -> BTreeMap<Key, (f64, f64)> {
             e.0 += v;
         }
         e.1 += v;
+        if sample.labels.get("tls") == Some("true") {
+            e.2 += v;
+        }
     }
     out
 }
@@ -74,8 +80,8 @@ pub(crate) fn between(before: &Scrape, after: &Scrape, window: Duration) -> Vec<
     let a = responses(after);
     let secs = window.as_secs_f64().max(1e-3);
     let mut out = Vec::new();
-    for ((direction, authority), (ok, total)) in &a {
-        let (ok0, total0) = b
+    for ((direction, authority), (ok, total, tls)) in &a {
+        let (ok0, total0, tls0) = b
             .get(&(direction.clone(), authority.clone()))
             .copied()
             .unwrap_or_default();
@@ -109,6 +115,7 @@ pub(crate) fn between(before: &Scrape, after: &Scrape, window: Duration) -> Vec<
             p50_ms: quantile(&delta, 0.50),
             p95_ms: quantile(&delta, 0.95),
             p99_ms: quantile(&delta, 0.99),
+            mtls_share: (tls - tls0) / requests,
         });
     }
     out
@@ -116,12 +123,12 @@ pub(crate) fn between(before: &Scrape, after: &Scrape, window: Duration) -> Vec<
 
 pub(crate) fn table(rows: &[Golden]) -> String {
     let mut out = format!(
-        "{:<9} {:<22} {:>9} {:>9} {:>8} {:>9} {:>9} {:>9}\n",
-        "DIRECTION", "AUTHORITY", "REQUESTS", "SUCCESS", "RPS", "P50", "P95", "P99"
+        "{:<9} {:<22} {:>9} {:>9} {:>8} {:>9} {:>9} {:>9} {:>6}\n",
+        "DIRECTION", "AUTHORITY", "REQUESTS", "SUCCESS", "RPS", "P50", "P95", "P99", "MTLS"
     );
     for r in rows {
         out.push_str(&format!(
-            "{:<9} {:<22} {:>9.0} {:>8.2}% {:>8.1} {:>7.1}ms {:>7.1}ms {:>7.1}ms\n",
+            "{:<9} {:<22} {:>9.0} {:>8.2}% {:>8.1} {:>7.1}ms {:>7.1}ms {:>7.1}ms {:>5.0}%\n",
             r.direction,
             r.authority,
             r.requests,
@@ -129,7 +136,8 @@ pub(crate) fn table(rows: &[Golden]) -> String {
             r.rps,
             r.p50_ms,
             r.p95_ms,
-            r.p99_ms
+            r.p99_ms,
+            r.mtls_share * 100.0
         ));
     }
     out

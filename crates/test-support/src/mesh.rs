@@ -36,9 +36,11 @@ impl MeshCa {
     /// `WEFT_PROXY_IDENTITY_TOKEN_FILE`.
     pub fn token_file(&self, name: &str) -> anyhow::Result<String> {
         let name: Name = name.parse()?;
-        let token = self
-            .tokens
-            .mint(&name, Duration::from_secs(3600), SystemTime::now());
+        let token = self.tokens.mint(
+            &name,
+            Duration::from_secs(30 * 24 * 3600),
+            SystemTime::now(),
+        );
         let path: PathBuf = self.tmp.path().join(format!("{name}.token"));
         std::fs::write(&path, token)?;
         Ok(path.to_string_lossy().into_owned())
