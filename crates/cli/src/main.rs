@@ -1,6 +1,7 @@
 //! `weft`: the operator's CLI.
 
 mod demo;
+mod endpoints;
 mod golden;
 mod identity;
 
@@ -21,6 +22,9 @@ enum Command {
     /// Run a local demo mesh: sample HTTP/1.1, HTTP/2 and gRPC services behind
     /// a real weft-proxy, with traffic, printing golden metrics as it goes.
     Demo(demo::Args),
+    /// Show what discovery says about a service now (the control plane's
+    /// Destination view).
+    Endpoints(endpoints::Args),
     /// Manage the mesh's certificate authority and bootstrap tokens.
     #[command(subcommand)]
     Identity(identity::Command),
@@ -54,6 +58,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match command {
             Command::Demo(args) => demo::run(args).await,
+            Command::Endpoints(args) => endpoints::run(args).await,
             Command::Identity(_) => Ok(()),
         }
     });
