@@ -106,8 +106,8 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<24} {:>6}  {:<28} {}",
-        "ENDPOINT", "WEIGHT", "IDENTITY", "HINT"
+        "{:<24} {:>6}  {:<28} HINT",
+        "ENDPOINT", "WEIGHT", "IDENTITY"
     );
     for r in &view.endpoints {
         println!(
