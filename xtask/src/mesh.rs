@@ -17,7 +17,7 @@ use linkerd2_proxy_api::destination::destination_client::DestinationClient;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use serde::Serialize;
 
-use crate::procs::{Proc, field, spawn_until, target_dir};
+use crate::procs::{Proc, field, free_port, spawn_until, target_dir};
 
 #[derive(Debug, Serialize)]
 pub(crate) struct Handshakes {
@@ -120,10 +120,6 @@ pub(crate) struct FanOut {
     pub(crate) change_to_all_ms: Vec<f64>,
     pub(crate) control_rss_bytes: u64,
     pub(crate) control_cpu_s: f64,
-}
-
-fn free_port() -> anyhow::Result<SocketAddr> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
 /// A key put through etcd's JSON gateway (keys and values base64).

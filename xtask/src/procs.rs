@@ -118,6 +118,11 @@ pub(crate) fn field(line: &str, key: &str) -> anyhow::Result<SocketAddr> {
     Ok(rest[..end].parse()?)
 }
 
+/// A loopback address with a port the OS just had free.
+pub(crate) fn free_port() -> anyhow::Result<SocketAddr> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
 /// Waits until `addr` accepts TCP connections.
 pub(crate) fn wait_listening(addr: SocketAddr) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);

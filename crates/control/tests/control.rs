@@ -46,14 +46,20 @@ fn addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
-#[tokio::test]
-async fn get_streams_the_file_and_its_edits() -> anyhow::Result<()> {
+/// A control plane serving `DESTINATIONS` from a file.
+async fn with_destinations() -> anyhow::Result<(DestinationsFile, Control)> {
     let file = DestinationsFile::from_yaml(DESTINATIONS)?;
     let control = Control::start(
         &workspace_binary("weft-control")?,
         &["--destinations", &file.path_str()],
     )
     .await?;
+    Ok((file, control))
+}
+
+#[tokio::test]
+async fn get_streams_the_file_and_its_edits() -> anyhow::Result<()> {
+    let (file, control) = with_destinations().await?;
     let mut client = DestinationClient::connect(control.url()).await?;
 
     let mut web = client.get(get("web.demo:8080")).await?.into_inner();
@@ -106,12 +112,7 @@ async fn get_streams_the_file_and_its_edits() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn get_profile_names_the_service() -> anyhow::Result<()> {
-    let file = DestinationsFile::from_yaml(DESTINATIONS)?;
-    let control = Control::start(
-        &workspace_binary("weft-control")?,
-        &["--destinations", &file.path_str()],
-    )
-    .await?;
+    let (_file, control) = with_destinations().await?;
     let mut client = DestinationClient::connect(control.url()).await?;
     let mut web = client.get_profile(get("web.demo:8080")).await?.into_inner();
     let p = web

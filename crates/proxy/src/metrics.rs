@@ -68,6 +68,16 @@ fn encode_tls(
     }
 }
 
+/// `direction` and `authority`, first in every route-level label set.
+fn encode_route(
+    direction: Direction,
+    authority: &str,
+    encoder: &mut LabelSetEncoder,
+) -> Result<(), std::fmt::Error> {
+    EncodeLabel::encode(&("direction", direction), encoder.encode_label())?;
+    EncodeLabel::encode(&("authority", authority), encoder.encode_label())
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct RouteLabels {
     pub direction: Direction,
@@ -79,8 +89,7 @@ pub struct RouteLabels {
 
 impl EncodeLabelSet for RouteLabels {
     fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
-        EncodeLabel::encode(&("direction", self.direction), encoder.encode_label())?;
-        EncodeLabel::encode(&("authority", &*self.authority), encoder.encode_label())?;
+        encode_route(self.direction, &self.authority, encoder)?;
         if let Some(tls) = &self.tls {
             encode_tls(self.direction, tls, encoder)?;
         }
@@ -98,8 +107,7 @@ pub struct LatencyLabels {
 
 impl EncodeLabelSet for LatencyLabels {
     fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
-        EncodeLabel::encode(&("direction", self.direction), encoder.encode_label())?;
-        EncodeLabel::encode(&("authority", &*self.authority), encoder.encode_label())?;
+        encode_route(self.direction, &self.authority, encoder)?;
         EncodeLabel::encode(&("status_code", self.status_code), encoder.encode_label())?;
         encode_tls(self.direction, &self.tls, encoder)
     }
@@ -120,8 +128,7 @@ pub struct ResponseLabels {
 
 impl EncodeLabelSet for ResponseLabels {
     fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
-        EncodeLabel::encode(&("direction", self.direction), encoder.encode_label())?;
-        EncodeLabel::encode(&("authority", &*self.authority), encoder.encode_label())?;
+        encode_route(self.direction, &self.authority, encoder)?;
         EncodeLabel::encode(&("status_code", self.status_code), encoder.encode_label())?;
         EncodeLabel::encode(
             &("classification", self.classification),

@@ -97,7 +97,7 @@ impl Side {
         } else {
             EXPLICIT_MODE_DETECT_TIMEOUT
         };
-        let (prefix, protocol) = match read_prefix(&mut io, timeout).await {
+        let (mut prefix, protocol) = match read_prefix(&mut io, timeout).await {
             Ok(p) => p,
             Err(e) => {
                 tracing::debug!(error = %e, "connection failed during detection");
@@ -108,7 +108,6 @@ impl Side {
         if let (Protocol::Tls, Direction::inbound, Some(tls)) =
             (protocol, self.direction, &self.tls)
         {
-            let mut prefix = prefix;
             let sni = match read_client_hello(&mut io, &mut prefix).await {
                 Ok(sni) => sni,
                 Err(e) => {
@@ -151,17 +150,6 @@ impl Side {
                     .dispatch(io, protocol, opaque_target, orig_dst, client_tls, shutdown)
                     .await;
             }
-            let io = PrefixedIo::new(prefix.freeze(), io);
-            return self
-                .dispatch(
-                    io,
-                    protocol,
-                    opaque_target,
-                    orig_dst,
-                    TlsLabel::Plain,
-                    shutdown,
-                )
-                .await;
         }
         let io = PrefixedIo::new(prefix.freeze(), io);
         self.dispatch(

@@ -178,11 +178,6 @@ impl Watches {
             .is_some_and(|tx| tx.receiver_count() > 0)
     }
 
-    /// The authorities currently followed.
-    pub fn followed(&self) -> Vec<Authority> {
-        self.lock().keys().cloned().collect()
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Authority, watch::Sender<Resolution>>> {
         match self.senders.lock() {
             Ok(g) => g,

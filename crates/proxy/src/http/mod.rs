@@ -286,6 +286,7 @@ impl HttpContext {
             }
         };
 
+        let tls = self.tls_for(Some(&endpoint));
         let mut rsp = match endpoint.send(sender, req).await {
             Ok(rsp) => rsp,
             Err(e) => {
@@ -297,12 +298,12 @@ impl HttpContext {
                     },
                 };
                 tracing::debug!(error = %err, "request failed");
-                return self.fail(label, err, grpc, start, self.tls_for(Some(&endpoint)));
+                return self.fail(label, err, grpc, start, tls);
             }
         };
         pending.observe_response();
         let status = rsp.status();
-        self.observe_latency(&label, status, start, self.tls_for(Some(&endpoint)));
+        self.observe_latency(&label, status, start, tls.clone());
 
         let upgraded = status == StatusCode::SWITCHING_PROTOCOLS;
         if let (true, Some(client_side)) = (upgraded, client_upgrade) {
@@ -329,7 +330,7 @@ impl HttpContext {
             classification: Classification::success,
             grpc_status_code: None,
             error: None,
-            tls: self.tls_for(Some(&endpoint)),
+            tls,
         };
         let classify = Classify::new(
             self.metrics.response_total.clone(),
@@ -430,14 +431,15 @@ impl HttpContext {
                 Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
             }
         });
-        self.observe_latency(&label, StatusCode::OK, start, self.tls_for(Some(&endpoint)));
+        let tls = self.tls_for(Some(&endpoint));
+        self.observe_latency(&label, StatusCode::OK, start, tls.clone());
         self.count_response(
             label,
             StatusCode::OK,
             None,
             Classification::success,
             None,
-            self.tls_for(Some(&endpoint)),
+            tls,
         );
         Response::new(ProxyBody::Full(Default::default()))
     }
