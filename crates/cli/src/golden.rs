@@ -1,17 +1,16 @@
-//! Golden metrics (success rate, requests per second, latency percentiles)
-//! computed from two scrapes of a proxy's Linkerd-compatible metrics.
+//! Golden metrics (success rate, requests per second, latency percentiles,
+//! mTLS share) for groups of series over a window.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
-use weft_test_support::metrics::Scrape;
+use crate::window::{Labels, Window};
 
-/// One route's golden metrics over a window.
+/// One group's golden metrics over a window.
 #[derive(Debug, Clone, serde::Serialize)]
 pub(crate) struct Golden {
-    pub direction: String,
-    pub authority: String,
-    pub requests: f64,
+    pub name: String,
+    pub requests: u64,
+    pub successes: u64,
     pub success_rate: f64,
     pub rps: f64,
     pub p50_ms: f64,
@@ -19,32 +18,6 @@ pub(crate) struct Golden {
     pub p99_ms: f64,
     /// Share of the responses that travelled over mutual TLS.
     pub mtls_share: f64,
-}
-
-type Key = (String, String);
-
-/// (successes, total, over mutual TLS) per route.
-fn responses(s: &Scrape) -> BTreeMap<Key, (f64, f64, f64)> {
-    let mut out: BTreeMap<Key, (f64, f64, f64)> = BTreeMap::new();
-    for sample in s.samples().iter().filter(|x| x.metric == "response_total") {
-        let key = (
-            sample.labels.get("direction").unwrap_or("").to_string(),
-            sample.labels.get("authority").unwrap_or("").to_string(),
-        );
-        let v = match sample.value {
-            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
-            _ => 0.0,
-        };
-        let e = out.entry(key).or_default();
-        if sample.labels.get("classification") == Some("success") {
-            e.0 += v;
-        }
-        e.1 += v;
-        if sample.labels.get("tls") == Some("true") {
-            e.2 += v;
-        }
-    }
-    out
 }
 
 /// Value at quantile `q` of a cumulative histogram, interpolating linearly
@@ -74,70 +47,92 @@ pub(crate) fn quantile(buckets: &[(f64, f64)], q: f64) -> f64 {
     prev.0
 }
 
-/// Golden metrics per (direction, authority) between `before` and `after`.
-pub(crate) fn between(before: &Scrape, after: &Scrape, window: Duration) -> Vec<Golden> {
-    let b = responses(before);
-    let a = responses(after);
-    let secs = window.as_secs_f64().max(1e-3);
-    let mut out = Vec::new();
-    for ((direction, authority), (ok, total, tls)) in &a {
-        let (ok0, total0, tls0) = b
-            .get(&(direction.clone(), authority.clone()))
-            .copied()
-            .unwrap_or_default();
-        let requests = total - total0;
-        if requests <= 0.0 {
-            continue;
-        }
-        let labels = [
-            ("direction", direction.as_str()),
-            ("authority", authority.as_str()),
-        ];
-        let after_b = after.buckets("response_latency_ms", &labels);
-        let before_b = before.buckets("response_latency_ms", &labels);
-        let delta: Vec<(f64, f64)> = after_b
-            .iter()
-            .map(|(le, n)| {
-                let n0 = before_b
-                    .iter()
-                    .find(|(l, _)| l == le)
-                    .map(|(_, n)| *n)
-                    .unwrap_or(0.0);
-                (*le, n - n0)
-            })
-            .collect();
-        out.push(Golden {
-            direction: direction.clone(),
-            authority: authority.clone(),
-            requests,
-            success_rate: (ok - ok0) / requests,
-            rps: requests / secs,
-            p50_ms: quantile(&delta, 0.50),
-            p95_ms: quantile(&delta, 0.95),
-            p99_ms: quantile(&delta, 0.99),
-            mtls_share: (tls - tls0) / requests,
-        });
+fn le_of(labels: &Labels) -> Option<f64> {
+    match labels.get("le")?.as_str() {
+        "+Inf" | "Inf" | "inf" => Some(f64::INFINITY),
+        s => s.parse().ok(),
     }
+}
+
+#[derive(Default)]
+struct Acc {
+    total: f64,
+    ok: f64,
+    tls: f64,
+    buckets: Vec<(f64, f64)>,
+}
+
+/// Groups the window's series by `key` (None leaves a series out) and
+/// computes each group's golden metrics, busiest first.
+pub(crate) fn aggregate(w: &Window, key: impl Fn(&Labels) -> Option<String>) -> Vec<Golden> {
+    let mut groups: BTreeMap<String, Acc> = BTreeMap::new();
+    for s in &w.responses {
+        let Some(k) = key(&s.labels) else { continue };
+        let acc = groups.entry(k).or_default();
+        acc.total += s.value;
+        if s.labels.get("classification").map(String::as_str) == Some("success") {
+            acc.ok += s.value;
+        }
+        if s.labels.get("tls").map(String::as_str) == Some("true") {
+            acc.tls += s.value;
+        }
+    }
+    for s in &w.latency {
+        let (Some(k), Some(le)) = (key(&s.labels), le_of(&s.labels)) else {
+            continue;
+        };
+        if let Some(acc) = groups.get_mut(&k) {
+            match acc.buckets.iter_mut().find(|(l, _)| *l == le) {
+                Some((_, n)) => *n += s.value,
+                None => acc.buckets.push((le, s.value)),
+            }
+        }
+    }
+    let mut out: Vec<Golden> = groups
+        .into_iter()
+        .filter(|(_, a)| a.total > 0.0)
+        .map(|(name, mut a)| {
+            a.buckets.sort_by(|x, y| x.0.total_cmp(&y.0));
+            Golden {
+                name,
+                requests: a.total.round() as u64,
+                successes: a.ok.round() as u64,
+                success_rate: a.ok / a.total,
+                rps: a.total / w.seconds,
+                p50_ms: quantile(&a.buckets, 0.50),
+                p95_ms: quantile(&a.buckets, 0.95),
+                p99_ms: quantile(&a.buckets, 0.99),
+                mtls_share: a.tls / a.total,
+            }
+        })
+        .collect();
+    out.sort_by(|a, b| b.requests.cmp(&a.requests).then(a.name.cmp(&b.name)));
     out
 }
 
-pub(crate) fn table(rows: &[Golden]) -> String {
+/// A table with `header` naming the first column.
+pub(crate) fn table(header: &str, rows: &[Golden]) -> String {
+    let width = rows
+        .iter()
+        .map(|r| r.name.len())
+        .chain([header.len(), 20])
+        .max()
+        .unwrap_or(20);
     let mut out = format!(
-        "{:<9} {:<22} {:>9} {:>9} {:>8} {:>9} {:>9} {:>9} {:>6}\n",
-        "DIRECTION", "AUTHORITY", "REQUESTS", "SUCCESS", "RPS", "P50", "P95", "P99", "MTLS"
+        "{:<width$} {:>9} {:>8} {:>9} {:>9} {:>9} {:>6} {:>9}\n",
+        header, "SUCCESS", "RPS", "P50", "P95", "P99", "MTLS", "REQUESTS"
     );
     for r in rows {
         out.push_str(&format!(
-            "{:<9} {:<22} {:>9.0} {:>8.2}% {:>8.1} {:>7.1}ms {:>7.1}ms {:>7.1}ms {:>5.0}%\n",
-            r.direction,
-            r.authority,
-            r.requests,
+            "{:<width$} {:>8.2}% {:>8.1} {:>7.1}ms {:>7.1}ms {:>7.1}ms {:>5.0}% {:>9}\n",
+            r.name,
             r.success_rate * 100.0,
             r.rps,
             r.p50_ms,
             r.p95_ms,
             r.p99_ms,
-            r.mtls_share * 100.0
+            r.mtls_share * 100.0,
+            r.requests,
         ));
     }
     out
@@ -146,6 +141,7 @@ pub(crate) fn table(rows: &[Golden]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::window::Series;
 
     #[test]
     fn quantiles_interpolate_within_buckets() {
@@ -159,5 +155,51 @@ mod tests {
         assert!((quantile(&b, 0.7) - 1.5).abs() < 1e-9);
         assert!((quantile(&b, 0.95) - 3.5).abs() < 1e-9);
         assert!(quantile(&[], 0.5).is_nan());
+    }
+
+    fn series(pairs: &[(&str, &str)], value: f64) -> Series {
+        Series {
+            labels: pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            value,
+        }
+    }
+
+    #[test]
+    fn groups_count_successes_and_mutual_tls() {
+        let w = Window {
+            seconds: 10.0,
+            responses: vec![
+                series(
+                    &[("a", "x"), ("classification", "success"), ("tls", "true")],
+                    90.0,
+                ),
+                series(
+                    &[
+                        ("a", "x"),
+                        ("classification", "failure"),
+                        ("tls", "no_identity"),
+                    ],
+                    10.0,
+                ),
+                series(&[("a", "y"), ("classification", "success")], 5.0),
+            ],
+            latency: vec![
+                series(&[("a", "x"), ("le", "1")], 50.0),
+                series(&[("a", "x"), ("le", "2")], 100.0),
+                series(&[("a", "x"), ("le", "+Inf")], 100.0),
+            ],
+        };
+        let rows = aggregate(&w, |l| l.get("a").cloned());
+        assert_eq!(rows.len(), 2);
+        let x = &rows[0];
+        assert_eq!((x.name.as_str(), x.requests, x.successes), ("x", 100, 90));
+        assert!((x.success_rate - 0.9).abs() < 1e-9);
+        assert!((x.rps - 10.0).abs() < 1e-9);
+        assert!((x.mtls_share - 0.9).abs() < 1e-9);
+        assert!((x.p50_ms - 1.0).abs() < 1e-9);
+        assert!(rows[1].p99_ms.is_nan());
     }
 }

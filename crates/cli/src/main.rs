@@ -1,9 +1,15 @@
 //! `weft`: the operator's CLI.
 
 mod demo;
+mod edges;
 mod endpoints;
+mod fetch;
 mod golden;
 mod identity;
+mod source;
+mod stat;
+mod targets;
+mod window;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -19,9 +25,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a local demo mesh: sample HTTP/1.1, HTTP/2 and gRPC services behind
-    /// a real weft-proxy, with traffic, printing golden metrics as it goes.
+    /// Run a meshed sample application on this machine (HTTP/1.1 front end,
+    /// an HTTP and a gRPC service, all mutual TLS) with traffic, until
+    /// Ctrl-C or --duration.
     Demo(demo::Args),
+    /// Golden metrics per service (success rate, RPS, latency percentiles,
+    /// mTLS share), or per edge with --to/--from.
+    Stat(stat::Args),
+    /// Who talks to whom, with the identities each side proved.
+    Edges(edges::Args),
     /// Show what discovery says about a service now (the control plane's
     /// Destination view).
     Endpoints(endpoints::Args),
@@ -34,15 +46,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // Offline commands need no runtime.
     let command = match cli.command {
-        Command::Identity(c) => {
-            return match identity::run(c) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("weft: {e:#}");
-                    ExitCode::from(2)
-                }
-            };
-        }
+        Command::Identity(c) => return exit(identity::run(c)),
         other => other,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -58,12 +62,19 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match command {
             Command::Demo(args) => demo::run(args).await,
+            Command::Stat(args) => stat::run(args).await,
+            Command::Edges(args) => edges::run(args).await,
             Command::Endpoints(args) => endpoints::run(args).await,
             Command::Identity(_) => Ok(()),
         }
     });
     // Background tasks (traffic, servers) must not hold the exit.
     runtime.shutdown_timeout(Duration::from_secs(1));
+    exit(result)
+}
+
+/// Errors print their whole cause chain.
+fn exit(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -7,82 +7,10 @@ use std::time::{Duration, Instant, SystemTime};
 use weft_test_support::backend::Backend;
 use weft_test_support::client::Conn;
 use weft_test_support::control::Control;
-use weft_test_support::mesh::MeshCa;
+use weft_test_support::mesh::{Mesh, MeshCa, api_destination, meshed, start_proxy};
 use weft_test_support::metrics::scrape;
 use weft_test_support::proxy::Proxy;
-use weft_test_support::{DestinationsFile, workspace_binary};
-
-/// A meshed proxy's environment.
-fn meshed(ca: &MeshCa, control: &Control, name: &str) -> anyhow::Result<Vec<(String, String)>> {
-    Ok(vec![
-        ("WEFT_PROXY_CONTROL_ADDR".into(), control.grpc.to_string()),
-        ("WEFT_PROXY_IDENTITY_NAME".into(), name.into()),
-        (
-            "WEFT_PROXY_IDENTITY_TOKEN_FILE".into(),
-            ca.token_file(name)?,
-        ),
-        ("WEFT_PROXY_TRUST_ANCHORS".into(), ca.anchors()),
-    ])
-}
-
-async fn start_proxy(env: &[(String, String)]) -> anyhow::Result<Proxy> {
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    Proxy::start(&workspace_binary("weft-proxy")?, &env).await
-}
-
-fn api_destination(addr: std::net::SocketAddr, identity: &str) -> String {
-    format!(
-        "destinations:\n  \"api.demo:8080\":\n    endpoints:\n      - addr: {addr}\n        identity: {identity}\n"
-    )
-}
-
-/// A control plane, the `api` service behind a meshed proxy, and a meshed
-/// client-side proxy for `web`.
-struct Mesh {
-    ca: MeshCa,
-    dests: DestinationsFile,
-    control: Control,
-    backend: Backend,
-    server: Proxy,
-    client: Proxy,
-}
-
-impl Mesh {
-    async fn start() -> anyhow::Result<Self> {
-        let ca = MeshCa::new()?;
-        let dests = DestinationsFile::from_yaml("destinations: {}\n")?;
-        let control = Control::start(
-            &workspace_binary("weft-control")?,
-            &[
-                "--destinations",
-                &dests.path_str(),
-                "--identity-dir",
-                &ca.dir_str(),
-            ],
-        )
-        .await?;
-        let backend = Backend::start("api").await?;
-        let mut env = meshed(&ca, &control, "api.demo")?;
-        env.push((
-            "WEFT_PROXY_INBOUND_FORWARD".into(),
-            backend.addr.to_string(),
-        ));
-        let server = start_proxy(&env).await?;
-        dests.write_yaml(&api_destination(server.inbound, "api.demo"))?;
-        // The control plane polls the file every 250 ms; a proxy asking
-        // before then would rightly be told the name does not exist.
-        tokio::time::sleep(Duration::from_millis(400)).await;
-        let client = start_proxy(&meshed(&ca, &control, "web.demo")?).await?;
-        Ok(Self {
-            ca,
-            dests,
-            control,
-            backend,
-            server,
-            client,
-        })
-    }
-}
+use weft_test_support::workspace_binary;
 
 #[tokio::test]
 async fn requests_between_meshed_proxies_are_mutual_tls() -> anyhow::Result<()> {

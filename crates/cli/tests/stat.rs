@@ -1,0 +1,174 @@
+//! `weft stat` and `weft edges` run as the real binary against a real
+//! mesh (control plane, two meshed proxies, a backend failing every 4th
+//! request), checked against the requests the test actually sent.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::process::{Child, ChildStderr, Command};
+use weft_test_support::backend::Behaviour;
+use weft_test_support::client::Conn;
+use weft_test_support::mesh::Mesh;
+use weft_test_support::workspace_binary;
+
+/// A `weft` run whose window is open once it says "sampling".
+struct Run {
+    child: Child,
+    stderr: BufReader<ChildStderr>,
+    said: String,
+}
+
+impl Run {
+    async fn start(args: &[&str]) -> anyhow::Result<Self> {
+        let mut child = Command::new(workspace_binary("weft")?)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        let stderr = BufReader::new(child.stderr.take().context("no stderr")?);
+        let mut run = Self {
+            child,
+            stderr,
+            said: String::new(),
+        };
+        let mut line = String::new();
+        while !run.said.contains("sampling") {
+            line.clear();
+            let n = tokio::time::timeout(Duration::from_secs(20), run.stderr.read_line(&mut line))
+                .await??;
+            anyhow::ensure!(n > 0, "weft {args:?} ended first: {}", run.said);
+            run.said.push_str(&line);
+        }
+        Ok(run)
+    }
+
+    async fn finish(mut self) -> anyhow::Result<(String, String)> {
+        let mut rest = String::new();
+        self.stderr.read_to_string(&mut rest).await?;
+        self.said.push_str(&rest);
+        let out = self.child.wait_with_output().await?;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        anyhow::ensure!(out.status.success(), "{stdout}\n{}", self.said);
+        Ok((stdout, self.said))
+    }
+}
+
+/// The targets file for the mesh's two proxies, plus one that is not there.
+fn targets(mesh: &Mesh) -> anyhow::Result<tempfile::NamedTempFile> {
+    let file = tempfile::NamedTempFile::new()?;
+    let groups = serde_json::json!([
+        {"targets": [mesh.client.admin.to_string()], "labels": {"workload": "web.demo", "identity": "web.demo"}},
+        {"targets": [mesh.server.admin.to_string()], "labels": {"workload": "api.demo", "identity": "api.demo"}},
+        {"targets": ["127.0.0.1:1"], "labels": {"workload": "gone.demo"}},
+    ]);
+    std::fs::write(file.path(), serde_json::to_vec(&groups)?)?;
+    Ok(file)
+}
+
+fn row<'a>(json: &'a serde_json::Value, name: &str) -> anyhow::Result<&'a serde_json::Value> {
+    json["rows"]
+        .as_array()
+        .and_then(|rows| rows.iter().find(|r| r["name"] == name))
+        .with_context(|| format!("no row {name} in {json}"))
+}
+
+#[tokio::test]
+async fn stat_and_edges_report_the_requests_sent() -> anyhow::Result<()> {
+    let mesh = Mesh::start_with(Behaviour {
+        delay: Duration::ZERO,
+        fail_every: Some(4),
+    })
+    .await?;
+    let file = targets(&mesh)?;
+    let t = file.path().to_string_lossy().into_owned();
+    let mut conn = Conn::connect(mesh.client.outbound, false).await?;
+    // Warm: certificates, discovery and connections are in place before
+    // the windows open, so every counted request is one the test sent.
+    conn.get("api.demo:8080", "/").await?;
+
+    let window = ["-t", "4s", "-o", "json", "--targets", &t];
+    let service = Run::start(&[&["stat"][..], &window].concat()).await?;
+    let edge =
+        Run::start(&[&["stat", "web.demo", "--to", "api.demo"][..], &window].concat()).await?;
+    let from =
+        Run::start(&[&["stat", "api.demo", "--from", "web.demo"][..], &window].concat()).await?;
+    let edges = Run::start(&[&["edges"][..], &window].concat()).await?;
+
+    let (mut sent, mut ok) = (0u64, 0u64);
+    for _ in 0..40 {
+        let (status, _, _) = conn.get("api.demo:8080", "/").await?;
+        sent += 1;
+        ok += u64::from(status.is_success());
+    }
+    assert!(
+        ok < sent && ok > 0,
+        "the backend fails every 4th: {ok}/{sent}"
+    );
+
+    let (stdout, said) = service.finish().await?;
+    assert!(
+        said.contains("skipping proxy 127.0.0.1:1 (gone.demo)"),
+        "a stopped proxy is reported: {said}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&stdout)?;
+    let r = row(&json, "api.demo:8080")?;
+    assert_eq!(r["requests"], sent, "{r}");
+    assert_eq!(r["successes"], ok, "{r}");
+    assert_eq!(r["mtls_share"], 1.0, "{r}");
+    let rps = r["rps"].as_f64().unwrap_or(0.0);
+    let secs = json["window_seconds"].as_f64().unwrap_or(0.0);
+    assert!(
+        (rps * secs - sent as f64).abs() < 0.01 && secs >= 4.0,
+        "{json}"
+    );
+    assert!(r["p50_ms"].as_f64().is_some_and(|p| p > 0.0), "{r}");
+
+    for run in [edge, from] {
+        let (stdout, _) = run.finish().await?;
+        let json: serde_json::Value = serde_json::from_str(&stdout)?;
+        let r = row(&json, "web.demo -> api.demo:8080")?;
+        assert_eq!(
+            (&r["requests"], &r["successes"]),
+            (&sent.into(), &ok.into()),
+            "{r}"
+        );
+    }
+
+    let (stdout, _) = edges.finish().await?;
+    let rows: serde_json::Value = serde_json::from_str(&stdout)?;
+    let expected = serde_json::json!([{
+        "src": "web.demo", "dst": "api.demo:8080",
+        "client_id": "web.demo", "server_id": "api.demo",
+        "requests": sent, "secured": true,
+    }]);
+    let got: Vec<serde_json::Value> = rows
+        .as_array()
+        .context("edges is a list")?
+        .iter()
+        .map(|r| {
+            let mut r = r.clone();
+            r.as_object_mut().map(|o| o.remove("rps"));
+            r
+        })
+        .collect();
+    assert_eq!(serde_json::Value::from(got), expected);
+    Ok(())
+}
+
+#[tokio::test]
+async fn stat_without_targets_says_what_to_do() -> anyhow::Result<()> {
+    let out = Command::new(workspace_binary("weft")?)
+        .args(["stat", "--targets", "/nonexistent/targets.json"])
+        .output()
+        .await?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("/nonexistent/targets.json") && stderr.contains("weft demo"),
+        "{stderr}"
+    );
+    Ok(())
+}
