@@ -12,6 +12,7 @@ pub mod grpc;
 pub mod mesh;
 pub mod metrics;
 pub mod process;
+pub mod prometheus;
 pub mod proxy;
 pub mod tcp;
 
