@@ -13,9 +13,15 @@ use linkerd2_proxy_api::destination::{GetDestination, WeightedAddr, protocol_hin
 pub(crate) struct Args {
     /// The authority a client would use, e.g. api.demo:8080.
     service: String,
-    /// The control plane's gRPC address.
-    #[arg(long, env = "WEFT_CONTROL_ADDR", default_value = "127.0.0.1:8086")]
-    control: String,
+    /// The control plane's gRPC address [default: from the targets file,
+    /// else 127.0.0.1:8086]
+    #[arg(long, env = "WEFT_CONTROL_ADDR")]
+    control: Option<String>,
+    /// A targets file naming the control plane (group labelled
+    /// role=control, gRPC address in label `grpc`) [default: the file
+    /// `weft demo` writes]
+    #[arg(long, env = "WEFT_TARGETS", value_name = "FILE")]
+    targets: Option<std::path::PathBuf>,
     #[arg(long, short = 'o', value_parser = ["table", "json"], default_value = "table")]
     output: String,
 }
@@ -41,12 +47,23 @@ struct View {
 const SETTLE: Duration = Duration::from_millis(200);
 
 pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
-    let url = format!("http://{}", args.control);
+    let control = args.control.clone().unwrap_or_else(|| {
+        // No targets file is fine here: the default address may be right.
+        let path = args
+            .targets
+            .clone()
+            .unwrap_or_else(crate::targets::default_path);
+        let listed = crate::targets::load(&path).unwrap_or_default();
+        crate::targets::control_of(&listed)
+            .0
+            .unwrap_or_else(|| crate::targets::DEFAULT_CONTROL.into())
+    });
+    let url = format!("http://{control}");
     let channel = tonic::transport::Endpoint::from_shared(url.clone())?
         .connect_timeout(Duration::from_secs(3))
         .connect()
         .await
-        .with_context(|| format!("connecting to the control plane at {}", args.control))?;
+        .with_context(|| format!("connecting to the control plane at {control}"))?;
     let mut client = DestinationClient::new(channel);
     let mut stream = client
         .get(GetDestination {

@@ -11,7 +11,6 @@ use hyper_util::rt::TokioIo;
 pub(crate) struct Fetched {
     pub status: http::StatusCode,
     /// From the `Date` header, when the server sent one.
-    #[allow(dead_code)] // read by `weft check`, next
     pub date: Option<SystemTime>,
     pub body: String,
 }

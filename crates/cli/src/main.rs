@@ -1,5 +1,6 @@
 //! `weft`: the operator's CLI.
 
+mod check;
 mod demo;
 mod edges;
 mod endpoints;
@@ -34,6 +35,9 @@ enum Command {
     Stat(stat::Args),
     /// Who talks to whom, with the identities each side proved.
     Edges(edges::Args),
+    /// Check the control plane, the mesh's certificates and every proxy,
+    /// saying what to do about each problem.
+    Check(check::Args),
     /// Show what discovery says about a service now (the control plane's
     /// Destination view).
     Endpoints(endpoints::Args),
@@ -64,6 +68,7 @@ fn main() -> ExitCode {
             Command::Demo(args) => demo::run(args).await,
             Command::Stat(args) => stat::run(args).await,
             Command::Edges(args) => edges::run(args).await,
+            Command::Check(args) => check::run(args).await,
             Command::Endpoints(args) => endpoints::run(args).await,
             Command::Identity(_) => Ok(()),
         }

@@ -42,6 +42,19 @@ impl Target {
     }
 }
 
+/// weft-control's default listen addresses.
+pub(crate) const DEFAULT_CONTROL: &str = "127.0.0.1:8086";
+pub(crate) const DEFAULT_CONTROL_ADMIN: &str = "127.0.0.1:9990";
+
+/// The control plane's gRPC and admin addresses, if the targets list it.
+pub(crate) fn control_of(listed: &[Target]) -> (Option<String>, Option<String>) {
+    let entry = listed.iter().find(|t| t.is_control());
+    (
+        entry.and_then(|t| t.labels.get("grpc").cloned()),
+        entry.map(|t| t.admin.to_string()),
+    )
+}
+
 /// Where `weft demo` writes its targets, and where other commands look
 /// when neither `--targets` nor `WEFT_TARGETS` says otherwise.
 pub(crate) fn default_path() -> PathBuf {

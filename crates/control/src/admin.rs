@@ -1,4 +1,4 @@
-//! The admin port: `/ready`, `/live` and `/metrics`.
+//! The admin port: `/ready`, `/live`, `/metrics` and `/identity`.
 
 use std::convert::Infallible;
 
@@ -11,6 +11,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::identity::IdentityView;
 use crate::metrics::Metrics;
 
 fn reply(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
@@ -23,7 +24,11 @@ fn reply(status: StatusCode, content_type: &'static str, body: String) -> Respon
     rsp
 }
 
-fn handle(metrics: &Metrics, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+fn handle(
+    metrics: &Metrics,
+    identity: Option<&IdentityView>,
+    req: &Request<Incoming>,
+) -> Response<Full<Bytes>> {
     const PLAIN: &str = "text/plain; charset=utf-8";
     match req.uri().path() {
         // The gRPC listener is bound before the admin one, so answering at
@@ -42,15 +47,29 @@ fn handle(metrics: &Metrics, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 "cannot encode metrics\n".into(),
             ),
         },
+        "/identity" => match identity.map(IdentityView::to_json) {
+            Some(Ok(body)) => reply(StatusCode::OK, "application/json", body),
+            Some(Err(e)) => reply(StatusCode::INTERNAL_SERVER_ERROR, PLAIN, format!("{e}\n")),
+            None => reply(
+                StatusCode::NOT_FOUND,
+                PLAIN,
+                "this control plane runs without --identity-dir\n".into(),
+            ),
+        },
         _ => reply(
             StatusCode::NOT_FOUND,
             PLAIN,
-            "not found; try /ready, /live or /metrics\n".into(),
+            "not found; try /ready, /live, /metrics or /identity\n".into(),
         ),
     }
 }
 
-pub async fn serve(listener: TcpListener, metrics: Metrics, shutdown: CancellationToken) {
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Metrics,
+    identity: Option<IdentityView>,
+    shutdown: CancellationToken,
+) {
     loop {
         let stream = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -64,9 +83,10 @@ pub async fn serve(listener: TcpListener, metrics: Metrics, shutdown: Cancellati
             },
         };
         let metrics = metrics.clone();
+        let identity = identity.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
-                let rsp = handle(&metrics, &req);
+                let rsp = handle(&metrics, identity.as_ref(), &req);
                 async move { Ok::<_, Infallible>(rsp) }
             });
             let _ = hyper::server::conn::http1::Builder::new()

@@ -30,7 +30,44 @@ pub enum IdentityError {
     TokenKey { path: PathBuf, reason: String },
 }
 
+/// What the control plane signs with now, for `/identity` on the admin
+/// port: operators (and `weft check`) see the issuer actually in use, not
+/// only what the files say.
+#[derive(Clone)]
+pub struct IdentityView {
+    issuer: Arc<ArcSwap<Issuer>>,
+    anchor_path: PathBuf,
+}
+
+#[derive(serde::Serialize)]
+struct IdentityJson {
+    /// The trust anchors file as it is now, PEM.
+    anchors_pem: String,
+    /// The issuer in use, PEM.
+    issuer_pem: String,
+}
+
+impl IdentityView {
+    pub fn to_json(&self) -> Result<String, String> {
+        let anchors_pem = std::fs::read_to_string(&self.anchor_path)
+            .map_err(|e| format!("reading {}: {e}", self.anchor_path.display()))?;
+        let issuer_pem = weft_identity::to_pem(self.issuer.load().cert());
+        serde_json::to_string_pretty(&IdentityJson {
+            anchors_pem,
+            issuer_pem,
+        })
+        .map_err(|e| e.to_string())
+    }
+}
+
 impl IdentityService {
+    pub fn view(&self, dir: &CaDir) -> IdentityView {
+        IdentityView {
+            issuer: self.issuer.clone(),
+            anchor_path: dir.anchor_cert(),
+        }
+    }
+
     /// Loads the issuer and token key from `dir` and follows issuer
     /// rotations: a new issuer is used for the next CSR.
     pub fn load(

@@ -62,13 +62,19 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     }
     let discovery = discovery::Discovery::new(backends);
     let identity = match &config.identity_dir {
-        Some(dir) => Some(identity::IdentityService::load(
-            weft_identity::CaDir::new(dir),
-            config.leaf_lifetime,
-            metrics.clone(),
-        )?),
+        Some(dir) => {
+            let dir = weft_identity::CaDir::new(dir);
+            let service = identity::IdentityService::load(
+                dir.clone(),
+                config.leaf_lifetime,
+                metrics.clone(),
+            )?;
+            let view = service.view(&dir);
+            Some((service, view))
+        }
         None => None,
     };
+    let (identity, view) = identity.unzip();
 
     let grpc = bind(config.listen).await?;
     let admin = bind(config.admin_listen).await?;
@@ -84,7 +90,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         "weft-control listening grpc={grpc_addr} admin={admin_addr} identity={}",
         identity.is_some()
     );
-    tokio::spawn(admin::serve(admin, metrics.clone(), shutdown.clone()));
+    tokio::spawn(admin::serve(admin, metrics.clone(), view, shutdown.clone()));
 
     let router = tonic::transport::Server::builder()
         // Proxies hold one long-lived connection; keep-alives find dead ones.

@@ -81,6 +81,13 @@ impl CaDir {
     /// Replaces the issuer with a new one signed by the same anchor: leaves
     /// from either chain to the anchor, so rotation fails no handshake.
     pub fn rotate_issuer(&self, trust_domain: &Name) -> Result<(), CaError> {
+        self.rotate_issuer_at(trust_domain, SystemTime::now())
+    }
+
+    /// [`Self::rotate_issuer`] as if it ran at `now`: the new issuer is
+    /// valid for [`ISSUER_LIFETIME`] from then (tests use a past `now` to
+    /// make an issuer that is about to expire, or has).
+    pub fn rotate_issuer_at(&self, trust_domain: &Name, now: SystemTime) -> Result<(), CaError> {
         let anchor_pem = files::read(&self.anchor_cert())?;
         let key_pem = files::read(&self.anchor_key())?;
         let key = KeyPair::from_pem(&key_pem).map_err(|e| CaError::Invalid {
@@ -92,7 +99,7 @@ impl CaDir {
                 path: self.anchor_cert(),
                 reason: format!("not a PEM CA certificate: {e}"),
             })?;
-        self.write_issuer(trust_domain, &anchor, SystemTime::now())
+        self.write_issuer(trust_domain, &anchor, now)
     }
 
     fn write_issuer(

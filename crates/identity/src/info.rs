@@ -59,3 +59,8 @@ pub fn verify_signed_by(child: &[u8], parent: &[u8]) -> Result<(), String> {
         .verify_signature(Some(parent.public_key()))
         .map_err(|_| format!("{} is not signed by {}", child.subject(), parent.subject()))
 }
+
+/// A DER certificate as PEM text.
+pub fn to_pem(der: &[u8]) -> String {
+    pem::encode(&pem::Pem::new("CERTIFICATE", der.to_vec()))
+}

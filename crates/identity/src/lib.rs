@@ -15,7 +15,7 @@ pub use ca::{
     ANCHOR_LIFETIME, CaDir, CsrError, ISSUER_LIFETIME, Issuer, LEAF_LIFETIME, Leaf, new_csr,
 };
 pub use files::{CaError, parse_pem_certs, read_pem_certs};
-pub use info::{CertInfo, verify_signed_by};
+pub use info::{CertInfo, to_pem, verify_signed_by};
 pub use name::{Name, NameError};
 pub use token::{TokenError, TokenKey};
 
