@@ -10,6 +10,7 @@ mod identity;
 mod source;
 mod stat;
 mod targets;
+mod top;
 mod window;
 
 use std::process::ExitCode;
@@ -33,6 +34,8 @@ enum Command {
     /// Golden metrics per service (success rate, RPS, latency percentiles,
     /// mTLS share), or per edge with --to/--from.
     Stat(stat::Args),
+    /// The busiest routes (method and path, gRPC method), live.
+    Top(top::Args),
     /// Who talks to whom, with the identities each side proved.
     Edges(edges::Args),
     /// Check the control plane, the mesh's certificates and every proxy,
@@ -68,6 +71,7 @@ fn main() -> ExitCode {
             Command::Demo(args) => demo::run(args).await,
             Command::Stat(args) => stat::run(args).await,
             Command::Edges(args) => edges::run(args).await,
+            Command::Top(args) => top::run(args).await,
             Command::Check(args) => check::run(args).await,
             Command::Endpoints(args) => endpoints::run(args).await,
             Command::Identity(_) => Ok(()),

@@ -2,58 +2,19 @@
 //! mesh (control plane, two meshed proxies, a backend failing every 4th
 //! request), checked against the requests the test actually sent.
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
-use tokio::process::{Child, ChildStderr, Command};
+use tokio::process::Command;
 use weft_test_support::backend::Behaviour;
+use weft_test_support::cli::Started;
 use weft_test_support::client::Conn;
 use weft_test_support::mesh::Mesh;
 use weft_test_support::workspace_binary;
 
-/// A `weft` run whose window is open once it says "sampling".
-struct Run {
-    child: Child,
-    stderr: BufReader<ChildStderr>,
-    said: String,
-}
-
-impl Run {
-    async fn start(args: &[&str]) -> anyhow::Result<Self> {
-        let mut child = Command::new(workspace_binary("weft")?)
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()?;
-        let stderr = BufReader::new(child.stderr.take().context("no stderr")?);
-        let mut run = Self {
-            child,
-            stderr,
-            said: String::new(),
-        };
-        let mut line = String::new();
-        while !run.said.contains("sampling") {
-            line.clear();
-            let n = tokio::time::timeout(Duration::from_secs(20), run.stderr.read_line(&mut line))
-                .await??;
-            anyhow::ensure!(n > 0, "weft {args:?} ended first: {}", run.said);
-            run.said.push_str(&line);
-        }
-        Ok(run)
-    }
-
-    async fn finish(mut self) -> anyhow::Result<(String, String)> {
-        let mut rest = String::new();
-        self.stderr.read_to_string(&mut rest).await?;
-        self.said.push_str(&rest);
-        let out = self.child.wait_with_output().await?;
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        anyhow::ensure!(out.status.success(), "{stdout}\n{}", self.said);
-        Ok((stdout, self.said))
-    }
+/// `weft ARGS`, once its window is open.
+async fn sampling(args: &[&str]) -> anyhow::Result<Started> {
+    Started::run(&workspace_binary("weft")?, args, "sampling").await
 }
 
 /// The targets file for the mesh's two proxies, plus one that is not there.
@@ -90,12 +51,11 @@ async fn stat_and_edges_report_the_requests_sent() -> anyhow::Result<()> {
     conn.get("api.demo:8080", "/").await?;
 
     let window = ["-t", "4s", "-o", "json", "--targets", &t];
-    let service = Run::start(&[&["stat"][..], &window].concat()).await?;
-    let edge =
-        Run::start(&[&["stat", "web.demo", "--to", "api.demo"][..], &window].concat()).await?;
+    let service = sampling(&[&["stat"][..], &window].concat()).await?;
+    let edge = sampling(&[&["stat", "web.demo", "--to", "api.demo"][..], &window].concat()).await?;
     let from =
-        Run::start(&[&["stat", "api.demo", "--from", "web.demo"][..], &window].concat()).await?;
-    let edges = Run::start(&[&["edges"][..], &window].concat()).await?;
+        sampling(&[&["stat", "api.demo", "--from", "web.demo"][..], &window].concat()).await?;
+    let edges = sampling(&[&["edges"][..], &window].concat()).await?;
 
     let (mut sent, mut ok) = (0u64, 0u64);
     for _ in 0..40 {

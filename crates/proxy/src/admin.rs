@@ -1,4 +1,5 @@
-//! The admin server: metrics, readiness, liveness and a config dump.
+//! The admin server: metrics, readiness, liveness, a config dump and the
+//! live request tap.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -7,7 +8,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body::Frame;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
@@ -16,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::tap::{Listener, Next};
 
 pub struct Admin {
     pub metrics: Metrics,
@@ -25,20 +29,45 @@ pub struct Admin {
     pub tls: Option<Arc<crate::tls::Tls>>,
 }
 
+type AdminBody = UnsyncBoxBody<Bytes, Infallible>;
+
 fn text(
     status: StatusCode,
     content_type: &'static str,
     body: impl Into<Bytes>,
-) -> Response<Full<Bytes>> {
-    let mut rsp = Response::new(Full::new(body.into()));
+) -> Response<AdminBody> {
+    let mut rsp = Response::new(Full::new(body.into()).boxed_unsync());
     *rsp.status_mut() = status;
     rsp.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     rsp
 }
 
+/// Streams one JSON line per completed request until the client goes
+/// away; a line `{"lost":N}` says N events were dropped because the client
+/// read too slowly.
+fn tap(listener: Listener) -> Response<AdminBody> {
+    let lines = futures_util::stream::unfold(listener, |mut listener| async move {
+        let line = match listener.next().await? {
+            Next::Event(e) => {
+                let mut line = serde_json::to_vec(&*e).ok()?;
+                line.push(b'\n');
+                line
+            }
+            Next::Lost(n) => format!("{{\"lost\":{n}}}\n").into_bytes(),
+        };
+        Some((Ok(Frame::data(Bytes::from(line))), listener))
+    });
+    let mut rsp = Response::new(StreamBody::new(lines).boxed_unsync());
+    rsp.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/x-ndjson"),
+    );
+    rsp
+}
+
 impl Admin {
-    fn handle(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    fn handle(&self, req: &Request<Incoming>) -> Response<AdminBody> {
         const PLAIN: &str = "text/plain; charset=utf-8";
         if req.method() != Method::GET && req.method() != Method::HEAD {
             return text(StatusCode::METHOD_NOT_ALLOWED, PLAIN, "only GET and HEAD\n");
@@ -67,6 +96,7 @@ impl Admin {
                 }
             }
             "/live" => text(StatusCode::OK, PLAIN, "live\n"),
+            "/tap" => tap(self.metrics.tap.listen()),
             "/env.json" => match serde_json::to_vec_pretty(&self.config) {
                 Ok(body) => text(StatusCode::OK, "application/json", body),
                 Err(_) => text(
@@ -78,7 +108,7 @@ impl Admin {
             _ => text(
                 StatusCode::NOT_FOUND,
                 PLAIN,
-                "not found; try /metrics, /ready, /live or /env.json\n",
+                "not found; try /metrics, /ready, /live, /env.json or /tap\n",
             ),
         }
     }

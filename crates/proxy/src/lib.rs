@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod orig_dst;
 pub mod route;
 pub mod server;
+pub mod tap;
 pub mod tcp;
 pub mod tls;
 

@@ -18,7 +18,7 @@ const LATENCY_BUCKETS_MS: [f64; 25] = [
     1000.0, 2000.0, 3000.0, 4000.0, 5000.0, 10000.0, 20000.0, 30000.0, 40000.0, 50000.0,
 ];
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, EncodeLabelValue, serde::Serialize)]
 #[allow(non_camel_case_types)]
 pub enum Direction {
     inbound,
@@ -158,6 +158,8 @@ pub struct Metrics {
     pub response_latency_ms: Family<LatencyLabels, Histogram>,
     pub tcp: TcpMetrics,
     pub identity: IdentityMetrics,
+    /// Live per-request events; not exported, streamed from `/tap`.
+    pub tap: crate::tap::Tap,
     registry: Arc<Registry>,
 }
 
@@ -249,6 +251,7 @@ impl Metrics {
             response_latency_ms,
             tcp,
             identity,
+            tap: crate::tap::Tap::new(),
             registry: Arc::new(registry),
         }
     }

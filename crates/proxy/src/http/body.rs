@@ -14,6 +14,7 @@ use prometheus_client::metrics::family::Family;
 use weft_balance::Pending;
 
 use crate::metrics::{Classification, ResponseLabels};
+use crate::tap::Tapped;
 
 pub enum ProxyBody {
     /// Streamed from upstream, classified when it ends.
@@ -84,6 +85,7 @@ pub struct Classify {
     header_grpc_status: Option<u32>,
     grpc: bool,
     pending: Option<Pending>,
+    tapped: Option<Box<Tapped>>,
     recorded: bool,
 }
 
@@ -101,6 +103,7 @@ impl Classify {
         grpc: bool,
         response_headers: &HeaderMap,
         pending: Option<Pending>,
+        tapped: Option<Box<Tapped>>,
     ) -> Self {
         Self {
             family,
@@ -112,6 +115,7 @@ impl Classify {
             },
             grpc,
             pending,
+            tapped,
             recorded: false,
         }
     }
@@ -144,6 +148,9 @@ impl Classify {
         } else {
             Classification::failure
         };
+        if let Some(t) = self.tapped.take() {
+            t.finish(&labels);
+        }
         self.family.get_or_create(&labels).inc();
     }
 }

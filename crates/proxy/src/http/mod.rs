@@ -203,6 +203,7 @@ impl HttpContext {
     async fn handle(&self, mut req: Request<Incoming>) -> Response<ProxyBody> {
         let start = Instant::now();
         let grpc = is_grpc(&req);
+        let tapped = self.metrics.tap.start(req.method(), req.uri(), start);
         let (target, authority) = match self.target(&req).await {
             Ok(t) => t,
             Err(e) => {
@@ -210,7 +211,7 @@ impl HttpContext {
                     Ok(Some(a)) => a.to_string().into(),
                     _ => "".into(),
                 };
-                return self.fail(label, e, grpc, start, self.tls_for(None));
+                return self.fail(tapped, label, e, grpc, start, self.tls_for(None));
             }
         };
         let label: Arc<str> = match (self.direction, &authority) {
@@ -230,7 +231,7 @@ impl HttpContext {
             .inc();
 
         if req.method() == Method::CONNECT && self.version == HttpVersion::Http1 {
-            return Box::pin(self.tunnel(req, &target, label, start)).await;
+            return Box::pin(self.tunnel(req, &target, label, start, tapped)).await;
         }
 
         let upgrade = is_upgrade(&req);
@@ -241,7 +242,7 @@ impl HttpContext {
         req.headers_mut().remove(header::EXPECT);
         let authority = authority.as_ref().unwrap_or(&target.authority);
         if let Err(e) = self.prepare_uri(&mut req, authority) {
-            return self.fail(label, e, grpc, start, self.tls_for(None));
+            return self.fail(tapped, label, e, grpc, start, self.tls_for(None));
         }
 
         // Connect before committing the request: a refused or timed-out
@@ -252,10 +253,11 @@ impl HttpContext {
             attempt += 1;
             let Some((endpoint, load)) = target.pick() else {
                 let e = ProxyError::NoEndpoints(target.authority.to_string());
-                return self.fail(label, e, grpc, start, self.tls_for(None));
+                return self.fail(tapped, label, e, grpc, start, self.tls_for(None));
             };
             if is_own_listener(self.listen_addr, endpoint.addr) {
                 return self.fail(
+                    tapped,
                     label,
                     ProxyError::Loop(endpoint.addr),
                     grpc,
@@ -275,6 +277,7 @@ impl HttpContext {
                     tracing::debug!(endpoint = %endpoint.addr, attempt, error = %e, "connect failed");
                     if attempt >= attempts {
                         return self.fail(
+                            tapped,
                             label,
                             ProxyError::Connect(error_chain(&e)),
                             grpc,
@@ -298,7 +301,7 @@ impl HttpContext {
                     },
                 };
                 tracing::debug!(error = %err, "request failed");
-                return self.fail(label, err, grpc, start, tls);
+                return self.fail(tapped, label, err, grpc, start, tls);
             }
         };
         pending.observe_response();
@@ -338,6 +341,7 @@ impl HttpContext {
             grpc,
             rsp.headers(),
             Some(pending),
+            tapped,
         );
         rsp.map(|b| ProxyBody::Upstream(b, Some(classify)))
     }
@@ -393,13 +397,15 @@ impl HttpContext {
         target: &Target,
         label: Arc<str>,
         start: Instant,
+        tapped: Option<Box<crate::tap::Tapped>>,
     ) -> Response<ProxyBody> {
         let Some((endpoint, load)) = target.pick() else {
             let e = ProxyError::NoEndpoints(target.authority.to_string());
-            return self.fail(label, e, false, start, self.tls_for(None));
+            return self.fail(tapped, label, e, false, start, self.tls_for(None));
         };
         if is_own_listener(self.listen_addr, endpoint.addr) {
             return self.fail(
+                tapped,
                 label,
                 ProxyError::Loop(endpoint.addr),
                 false,
@@ -411,6 +417,7 @@ impl HttpContext {
             Ok(io) => io,
             Err(e) => {
                 return self.fail(
+                    tapped,
                     label,
                     ProxyError::Connect(error_chain(&e)),
                     false,
@@ -456,6 +463,7 @@ impl HttpContext {
 
     fn fail(
         &self,
+        tapped: Option<Box<crate::tap::Tapped>>,
         label: Arc<str>,
         err: ProxyError,
         grpc: bool,
@@ -470,15 +478,19 @@ impl HttpContext {
                 .insert(header::CONNECTION, http::HeaderValue::from_static("close"));
         }
         self.observe_latency(&label, rsp.status(), start, tls.clone());
-        let grpc_code = grpc.then(|| err.grpc_status());
-        self.count_response(
-            label,
-            rsp.status(),
-            grpc_code,
-            Classification::failure,
-            Some(err.kind()),
+        let labels = ResponseLabels {
+            direction: self.direction,
+            authority: label,
+            status_code: rsp.status().as_u16(),
+            classification: Classification::failure,
+            grpc_status_code: grpc.then(|| err.grpc_status()),
+            error: Some(err.kind()),
             tls,
-        );
+        };
+        if let Some(t) = tapped {
+            t.finish(&labels);
+        }
+        self.metrics.response_total.get_or_create(&labels).inc();
         rsp
     }
 

@@ -1,0 +1,323 @@
+//! `weft top`: the busiest routes (method and path; for gRPC, the service
+//! method) live, from every proxy's `/tap` stream.
+//!
+//! Each request passes two proxies in a mesh; by default a request is
+//! counted where it is received (inbound), which also sees clients that
+//! are not meshed.
+
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use tokio::sync::mpsc;
+
+use crate::source::Output;
+use crate::targets::{self, Target};
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct Args {
+    /// The proxies to tap: a Prometheus file_sd JSON file of admin
+    /// addresses [default: the file `weft demo` writes]
+    #[arg(long, env = "WEFT_TARGETS", value_name = "FILE")]
+    targets: Option<PathBuf>,
+    /// Count requests where they are received (inbound) or sent (outbound).
+    #[arg(long, value_enum, default_value = "inbound")]
+    direction: Direction,
+    /// How often to redraw.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    every: Duration,
+    /// Stop after this long (0: until Ctrl-C), then print the table once
+    /// more.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Rows to show.
+    #[arg(long, default_value_t = 20)]
+    limit: usize,
+    /// JSON prints only the final table.
+    #[arg(short = 'o', long, value_enum, default_value = "table")]
+    output: Output,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Direction {
+    Inbound,
+    Outbound,
+}
+
+impl Direction {
+    fn as_str(self) -> &'static str {
+        match self {
+            Direction::Inbound => "inbound",
+            Direction::Outbound => "outbound",
+        }
+    }
+}
+
+/// One line of a proxy's `/tap` stream.
+#[derive(serde::Deserialize, Debug)]
+#[serde(untagged)]
+enum Line {
+    Event(Event),
+    Lost { lost: u64 },
+}
+
+#[derive(serde::Deserialize, Debug)]
+struct Event {
+    direction: String,
+    authority: String,
+    method: String,
+    path: String,
+    #[serde(default)]
+    grpc_status: Option<u32>,
+    success: bool,
+    latency_ms: f64,
+    #[serde(default)]
+    peer_id: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub(crate) struct Route {
+    source: String,
+    destination: String,
+    /// The HTTP method, or `gRPC`.
+    method: String,
+    path: String,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct Row {
+    #[serde(flatten)]
+    route: Route,
+    count: u64,
+    successes: u64,
+    best_ms: f64,
+    worst_ms: f64,
+    last_ms: f64,
+}
+
+enum Msg {
+    Event(String, Event),
+    Lost(u64),
+}
+
+pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
+    let path = args.targets.clone().unwrap_or_else(targets::default_path);
+    let proxies: Vec<Target> = targets::load(&path)?
+        .into_iter()
+        .filter(|t| !t.is_control())
+        .collect();
+    anyhow::ensure!(!proxies.is_empty(), "{} lists no proxies", path.display());
+    let (tx, mut rx) = mpsc::channel::<Msg>(4096);
+    let mut opened = Vec::new();
+    for t in &proxies {
+        let (ok_tx, ok_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(follow(t.clone(), tx.clone(), ok_tx));
+        opened.push((t, ok_rx));
+    }
+    drop(tx);
+    let mut tapped = 0;
+    for (t, ok) in opened {
+        match tokio::time::timeout(Duration::from_secs(5), ok).await {
+            Ok(Ok(Ok(()))) => tapped += 1,
+            Ok(Ok(Err(e))) => {
+                eprintln!("weft: skipping proxy {} ({}): {e:#}", t.admin, t.workload())
+            }
+            _ => eprintln!(
+                "weft: skipping proxy {} ({}): /tap did not answer",
+                t.admin,
+                t.workload()
+            ),
+        }
+    }
+    anyhow::ensure!(
+        tapped > 0,
+        "none of the {} proxies could be tapped",
+        proxies.len()
+    );
+    eprintln!(
+        "weft: tapping {tapped} proxies ({} requests)",
+        args.direction.as_str()
+    );
+
+    let tty = std::io::stdout().is_terminal();
+    let started = Instant::now();
+    let deadline = (!args.duration.is_zero()).then(|| tokio::time::Instant::now() + args.duration);
+    let mut routes: HashMap<Route, Row> = HashMap::new();
+    let mut lost = 0u64;
+    let mut redraw = tokio::time::interval(args.every);
+    redraw.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            msg = rx.recv() => match msg {
+                Some(Msg::Event(workload, e)) => add(&mut routes, args.direction, &workload, e),
+                Some(Msg::Lost(n)) => lost += n,
+                None => { eprintln!("weft: every tap stream ended"); break; }
+            },
+            _ = redraw.tick() => {
+                if args.output == Output::Table {
+                    let table = render(&routes, args.limit, started.elapsed(), lost);
+                    if tty {
+                        // Home and clear: a live view, not a scroll.
+                        print!("\x1b[H\x1b[2J{table}");
+                    } else {
+                        println!("{table}");
+                    }
+                }
+            }
+            _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => break,
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+    match args.output {
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&sorted(&routes, args.limit))?
+        ),
+        Output::Table => println!("{}", render(&routes, args.limit, started.elapsed(), lost)),
+    }
+    Ok(())
+}
+
+fn add(routes: &mut HashMap<Route, Row>, direction: Direction, workload: &str, e: Event) {
+    if e.direction != direction.as_str() {
+        return;
+    }
+    let source = match direction {
+        Direction::Inbound => e.peer_id.unwrap_or_else(|| "(unmeshed)".into()),
+        Direction::Outbound => workload.to_string(),
+    };
+    let route = Route {
+        source,
+        destination: e.authority,
+        method: if e.grpc_status.is_some() {
+            "gRPC".into()
+        } else {
+            e.method
+        },
+        path: e.path,
+    };
+    let row = routes.entry(route.clone()).or_insert(Row {
+        route,
+        count: 0,
+        successes: 0,
+        best_ms: f64::INFINITY,
+        worst_ms: 0.0,
+        last_ms: 0.0,
+    });
+    row.count += 1;
+    row.successes += u64::from(e.success);
+    row.best_ms = row.best_ms.min(e.latency_ms);
+    row.worst_ms = row.worst_ms.max(e.latency_ms);
+    row.last_ms = e.latency_ms;
+}
+
+fn sorted(routes: &HashMap<Route, Row>, limit: usize) -> Vec<Row> {
+    let mut rows: Vec<Row> = routes.values().cloned().collect();
+    rows.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.route.cmp(&b.route)));
+    rows.truncate(limit);
+    rows
+}
+
+fn render(routes: &HashMap<Route, Row>, limit: usize, elapsed: Duration, lost: u64) -> String {
+    let rows = sorted(routes, limit);
+    let w = |f: &dyn Fn(&Row) -> usize, min: usize| rows.iter().map(f).max().unwrap_or(0).max(min);
+    let (ws, wd) = (
+        w(&|r| r.route.source.len(), 6),
+        w(&|r| r.route.destination.len(), 11),
+    );
+    let wp = w(&|r| r.route.path.len(), 4);
+    let mut out = format!(
+        "weft top: {} routes over {:.0}s{}\n{:<ws$}  {:<wd$}  {:<6}  {:<wp$}  {:>7}  {:>8}  {:>8}  {:>8}  {:>8}\n",
+        routes.len(),
+        elapsed.as_secs_f64(),
+        if lost > 0 {
+            format!(" ({lost} events lost: the tap fell behind)")
+        } else {
+            String::new()
+        },
+        "SOURCE",
+        "DESTINATION",
+        "METHOD",
+        "PATH",
+        "COUNT",
+        "SUCCESS",
+        "BEST",
+        "WORST",
+        "LAST"
+    );
+    for r in &rows {
+        out.push_str(&format!(
+            "{:<ws$}  {:<wd$}  {:<6}  {:<wp$}  {:>7}  {:>7.1}%  {:>6.1}ms  {:>6.1}ms  {:>6.1}ms\n",
+            r.route.source,
+            r.route.destination,
+            r.route.method,
+            r.route.path,
+            r.count,
+            100.0 * r.successes as f64 / r.count.max(1) as f64,
+            r.best_ms,
+            r.worst_ms,
+            r.last_ms
+        ));
+    }
+    out
+}
+
+/// Follows one proxy's `/tap`, reporting once whether it opened.
+async fn follow(
+    t: Target,
+    tx: mpsc::Sender<Msg>,
+    opened: tokio::sync::oneshot::Sender<anyhow::Result<()>>,
+) {
+    let body = match open(&t).await {
+        Ok(b) => {
+            let _ = opened.send(Ok(()));
+            b
+        }
+        Err(e) => {
+            let _ = opened.send(Err(e));
+            return;
+        }
+    };
+    let workload = t.workload();
+    let mut body = body;
+    let mut buf: Vec<u8> = Vec::new();
+    while let Some(Ok(frame)) = body.frame().await {
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        buf.extend_from_slice(&data);
+        while let Some(end) = buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=end).collect();
+            let msg = match serde_json::from_slice::<Line>(&line) {
+                Ok(Line::Event(e)) => Msg::Event(workload.clone(), e),
+                Ok(Line::Lost { lost }) => Msg::Lost(lost),
+                // A newer proxy's line this CLI does not know: skip it.
+                Err(_) => continue,
+            };
+            if tx.send(msg).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+async fn open(t: &Target) -> anyhow::Result<hyper::body::Incoming> {
+    let stream = tokio::net::TcpStream::connect(t.admin).await?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let req = http::Request::get("/tap")
+        .header(http::header::HOST, t.admin.to_string())
+        .body(Empty::<Bytes>::new())?;
+    let rsp = send.send_request(req).await.context("GET /tap")?;
+    anyhow::ensure!(
+        rsp.status().is_success(),
+        "GET /tap answered {} (an older proxy without the tap?)",
+        rsp.status()
+    );
+    Ok(rsp.into_body())
+}

@@ -1,0 +1,58 @@
+//! Running a command-line binary that says on stderr when it has started
+//! the part a test must act during (a sampling window, a tap).
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::process::{Child, ChildStderr, Command};
+
+pub struct Started {
+    child: Child,
+    stderr: BufReader<ChildStderr>,
+    said: String,
+}
+
+impl Started {
+    /// Runs `bin args` and waits until a stderr line contains `marker`.
+    pub async fn run(bin: &std::path::Path, args: &[&str], marker: &str) -> anyhow::Result<Self> {
+        let mut child = Command::new(bin)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        let stderr = BufReader::new(child.stderr.take().context("no stderr")?);
+        let mut run = Self {
+            child,
+            stderr,
+            said: String::new(),
+        };
+        let mut line = String::new();
+        while !run.said.contains(marker) {
+            line.clear();
+            let n = tokio::time::timeout(Duration::from_secs(20), run.stderr.read_line(&mut line))
+                .await
+                .with_context(|| format!("{args:?} never said {marker:?}: {}", run.said))??;
+            anyhow::ensure!(
+                n > 0,
+                "{args:?} ended before saying {marker:?}: {}",
+                run.said
+            );
+            run.said.push_str(&line);
+        }
+        Ok(run)
+    }
+
+    /// Waits for the exit, requiring success; returns stdout and stderr.
+    pub async fn finish(mut self) -> anyhow::Result<(String, String)> {
+        let mut rest = String::new();
+        self.stderr.read_to_string(&mut rest).await?;
+        self.said.push_str(&rest);
+        let out = self.child.wait_with_output().await?;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        anyhow::ensure!(out.status.success(), "{stdout}\n{}", self.said);
+        Ok((stdout, self.said))
+    }
+}
