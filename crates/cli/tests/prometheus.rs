@@ -13,6 +13,61 @@ use weft_test_support::prometheus::Prometheus;
 use weft_test_support::workspace_binary;
 
 const SHIPPED: &str = include_str!("../../../deploy/prometheus/prometheus.yml");
+const DASHBOARD: &str = include_str!("../../../deploy/grafana/weft-golden.json");
+
+/// Every query of the shipped Grafana dashboard is valid PromQL, and the
+/// golden-metric panels have data from the mesh.
+async fn dashboard_queries_work(prometheus: &Prometheus) -> anyhow::Result<()> {
+    let dashboard: serde_json::Value = serde_json::from_str(DASHBOARD)?;
+    let panels = dashboard["panels"].as_array().context("panels")?;
+    let mut checked = 0;
+    for panel in panels.iter().filter(|p| p["type"] == "timeseries") {
+        let title = panel["title"].as_str().unwrap_or("?");
+        for t in panel["targets"].as_array().context("targets")? {
+            let expr = t["expr"]
+                .as_str()
+                .context("expr")?
+                .replace("$__rate_interval", "1m")
+                .replace("$workload", ".*")
+                .replace("$service", ".*");
+            let query: String = form_urlencoded::Serializer::new(String::new())
+                .append_pair("query", &expr)
+                .finish();
+            let golden = [
+                "Success rate",
+                "Requests per second",
+                "Latency",
+                "Share of",
+                "Edge",
+            ];
+            let needs_data = golden.iter().any(|g| title.starts_with(g));
+            // rate() needs two samples after the series appeared.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+            loop {
+                let body = weft_test_support::metrics::get_text(
+                    prometheus.addr,
+                    &format!("/api/v1/query?{query}"),
+                )
+                .await
+                .with_context(|| format!("panel {title:?}: {expr}"))?;
+                let json: serde_json::Value = serde_json::from_str(&body)?;
+                assert_eq!(json["status"], "success", "{title}: {expr}: {body}");
+                let results = json["data"]["result"].as_array().map_or(0, Vec::len);
+                if !needs_data || results > 0 {
+                    break;
+                }
+                anyhow::ensure!(
+                    tokio::time::Instant::now() < deadline,
+                    "panel {title:?} has no data: {expr}: {body}"
+                );
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 10, "only {checked} queries");
+    Ok(())
+}
 
 async fn weft_stat(args: &[&str]) -> anyhow::Result<serde_json::Value> {
     let out = tokio::process::Command::new(workspace_binary("weft")?)
@@ -116,6 +171,8 @@ async fn stat_from_prometheus_matches_the_proxies_counts() -> anyhow::Result<()>
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+
+    dashboard_queries_work(&prometheus).await?;
 
     // The control plane is scraped by its own job, not as a proxy.
     let up = weft_test_support::metrics::get_text(

@@ -201,6 +201,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
 
     let stop = Arc::new(AtomicBool::new(false));
     let generators = traffic::start(client, web::WEB, rps, stop.clone());
+    step("the mesh is up and traffic is flowing");
 
     let started = Instant::now();
     let first = window::snapshots(&proxies).await;
