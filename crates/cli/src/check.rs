@@ -204,7 +204,7 @@ async fn control(report: &mut Report, grpc: &str, admin: &str) -> bool {
         Ok(e) => match e.connect_timeout(Duration::from_secs(3)).connect().await {
             Ok(_) => Ok(format!("gRPC at {grpc}")),
             Err(e) => fail(
-                format!("cannot connect to {grpc}: {}", cause(&e)),
+                format!("cannot connect to {grpc}: {:#}", anyhow::Error::new(e)),
                 "start weft-control, or pass --control ADDR (its --listen address)",
             ),
         },
@@ -228,17 +228,6 @@ async fn control(report: &mut Report, grpc: &str, admin: &str) -> bool {
     let up = ready.is_ok();
     report.push("control plane", "ready", ready);
     up
-}
-
-fn cause(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 #[derive(serde::Deserialize)]

@@ -103,6 +103,31 @@ pub(crate) fn edges(w: &crate::window::Window) -> Vec<Row> {
         .collect()
 }
 
+/// The edges as an aligned table.
+pub(crate) fn table(rows: &[Row]) -> String {
+    let w = |f: &dyn Fn(&Row) -> usize, min: usize| rows.iter().map(f).max().unwrap_or(0).max(min);
+    let (ws, wd) = (w(&|r| r.edge.src.len(), 3), w(&|r| r.edge.dst.len(), 3));
+    let wc = w(&|r| r.edge.client_id.as_deref().map_or(1, str::len), 9);
+    let wv = w(&|r| r.edge.server_id.as_deref().map_or(1, str::len), 9);
+    let mut out = format!(
+        "{:<ws$}  {:<wd$}  {:<wc$}  {:<wv$}  {:>7}  {:>8}  {:>9}\n",
+        "SRC", "DST", "CLIENT_ID", "SERVER_ID", "SECURED", "RPS", "REQUESTS"
+    );
+    for r in rows {
+        out.push_str(&format!(
+            "{:<ws$}  {:<wd$}  {:<wc$}  {:<wv$}  {:>7}  {:>8.1}  {:>9}\n",
+            r.edge.src,
+            r.edge.dst,
+            r.edge.client_id.as_deref().unwrap_or("-"),
+            r.edge.server_id.as_deref().unwrap_or("-"),
+            if r.secured { "yes" } else { "no" },
+            r.rps,
+            r.requests
+        ));
+    }
+    out
+}
+
 pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let window = args.source.window().await?;
     let rows = edges(&window);
@@ -113,30 +138,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
             window.seconds,
             args.source.name()
         ),
-        Output::Table => {
-            let w = |f: &dyn Fn(&Row) -> usize, min: usize| {
-                rows.iter().map(f).max().unwrap_or(0).max(min)
-            };
-            let (ws, wd) = (w(&|r| r.edge.src.len(), 3), w(&|r| r.edge.dst.len(), 3));
-            let wc = w(&|r| r.edge.client_id.as_deref().map_or(1, str::len), 9);
-            let wv = w(&|r| r.edge.server_id.as_deref().map_or(1, str::len), 9);
-            println!(
-                "{:<ws$}  {:<wd$}  {:<wc$}  {:<wv$}  {:>7}  {:>8}  {:>9}",
-                "SRC", "DST", "CLIENT_ID", "SERVER_ID", "SECURED", "RPS", "REQUESTS"
-            );
-            for r in &rows {
-                println!(
-                    "{:<ws$}  {:<wd$}  {:<wc$}  {:<wv$}  {:>7}  {:>8.1}  {:>9}",
-                    r.edge.src,
-                    r.edge.dst,
-                    r.edge.client_id.as_deref().unwrap_or("-"),
-                    r.edge.server_id.as_deref().unwrap_or("-"),
-                    if r.secured { "yes" } else { "no" },
-                    r.rps,
-                    r.requests
-                );
-            }
-        }
+        Output::Table => print!("{}", table(&rows)),
     }
     Ok(())
 }

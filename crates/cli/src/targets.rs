@@ -74,6 +74,11 @@ pub(crate) fn load(path: &Path) -> anyhow::Result<Vec<Target>> {
 pub(crate) fn parse(text: &str) -> anyhow::Result<Vec<Target>> {
     let groups: Vec<Group> =
         serde_json::from_str(text).context("not a file_sd JSON list of {targets, labels}")?;
+    from_groups(groups)
+}
+
+/// One target per address of each group, with the group's labels.
+pub(crate) fn from_groups(groups: Vec<Group>) -> anyhow::Result<Vec<Target>> {
     let mut out = Vec::new();
     for group in groups {
         for t in group.targets {

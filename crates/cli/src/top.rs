@@ -273,7 +273,7 @@ async fn follow(
     tx: mpsc::Sender<Msg>,
     opened: tokio::sync::oneshot::Sender<anyhow::Result<()>>,
 ) {
-    let body = match open(&t).await {
+    let mut body = match open(&t).await {
         Ok(b) => {
             let _ = opened.send(Ok(()));
             b
@@ -284,7 +284,6 @@ async fn follow(
         }
     };
     let workload = t.workload();
-    let mut body = body;
     let mut buf: Vec<u8> = Vec::new();
     while let Some(Ok(frame)) = body.frame().await {
         let Ok(data) = frame.into_data() else {

@@ -76,15 +76,7 @@ async fn check_reports_a_healthy_mesh_then_says_what_is_wrong() -> anyhow::Resul
     let mesh = Mesh::start().await?;
     let dir = tempfile::tempdir()?;
     let targets = dir.path().join("targets.json");
-    std::fs::write(
-        &targets,
-        serde_json::to_vec(&serde_json::json!([
-            {"targets": [mesh.client.admin.to_string()], "labels": {"workload": "web.demo"}},
-            {"targets": [mesh.server.admin.to_string()], "labels": {"workload": "api.demo"}},
-            {"targets": [mesh.control.admin.to_string()],
-             "labels": {"role": "control", "grpc": mesh.control.grpc.to_string()}},
-        ]))?,
-    )?;
+    mesh.write_targets(&targets, &[])?;
 
     let healthy = check(&targets).await?;
     assert_eq!(

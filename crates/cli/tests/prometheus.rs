@@ -112,16 +112,7 @@ async fn stat_from_prometheus_matches_the_proxies_counts() -> anyhow::Result<()>
     .await?;
     let dir = tempfile::tempdir()?;
     let targets = dir.path().join("targets.json");
-    std::fs::write(
-        &targets,
-        serde_json::to_vec(&serde_json::json!([
-            {"targets": [mesh.client.admin.to_string()],
-             "labels": {"role": "proxy", "workload": "web.demo", "identity": "web.demo"}},
-            {"targets": [mesh.server.admin.to_string()],
-             "labels": {"role": "proxy", "workload": "api.demo", "identity": "api.demo"}},
-            {"targets": [mesh.control.admin.to_string()], "labels": {"role": "control"}},
-        ]))?,
-    )?;
+    mesh.write_targets(&targets, &[])?;
     let config = SHIPPED
         .replace("/etc/weft/targets.json", &targets.to_string_lossy())
         .replace("scrape_interval: 10s", "scrape_interval: 1s");

@@ -17,18 +17,6 @@ async fn sampling(args: &[&str]) -> anyhow::Result<Started> {
     Started::run(&workspace_binary("weft")?, args, "sampling").await
 }
 
-/// The targets file for the mesh's two proxies, plus one that is not there.
-fn targets(mesh: &Mesh) -> anyhow::Result<tempfile::NamedTempFile> {
-    let file = tempfile::NamedTempFile::new()?;
-    let groups = serde_json::json!([
-        {"targets": [mesh.client.admin.to_string()], "labels": {"workload": "web.demo", "identity": "web.demo"}},
-        {"targets": [mesh.server.admin.to_string()], "labels": {"workload": "api.demo", "identity": "api.demo"}},
-        {"targets": ["127.0.0.1:1"], "labels": {"workload": "gone.demo"}},
-    ]);
-    std::fs::write(file.path(), serde_json::to_vec(&groups)?)?;
-    Ok(file)
-}
-
 fn row<'a>(json: &'a serde_json::Value, name: &str) -> anyhow::Result<&'a serde_json::Value> {
     json["rows"]
         .as_array()
@@ -43,7 +31,12 @@ async fn stat_and_edges_report_the_requests_sent() -> anyhow::Result<()> {
         fail_every: Some(4),
     })
     .await?;
-    let file = targets(&mesh)?;
+    // The mesh, plus a proxy that is not there.
+    let file = tempfile::NamedTempFile::new()?;
+    mesh.write_targets(
+        file.path(),
+        &[serde_json::json!({"targets": ["127.0.0.1:1"], "labels": {"workload": "gone.demo"}})],
+    )?;
     let t = file.path().to_string_lossy().into_owned();
     let mut conn = Conn::connect(mesh.client.outbound, false).await?;
     // Warm: certificates, discovery and connections are in place before

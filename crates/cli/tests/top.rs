@@ -19,13 +19,7 @@ async fn top_shows_the_routes_sent_with_their_counts() -> anyhow::Result<()> {
     .await?;
     let dir = tempfile::tempdir()?;
     let targets = dir.path().join("targets.json");
-    std::fs::write(
-        &targets,
-        serde_json::to_vec(&serde_json::json!([
-            {"targets": [mesh.client.admin.to_string()], "labels": {"workload": "web.demo"}},
-            {"targets": [mesh.server.admin.to_string()], "labels": {"workload": "api.demo"}},
-        ]))?,
-    )?;
+    mesh.write_targets(&targets, &[])?;
     let t = targets.to_string_lossy();
     let bin = workspace_binary("weft")?;
     let top = |direction: &'static str| {

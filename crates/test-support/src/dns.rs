@@ -39,14 +39,13 @@ impl Dns {
             .spawn()
             .context("starting dnsmasq (Debian package dnsmasq-base)")?;
         // Ready once it answers on TCP (it serves both).
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while tokio::net::TcpStream::connect(addr).await.is_err() {
-            anyhow::ensure!(
-                tokio::time::Instant::now() < deadline,
-                "dnsmasq never listened"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        crate::wait_until(
+            Duration::from_secs(10),
+            Duration::from_millis(20),
+            "dnsmasq never listened",
+            || async { tokio::net::TcpStream::connect(addr).await.is_ok() },
+        )
+        .await?;
         Ok(Self {
             _child: child,
             addr,

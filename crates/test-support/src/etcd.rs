@@ -37,19 +37,17 @@ impl Etcd {
             .kill_on_drop(true)
             .spawn()
             .context("starting etcd (Debian package etcd-server)")?;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-        loop {
-            if let Ok(body) = crate::metrics::get_text(client, "/health").await
-                && body.contains("true")
-            {
-                break;
-            }
-            anyhow::ensure!(
-                tokio::time::Instant::now() < deadline,
-                "etcd never became healthy"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        crate::wait_until(
+            Duration::from_secs(15),
+            Duration::from_millis(50),
+            "etcd never became healthy",
+            || async {
+                crate::metrics::get_text(client, "/health")
+                    .await
+                    .is_ok_and(|body| body.contains("true"))
+            },
+        )
+        .await?;
         Ok(Self {
             _child: child,
             _data: data,

@@ -17,6 +17,26 @@ pub mod prometheus;
 pub mod proxy;
 pub mod tcp;
 
+/// Polls `ready` every `every` until it says yes, failing with "`what`
+/// never ..." after `timeout`: how every harness waits for its process.
+pub async fn wait_until<F, Fut>(
+    timeout: std::time::Duration,
+    every: std::time::Duration,
+    what: &str,
+    mut ready: F,
+) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !ready().await {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(every).await;
+    }
+    Ok(())
+}
+
 /// Finds a binary built by this workspace next to the running executable
 /// (`target/<profile>/` or its `deps/` directory).
 pub fn workspace_binary(name: &str) -> anyhow::Result<std::path::PathBuf> {

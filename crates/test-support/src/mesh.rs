@@ -128,3 +128,28 @@ impl Mesh {
         })
     }
 }
+
+impl Mesh {
+    /// The mesh as a Prometheus file_sd targets file, the way `weft demo`
+    /// writes one: both proxies labelled with their workload and identity,
+    /// and the control plane. `extra` groups are appended.
+    pub fn write_targets(
+        &self,
+        path: &std::path::Path,
+        extra: &[serde_json::Value],
+    ) -> anyhow::Result<()> {
+        let proxy = |admin: std::net::SocketAddr, name: &str| {
+            serde_json::json!({"targets": [admin.to_string()],
+                "labels": {"role": "proxy", "workload": name, "identity": name}})
+        };
+        let mut groups = vec![
+            proxy(self.client.admin, "web.demo"),
+            proxy(self.server.admin, "api.demo"),
+            serde_json::json!({"targets": [self.control.admin.to_string()],
+                "labels": {"role": "control", "grpc": self.control.grpc.to_string()}}),
+        ];
+        groups.extend_from_slice(extra);
+        std::fs::write(path, serde_json::to_vec(&groups)?)?;
+        Ok(())
+    }
+}

@@ -33,14 +33,13 @@ impl Prometheus {
             .kill_on_drop(true)
             .spawn()
             .context("starting prometheus (Debian package prometheus)")?;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while crate::metrics::get_text(addr, "/-/ready").await.is_err() {
-            anyhow::ensure!(
-                tokio::time::Instant::now() < deadline,
-                "prometheus never became ready"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        crate::wait_until(
+            Duration::from_secs(30),
+            Duration::from_millis(100),
+            "prometheus never became ready",
+            || async { crate::metrics::get_text(addr, "/-/ready").await.is_ok() },
+        )
+        .await?;
         Ok(Self {
             _child: child,
             _data: data,

@@ -185,7 +185,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
 
     let groups = target_groups(&workloads, &control);
     targets::write(&targets_path, &groups)?;
-    let proxies: Vec<Target> = targets::parse(&serde_json::to_string(&groups)?)?
+    let proxies: Vec<Target> = targets::from_groups(groups)?
         .into_iter()
         .filter(|t| !t.is_control())
         .collect();
@@ -247,17 +247,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
             println!("\nover the whole run, per service (measured by the receiving proxies):");
             print!("{}", golden::table("SERVICE", &report.services));
             println!("\nedges (measured by the calling proxies):");
-            for e in &report.edges {
-                println!(
-                    "  {} -> {}  client {}  server {}  {} requests  {}",
-                    e.edge.src,
-                    e.edge.dst,
-                    e.edge.client_id.as_deref().unwrap_or("-"),
-                    e.edge.server_id.as_deref().unwrap_or("-"),
-                    e.requests,
-                    if e.secured { "mTLS" } else { "NOT mTLS" }
-                );
-            }
+            print!("{}", edges::table(&report.edges));
         }
     }
     if errors > 0 {

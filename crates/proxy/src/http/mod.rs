@@ -441,12 +441,16 @@ impl HttpContext {
         let tls = self.tls_for(Some(&endpoint));
         self.observe_latency(&label, StatusCode::OK, start, tls.clone());
         self.count_response(
-            label,
-            StatusCode::OK,
-            None,
-            Classification::success,
-            None,
-            tls,
+            tapped,
+            ResponseLabels {
+                direction: self.direction,
+                authority: label,
+                status_code: StatusCode::OK.as_u16(),
+                classification: Classification::success,
+                grpc_status_code: None,
+                error: None,
+                tls,
+            },
         );
         Response::new(ProxyBody::Full(Default::default()))
     }
@@ -478,19 +482,18 @@ impl HttpContext {
                 .insert(header::CONNECTION, http::HeaderValue::from_static("close"));
         }
         self.observe_latency(&label, rsp.status(), start, tls.clone());
-        let labels = ResponseLabels {
-            direction: self.direction,
-            authority: label,
-            status_code: rsp.status().as_u16(),
-            classification: Classification::failure,
-            grpc_status_code: grpc.then(|| err.grpc_status()),
-            error: Some(err.kind()),
-            tls,
-        };
-        if let Some(t) = tapped {
-            t.finish(&labels);
-        }
-        self.metrics.response_total.get_or_create(&labels).inc();
+        self.count_response(
+            tapped,
+            ResponseLabels {
+                direction: self.direction,
+                authority: label,
+                status_code: rsp.status().as_u16(),
+                classification: Classification::failure,
+                grpc_status_code: grpc.then(|| err.grpc_status()),
+                error: Some(err.kind()),
+                tls,
+            },
+        );
         rsp
     }
 
@@ -506,26 +509,12 @@ impl HttpContext {
             .observe(start.elapsed().as_secs_f64() * 1000.0);
     }
 
-    fn count_response(
-        &self,
-        label: Arc<str>,
-        status: StatusCode,
-        grpc_status_code: Option<u32>,
-        classification: Classification,
-        error: Option<&'static str>,
-        tls: TlsLabel,
-    ) {
-        self.metrics
-            .response_total
-            .get_or_create(&ResponseLabels {
-                direction: self.direction,
-                authority: label,
-                status_code: status.as_u16(),
-                classification,
-                grpc_status_code,
-                error,
-                tls,
-            })
-            .inc();
+    /// Counts a response the proxy answered itself (streamed responses are
+    /// counted by their body when it ends), and publishes it to the tap.
+    fn count_response(&self, tapped: Option<Box<crate::tap::Tapped>>, labels: ResponseLabels) {
+        if let Some(t) = tapped {
+            t.finish(&labels);
+        }
+        self.metrics.response_total.get_or_create(&labels).inc();
     }
 }
