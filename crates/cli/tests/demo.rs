@@ -123,7 +123,9 @@ async fn the_demo_mesh_works_and_the_cli_shows_it() -> anyhow::Result<()> {
         .with_context(|| format!("no JSON in:\n{stdout}"))?;
     let report: serde_json::Value = serde_json::from_str(&stdout[json_start..])?;
     let web_requests =
-        find(&report["services"], "web", |r| r["name"] == "web.demo:8080")?["requests"].clone();
+        find(&report["services"], "web", |r| r["name"] == "web.demo:8080")?["requests"]
+            .as_u64()
+            .context("requests")?;
     for (src, dst) in [
         ("traffic.demo", "web.demo:8080"),
         ("web.demo", "api.demo:8080"),
@@ -134,8 +136,12 @@ async fn the_demo_mesh_works_and_the_cli_shows_it() -> anyhow::Result<()> {
         })?;
         assert_eq!(e["secured"], true, "{e}");
         assert_eq!(e["client_id"], src, "{e}");
-        // Every front-end request makes one call to each dependency.
-        assert_eq!(e["requests"], web_requests, "{e}");
+        // Every front-end request makes one call to each dependency. The
+        // run's first scrapes happen under traffic, one proxy after another,
+        // so a request in flight then (at most one per generator worker)
+        // can count at one hop and not the other.
+        let diff = e["requests"].as_u64().unwrap_or(0).abs_diff(web_requests);
+        assert!(diff <= 4, "{e} vs {web_requests} front-end requests");
     }
     Ok(())
 }
