@@ -21,39 +21,6 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-/// etcd-client's build needs a protoc; .cargo/config.toml points PROTOC at
-/// protox in .tools/, installed here on first use.
-fn ensure_protox(cargo: &str) -> anyhow::Result<()> {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .context("xtask has no parent directory")?
-        .join(".tools");
-    if root.join("bin/protox").is_file() {
-        return Ok(());
-    }
-    eprintln!(
-        "xtask: installing protox (a protoc in Rust, for etcd-client's build) into .tools; once only"
-    );
-    let status = Command::new(cargo)
-        .args([
-            "install",
-            "protox",
-            "--version",
-            "0.10.0",
-            "--features",
-            "bin",
-            "--locked",
-            "--root",
-        ])
-        .arg(&root)
-        .status()
-        .context("running cargo install protox")?;
-    if !status.success() {
-        bail!("cargo install protox failed");
-    }
-    Ok(())
-}
-
 /// Builds every binary in release mode, then runs `weft demo`.
 fn demo(args: &[String]) -> anyhow::Result<()> {
     build_release()?;
@@ -71,7 +38,6 @@ fn demo(args: &[String]) -> anyhow::Result<()> {
 
 pub(crate) fn build_release() -> anyhow::Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    ensure_protox(&cargo)?;
     let status = Command::new(&cargo)
         .args([
             "build",

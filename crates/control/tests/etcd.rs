@@ -5,11 +5,11 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use etcd_client::{Client, PutOptions};
 use linkerd2_proxy_api::destination::destination_client::DestinationClient;
 use linkerd2_proxy_api::destination::{GetDestination, Update, WeightedAddr, update};
 use tonic::Streaming;
 use weft_control::destination::apply_update;
+use weft_registry::etcd::Etcd as EtcdClient;
 use weft_test_support::control::Control;
 use weft_test_support::etcd::Etcd;
 use weft_test_support::{DestinationsFile, workspace_binary};
@@ -42,7 +42,7 @@ async fn puts_deletes_and_expired_leases_reach_the_stream() -> anyhow::Result<()
     let etcd = Etcd::start().await?;
     let control =
         Control::start(&workspace_binary("weft-control")?, &["--etcd", &etcd.url()]).await?;
-    let mut kv = Client::connect([etcd.url()], None).await?;
+    let mut kv = EtcdClient::connect(&[etcd.url()]).await?;
     let mut dst = DestinationClient::connect(control.url()).await?;
     let mut stream = dst
         .get(GetDestination {
@@ -57,7 +57,7 @@ async fn puts_deletes_and_expired_leases_reach_the_stream() -> anyhow::Result<()
     }
     let mut state = BTreeMap::new();
 
-    kv.put(KEY_A, r#"{"identity":"api.demo"}"#, None).await?;
+    kv.put(KEY_A, r#"{"identity":"api.demo"}"#, 0).await?;
     let took = until(&mut stream, &mut state, &["10.0.0.1:4143"]).await?;
     assert!(took < Duration::from_secs(1), "put took {took:?}");
     let id = state
@@ -69,9 +69,8 @@ async fn puts_deletes_and_expired_leases_reach_the_stream() -> anyhow::Result<()
 
     // An instance under a lease nobody keeps alive disappears when it
     // expires.
-    let lease = kv.lease_grant(2, None).await?.id();
-    kv.put(KEY_B, "{}", Some(PutOptions::new().with_lease(lease)))
-        .await?;
+    let lease = kv.lease_grant(2).await?;
+    kv.put(KEY_B, "{}", lease).await?;
     until(&mut stream, &mut state, &["10.0.0.1:4143", "10.0.0.2:4143"]).await?;
     let took = until(&mut stream, &mut state, &["10.0.0.1:4143"]).await?;
     assert!(took < Duration::from_secs(4), "lease expiry took {took:?}");
@@ -80,10 +79,10 @@ async fn puts_deletes_and_expired_leases_reach_the_stream() -> anyhow::Result<()
     kv.put(
         "/weft/services/api.demo:8080/endpoints/10.0.0.3:4143",
         "{not json",
-        None,
+        0,
     )
     .await?;
-    kv.delete(KEY_A, None).await?;
+    kv.delete(KEY_A).await?;
     let took = until(&mut stream, &mut state, &[]).await?;
     assert!(took < Duration::from_secs(1), "delete took {took:?}");
     assert!(
@@ -105,14 +104,14 @@ async fn the_file_overrides_etcd_and_etcd_outages_keep_the_last_answer() -> anyh
         &["--etcd", &etcd.url(), "--destinations", &file.path_str()],
     )
     .await?;
-    let mut kv = Client::connect([etcd.url()], None).await?;
+    let mut kv = EtcdClient::connect(&[etcd.url()]).await?;
     kv.put(
         "/weft/services/web.demo:80/endpoints/10.9.9.9:4143",
         "{}",
-        None,
+        0,
     )
     .await?;
-    kv.put(KEY_A, "{}", None).await?;
+    kv.put(KEY_A, "{}", 0).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut dst = DestinationClient::connect(control.url()).await?;
     let mut web = dst

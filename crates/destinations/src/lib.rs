@@ -17,6 +17,10 @@ use weft_identity::Name;
 
 /// How often the file is checked. Changes must apply within 1 s.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
+/// A changed file is read again after this long and applied only if it
+/// reads the same: a writer still in the middle of rewriting it in place
+/// (an editor, a config tool) is not caught half-way.
+const SETTLE: Duration = Duration::from_millis(50);
 
 /// The endpoints of every statically known authority.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -56,7 +60,8 @@ pub enum DestinationsError {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileModel {
-    #[serde(default)]
+    // Required: a file without it is far more likely half-written than
+    // meant to be empty, so "no destinations" must be said explicitly.
     destinations: HashMap<String, DestinationModel>,
 }
 
@@ -89,13 +94,16 @@ impl Destinations {
             path: path.to_path_buf(),
             reason,
         };
-        let model: FileModel = if text.trim().is_empty() {
-            FileModel {
-                destinations: HashMap::new(),
-            }
-        } else {
-            serde_saphyr::from_str(text).map_err(|e| invalid(e.to_string()))?
-        };
+        let blank = text.lines().all(|l| {
+            let l = l.trim();
+            l.is_empty() || l.starts_with('#')
+        });
+        if blank {
+            return Err(invalid(
+                "the file is empty (being rewritten?); write `destinations: {}` for none".into(),
+            ));
+        }
+        let model: FileModel = serde_saphyr::from_str(text).map_err(|e| invalid(e.to_string()))?;
         let mut by_authority = HashMap::new();
         for (name, dest) in model.destinations {
             let authority: Authority = name.parse().map_err(|_| {
@@ -180,6 +188,12 @@ pub fn watch(path: PathBuf) -> Result<watch::Receiver<Arc<Destinations>>, Destin
             if text == last_text {
                 continue;
             }
+            tokio::time::sleep(SETTLE).await;
+            match tokio::fs::read_to_string(&path).await {
+                Ok(again) if again == text => {}
+                // Still changing: look again at the next tick.
+                _ => continue,
+            }
             match Destinations::parse(&path, &text) {
                 Ok(d) => {
                     tracing::info!(path = %path.display(), destinations = d.by_authority.len(), "destinations reloaded");
@@ -248,7 +262,18 @@ destinations:
     }
 
     #[test]
-    fn empty_file_is_no_destinations() {
-        assert!(parse("").expect("valid").by_authority.is_empty());
+    fn no_destinations_must_be_said_explicitly() {
+        assert!(
+            parse("destinations: {}\n")
+                .expect("valid")
+                .by_authority
+                .is_empty()
+        );
+        for half_written in ["", "\n  \n", "# weft destinations\n"] {
+            let e = parse(half_written).expect_err("empty is a bad edit");
+            assert!(e.to_string().contains("destinations: {}"), "{e}");
+        }
+        let e = parse("other: 1\n").expect_err("missing key");
+        assert!(e.to_string().contains("destinations"), "{e}");
     }
 }

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use etcd_client::{Client, GetOptions};
+use weft_registry::etcd::Etcd as EtcdClient;
 use weft_test_support::backend::Backend;
 use weft_test_support::client::Conn;
 use weft_test_support::control::Control;
@@ -43,14 +43,14 @@ async fn a_registered_proxy_is_discovered_and_leaves_on_sigterm() -> anyhow::Res
     )
     .await?;
 
-    let mut kv = Client::connect([etcd.url()], None).await?;
+    let mut kv = EtcdClient::connect(&[etcd.url()]).await?;
     let key = format!("/weft/services/api.demo:8080/endpoints/{}", server.inbound);
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let got = kv.get(key.clone(), None).await?;
-        if let Some(v) = got.kvs().first() {
-            assert_eq!(v.value_str()?, r#"{"identity":"api.demo"}"#);
-            assert!(v.lease() != 0, "registered without a lease");
+        let (_, got) = kv.get_prefix(&key).await?;
+        if let Some(v) = got.first() {
+            assert_eq!(v.value, br#"{"identity":"api.demo"}"#);
+            assert!(v.lease != 0, "registered without a lease");
             break;
         }
         anyhow::ensure!(
@@ -91,10 +91,8 @@ async fn a_registered_proxy_is_discovered_and_leaves_on_sigterm() -> anyhow::Res
     server.terminate()?;
     let started = Instant::now();
     loop {
-        let got = kv
-            .get("/weft/services/", Some(GetOptions::new().with_prefix()))
-            .await?;
-        if got.kvs().is_empty() {
+        let (_, got) = kv.get_prefix("/weft/services/").await?;
+        if got.is_empty() {
             break;
         }
         anyhow::ensure!(

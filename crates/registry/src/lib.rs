@@ -15,10 +15,13 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use etcd_client::{Client, PutOptions};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use weft_detect::Authority;
+
+pub mod etcd;
+
+use etcd::{Etcd, EtcdError};
 
 pub const DEFAULT_PREFIX: &str = "/weft/";
 /// Lease time-to-live for a registration: how long a crashed instance
@@ -101,8 +104,10 @@ pub enum RegistryError {
     Etcd {
         endpoints: Vec<String>,
         #[source]
-        source: etcd_client::Error,
+        source: EtcdError,
     },
+    #[error("etcd {endpoints:?}: the lease expired")]
+    LeaseExpired { endpoints: Vec<String> },
     #[error("encoding the endpoint value: {0}")]
     Encode(#[from] serde_json::Error),
 }
@@ -139,7 +144,7 @@ impl Registration {
         }
     }
 
-    fn err(&self) -> impl Fn(etcd_client::Error) -> RegistryError + '_ {
+    fn err(&self) -> impl Fn(EtcdError) -> RegistryError + '_ {
         |source| RegistryError::Etcd {
             endpoints: self.etcd.clone(),
             source,
@@ -148,28 +153,17 @@ impl Registration {
 
     /// One lease: grant, put, keep alive until shutdown or failure.
     async fn hold(&self, shutdown: &CancellationToken) -> Result<(), RegistryError> {
-        let mut client = Client::connect(&self.etcd, None)
-            .await
-            .map_err(self.err())?;
+        let mut client = Etcd::connect(&self.etcd).await.map_err(self.err())?;
         let ttl = self.ttl.as_secs().max(2) as i64;
-        let lease = client
-            .lease_grant(ttl, None)
-            .await
-            .map_err(self.err())?
-            .id();
+        let lease = client.lease_grant(ttl).await.map_err(self.err())?;
         let key = self.layout.endpoint_key(&self.service, self.addr);
         let value = serde_json::to_vec(&self.value)?;
         client
-            .put(
-                key.clone(),
-                value,
-                Some(PutOptions::new().with_lease(lease)),
-            )
+            .put(key.clone(), value, lease)
             .await
             .map_err(self.err())?;
-        tracing::info!(%key, lease, ttl, "registered in etcd");
-        let (mut keeper, mut responses) =
-            client.lease_keep_alive(lease).await.map_err(self.err())?;
+        tracing::info!(%key, lease, ttl, etcd = client.url(), "registered in etcd");
+        let mut keeper = client.lease_keep_alive(lease).await.map_err(self.err())?;
         let mut tick = tokio::time::interval(Duration::from_secs((ttl / 3).max(1) as u64));
         loop {
             tokio::select! {
@@ -181,14 +175,13 @@ impl Registration {
                     }
                     return Ok(());
                 }
-                _ = tick.tick() => keeper.keep_alive().await.map_err(self.err())?,
-                msg = responses.message() => match msg.map_err(self.err())? {
+                _ = tick.tick() => keeper.renew().await.map_err(self.err())?,
+                msg = keeper.message() => match msg.map_err(self.err())? {
                     // A TTL of 0 means the lease is gone (etcd restarted
                     // with lost state, or it expired): register again.
-                    Some(r) if r.ttl() > 0 => {}
-                    _ => return Err(RegistryError::Etcd {
+                    Some(r) if r.ttl > 0 => {}
+                    _ => return Err(RegistryError::LeaseExpired {
                         endpoints: self.etcd.clone(),
-                        source: etcd_client::Error::LeaseKeepAliveError("lease expired".into()),
                     }),
                 },
             }

@@ -70,43 +70,57 @@ impl Discovery {
 
     pub fn watch(&self, authority: &Authority) -> Watch {
         Watch {
-            sources: self
-                .backends
-                .iter()
-                .map(|b| (b.name(), b.watch(authority)))
-                .collect(),
+            backends: self.backends.clone(),
+            authority: authority.clone(),
+            sources: self.backends.iter().map(|_| None).collect(),
         }
     }
 }
 
-/// One authority followed across every backend.
+/// One authority followed across the backends. A backend is asked only
+/// while every backend before it says `Unknown`, so lower ones (DNS, which
+/// polls) do no work for names a higher one answers.
 pub struct Watch {
-    sources: Vec<(&'static str, watch::Receiver<Resolution>)>,
+    backends: Arc<[Arc<dyn Backend>]>,
+    authority: Authority,
+    sources: Vec<Option<watch::Receiver<Resolution>>>,
 }
 
 impl Watch {
     /// The first backend's answer that knows the name, and which backend
     /// gave it; `Pending` while a backend before it is still finding out.
     pub fn current(&mut self) -> (Option<&'static str>, Resolution) {
-        for (name, rx) in &mut self.sources {
+        let mut answer = (None, Resolution::Unknown);
+        let mut answered = false;
+        for (backend, source) in self.backends.iter().zip(self.sources.iter_mut()) {
+            if answered {
+                // Dropping the receiver tells the backend nobody here
+                // needs the name any more.
+                *source = None;
+                continue;
+            }
+            let rx = source.get_or_insert_with(|| backend.watch(&self.authority));
             let r = rx.borrow_and_update().clone();
             if r != Resolution::Unknown {
-                return (Some(name), r);
+                answer = (Some(backend.name()), r);
+                answered = true;
             }
         }
-        (None, Resolution::Unknown)
+        answer
     }
 
-    /// Waits until any backend's answer changes. Returns false when every
-    /// backend has gone away (the control plane is shutting down).
+    /// Waits until the answer of any backend asked changes. Returns false
+    /// when they have all gone away (the control plane is shutting down).
     pub async fn changed(&mut self) -> bool {
-        if self.sources.is_empty() {
-            std::future::pending::<()>().await;
-        }
-        let futures = self
+        let futures: Vec<_> = self
             .sources
             .iter_mut()
-            .map(|(_, rx)| Box::pin(rx.changed()));
+            .flatten()
+            .map(|rx| Box::pin(rx.changed()))
+            .collect();
+        if futures.is_empty() {
+            std::future::pending::<()>().await;
+        }
         let (result, _, _) = futures_util::future::select_all(futures).await;
         result.is_ok()
     }
@@ -114,6 +128,12 @@ impl Watch {
 
 /// The shared bookkeeping of a backend: one watch channel per authority
 /// anyone follows, so a thousand streams for one service cost one channel.
+///
+/// Lock order: a backend must never call into `Watches` while holding a
+/// lock of its own, because `subscribe` computes a new channel's first
+/// value (which reads the backend's state) under the channel map's lock.
+/// Backends keep their state as immutable snapshots, published by swapping
+/// a pointer before `update`/`update_all` is called.
 #[derive(Default)]
 pub struct Watches {
     senders: Mutex<HashMap<Authority, watch::Sender<Resolution>>>,
@@ -183,5 +203,73 @@ impl Watches {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A backend whose answers the test sets, counting who follows.
+    #[derive(Default)]
+    struct Scripted {
+        watches: Watches,
+        answer: Mutex<HashMap<Authority, Resolution>>,
+    }
+
+    impl Scripted {
+        fn set(&self, a: &Authority, r: Resolution) {
+            if let Ok(mut m) = self.answer.lock() {
+                m.insert(a.clone(), r.clone());
+            }
+            self.watches.update(a, r);
+        }
+    }
+
+    impl Backend for Scripted {
+        fn name(&self) -> &'static str {
+            "scripted"
+        }
+        fn watch(&self, authority: &Authority) -> watch::Receiver<Resolution> {
+            let initial = self
+                .answer
+                .lock()
+                .ok()
+                .and_then(|m| m.get(authority).cloned())
+                .unwrap_or(Resolution::Unknown);
+            self.watches.subscribe(authority, || initial)
+        }
+    }
+
+    fn known() -> Resolution {
+        Resolution::Known(Arc::new(Service::default()))
+    }
+
+    #[tokio::test]
+    async fn lower_backends_are_asked_only_for_names_the_higher_ones_do_not_know() {
+        let high = Arc::new(Scripted::default());
+        let low = Arc::new(Scripted::default());
+        let discovery = Discovery::new(vec![high.clone(), low.clone()]);
+        let a: Authority = "api.demo:8080".parse().expect("authority");
+        high.set(&a, known());
+
+        let mut w = discovery.watch(&a);
+        assert_eq!(w.current().1, known());
+        assert!(
+            !low.watches.is_followed(&a),
+            "DNS-like backend asked anyway"
+        );
+
+        // The name leaves the file: the next backend is asked now.
+        high.set(&a, Resolution::Unknown);
+        assert!(w.changed().await);
+        assert_eq!(w.current().1, Resolution::Unknown);
+        assert!(low.watches.is_followed(&a));
+
+        // Back in the file: the lower backend is let go again.
+        high.set(&a, known());
+        assert!(w.changed().await);
+        assert_eq!(w.current(), (Some("scripted"), known()));
+        assert!(!low.watches.is_followed(&a));
     }
 }
