@@ -157,7 +157,14 @@ impl Pending {
 pub const FAILURE_PENALTY: Duration = Duration::from_secs(1);
 
 impl Drop for Pending {
+    /// A request given up before its response (the client cancelled, a
+    /// timeout fired, the upstream failed) counts as a failure: a hung
+    /// endpoint must not look cheap because nothing ever finishes there.
     fn drop(&mut self) {
+        if !self.observed {
+            self.load
+                .observe(self.started.elapsed().max(FAILURE_PENALTY));
+        }
         self.load.pending.fetch_sub(1, Ordering::Relaxed);
     }
 }
@@ -184,12 +191,25 @@ mod tests {
     fn pending_counts_guards() {
         let load = Arc::new(Load::new(PeakEwmaConfig::default()));
         let base = load.cost();
-        let a = load.start();
-        let b = load.start();
+        let mut a = load.start();
+        let mut b = load.start();
         assert_eq!(load.pending(), 2);
         assert!(load.cost() > base * 2.5);
+        a.observe_response();
+        b.observe_response();
         drop(a);
         drop(b);
         assert_eq!(load.pending(), 0);
+    }
+
+    #[test]
+    fn a_request_abandoned_before_its_response_counts_as_a_failure() {
+        let load = Arc::new(Load::new(PeakEwmaConfig::default()));
+        let mut answered = load.start();
+        answered.observe_response();
+        drop(answered);
+        assert!(load.rtt_estimate() < FAILURE_PENALTY / 2);
+        drop(load.start());
+        assert!(load.rtt_estimate() >= FAILURE_PENALTY);
     }
 }

@@ -85,17 +85,26 @@ impl Authority {
     }
 }
 
+/// The longest DNS name (RFC 1035 §2.3.4, without the trailing dot), and
+/// the longest label in it.
+const MAX_HOST_LEN: usize = 253;
+const MAX_LABEL_LEN: usize = 63;
+
 /// `http` accepts any URI authority; a routing key must be a DNS name, an
 /// IPv4 address or a bracketed IPv6 address, so it renders and re-parses to
-/// itself.
+/// itself. Lengths are DNS's, so a client cannot make a metric label or a
+/// route key of arbitrary size.
 fn valid_host(host: &str) -> bool {
     if let Some(inner) = host.strip_prefix('[') {
         return inner
             .strip_suffix(']')
             .is_some_and(|ip| ip.parse::<std::net::Ipv6Addr>().is_ok());
     }
-    host.bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+    host.len() <= MAX_HOST_LEN
+        && host.split('.').all(|l| l.len() <= MAX_LABEL_LEN)
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
 }
 
 impl fmt::Display for Authority {
@@ -145,5 +154,11 @@ mod tests {
         assert!(Authority::parse("[nope]:1", 80).is_err());
         assert!("svc.test".parse::<Authority>().is_err());
         assert!("svc.test:1".parse::<Authority>().is_ok());
+        // Longer than DNS allows: refused, never a 5,000-byte label.
+        assert!(Authority::parse(&"a".repeat(5000), 80).is_err());
+        assert!(Authority::parse(&format!("{}.test", "a".repeat(64)), 80).is_err());
+        let longest = vec!["a".repeat(63); 4].join(".")[..253].to_string();
+        assert!(Authority::parse(&longest, 80).is_ok());
+        assert!(Authority::parse(&format!("{longest}a"), 80).is_err());
     }
 }

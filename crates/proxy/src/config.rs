@@ -27,6 +27,21 @@ pub const ENV_TRUST_ANCHORS: &str = "WEFT_PROXY_TRUST_ANCHORS";
 pub const ENV_REGISTER: &str = "WEFT_PROXY_REGISTER";
 pub const ENV_REGISTER_ADDR: &str = "WEFT_PROXY_REGISTER_ADDR";
 pub const ENV_ETCD: &str = "WEFT_PROXY_ETCD";
+pub const ENV_HEADER_READ_TIMEOUT: &str = "WEFT_PROXY_HEADER_READ_TIMEOUT";
+pub const ENV_HTTP2_IDLE_TIMEOUT: &str = "WEFT_PROXY_HTTP2_IDLE_TIMEOUT";
+pub const ENV_HTTP2_KEEPALIVE_INTERVAL: &str = "WEFT_PROXY_HTTP2_KEEPALIVE_INTERVAL";
+pub const ENV_HTTP2_KEEPALIVE_TIMEOUT: &str = "WEFT_PROXY_HTTP2_KEEPALIVE_TIMEOUT";
+pub const ENV_HTTP2_MAX_CONCURRENT_STREAMS: &str = "WEFT_PROXY_HTTP2_MAX_CONCURRENT_STREAMS";
+pub const ENV_MAX_HEADER_BYTES: &str = "WEFT_PROXY_MAX_HEADER_BYTES";
+pub const ENV_INBOUND_RESPONSE_TIMEOUT: &str = "WEFT_PROXY_INBOUND_RESPONSE_TIMEOUT";
+pub const ENV_TCP_IDLE_TIMEOUT: &str = "WEFT_PROXY_TCP_IDLE_TIMEOUT";
+pub const ENV_MAX_CONNECTIONS: &str = "WEFT_PROXY_MAX_CONNECTIONS";
+pub const ENV_ENDPOINT_MAX_IN_FLIGHT: &str = "WEFT_PROXY_ENDPOINT_MAX_IN_FLIGHT";
+pub const ENV_ENDPOINT_QUEUE_TIMEOUT: &str = "WEFT_PROXY_ENDPOINT_QUEUE_TIMEOUT";
+pub const ENV_DISCOVERY_IDLE_TIMEOUT: &str = "WEFT_PROXY_DISCOVERY_IDLE_TIMEOUT";
+pub const ENV_DNS_TIMEOUT: &str = "WEFT_PROXY_DNS_TIMEOUT";
+pub const ENV_INBOUND_AUTHORITIES: &str = "WEFT_PROXY_INBOUND_AUTHORITIES";
+pub const ENV_METRICS_MAX_AUTHORITIES: &str = "WEFT_PROXY_METRICS_MAX_AUTHORITIES";
 
 /// The longest the proxy may wait for a silent client before treating the
 /// connection as server-speaks-first: beyond this, protocols like SMTP and
@@ -61,6 +76,127 @@ pub struct Config {
     pub identity: Option<IdentityConfig>,
     /// Register the local service in etcd under this authority.
     pub register: Option<RegisterConfig>,
+    /// What a peer can make the proxy hold, and for how long.
+    pub limits: Limits,
+    /// Inbound authorities that get metric series of their own (besides the
+    /// proxy's identity and registered service); the rest are `other`.
+    pub inbound_authorities: Vec<AuthorityPattern>,
+}
+
+/// Bounds and timeouts on everything a remote peer can make the proxy hold.
+#[derive(Clone, Debug, Serialize)]
+pub struct Limits {
+    /// An HTTP/1 request head must arrive within this (also how long an
+    /// idle keep-alive connection is kept); an HTTP/2 connection must start
+    /// its first request within this; a client that has sent part of a
+    /// request but not enough to detect its protocol waits at most this.
+    #[serde(with = "humantime_serde_compat")]
+    pub header_read_timeout: Duration,
+    /// An HTTP/2 connection with no request in flight for this long is
+    /// closed gracefully (GOAWAY).
+    #[serde(with = "humantime_serde_compat")]
+    pub http2_idle_timeout: Duration,
+    /// HTTP/2 PINGs, both sides: how often, and how long an answer may take
+    /// before the connection is closed.
+    #[serde(with = "humantime_serde_compat")]
+    pub http2_keepalive_interval: Duration,
+    #[serde(with = "humantime_serde_compat")]
+    pub http2_keepalive_timeout: Duration,
+    /// Streams an HTTP/2 client may have open on one connection.
+    pub http2_max_concurrent_streams: u32,
+    /// Request or response header block size (HTTP/2 header list; HTTP/1
+    /// read buffer).
+    pub max_header_bytes: u32,
+    /// Inbound: how long the application may take to send response
+    /// headers; gRPC requests are bounded by their own `grpc-timeout`
+    /// instead (a stream's headers may legitimately wait for its first
+    /// message).
+    #[serde(with = "humantime_serde_compat")]
+    pub inbound_response_timeout: Duration,
+    /// Opaque TCP, CONNECT tunnels and upgraded connections with no bytes
+    /// either way for this long are closed.
+    #[serde(with = "humantime_serde_compat")]
+    pub tcp_idle_timeout: Duration,
+    /// Open connections per listener; beyond it new ones are closed at
+    /// once (logged and counted).
+    pub max_connections: usize,
+    /// Requests in flight to one endpoint (HTTP/1 connections or HTTP/2
+    /// streams); a request beyond it waits at most the queue timeout for a
+    /// slot, then gets 503.
+    pub endpoint_max_in_flight: usize,
+    #[serde(with = "humantime_serde_compat")]
+    pub endpoint_queue_timeout: Duration,
+    /// A name nobody has asked for in this long stops being followed (its
+    /// control-plane stream closed, its DNS answer forgotten).
+    #[serde(with = "humantime_serde_compat")]
+    pub discovery_idle_timeout: Duration,
+    /// A DNS lookup may take this long; a failed one is remembered for the
+    /// DNS refresh period.
+    #[serde(with = "humantime_serde_compat")]
+    pub dns_timeout: Duration,
+    /// Distinct authorities with metric series of their own, per direction;
+    /// the rest are counted as `authority="other"`.
+    pub metrics_max_authorities: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(30),
+            http2_idle_timeout: Duration::from_secs(300),
+            http2_keepalive_interval: Duration::from_secs(20),
+            http2_keepalive_timeout: Duration::from_secs(10),
+            http2_max_concurrent_streams: 256,
+            max_header_bytes: 64 * 1024,
+            inbound_response_timeout: Duration::from_secs(60),
+            tcp_idle_timeout: Duration::from_secs(3600),
+            max_connections: 10_000,
+            endpoint_max_in_flight: 1_000,
+            endpoint_queue_timeout: Duration::from_millis(500),
+            discovery_idle_timeout: Duration::from_secs(600),
+            dns_timeout: Duration::from_secs(2),
+            metrics_max_authorities: 1_000,
+        }
+    }
+}
+
+/// An inbound authority allowed its own metric series: `host`, `host:port`
+/// or `*.suffix` (any port).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub enum AuthorityPattern {
+    Exact(String),
+    Host(String),
+    Suffix(String),
+}
+
+impl AuthorityPattern {
+    fn parse(s: &str) -> Result<Self, String> {
+        let s = s.trim().to_ascii_lowercase();
+        if let Some(suffix) = s.strip_prefix("*.") {
+            if suffix.is_empty() || suffix.contains(':') {
+                return Err(format!("{s:?}: a wildcard is *.domain, with no port"));
+            }
+            return Ok(Self::Suffix(format!(".{suffix}")));
+        }
+        if s.contains(':') {
+            let a: weft_detect::Authority = s
+                .parse()
+                .map_err(|_| format!("{s:?} is not host or host:port"))?;
+            return Ok(Self::Exact(a.to_string()));
+        }
+        if s.is_empty() {
+            return Err("empty entry".into());
+        }
+        Ok(Self::Host(s))
+    }
+
+    pub fn matches(&self, authority: &weft_detect::Authority) -> bool {
+        match self {
+            Self::Exact(a) => authority.to_string() == *a,
+            Self::Host(h) => authority.bare_host() == h,
+            Self::Suffix(s) => authority.bare_host().ends_with(s.as_str()),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -97,6 +233,20 @@ pub struct InvalidVar {
 pub struct ConfigError(pub Vec<InvalidVar>);
 
 impl Config {
+    /// The inbound authorities with metric series of their own: the
+    /// configured list, plus this proxy's identity name and registered
+    /// service. Empty means "no list": every authority, up to the cap.
+    pub fn inbound_patterns(&self) -> Vec<AuthorityPattern> {
+        let mut patterns = self.inbound_authorities.clone();
+        if let Some(id) = &self.identity {
+            patterns.push(AuthorityPattern::Host(id.name.as_str().to_string()));
+        }
+        if let Some(r) = &self.register {
+            patterns.push(AuthorityPattern::Exact(r.service.to_string()));
+        }
+        patterns
+    }
+
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_vars(std::env::vars().collect())
     }
@@ -160,7 +310,18 @@ impl Config {
             }),
             identity: None,
             register: None,
+            limits: Limits::default(),
+            inbound_authorities: Vec::new(),
         };
+        config.limits = p.limits();
+        config.inbound_authorities = p
+            .optional(ENV_INBOUND_AUTHORITIES, |s| {
+                s.split(',')
+                    .filter(|e| !e.trim().is_empty())
+                    .map(AuthorityPattern::parse)
+                    .collect()
+            })
+            .unwrap_or_default();
         let service = p.optional(ENV_REGISTER, |s| {
             s.parse::<weft_detect::Authority>()
                 .map_err(|_| "must be name:port, such as api.demo:8080".to_string())
@@ -230,6 +391,87 @@ struct Parser {
 }
 
 impl Parser {
+    fn limits(&mut self) -> Limits {
+        let d = Limits::default();
+        let dur = |v: Duration| humantime::format_duration(v).to_string();
+        let duration = |p: &mut Self, name, default: Duration| {
+            p.parse(name, &dur(default), parse_positive_duration)
+                .unwrap_or(default)
+        };
+        let header_read_timeout = duration(self, ENV_HEADER_READ_TIMEOUT, d.header_read_timeout);
+        let http2_idle_timeout = duration(self, ENV_HTTP2_IDLE_TIMEOUT, d.http2_idle_timeout);
+        let http2_keepalive_interval = duration(
+            self,
+            ENV_HTTP2_KEEPALIVE_INTERVAL,
+            d.http2_keepalive_interval,
+        );
+        let http2_keepalive_timeout =
+            duration(self, ENV_HTTP2_KEEPALIVE_TIMEOUT, d.http2_keepalive_timeout);
+        let inbound_response_timeout = duration(
+            self,
+            ENV_INBOUND_RESPONSE_TIMEOUT,
+            d.inbound_response_timeout,
+        );
+        let tcp_idle_timeout = duration(self, ENV_TCP_IDLE_TIMEOUT, d.tcp_idle_timeout);
+        let endpoint_queue_timeout =
+            duration(self, ENV_ENDPOINT_QUEUE_TIMEOUT, d.endpoint_queue_timeout);
+        let discovery_idle_timeout =
+            duration(self, ENV_DISCOVERY_IDLE_TIMEOUT, d.discovery_idle_timeout);
+        let dns_timeout = duration(self, ENV_DNS_TIMEOUT, d.dns_timeout);
+        let count = |p: &mut Self, name, default: usize, min: usize, max: usize| {
+            p.parse(name, &default.to_string(), |s| match s.parse::<usize>() {
+                Ok(n) if (min..=max).contains(&n) => Ok(n),
+                _ => Err(format!("must be a whole number from {min} to {max}")),
+            })
+            .unwrap_or(default)
+        };
+        let http2_max_concurrent_streams = count(
+            self,
+            ENV_HTTP2_MAX_CONCURRENT_STREAMS,
+            d.http2_max_concurrent_streams as usize,
+            1,
+            100_000,
+        ) as u32;
+        let max_header_bytes = count(
+            self,
+            ENV_MAX_HEADER_BYTES,
+            d.max_header_bytes as usize,
+            8 * 1024,
+            16 * 1024 * 1024,
+        ) as u32;
+        let max_connections = count(self, ENV_MAX_CONNECTIONS, d.max_connections, 1, 10_000_000);
+        let endpoint_max_in_flight = count(
+            self,
+            ENV_ENDPOINT_MAX_IN_FLIGHT,
+            d.endpoint_max_in_flight,
+            1,
+            10_000_000,
+        );
+        let metrics_max_authorities = count(
+            self,
+            ENV_METRICS_MAX_AUTHORITIES,
+            d.metrics_max_authorities,
+            1,
+            1_000_000,
+        );
+        Limits {
+            header_read_timeout,
+            http2_idle_timeout,
+            http2_keepalive_interval,
+            http2_keepalive_timeout,
+            http2_max_concurrent_streams,
+            max_header_bytes,
+            inbound_response_timeout,
+            tcp_idle_timeout,
+            max_connections,
+            endpoint_max_in_flight,
+            endpoint_queue_timeout,
+            discovery_idle_timeout,
+            dns_timeout,
+            metrics_max_authorities,
+        }
+    }
+
     /// The three identity variables go together, and need a control plane
     /// to certify against.
     fn identity(&mut self, has_control: bool) -> Option<IdentityConfig> {
@@ -411,6 +653,43 @@ mod tests {
         assert_eq!(c.admin_listen.to_string(), "127.0.0.1:4191");
         assert_eq!(c.shutdown_grace, Duration::from_secs(30));
         assert!(c.detect_timeout <= MAX_DETECT_TIMEOUT);
+        assert_eq!(c.limits.max_connections, 10_000);
+        assert_eq!(c.limits.inbound_response_timeout, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn limits_and_allow_lists_are_parsed_and_named() {
+        let c = Config::from_vars(vars(&[
+            (ENV_HTTP2_IDLE_TIMEOUT, "2s"),
+            (ENV_MAX_CONNECTIONS, "500"),
+            (
+                ENV_INBOUND_AUTHORITIES,
+                "api.demo:8080, web.demo ,*.batch.demo",
+            ),
+        ]))
+        .expect("valid");
+        assert_eq!(c.limits.http2_idle_timeout, Duration::from_secs(2));
+        assert_eq!(c.limits.max_connections, 500);
+        let a = |s: &str| s.parse::<weft_detect::Authority>().expect("authority");
+        let allowed = |s: &str| c.inbound_authorities.iter().any(|p| p.matches(&a(s)));
+        assert!(allowed("api.demo:8080") && !allowed("api.demo:9090"));
+        assert!(allowed("web.demo:1") && allowed("x.batch.demo:80"));
+        assert!(!allowed("batch.demo:80") && !allowed("evil.demo:80"));
+
+        let err = Config::from_vars(vars(&[
+            (ENV_MAX_CONNECTIONS, "0"),
+            (ENV_TCP_IDLE_TIMEOUT, "0s"),
+            (ENV_INBOUND_AUTHORITIES, "*.x:80"),
+        ]))
+        .expect_err("invalid");
+        let text = err.to_string();
+        for name in [
+            ENV_MAX_CONNECTIONS,
+            ENV_TCP_IDLE_TIMEOUT,
+            ENV_INBOUND_AUTHORITIES,
+        ] {
+            assert!(text.contains(name), "{text}");
+        }
     }
 
     #[test]

@@ -4,15 +4,19 @@
 //! failed connect can be retried on another endpoint.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
+use futures_util::FutureExt;
+use futures_util::future::{BoxFuture, Shared};
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::{TrySendError, http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use weft_balance::{Load, PeakEwmaConfig};
 
 use crate::io::{CountingIo, UpstreamIo};
@@ -27,10 +31,10 @@ const HTTP1_IDLE_TIMEOUT: Duration = Duration::from_secs(50);
 /// finished connection is closed instead of pooled.
 const HTTP1_MAX_POOLED: usize = 256;
 
-/// PING an upstream HTTP/2 connection this often while it carries streams,
-/// and close it if no answer comes within the timeout.
-const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
-const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// After a failed connect an endpoint is passed over for this long,
+/// doubling with each further failure up to the maximum.
+const CONNECT_BACKOFF_MIN: Duration = Duration::from_millis(250);
+const CONNECT_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -55,6 +59,17 @@ pub enum ConnectError {
         #[source]
         source: hyper::Error,
     },
+    /// A connect shared by concurrent requests failed.
+    #[error(transparent)]
+    Shared(Arc<ConnectError>),
+}
+
+/// Every request in flight to an endpoint holds one of its slots.
+#[derive(Debug, thiserror::Error)]
+#[error("{in_flight} requests in flight and none finished within {waited:?}")]
+pub struct Saturated {
+    pub in_flight: usize,
+    pub waited: Duration,
 }
 
 /// What every endpoint of one direction shares.
@@ -66,6 +81,7 @@ pub struct EndpointSettings {
     /// This proxy's identity, when it has one: meshed endpoints are then
     /// reached over mutual TLS.
     pub tls: Option<Arc<Tls>>,
+    pub limits: Arc<crate::config::Limits>,
 }
 
 /// Connects to one fixed address, over mutual TLS when the endpoint is
@@ -136,9 +152,29 @@ pub struct Endpoint {
     pub connector: Connector,
     http1: Mutex<Vec<Pooled>>,
     http2: ArcSwapOption<http2::SendRequest<Incoming>>,
-    /// Single flight for the HTTP/2 connection: concurrent first requests
-    /// share one connect.
-    http2_connecting: tokio::sync::Mutex<()>,
+    /// Single flight for the HTTP/2 connection: concurrent requests share
+    /// one connect, and its failure.
+    http2_connecting: Mutex<Option<SharedConnect>>,
+    /// Requests in flight here (HTTP/1 connections, HTTP/2 streams).
+    slots: Arc<Semaphore>,
+    max_in_flight: usize,
+    limits: Arc<crate::config::Limits>,
+    /// Consecutive failed connects, and until when (ms since `epoch`) the
+    /// endpoint is passed over.
+    failures: AtomicU32,
+    backoff_until: AtomicU64,
+    epoch: Instant,
+}
+
+type SharedConnect =
+    Shared<BoxFuture<'static, Result<http2::SendRequest<Incoming>, Arc<ConnectError>>>>;
+
+/// A request's hold on an endpoint: its slot, released with the response
+/// body, and its balancer load.
+#[derive(Debug)]
+pub struct InFlight {
+    pub pending: weft_balance::Pending,
+    _slot: OwnedSemaphorePermit,
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -181,8 +217,72 @@ impl Endpoint {
             },
             http1: Mutex::new(Vec::new()),
             http2: ArcSwapOption::empty(),
-            http2_connecting: tokio::sync::Mutex::new(()),
+            http2_connecting: Mutex::new(None),
+            slots: Arc::new(Semaphore::new(settings.limits.endpoint_max_in_flight)),
+            max_in_flight: settings.limits.endpoint_max_in_flight,
+            limits: settings.limits.clone(),
+            failures: AtomicU32::new(0),
+            backoff_until: AtomicU64::new(0),
+            epoch: Instant::now(),
         }
+    }
+
+    /// Takes one of the endpoint's in-flight slots, waiting at most the
+    /// queue timeout for one to free up.
+    pub async fn reserve(&self, load: &Arc<weft_balance::Load>) -> Result<InFlight, Saturated> {
+        let permit = match self.slots.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                let wait = self.limits.endpoint_queue_timeout;
+                match tokio::time::timeout(wait, self.slots.clone().acquire_owned()).await {
+                    Ok(Ok(p)) => p,
+                    _ => {
+                        return Err(Saturated {
+                            in_flight: self.max_in_flight,
+                            waited: wait,
+                        });
+                    }
+                }
+            }
+        };
+        Ok(InFlight {
+            pending: load.start(),
+            _slot: permit,
+        })
+    }
+
+    /// Whether recent connects failed and the endpoint should be passed
+    /// over for now.
+    pub fn backing_off(&self) -> bool {
+        let until = self.backoff_until.load(Ordering::Relaxed);
+        until != 0 && (self.epoch.elapsed().as_millis() as u64) < until
+    }
+
+    fn connect_failed(&self) {
+        let n = self.failures.fetch_add(1, Ordering::Relaxed).min(16);
+        let backoff = CONNECT_BACKOFF_MIN
+            .saturating_mul(1 << n.min(5))
+            .min(CONNECT_BACKOFF_MAX);
+        let until = self.epoch.elapsed() + backoff;
+        self.backoff_until
+            .store(until.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn connect_succeeded(&self) {
+        if self.failures.load(Ordering::Relaxed) != 0 {
+            self.failures.store(0, Ordering::Relaxed);
+            self.backoff_until.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Connects, keeping the endpoint's connect backoff up to date.
+    pub async fn connect(&self) -> Result<UpstreamIo, ConnectError> {
+        let r = self.connector.connect().await;
+        match &r {
+            Ok(_) => self.connect_succeeded(),
+            Err(_) => self.connect_failed(),
+        }
+        r
     }
 
     /// A ready HTTP/1.1 connection: an idle pooled one, or a new one.
@@ -196,8 +296,9 @@ impl Endpoint {
     }
 
     async fn connect_http1(&self) -> Result<http1::SendRequest<Incoming>, ConnectError> {
-        let io = self.connector.connect().await?;
+        let io = self.connect().await?;
         let (send, conn) = http1::Builder::new()
+            .max_buf_size((self.limits.max_header_bytes as usize).max(8192))
             .handshake(TokioIo::new(io))
             .await
             .map_err(|source| ConnectError::Handshake {
@@ -247,32 +348,69 @@ impl Endpoint {
     }
 
     async fn connect_http2(&self) -> Result<Sender, ConnectError> {
-        let _guard = self.http2_connecting.lock().await;
-        if let Some(send) = self.live_http2() {
-            return Ok(Sender::Http2(send));
-        }
-        let io = self.connector.connect().await?;
-        let (send, conn) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .initial_stream_window_size(256 * 1024)
-            .initial_connection_window_size(1024 * 1024)
-            // A peer that vanished without a FIN would otherwise hold
-            // requests until the kernel gives up on the socket.
-            .keep_alive_interval(HTTP2_KEEPALIVE_INTERVAL)
-            .keep_alive_timeout(HTTP2_KEEPALIVE_TIMEOUT)
-            .handshake(TokioIo::new(io))
-            .await
-            .map_err(|source| ConnectError::Handshake {
-                addr: self.addr,
-                source,
-            })?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
+        let connect = {
+            let mut slot = match self.http2_connecting.lock() {
+                Ok(s) => s,
+                Err(p) => p.into_inner(),
+            };
+            if let Some(send) = self.live_http2() {
+                return Ok(Sender::Http2(send));
             }
-        });
-        self.http2.store(Some(Arc::new(send.clone())));
-        Ok(Sender::Http2(send))
+            match &*slot {
+                Some(c) => c.clone(),
+                None => {
+                    let c = self.start_http2_connect();
+                    *slot = Some(c.clone());
+                    c
+                }
+            }
+        };
+        let result = connect.clone().await;
+        if let Ok(mut slot) = self.http2_connecting.lock()
+            && slot.as_ref().is_some_and(|c| c.ptr_eq(&connect))
+        {
+            *slot = None;
+            match &result {
+                Ok(send) => {
+                    self.http2.store(Some(Arc::new(send.clone())));
+                    self.connect_succeeded();
+                }
+                Err(_) => self.connect_failed(),
+            }
+        }
+        result.map(Sender::Http2).map_err(ConnectError::Shared)
+    }
+
+    /// One connect and HTTP/2 handshake that every waiting request shares;
+    /// it owns what it needs, so it runs on even if the request that
+    /// started it is cancelled while others still wait.
+    fn start_http2_connect(&self) -> SharedConnect {
+        let connector = self.connector.clone();
+        let limits = self.limits.clone();
+        let addr = self.addr;
+        async move {
+            let io = connector.connect().await.map_err(Arc::new)?;
+            let (send, conn) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .initial_stream_window_size(256 * 1024)
+                .initial_connection_window_size(1024 * 1024)
+                .max_header_list_size(limits.max_header_bytes)
+                // A peer that vanished without a FIN would otherwise hold
+                // requests until the kernel gives up on the socket.
+                .keep_alive_interval(limits.http2_keepalive_interval)
+                .keep_alive_timeout(limits.http2_keepalive_timeout)
+                .handshake(TokioIo::new(io))
+                .await
+                .map_err(|source| Arc::new(ConnectError::Handshake { addr, source }))?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
+                }
+            });
+            Ok(send)
+        }
+        .boxed()
+        .shared()
     }
 
     fn live_http2(&self) -> Option<http2::SendRequest<Incoming>> {

@@ -225,6 +225,94 @@ impl AsyncWrite for UpstreamIo {
     }
 }
 
+/// Relays bytes both ways until either side closes, or until nothing has
+/// moved in either direction for `idle`: the one implementation of a
+/// splice, for opaque TCP, CONNECT tunnels and upgraded connections alike.
+/// Returns the bytes copied each way, or `TimedOut` when idle.
+pub async fn splice<A, B>(a: &mut A, b: &mut B, idle: std::time::Duration) -> io::Result<(u64, u64)>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    let start = tokio::time::Instant::now();
+    // Milliseconds since `start` of the last byte moved; both halves are
+    // polled by this one task, so relaxed ordering is enough.
+    let last = std::sync::atomic::AtomicU64::new(0);
+    let mut a = Active {
+        inner: a,
+        start,
+        last: &last,
+    };
+    let mut b = Active {
+        inner: b,
+        start,
+        last: &last,
+    };
+    let copy = tokio::io::copy_bidirectional(&mut a, &mut b);
+    tokio::pin!(copy);
+    loop {
+        let moved =
+            std::time::Duration::from_millis(last.load(std::sync::atomic::Ordering::Relaxed));
+        let deadline = start + moved + idle;
+        tokio::select! {
+            r = &mut copy => return r,
+            () = tokio::time::sleep_until(deadline) => {
+                let again = std::time::Duration::from_millis(last.load(std::sync::atomic::Ordering::Relaxed));
+                if again == moved {
+                    return Err(io::Error::new(io::ErrorKind::TimedOut, format!("idle for {idle:?}")));
+                }
+            }
+        }
+    }
+}
+
+/// Records when bytes last moved through it.
+struct Active<'a, T: ?Sized> {
+    inner: &'a mut T,
+    start: tokio::time::Instant,
+    last: &'a std::sync::atomic::AtomicU64,
+}
+
+impl<T: ?Sized> Active<'_, T> {
+    fn touch(&self) {
+        let ms = self.start.elapsed().as_millis() as u64;
+        self.last.store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl<T: AsyncRead + Unpin + ?Sized> AsyncRead for Active<'_, T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut *self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.touch();
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin + ?Sized> AsyncWrite for Active<'_, T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_shutdown(cx)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -132,20 +132,41 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         ));
     }
 
+    let limits = Arc::new(config.limits.clone());
     let settings = |direction, tls: Option<Arc<tls::Tls>>| EndpointSettings {
         connect_timeout: config.connect_timeout,
         tcp_metrics: metrics.tcp.clone(),
         direction,
         tls,
+        limits: limits.clone(),
     };
+    let max_authorities = config.limits.metrics_max_authorities;
+    let outbound_labels = Arc::new(metrics::AuthorityLabels::new(
+        Direction::outbound,
+        Vec::new(),
+        max_authorities,
+        &metrics.label_overflow,
+    ));
+    let inbound_labels = Arc::new(metrics::AuthorityLabels::new(
+        Direction::inbound,
+        config.inbound_patterns(),
+        max_authorities,
+        &metrics.label_overflow,
+    ));
     // Outbound connections to meshed endpoints are mutual TLS; inbound ones
     // go to the local application, in plaintext.
     let outbound_router = Router::new(
         settings(Direction::outbound, tls.clone()),
         config.dns_refresh,
         control.clone(),
+        outbound_labels.clone(),
     );
-    let inbound_router = Router::new(settings(Direction::inbound, None), config.dns_refresh, None);
+    let inbound_router = Router::new(
+        settings(Direction::inbound, None),
+        config.dns_refresh,
+        None,
+        inbound_labels.clone(),
+    );
     if let Some(path) = &config.destinations {
         let rx = destinations::watch(path.clone()).map_err(|source| RunError::Destinations {
             var: config::ENV_DESTINATIONS,
@@ -173,11 +194,21 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         tls: tls.clone(),
     });
     let admin_shutdown = CancellationToken::new();
-    tokio::spawn(admin.serve(admin_listener, admin_shutdown.clone()));
+    let admin_thread = spawn_admin(admin, admin_listener, admin_shutdown.clone())?;
 
-    for (direction, router, listener) in [
-        (Direction::outbound, outbound_router, outbound_listener),
-        (Direction::inbound, inbound_router, inbound_listener),
+    for (direction, router, listener, labels) in [
+        (
+            Direction::outbound,
+            outbound_router,
+            outbound_listener,
+            outbound_labels,
+        ),
+        (
+            Direction::inbound,
+            inbound_router,
+            inbound_listener,
+            inbound_labels,
+        ),
     ] {
         let listen_addr = listener.local_addr().map_err(|source| RunError::Bind {
             which: "local address",
@@ -195,7 +226,14 @@ pub async fn run(config: Config) -> Result<(), RunError> {
                 Direction::inbound => tls.clone(),
                 Direction::outbound => None,
             },
+            limits: limits.clone(),
+            labels,
         });
+        let name = match direction {
+            Direction::outbound => "outbound",
+            Direction::inbound => "inbound",
+        };
+        let listener = weft_listener::Listener::new(listener, name, config.limits.max_connections);
         tokio::spawn(side.accept_loop(listener, shutdown.clone(), tracker.clone()));
     }
     let deregister = CancellationToken::new();
@@ -250,6 +288,38 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         tracing::warn!(grace = ?config.shutdown_grace, remaining = tracker.len(), "grace period over; closing remaining connections");
     }
     admin_shutdown.cancel();
+    let _ = tokio::task::spawn_blocking(move || admin_thread.join()).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The admin server runs on a thread of its own, so a scrape (or a slow
+/// tap client) never takes time from the proxy's request path, which on
+/// the default one-core runtime has a single thread.
+fn spawn_admin(
+    admin: Arc<admin::Admin>,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<std::thread::JoinHandle<()>, RunError> {
+    let addr = listener.local_addr().ok();
+    let std_listener = listener.into_std().map_err(|source| RunError::Bind {
+        which: "admin",
+        addr: addr.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
+        source,
+    })?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(RunError::Signal)?;
+    std::thread::Builder::new()
+        .name("weft-admin".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                match TcpListener::from_std(std_listener) {
+                    Ok(l) => admin.serve(l, shutdown).await,
+                    Err(e) => tracing::error!(error = %e, "admin listener unusable"),
+                }
+            })
+        })
+        .map_err(RunError::Signal)
 }

@@ -117,7 +117,8 @@ impl EncodeLabelSet for LatencyLabels {
 pub struct ResponseLabels {
     pub direction: Direction,
     pub authority: Arc<str>,
-    pub status_code: u16,
+    /// `None` when there was no response: the client cancelled first.
+    pub status_code: Option<u16>,
     pub classification: Classification,
     /// Only gRPC responses carry this label, as with Linkerd.
     pub grpc_status_code: Option<u32>,
@@ -129,7 +130,9 @@ pub struct ResponseLabels {
 impl EncodeLabelSet for ResponseLabels {
     fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
         encode_route(self.direction, &self.authority, encoder)?;
-        EncodeLabel::encode(&("status_code", self.status_code), encoder.encode_label())?;
+        if let Some(code) = self.status_code {
+            EncodeLabel::encode(&("status_code", code), encoder.encode_label())?;
+        }
         EncodeLabel::encode(
             &("classification", self.classification),
             encoder.encode_label(),
@@ -141,6 +144,82 @@ impl EncodeLabelSet for ResponseLabels {
             EncodeLabel::encode(&("error", error), encoder.encode_label())?;
         }
         encode_tls(self.direction, &self.tls, encoder)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct DirectionLabels {
+    pub direction: Direction,
+}
+
+/// The authority label of every route-level series, bounded: on inbound
+/// only authorities this proxy serves (its identity's name, its registered
+/// service, `WEFT_PROXY_INBOUND_AUTHORITIES`) get series of their own when
+/// any is configured; and in either direction at most `max` distinct
+/// authorities do. Everything else is counted as `authority="other"`, so a
+/// client choosing `Host` headers cannot grow the metrics (or a scrape)
+/// without bound.
+#[derive(Debug)]
+pub struct AuthorityLabels {
+    direction: Direction,
+    allowed: Vec<crate::config::AuthorityPattern>,
+    max: usize,
+    admitted: std::sync::RwLock<std::collections::HashMap<weft_detect::Authority, Arc<str>>>,
+    other: Arc<str>,
+    overflow: Counter,
+}
+
+/// The label of every authority folded together.
+pub const OTHER_AUTHORITY: &str = "other";
+
+impl AuthorityLabels {
+    pub fn new(
+        direction: Direction,
+        allowed: Vec<crate::config::AuthorityPattern>,
+        max: usize,
+        overflow: &Family<DirectionLabels, Counter>,
+    ) -> Self {
+        Self {
+            direction,
+            allowed,
+            max,
+            admitted: Default::default(),
+            other: OTHER_AUTHORITY.into(),
+            overflow: overflow
+                .get_or_create(&DirectionLabels { direction })
+                .clone(),
+        }
+    }
+
+    pub fn label(&self, authority: &weft_detect::Authority) -> Arc<str> {
+        if let Some(l) = self
+            .admitted
+            .read()
+            .ok()
+            .and_then(|m| m.get(authority).cloned())
+        {
+            return l;
+        }
+        let allowed = self.allowed.is_empty() || self.allowed.iter().any(|p| p.matches(authority));
+        if allowed && let Ok(mut m) = self.admitted.write() {
+            if let Some(l) = m.get(authority) {
+                return l.clone();
+            }
+            if m.len() < self.max {
+                let l: Arc<str> = authority.to_string().into();
+                m.insert(authority.clone(), l.clone());
+                return l;
+            }
+        }
+        tracing::trace!(direction = ?self.direction, %authority, "authority folded into \"other\"");
+        self.other.clone()
+    }
+
+    /// Counts a request whose label is `other`.
+    pub fn count(&self, label: &Arc<str>) {
+        if Arc::ptr_eq(label, &self.other) {
+            self.overflow.inc();
+        }
     }
 }
 
@@ -158,6 +237,10 @@ pub struct Metrics {
     pub response_latency_ms: Family<LatencyLabels, Histogram>,
     pub tcp: TcpMetrics,
     pub identity: IdentityMetrics,
+    /// Connections closed at accept because a listener was at its cap.
+    pub accept_refused: Family<DirectionLabels, Counter>,
+    /// Requests whose authority was counted as `other`.
+    pub label_overflow: Family<DirectionLabels, Counter>,
     /// Live per-request events; not exported, streamed from `/tap`.
     pub tap: crate::tap::Tap,
     registry: Arc<Registry>,
@@ -244,8 +327,22 @@ impl Metrics {
             "Certificates this proxy has obtained",
             identity.refreshes.clone(),
         );
+        let accept_refused = Family::<DirectionLabels, Counter>::default();
+        registry.register(
+            "tcp_accept_refused",
+            "Connections closed at accept because the listener was at WEFT_PROXY_MAX_CONNECTIONS",
+            accept_refused.clone(),
+        );
+        let label_overflow = Family::<DirectionLabels, Counter>::default();
+        registry.register(
+            "metrics_authority_overflow",
+            "Requests counted under authority=\"other\": not an authority this proxy serves, or beyond WEFT_PROXY_METRICS_MAX_AUTHORITIES",
+            label_overflow.clone(),
+        );
         registry.register_collector(Box::new(process::ProcessCollector::new()));
         Self {
+            accept_refused,
+            label_overflow,
             request_total,
             response_total,
             response_latency_ms,

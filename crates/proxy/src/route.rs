@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -20,13 +20,17 @@ use weft_identity::Name;
 use crate::control::Control;
 use crate::destinations::{Destinations, EndpointSpec};
 use crate::endpoint::{Endpoint, EndpointSettings};
+use crate::metrics::AuthorityLabels;
 
 /// How long a request for a name new to this proxy waits for the control
 /// plane's first answer before falling back to DNS.
 const CONTROL_FIRST_ANSWER: Duration = Duration::from_secs(1);
 /// Names followed on the control plane, at most: beyond this, new names go
-/// to DNS.
+/// to DNS. Names unused for the discovery idle timeout are let go first.
 const MAX_CONTROLLED_TARGETS: usize = 10_000;
+/// Failed DNS lookups remembered at most, so a client naming random hosts
+/// cannot grow the negative cache.
+const MAX_NEGATIVE: usize = 10_000;
 
 /// Unknown-name targets beyond this many are forgotten wholesale: a bound
 /// on memory when clients name many distinct hosts.
@@ -39,6 +43,17 @@ pub enum RouteError {
         authority: Authority,
         #[source]
         source: std::io::Error,
+    },
+    #[error("DNS lookup for {authority} took longer than {timeout:?}")]
+    ResolveTimeout {
+        authority: Authority,
+        timeout: Duration,
+    },
+    #[error("DNS lookup for {authority} failed less than {ttl:?} ago: {reason}")]
+    NegativelyCached {
+        authority: Authority,
+        ttl: Duration,
+        reason: String,
     },
 }
 
@@ -66,26 +81,46 @@ enum Source {
 #[derive(Debug)]
 pub struct Target {
     pub authority: Authority,
-    /// `authority` rendered once, for metric labels.
+    /// The metric label for `authority`, chosen once (see
+    /// [`crate::metrics::AuthorityLabels`]).
     pub label: Arc<str>,
     set: ArcSwap<Set<Arc<Endpoint>>>,
     source: Source,
+    /// When a request last named this target, in seconds since the
+    /// router started: names nobody uses are let go.
+    used: AtomicU64,
+    /// The control-plane stream following this target, stopped when the
+    /// target is let go.
+    follower: Mutex<Option<tokio::task::AbortHandle>>,
 }
 
 impl Target {
-    fn new(authority: Authority, set: Set<Arc<Endpoint>>, source: Source) -> Self {
+    fn new(authority: Authority, label: Arc<str>, set: Set<Arc<Endpoint>>, source: Source) -> Self {
         Self {
-            label: authority.to_string().into(),
+            label,
             authority,
             set: ArcSwap::from_pointee(set),
             source,
+            used: AtomicU64::new(0),
+            follower: Mutex::new(None),
         }
     }
 
-    /// Picks an endpoint for one request or connection.
+    /// Picks an endpoint for one request or connection, passing over
+    /// endpoints whose recent connects failed while another is available.
     pub fn pick(&self) -> Option<(Arc<Endpoint>, Arc<Load>)> {
         let set = self.set.load();
-        set.pick().map(|(e, l)| (e.clone(), l.clone()))
+        let mut fallback = None;
+        for _ in 0..PICKS_PAST_FAILING {
+            let (e, l) = set.pick()?;
+            if !e.backing_off() {
+                return Some((e.clone(), l.clone()));
+            }
+            fallback.get_or_insert((e.clone(), l.clone()));
+        }
+        // Every draw was failing: try one anyway, or nothing would ever
+        // find out that it recovered.
+        fallback
     }
 
     /// How many endpoints the target has now.
@@ -102,6 +137,9 @@ impl Target {
     }
 }
 
+/// Draws the balancer makes to find an endpoint not in connect backoff.
+const PICKS_PAST_FAILING: usize = 4;
+
 type EndpointKey = (SocketAddr, Option<Name>);
 
 #[derive(Debug)]
@@ -116,7 +154,13 @@ pub struct Router {
     control: Option<Control>,
     controlled: Mutex<HashMap<Authority, Arc<OnceCell<Arc<Target>>>>>,
     dynamic: RwLock<HashMap<Authority, Arc<Target>>>,
+    /// Names DNS recently failed to resolve, and why.
+    negative: Mutex<HashMap<Authority, (Instant, String)>>,
     fixed: RwLock<HashMap<SocketAddr, Arc<Target>>>,
+    labels: Arc<AuthorityLabels>,
+    idle: Duration,
+    dns_timeout: Duration,
+    started: Instant,
 }
 
 impl Router {
@@ -124,8 +168,10 @@ impl Router {
         settings: EndpointSettings,
         dns_refresh: Duration,
         control: Option<Control>,
+        labels: Arc<AuthorityLabels>,
     ) -> Arc<Self> {
-        Arc::new(Self {
+        let limits = settings.limits.clone();
+        let router = Arc::new(Self {
             control,
             controlled: Mutex::default(),
             settings,
@@ -133,8 +179,73 @@ impl Router {
             endpoints: Mutex::default(),
             discovered: ArcSwap::from_pointee(HashMap::new()),
             dynamic: RwLock::default(),
+            negative: Mutex::default(),
             fixed: RwLock::default(),
-        })
+            labels,
+            idle: limits.discovery_idle_timeout,
+            dns_timeout: limits.dns_timeout,
+            started: Instant::now(),
+        });
+        let weak = Arc::downgrade(&router);
+        let every = (router.idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(60));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(router) = weak.upgrade() else { return };
+                router.evict_idle();
+            }
+        });
+        router
+    }
+
+    fn target(&self, authority: Authority, set: Set<Arc<Endpoint>>, source: Source) -> Target {
+        let label = self.labels.label(&authority);
+        let t = Target::new(authority, label, set, source);
+        self.touch(&t);
+        t
+    }
+
+    fn now_secs(&self) -> u64 {
+        self.started.elapsed().as_secs()
+    }
+
+    fn touch(&self, t: &Target) {
+        t.used.store(self.now_secs(), Ordering::Relaxed);
+    }
+
+    /// Lets go of names no request has used for the idle timeout: their
+    /// control-plane streams close and their DNS answers are forgotten.
+    fn evict_idle(&self) {
+        let now = self.now_secs();
+        let idle = self.idle.as_secs();
+        let stale = |t: &Target| now.saturating_sub(t.used.load(Ordering::Relaxed)) >= idle;
+        let mut evicted = 0;
+        if let Ok(mut controlled) = self.controlled.lock() {
+            controlled.retain(|_, cell| match cell.get() {
+                Some(t) if stale(t) => {
+                    if let Some(task) = t.follower.lock().ok().and_then(|mut f| f.take()) {
+                        task.abort();
+                    }
+                    evicted += 1;
+                    false
+                }
+                _ => true,
+            });
+        }
+        if let Ok(mut dynamic) = self.dynamic.write() {
+            let before = dynamic.len();
+            dynamic.retain(|_, t| !stale(t));
+            evicted += before - dynamic.len();
+        }
+        if let Ok(mut negative) = self.negative.lock() {
+            negative.retain(|_, (at, _)| at.elapsed() < self.dns_refresh);
+        }
+        if evicted > 0 {
+            tracing::debug!(evicted, "idle names let go");
+            if let Ok(mut eps) = self.endpoints.lock() {
+                eps.retain(|_, w| w.strong_count() > 0);
+            }
+        }
     }
 
     /// Applies every new destinations version until the sender goes away.
@@ -163,7 +274,7 @@ impl Router {
                     t.set.store(Arc::new(set));
                     t.clone()
                 }
-                None => Arc::new(Target::new(authority.clone(), set, Source::Discovery)),
+                None => Arc::new(self.target(authority.clone(), set, Source::Discovery)),
             };
             next.insert(authority.clone(), target);
         }
@@ -228,13 +339,38 @@ impl Router {
             .ok()
             .and_then(|m| m.get(authority).cloned());
         if let Some(t) = cached {
+            self.touch(&t);
             self.refresh_if_stale(&t);
             return Ok(t);
         }
+        if let Some((at, reason)) = self
+            .negative
+            .lock()
+            .ok()
+            .and_then(|n| n.get(authority).cloned())
+            && at.elapsed() < self.dns_refresh
+        {
+            return Err(RouteError::NegativelyCached {
+                authority: authority.clone(),
+                ttl: self.dns_refresh,
+                reason,
+            });
+        }
         // Boxed: the DNS lookup is the cold path, and keeping its state out
         // of line keeps every request's future small.
-        let set = Box::pin(self.lookup(authority)).await?;
-        let target = Arc::new(Target::new(
+        let set = match Box::pin(self.lookup(authority)).await {
+            Ok(set) => set,
+            Err(e) => {
+                if let Ok(mut n) = self.negative.lock() {
+                    if n.len() >= MAX_NEGATIVE {
+                        n.clear();
+                    }
+                    n.insert(authority.clone(), (Instant::now(), e.to_string()));
+                }
+                return Err(e);
+            }
+        };
+        let target = Arc::new(self.target(
             authority.clone(),
             set,
             Source::Dns {
@@ -273,7 +409,7 @@ impl Router {
         };
         let target = cell
             .get_or_init(|| async {
-                let target = Arc::new(Target::new(
+                let target = Arc::new(self.target(
                     authority.clone(),
                     Set::empty(),
                     Source::Control {
@@ -281,18 +417,22 @@ impl Router {
                     },
                 ));
                 let (tx, rx) = tokio::sync::oneshot::channel();
-                tokio::spawn(control.clone().follow(
+                let task = tokio::spawn(control.clone().follow(
                     authority.clone(),
                     Arc::downgrade(self),
                     target.clone(),
                     tx,
                 ));
+                if let Ok(mut f) = target.follower.lock() {
+                    *f = Some(task.abort_handle());
+                }
                 if tokio::time::timeout(CONTROL_FIRST_ANSWER, rx).await.is_err() {
                     tracing::info!(%authority, "no answer from the control plane yet; using DNS meanwhile");
                 }
                 target
             })
             .await;
+        self.touch(target);
         match &target.source {
             Source::Control { known } if known.load(Ordering::Acquire) => Some(target.clone()),
             _ => None,
@@ -326,7 +466,7 @@ impl Router {
         let authority = authority
             .cloned()
             .unwrap_or_else(|| Authority::from_socket_addr(addr));
-        let target = Arc::new(Target::new(authority, self.single(addr), Source::Fixed));
+        let target = Arc::new(self.target(authority, self.single(addr), Source::Fixed));
         if let Ok(mut m) = self.fixed.write() {
             if m.len() >= MAX_DYNAMIC_TARGETS {
                 m.clear();
@@ -337,14 +477,18 @@ impl Router {
     }
 
     async fn lookup(&self, authority: &Authority) -> Result<Set<Arc<Endpoint>>, RouteError> {
-        let addrs: Vec<SocketAddr> =
-            tokio::net::lookup_host((authority.bare_host(), authority.port()))
-                .await
-                .map_err(|source| RouteError::Resolve {
-                    authority: authority.clone(),
-                    source,
-                })?
-                .collect();
+        let lookup = tokio::net::lookup_host((authority.bare_host(), authority.port()));
+        let addrs: Vec<SocketAddr> = tokio::time::timeout(self.dns_timeout, lookup)
+            .await
+            .map_err(|_| RouteError::ResolveTimeout {
+                authority: authority.clone(),
+                timeout: self.dns_timeout,
+            })?
+            .map_err(|source| RouteError::Resolve {
+                authority: authority.clone(),
+                source,
+            })?
+            .collect();
         let specs: Vec<EndpointSpec> = addrs
             .into_iter()
             .map(|addr| EndpointSpec {

@@ -8,14 +8,15 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use weft_detect::{Authority, ClientHello, Detection, MAX_PREFIX, Protocol, client_hello, detect};
 
+use crate::config::Limits;
 use crate::http::{self, HttpContext, HttpVersion};
 use crate::io::{CountingIo, PrefixedIo};
-use crate::metrics::{Direction, Metrics, Peer, TlsLabel};
+use crate::metrics::{AuthorityLabels, Direction, DirectionLabels, Metrics, Peer, TlsLabel};
 use crate::orig_dst::original_dst;
 use crate::route::{Router, Target};
 use crate::tcp;
@@ -45,31 +46,37 @@ pub struct Side {
     /// Inbound: this proxy's identity, to terminate mutual TLS addressed
     /// to it.
     pub tls: Option<Arc<Tls>>,
+    pub limits: Arc<Limits>,
+    /// The metric label of each inbound request's authority.
+    pub labels: Arc<AuthorityLabels>,
 }
 
 impl Side {
     pub async fn accept_loop(
         self: Arc<Self>,
-        listener: TcpListener,
+        mut listener: weft_listener::Listener,
         shutdown: CancellationToken,
         tracker: TaskTracker,
     ) {
+        let refused = self
+            .metrics
+            .accept_refused
+            .get_or_create(&DirectionLabels {
+                direction: self.direction,
+            })
+            .clone();
         loop {
-            let (stream, _peer) = tokio::select! {
+            let accepted = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                r = listener.accept() => match r {
-                    Ok(c) => c,
-                    Err(e) => {
-                        // Usually EMFILE: back off rather than spin.
-                        tracing::warn!(direction = ?self.direction, error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                        continue;
-                    }
-                },
+                a = listener.accept(|| { refused.inc(); }) => a,
             };
             let side = self.clone();
             let shutdown = shutdown.clone();
-            tracker.spawn(async move { side.serve(stream, shutdown).await });
+            tracker.spawn(async move {
+                // The slot is held for as long as the connection is served.
+                let _slot = accepted.permit;
+                side.serve(accepted.stream, shutdown).await
+            });
         }
     }
 
@@ -97,13 +104,14 @@ impl Side {
         } else {
             EXPLICIT_MODE_DETECT_TIMEOUT
         };
-        let (mut prefix, protocol) = match read_prefix(&mut io, timeout).await {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::debug!(error = %e, "connection failed during detection");
-                return;
-            }
-        };
+        let (mut prefix, protocol) =
+            match read_prefix(&mut io, timeout, self.limits.header_read_timeout).await {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::debug!(error = %e, "connection failed during detection");
+                    return;
+                }
+            };
         tracing::trace!(?protocol, bytes = prefix.len(), "detected");
         if let (Protocol::Tls, Direction::inbound, Some(tls)) =
             (protocol, self.direction, &self.tls)
@@ -138,7 +146,13 @@ impl Side {
                     },
                     None => TlsLabel::Plain,
                 };
-                let (inner, protocol) = match read_prefix(&mut stream, timeout).await {
+                let (inner, protocol) = match read_prefix(
+                    &mut stream,
+                    timeout,
+                    self.limits.header_read_timeout,
+                )
+                .await
+                {
                     Ok(p) => p,
                     Err(e) => {
                         tracing::debug!(error = %e, "TLS connection failed during detection");
@@ -189,7 +203,7 @@ impl Side {
                     return;
                 }
                 match opaque_target {
-                    Some(t) => tcp::relay(io, t).await,
+                    Some(t) => tcp::relay(io, t, self.limits.tcp_idle_timeout).await,
                     None => {
                         tracing::debug!(direction = ?self.direction, ?protocol, "opaque connection without a destination; closing")
                     }
@@ -209,6 +223,8 @@ impl Side {
             },
             listen_addr: self.listen_addr,
             client_tls,
+            limits: self.limits.clone(),
+            labels: self.labels.clone(),
         });
         http::serve(io, ctx, shutdown).await;
     }
@@ -244,14 +260,23 @@ async fn read_client_hello<I: AsyncRead + Unpin>(
 }
 
 /// Reads until the first bytes identify the protocol. A client that stays
-/// silent past `timeout` is taken for a server-speaks-first protocol.
+/// silent past `timeout` is taken for a server-speaks-first protocol; one
+/// that has sent part of something (a request line trickled in) is not
+/// silent, and is given until `partial_timeout` before it is relayed as
+/// opaque.
 async fn read_prefix<I: AsyncRead + Unpin>(
     io: &mut I,
     timeout: Duration,
+    partial_timeout: Duration,
 ) -> io::Result<(BytesMut, Protocol)> {
     let mut buf = BytesMut::with_capacity(1024);
-    let deadline = tokio::time::Instant::now() + timeout;
+    let start = tokio::time::Instant::now();
     loop {
+        let deadline = if buf.is_empty() {
+            start + timeout
+        } else {
+            start + partial_timeout.max(timeout)
+        };
         if let Detection::Known(p) = detect(&buf) {
             return Ok((buf, p));
         }

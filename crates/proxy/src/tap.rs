@@ -18,6 +18,9 @@ use crate::metrics::{Classification, Direction, ResponseLabels, TlsLabel};
 
 /// Events buffered per listener before it starts losing them.
 const BUFFER: usize = 4096;
+/// Paths longer than this are cut (at a character boundary): an event's
+/// size must not be the client's choice.
+const MAX_PATH: usize = 512;
 
 #[derive(Clone, Debug)]
 pub struct Tap {
@@ -86,7 +89,7 @@ impl Tap {
         Some(Box::new(Tapped {
             tap: self.clone(),
             method: method.clone(),
-            path: uri.path().into(),
+            path: truncate(uri.path(), MAX_PATH).into(),
             start,
         }))
     }
@@ -112,7 +115,8 @@ impl Tapped {
             authority: labels.authority.clone(),
             method: self.method.to_string(),
             path: self.path.into(),
-            status: labels.status_code,
+            // 0: no response (the client cancelled first).
+            status: labels.status_code.unwrap_or(0),
             grpc_status: labels.grpc_status_code,
             success: labels.classification == Classification::success,
             latency_ms: self.start.elapsed().as_secs_f64() * 1000.0,
@@ -153,6 +157,17 @@ impl Listener {
     }
 }
 
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -161,7 +176,7 @@ mod tests {
         ResponseLabels {
             direction: Direction::inbound,
             authority: "api:80".into(),
-            status_code: 200,
+            status_code: Some(200),
             classification: Classification::success,
             grpc_status_code: None,
             error: None,

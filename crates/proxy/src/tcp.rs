@@ -1,6 +1,7 @@
 //! Opaque TCP: balanced per connection, bytes relayed both ways.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -10,7 +11,9 @@ use crate::route::Target;
 /// connect costs little and another endpoint may well answer.
 const CONNECT_ATTEMPTS: usize = 3;
 
-pub async fn relay<I>(mut client: I, target: Arc<Target>)
+/// Relays `client` to one of `target`'s endpoints until either side closes
+/// or nothing moves for `idle`.
+pub async fn relay<I>(mut client: I, target: Arc<Target>, idle: Duration)
 where
     I: AsyncRead + AsyncWrite + Unpin,
 {
@@ -22,10 +25,11 @@ where
         };
         // The connection counts as in flight while open, so the balancer
         // spreads long-lived connections too.
-        let _pending = load.start();
-        match endpoint.connector.connect().await {
+        let mut pending = load.start();
+        match endpoint.connect().await {
             Ok(mut upstream) => {
-                match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+                pending.observe_response();
+                match crate::io::splice(&mut client, &mut upstream, idle).await {
                     Ok((up, down)) => {
                         tracing::debug!(target = %target.authority, endpoint = %endpoint.addr, up, down, "opaque connection closed")
                     }
@@ -36,6 +40,7 @@ where
                 return;
             }
             Err(e) => {
+                pending.observe_failure();
                 tracing::info!(target = %target.authority, attempt, error = %e, "opaque connect failed");
             }
         }

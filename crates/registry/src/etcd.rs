@@ -179,6 +179,11 @@ impl Etcd {
     /// asks etcd to restart the lease's TTL, and etcd answers on the stream.
     pub async fn lease_keep_alive(&mut self, id: i64) -> Result<KeepAlive, EtcdError> {
         let (tx, rx) = mpsc::channel(4);
+        // etcd sends the stream's response headers only with its first
+        // answer, so the call returns only once a request is on its way.
+        tx.send(pb::LeaseKeepAliveRequest { id })
+            .await
+            .map_err(|_| EtcdError::StreamClosed("lease keep-alive"))?;
         let responses = self
             .lease
             .lease_keep_alive(ReceiverStream::new(rx))

@@ -11,16 +11,47 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use weft_balance::Pending;
 
 use crate::metrics::{Classification, ResponseLabels};
 use crate::tap::Tapped;
 
 pub enum ProxyBody {
     /// Streamed from upstream, classified when it ends.
-    Upstream(Incoming, Option<Classify>),
+    Upstream {
+        inner: Incoming,
+        classify: Option<Classify>,
+        /// A gRPC response whose upstream fails mid-stream ends with
+        /// trailers saying so, rather than a reset the client can only
+        /// report as a transport error.
+        grpc: bool,
+        /// Set once those trailers are sent: the body is over.
+        ended: bool,
+    },
     /// Produced by the proxy itself.
     Full(Full<Bytes>),
+}
+
+impl ProxyBody {
+    pub fn upstream(inner: Incoming, classify: Classify) -> Self {
+        Self::Upstream {
+            grpc: classify.grpc,
+            inner,
+            classify: Some(classify),
+            ended: false,
+        }
+    }
+}
+
+/// The trailers that end a gRPC response whose upstream failed after the
+/// headers were sent.
+fn grpc_failure_trailers(error: &hyper::Error) -> HeaderMap {
+    let mut trailers = HeaderMap::new();
+    trailers.insert("grpc-status", http::HeaderValue::from(14u32)); // UNAVAILABLE
+    trailers.insert(
+        "grpc-message",
+        super::error::grpc_message(&format!("upstream failed mid-stream: {error}")),
+    );
+    trailers
 }
 
 impl Body for ProxyBody {
@@ -37,7 +68,15 @@ impl Body for ProxyBody {
                 Some(Err(never)) => match never {},
                 None => Poll::Ready(None),
             },
-            ProxyBody::Upstream(inner, classify) => {
+            ProxyBody::Upstream {
+                inner,
+                classify,
+                grpc,
+                ended,
+            } => {
+                if *ended {
+                    return Poll::Ready(None);
+                }
                 let polled = ready!(Pin::new(&mut *inner).poll_frame(cx));
                 match &polled {
                     Some(Ok(frame)) => {
@@ -46,6 +85,12 @@ impl Body for ProxyBody {
                         } else if inner.is_end_stream() {
                             finish(classify, None, false);
                         }
+                    }
+                    Some(Err(e)) if *grpc => {
+                        let trailers = grpc_failure_trailers(e);
+                        finish(classify, Some(&trailers), true);
+                        *ended = true;
+                        return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
                     }
                     Some(Err(_)) => finish(classify, None, true),
                     None => finish(classify, None, false),
@@ -58,14 +103,15 @@ impl Body for ProxyBody {
     fn is_end_stream(&self) -> bool {
         match self {
             ProxyBody::Full(f) => f.is_end_stream(),
-            ProxyBody::Upstream(inner, _) => inner.is_end_stream(),
+            ProxyBody::Upstream { ended: true, .. } => true,
+            ProxyBody::Upstream { inner, .. } => inner.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             ProxyBody::Full(f) => f.size_hint(),
-            ProxyBody::Upstream(inner, _) => inner.size_hint(),
+            ProxyBody::Upstream { inner, .. } => inner.size_hint(),
         }
     }
 }
@@ -84,16 +130,20 @@ pub struct Classify {
     /// gRPC status from the response headers (a trailers-only response).
     header_grpc_status: Option<u32>,
     grpc: bool,
-    pending: Option<Pending>,
+    /// The endpoint slot and balancer load, released at end of stream.
+    pending: Option<crate::endpoint::InFlight>,
     tapped: Option<Box<Tapped>>,
     recorded: bool,
 }
 
+/// The `grpc-status` of a response, one of the 17 codes gRPC defines: any
+/// other value is UNKNOWN (2), so a peer cannot mint metric series.
 pub(super) fn grpc_status(headers: &HeaderMap) -> Option<u32> {
-    headers
+    let code: u32 = headers
         .get("grpc-status")
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse().ok())
+        .and_then(|v| v.trim().parse().ok())?;
+    Some(if code <= 16 { code } else { 2 })
 }
 
 impl Classify {
@@ -102,7 +152,7 @@ impl Classify {
         labels: ResponseLabels,
         grpc: bool,
         response_headers: &HeaderMap,
-        pending: Option<Pending>,
+        pending: Option<crate::endpoint::InFlight>,
         tapped: Option<Box<Tapped>>,
     ) -> Self {
         Self {
@@ -138,7 +188,7 @@ impl Classify {
             labels.grpc_status_code = Some(code);
             code == 0 && !error
         } else {
-            labels.status_code < 500 && !error
+            labels.status_code.is_some_and(|c| c < 500) && !error
         };
         if error {
             labels.error = Some("stream");
@@ -160,5 +210,41 @@ impl Drop for Classify {
     /// reset): it counts, as a failure.
     fn drop(&mut self) {
         self.record(None, true);
+    }
+}
+
+/// A response body that keeps its request counted as active on the
+/// connection until the body is done (or dropped).
+pub(super) struct Tracked {
+    inner: ProxyBody,
+    _active: super::Active,
+}
+
+impl Tracked {
+    pub(super) fn new(inner: ProxyBody, active: super::Active) -> Self {
+        Self {
+            inner,
+            _active: active,
+        }
+    }
+}
+
+impl Body for Tracked {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }

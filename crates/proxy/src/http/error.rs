@@ -5,8 +5,28 @@ use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HeaderValue};
 use http::{Response, StatusCode};
 use http_body_util::Full;
+use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
 
 use super::body::ProxyBody;
+
+/// What gRPC's `grpc-message` must percent-encode: everything outside
+/// printable ASCII (non-ASCII is always encoded), and `%` itself.
+const GRPC_MESSAGE: &AsciiSet = &CONTROLS.add(b'%');
+
+/// A `grpc-message` value for `message`, percent-encoded as gRPC requires.
+pub(super) fn grpc_message(message: &str) -> HeaderValue {
+    HeaderValue::from_str(&utf8_percent_encode(message, GRPC_MESSAGE).to_string())
+        .unwrap_or_else(|_| HeaderValue::from_static("proxy%20error"))
+}
+
+/// Who reads an error response: the local application (outbound) may see
+/// everything, including upstream addresses; a remote client (inbound) is
+/// told what failed but nothing about the inside of this host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Audience {
+    Local,
+    Remote,
+}
 
 /// Names the proxy's own errors on responses, as Linkerd's proxy does, so
 /// a client (or an operator with curl) can tell the proxy's failures from
@@ -36,16 +56,39 @@ pub enum ProxyError {
     NoInboundTarget,
     #[error("{0} is this proxy's own listener: the request would loop")]
     Loop(std::net::SocketAddr),
+    #[error("more than one Host header")]
+    DuplicateHost,
+    #[error("the request body is malformed or was cut short: {0}")]
+    ClientBody(String),
+    #[error("{addr} sent no response headers within {timeout:?}")]
+    ResponseTimeout {
+        addr: std::net::SocketAddr,
+        timeout: std::time::Duration,
+    },
+    #[error(
+        "{addr} is at capacity: {in_flight} requests in flight and none finished within {waited:?}"
+    )]
+    Saturated {
+        addr: std::net::SocketAddr,
+        in_flight: usize,
+        waited: std::time::Duration,
+    },
 }
 
 impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::NoAuthority | Self::BadAuthority(_) => StatusCode::BAD_REQUEST,
-            Self::NoEndpoints(_) | Self::Route(_) | Self::Connect(_) | Self::NoInboundTarget => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Self::NoAuthority
+            | Self::BadAuthority(_)
+            | Self::DuplicateHost
+            | Self::ClientBody(_) => StatusCode::BAD_REQUEST,
+            Self::NoEndpoints(_)
+            | Self::Route(_)
+            | Self::Connect(_)
+            | Self::NoInboundTarget
+            | Self::Saturated { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            Self::ResponseTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::Loop(_) => StatusCode::LOOP_DETECTED,
         }
     }
@@ -53,7 +96,10 @@ impl ProxyError {
     /// A short, stable name for the `error` metric label.
     pub fn kind(&self) -> &'static str {
         match self {
-            Self::NoAuthority | Self::BadAuthority(_) => "bad_request",
+            Self::NoAuthority | Self::BadAuthority(_) | Self::DuplicateHost => "bad_request",
+            Self::ClientBody(_) => "client_body",
+            Self::ResponseTimeout { .. } => "response_timeout",
+            Self::Saturated { .. } => "saturated",
             Self::NoEndpoints(_) => "no_endpoints",
             Self::Route(_) => "resolve",
             Self::Connect(_) => "connect",
@@ -67,14 +113,35 @@ impl ProxyError {
     /// they get a trailers-only response with UNAVAILABLE (14), or
     /// INTERNAL (13) when the request itself was unusable.
     pub fn grpc_status(&self) -> u32 {
-        match self.status() {
-            StatusCode::BAD_REQUEST => 13,
+        match self {
+            Self::ResponseTimeout { .. } => 4, // DEADLINE_EXCEEDED
+            _ if self.status() == StatusCode::BAD_REQUEST => 13,
             _ => 14,
         }
     }
 
-    pub fn to_response(&self, grpc: bool) -> Response<ProxyBody> {
-        let message = self.to_string();
+    /// What a remote client is told: the kind of failure, never an address
+    /// or another detail of the host's inside.
+    fn public_message(&self) -> String {
+        match self {
+            Self::Connect(_) => "cannot connect to the application".into(),
+            Self::Upstream { .. } => "the application's connection failed".into(),
+            Self::ResponseTimeout { timeout, .. } => {
+                format!("the application sent no response headers within {timeout:?}")
+            }
+            Self::Saturated { .. } => "the application is at capacity".into(),
+            Self::Loop(_) => "the request would loop".into(),
+            Self::NoInboundTarget => "no application to forward to".into(),
+            Self::ClientBody(_) => "the request body is malformed or was cut short".into(),
+            other => other.to_string(),
+        }
+    }
+
+    pub fn to_response(&self, grpc: bool, audience: Audience) -> Response<ProxyBody> {
+        let message = match audience {
+            Audience::Local => self.to_string(),
+            Audience::Remote => self.public_message(),
+        };
         let header = HeaderValue::from_str(&message)
             .unwrap_or_else(|_| HeaderValue::from_static("proxy error"));
         let mut rsp = if grpc {
@@ -82,7 +149,7 @@ impl ProxyError {
             let h = rsp.headers_mut();
             h.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
             h.insert("grpc-status", HeaderValue::from(self.grpc_status()));
-            h.insert("grpc-message", header.clone());
+            h.insert("grpc-message", grpc_message(&message));
             rsp
         } else {
             let mut rsp = Response::new(ProxyBody::Full(Full::new(Bytes::from(format!(
@@ -97,5 +164,35 @@ impl ProxyError {
         };
         rsp.headers_mut().insert(PROXY_ERROR_HEADER, header);
         rsp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_messages_are_percent_encoded() {
+        // gRPC keeps printable ASCII (space included) and encodes the rest,
+        // and `%` itself, as UTF-8 bytes.
+        assert_eq!(
+            grpc_message("no endpoints: 50% down"),
+            "no endpoints: 50%25 down"
+        );
+        assert_eq!(grpc_message("caf\u{e9}\n"), "caf%C3%A9%0A");
+    }
+
+    #[test]
+    fn remote_clients_learn_no_addresses() {
+        let e = ProxyError::Upstream {
+            addr: "10.1.2.3:8080".parse().expect("addr"),
+            reason: "connection reset".into(),
+        };
+        let rsp = e.to_response(false, Audience::Remote);
+        let header = rsp.headers()[PROXY_ERROR_HEADER].to_str().unwrap_or("");
+        assert!(!header.contains("10.1.2.3"), "{header}");
+        let rsp = e.to_response(false, Audience::Local);
+        let header = rsp.headers()[PROXY_ERROR_HEADER].to_str().unwrap_or("");
+        assert!(header.contains("10.1.2.3:8080"), "{header}");
     }
 }

@@ -20,11 +20,13 @@ use tokio_util::sync::CancellationToken;
 use weft_detect::Authority;
 
 pub use body::ProxyBody;
-pub use error::{PROXY_ERROR_HEADER, ProxyError};
+pub use error::{Audience, PROXY_ERROR_HEADER, ProxyError};
 
+use crate::config::Limits;
 use crate::endpoint::{Endpoint, SendError};
 use crate::metrics::{
-    Classification, Direction, LatencyLabels, Metrics, ResponseLabels, RouteLabels, TlsLabel,
+    AuthorityLabels, Classification, Direction, LatencyLabels, Metrics, ResponseLabels,
+    RouteLabels, TlsLabel,
 };
 use crate::route::{Router, Target};
 use body::Classify;
@@ -33,8 +35,18 @@ use headers::strip_hop_by_hop;
 /// Endpoints tried when connecting fails, before answering 503.
 const CONNECT_ATTEMPTS: usize = 3;
 
-/// A client that sends no request head within this long is disconnected.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// HTTP/1 request headers at most (hyper's default, pinned).
+const HTTP1_MAX_HEADERS: usize = 100;
+/// HTTP/2 streams a client may reset before the server has accepted them,
+/// and streams the server may reset for a client's protocol errors, before
+/// the connection is closed with ENHANCE_YOUR_CALM: the rapid-reset bounds,
+/// pinned rather than inherited.
+const HTTP2_MAX_PENDING_ACCEPT_RESETS: usize = 20;
+const HTTP2_MAX_LOCAL_ERROR_RESETS: usize = 1024;
+/// After GOAWAY for idleness, how often to check whether the connection
+/// can be dropped: at once if no request is in flight (a client that never
+/// finished its handshake included), else when the last one ends.
+const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum HttpVersion {
@@ -57,6 +69,9 @@ pub struct HttpContext {
     pub listen_addr: SocketAddr,
     /// Inbound: whether the client connected over mutual TLS, and as whom.
     pub client_tls: TlsLabel,
+    pub limits: Arc<Limits>,
+    /// Inbound: the metric label of each request's authority.
+    pub labels: Arc<AuthorityLabels>,
 }
 
 /// Whether `addr` is the proxy's own listener `listen` (which may be bound
@@ -75,17 +90,30 @@ where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let version = ctx.version;
-    let svc = service_fn(move |req| {
-        let ctx = ctx.clone();
-        async move { Ok::<_, Infallible>(ctx.handle(req).await) }
-    });
+    let limits = ctx.limits.clone();
+    let activity = Arc::new(Activity::new());
+    let svc = {
+        let activity = activity.clone();
+        service_fn(move |req| {
+            let ctx = ctx.clone();
+            let active = activity.begin();
+            async move {
+                let rsp = ctx.handle(req).await;
+                Ok::<_, Infallible>(rsp.map(|body| body::Tracked::new(body, active)))
+            }
+        })
+    };
     let io = TokioIo::new(io);
     let result = match version {
         HttpVersion::Http1 => {
             let mut builder = hyper::server::conn::http1::Builder::new();
+            // The header read timeout also closes idle keep-alive
+            // connections: hyper starts it whenever it waits for a head.
             builder
                 .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT);
+                .header_read_timeout(limits.header_read_timeout)
+                .max_headers(HTTP1_MAX_HEADERS)
+                .max_buf_size((limits.max_header_bytes as usize).max(8192));
             let conn = builder.serve_connection(io, svc).with_upgrades();
             tokio::pin!(conn);
             tokio::select! {
@@ -103,14 +131,43 @@ where
             builder
                 .timer(TokioTimer::new())
                 .initial_stream_window_size(256 * 1024)
-                .initial_connection_window_size(1024 * 1024);
+                .initial_connection_window_size(1024 * 1024)
+                .max_concurrent_streams(limits.http2_max_concurrent_streams)
+                .max_header_list_size(limits.max_header_bytes)
+                .max_pending_accept_reset_streams(HTTP2_MAX_PENDING_ACCEPT_RESETS)
+                .max_local_error_reset_streams(HTTP2_MAX_LOCAL_ERROR_RESETS)
+                .keep_alive_interval(limits.http2_keepalive_interval)
+                .keep_alive_timeout(limits.http2_keepalive_timeout);
             let conn = builder.serve_connection(io, svc);
             tokio::pin!(conn);
-            tokio::select! {
-                res = conn.as_mut() => res,
-                _ = shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
+            // A connection must start a request within the header read
+            // timeout, and is closed after the idle timeout without one.
+            let mut closing: Option<tokio::time::Instant> = None;
+            loop {
+                let idle_at =
+                    activity.idle_deadline(limits.header_read_timeout, limits.http2_idle_timeout);
+                tokio::select! {
+                    res = conn.as_mut() => break res,
+                    _ = shutdown.cancelled(), if closing.is_none() => {
+                        conn.as_mut().graceful_shutdown();
+                        // Bounded by the process's shutdown grace.
+                        closing = Some(tokio::time::Instant::now() + Duration::from_secs(24 * 3600));
+                    }
+                    () = tokio::time::sleep_until(idle_at), if closing.is_none() => {
+                        if activity.idle_deadline(limits.header_read_timeout, limits.http2_idle_timeout) <= tokio::time::Instant::now() {
+                            tracing::debug!("closing idle HTTP/2 connection");
+                            conn.as_mut().graceful_shutdown();
+                            closing = Some(tokio::time::Instant::now() + IDLE_CLOSE_GRACE);
+                        }
+                    }
+                    () = tokio::time::sleep_until(closing.unwrap_or_else(tokio::time::Instant::now)), if closing.is_some() => {
+                        if activity.active.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+                            closing = Some(tokio::time::Instant::now() + IDLE_CLOSE_GRACE);
+                            continue;
+                        }
+                        tracing::debug!("idle HTTP/2 connection did not close by itself; dropping it");
+                        break Ok(());
+                    }
                 }
             }
         }
@@ -118,6 +175,64 @@ where
     if let Err(e) = result {
         // Malformed requests land here after hyper has answered 400.
         tracing::debug!(error = %e, "HTTP connection ended with an error");
+    }
+}
+
+/// Requests in flight on one connection, and when the last one ended, for
+/// the HTTP/2 idle timeout.
+#[derive(Debug)]
+struct Activity {
+    start: tokio::time::Instant,
+    active: std::sync::atomic::AtomicUsize,
+    /// Milliseconds since `start` when the connection last went idle; 0
+    /// with no request yet.
+    idle_since: std::sync::atomic::AtomicU64,
+    seen: std::sync::atomic::AtomicBool,
+}
+
+/// One request on the connection, until its response body is done.
+#[derive(Debug)]
+pub struct Active(Arc<Activity>);
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            start: tokio::time::Instant::now(),
+            active: Default::default(),
+            idle_since: Default::default(),
+            seen: Default::default(),
+        }
+    }
+
+    fn begin(self: &Arc<Self>) -> Active {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.seen.store(true, Relaxed);
+        self.active.fetch_add(1, Relaxed);
+        Active(self.clone())
+    }
+
+    /// When the connection becomes closable for idleness: never while a
+    /// request is in flight.
+    fn idle_deadline(&self, first: Duration, idle: Duration) -> tokio::time::Instant {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = tokio::time::Instant::now();
+        if self.active.load(Relaxed) > 0 {
+            return now + idle;
+        }
+        if !self.seen.load(Relaxed) {
+            return self.start + first;
+        }
+        self.start + Duration::from_millis(self.idle_since.load(Relaxed)) + idle
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.0.active.fetch_sub(1, Relaxed) == 1 {
+            let ms = self.0.start.elapsed().as_millis() as u64;
+            self.0.idle_since.store(ms, Relaxed);
+        }
     }
 }
 
@@ -200,24 +315,62 @@ impl HttpContext {
         }
     }
 
-    async fn handle(&self, mut req: Request<Incoming>) -> Response<ProxyBody> {
+    /// Handles one request. A request whose client goes away before the
+    /// response headers (the future is dropped) is still counted, as a
+    /// failure with `error="cancelled"`, so success rates see it.
+    async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+        let mut cancelled = Cancelled {
+            ctx: self,
+            counted: None,
+        };
+        let rsp = self.handle_inner(req, &mut cancelled).await;
+        cancelled.counted = None;
+        rsp
+    }
+
+    fn audience(&self) -> Audience {
+        match self.direction {
+            Direction::outbound => Audience::Local,
+            Direction::inbound => Audience::Remote,
+        }
+    }
+
+    fn label_for(&self, target: &Target, authority: Option<&Authority>) -> Arc<str> {
+        match (self.direction, authority) {
+            (Direction::outbound, _) | (Direction::inbound, None) => target.label.clone(),
+            (Direction::inbound, Some(a)) => self.labels.label(a),
+        }
+    }
+
+    async fn handle_inner(
+        &self,
+        mut req: Request<Incoming>,
+        cancelled: &mut Cancelled<'_>,
+    ) -> Response<ProxyBody> {
         let start = Instant::now();
         let grpc = is_grpc(&req);
         let tapped = self.metrics.tap.start(req.method(), req.uri(), start);
-        let (target, authority) = match self.target(&req).await {
+        let routed = if req.version() <= Version::HTTP_11
+            && req.headers().get_all(header::HOST).iter().nth(1).is_some()
+        {
+            // RFC 9112 §3.2: which Host is meant is ambiguous; answering
+            // would invite request smuggling.
+            Err(ProxyError::DuplicateHost)
+        } else {
+            self.target(&req).await
+        };
+        let (target, authority) = match routed {
             Ok(t) => t,
             Err(e) => {
-                let label: Arc<str> = match request_authority(&req) {
-                    Ok(Some(a)) => a.to_string().into(),
+                let label: Arc<str> = match (self.direction, request_authority(&req)) {
+                    (Direction::inbound, Ok(Some(a))) => self.labels.label(&a),
                     _ => "".into(),
                 };
                 return self.fail(tapped, label, e, grpc, start, self.tls_for(None));
             }
         };
-        let label: Arc<str> = match (self.direction, &authority) {
-            (Direction::outbound, _) | (Direction::inbound, None) => target.label.clone(),
-            (Direction::inbound, Some(a)) => a.to_string().into(),
-        };
+        let label = self.label_for(&target, authority.as_ref());
+        self.labels.count(&label);
         self.metrics
             .request_total
             .get_or_create(&RouteLabels {
@@ -229,6 +382,7 @@ impl HttpContext {
                 },
             })
             .inc();
+        cancelled.counted = Some((label.clone(), grpc));
 
         if req.method() == Method::CONNECT && self.version == HttpVersion::Http1 {
             return Box::pin(self.tunnel(req, &target, label, start, tapped)).await;
@@ -244,12 +398,13 @@ impl HttpContext {
         if let Err(e) = self.prepare_uri(&mut req, authority) {
             return self.fail(tapped, label, e, grpc, start, self.tls_for(None));
         }
+        let response_timeout = self.response_timeout(&req, grpc);
 
         // Connect before committing the request: a refused or timed-out
         // connect is retried on another endpoint, since nothing was sent.
         let attempts = CONNECT_ATTEMPTS.min(target.len().max(1));
         let mut attempt = 0;
-        let (endpoint, mut pending, sender) = loop {
+        let (endpoint, mut in_flight, sender) = loop {
             attempt += 1;
             let Some((endpoint, load)) = target.pick() else {
                 let e = ProxyError::NoEndpoints(target.authority.to_string());
@@ -265,15 +420,26 @@ impl HttpContext {
                     self.tls_for(Some(&endpoint)),
                 );
             }
-            let mut pending = load.start();
+            let mut in_flight = match endpoint.reserve(&load).await {
+                Ok(f) => f,
+                Err(e) => {
+                    let e = ProxyError::Saturated {
+                        addr: endpoint.addr,
+                        in_flight: e.in_flight,
+                        waited: e.waited,
+                    };
+                    let tls = self.tls_for(Some(&endpoint));
+                    return self.fail(tapped, label, e, grpc, start, tls);
+                }
+            };
             let connected = match self.version {
                 HttpVersion::Http1 => endpoint.http1().await,
                 HttpVersion::Http2 => endpoint.http2().await,
             };
             match connected {
-                Ok(sender) => break (endpoint, pending, sender),
+                Ok(sender) => break (endpoint, in_flight, sender),
                 Err(e) => {
-                    pending.observe_failure();
+                    in_flight.pending.observe_failure();
                     tracing::debug!(endpoint = %endpoint.addr, attempt, error = %e, "connect failed");
                     if attempt >= attempts {
                         return self.fail(
@@ -290,11 +456,35 @@ impl HttpContext {
         };
 
         let tls = self.tls_for(Some(&endpoint));
-        let mut rsp = match endpoint.send(sender, req).await {
+        let sent = endpoint.send(sender, req);
+        let sent = match response_timeout {
+            Some(t) => match tokio::time::timeout(t, sent).await {
+                Ok(r) => r,
+                Err(_) => {
+                    let e = ProxyError::ResponseTimeout {
+                        addr: endpoint.addr,
+                        timeout: t,
+                    };
+                    tracing::info!(error = %e, "response timed out");
+                    // `in_flight` drops unanswered: the endpoint's load
+                    // counts the timeout as a failure.
+                    return self.fail(tapped, label, e, grpc, start, tls);
+                }
+            },
+            None => sent.await,
+        };
+        let mut rsp = match sent {
             Ok(rsp) => rsp,
             Err(e) => {
                 let err = match &e {
                     SendError::Connect(c) => ProxyError::Connect(error_chain(c)),
+                    // The client's own body failed (bad chunking, cut
+                    // short): the client's fault, not the upstream's, and
+                    // not held against the endpoint.
+                    SendError::Request(r) if r.is_user() => {
+                        in_flight.pending.observe_response();
+                        ProxyError::ClientBody(error_chain(r))
+                    }
                     SendError::Request(r) => ProxyError::Upstream {
                         addr: endpoint.addr,
                         reason: error_chain(r),
@@ -304,19 +494,20 @@ impl HttpContext {
                 return self.fail(tapped, label, err, grpc, start, tls);
             }
         };
-        pending.observe_response();
+        in_flight.pending.observe_response();
         let status = rsp.status();
         self.observe_latency(&label, status, start, tls.clone());
 
         let upgraded = status == StatusCode::SWITCHING_PROTOCOLS;
         if let (true, Some(client_side)) = (upgraded, client_upgrade) {
             let server_side = hyper::upgrade::on(&mut rsp);
+            let idle = self.limits.tcp_idle_timeout;
             tokio::spawn(async move {
                 match tokio::try_join!(client_side, server_side) {
                     Ok((a, b)) => {
                         let mut a = TokioIo::new(a);
                         let mut b = TokioIo::new(b);
-                        if let Err(e) = tokio::io::copy_bidirectional(&mut a, &mut b).await {
+                        if let Err(e) = crate::io::splice(&mut a, &mut b, idle).await {
                             tracing::debug!(error = %e, "upgraded connection ended");
                         }
                     }
@@ -329,7 +520,7 @@ impl HttpContext {
         let labels = ResponseLabels {
             direction: self.direction,
             authority: label,
-            status_code: status.as_u16(),
+            status_code: Some(status.as_u16()),
             classification: Classification::success,
             grpc_status_code: None,
             error: None,
@@ -340,10 +531,30 @@ impl HttpContext {
             labels,
             grpc,
             rsp.headers(),
-            Some(pending),
+            Some(in_flight),
             tapped,
         );
-        rsp.map(|b| ProxyBody::Upstream(b, Some(classify)))
+        rsp.map(|b| ProxyBody::upstream(b, classify))
+    }
+
+    /// How long the upstream may take to send response headers: on
+    /// inbound, the configured bound for the application, or a gRPC
+    /// request's own `grpc-timeout` (a stream may rightly send its headers
+    /// only with its first message); outbound, unbounded here (routes will
+    /// set timeouts).
+    fn response_timeout(&self, req: &Request<Incoming>, grpc: bool) -> Option<Duration> {
+        if self.direction != Direction::inbound {
+            return None;
+        }
+        if grpc {
+            return req
+                .headers()
+                .get("grpc-timeout")
+                .and_then(|v| v.to_str().ok())
+                .and_then(parse_grpc_timeout)
+                .map(|t| t + Duration::from_secs(1));
+        }
+        Some(self.limits.inbound_response_timeout)
     }
 
     /// HTTP/1.1 upstream requests go in origin form with a `Host` header;
@@ -355,7 +566,14 @@ impl HttpContext {
     ) -> Result<(), ProxyError> {
         match self.version {
             HttpVersion::Http1 => {
-                if !req.headers().contains_key(header::HOST) {
+                // An absolute-form target names the authority, and Host
+                // must say the same (RFC 9112 §3.2.2): the upstream sees
+                // what the proxy routed by.
+                if let Some(a) = req.uri().authority() {
+                    let host = http::HeaderValue::from_str(a.as_str())
+                        .map_err(|_| ProxyError::NoAuthority)?;
+                    req.headers_mut().insert(header::HOST, host);
+                } else if !req.headers().contains_key(header::HOST) {
                     let host = http::HeaderValue::from_str(&authority.to_string())
                         .map_err(|_| ProxyError::NoAuthority)?;
                     req.headers_mut().insert(header::HOST, host);
@@ -371,6 +589,11 @@ impl HttpContext {
                 *req.version_mut() = Version::HTTP_11;
             }
             HttpVersion::Http2 => {
+                // `:authority` is what was routed by; a `host` header that
+                // might disagree with it is not passed on.
+                if req.uri().authority().is_some() {
+                    req.headers_mut().remove(header::HOST);
+                }
                 if req.uri().scheme().is_none() || req.uri().authority().is_none() {
                     let mut parts = req.uri().clone().into_parts();
                     parts.scheme = Some(http::uri::Scheme::HTTP);
@@ -413,7 +636,7 @@ impl HttpContext {
                 self.tls_for(Some(&endpoint)),
             );
         }
-        let upstream = match endpoint.connector.connect().await {
+        let upstream = match endpoint.connect().await {
             Ok(io) => io,
             Err(e) => {
                 return self.fail(
@@ -427,13 +650,17 @@ impl HttpContext {
             }
         };
         let on_upgrade = hyper::upgrade::on(&mut req);
+        let idle = self.limits.tcp_idle_timeout;
         tokio::spawn(async move {
-            let _pending = load.start();
+            let mut pending = load.start();
+            pending.observe_response();
             match on_upgrade.await {
                 Ok(client) => {
                     let mut client = TokioIo::new(client);
                     let mut upstream = upstream;
-                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                    if let Err(e) = crate::io::splice(&mut client, &mut upstream, idle).await {
+                        tracing::debug!(error = %e, "CONNECT tunnel ended");
+                    }
                 }
                 Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
             }
@@ -445,7 +672,7 @@ impl HttpContext {
             ResponseLabels {
                 direction: self.direction,
                 authority: label,
-                status_code: StatusCode::OK.as_u16(),
+                status_code: Some(StatusCode::OK.as_u16()),
                 classification: Classification::success,
                 grpc_status_code: None,
                 error: None,
@@ -474,7 +701,7 @@ impl HttpContext {
         start: Instant,
         tls: TlsLabel,
     ) -> Response<ProxyBody> {
-        let mut rsp = err.to_response(grpc);
+        let mut rsp = err.to_response(grpc, self.audience());
         if rsp.status() == StatusCode::BAD_REQUEST && self.version == HttpVersion::Http1 {
             // After a malformed request the connection's state is suspect:
             // answer, then close it.
@@ -487,7 +714,7 @@ impl HttpContext {
             ResponseLabels {
                 direction: self.direction,
                 authority: label,
-                status_code: rsp.status().as_u16(),
+                status_code: Some(rsp.status().as_u16()),
                 classification: Classification::failure,
                 grpc_status_code: grpc.then(|| err.grpc_status()),
                 error: Some(err.kind()),
@@ -516,5 +743,67 @@ impl HttpContext {
             t.finish(&labels);
         }
         self.metrics.response_total.get_or_create(&labels).inc();
+    }
+}
+
+/// Counts a request whose client went away before the response headers.
+struct Cancelled<'a> {
+    ctx: &'a HttpContext,
+    /// The request's label once it was counted in `request_total`.
+    counted: Option<(Arc<str>, bool)>,
+}
+
+impl Drop for Cancelled<'_> {
+    fn drop(&mut self) {
+        let Some((label, grpc)) = self.counted.take() else {
+            return;
+        };
+        self.ctx.count_response(
+            None,
+            ResponseLabels {
+                direction: self.ctx.direction,
+                authority: label,
+                status_code: None,
+                classification: Classification::failure,
+                // CANCELLED, as a gRPC client would see it.
+                grpc_status_code: grpc.then_some(1),
+                error: Some("cancelled"),
+                tls: self.ctx.tls_for(None),
+            },
+        );
+    }
+}
+
+/// `grpc-timeout`: up to 8 digits and a unit (H, M, S, m, u, n).
+fn parse_grpc_timeout(v: &str) -> Option<Duration> {
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts() {
+        assert_eq!(parse_grpc_timeout("100m"), Some(Duration::from_millis(100)));
+        assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("123456789S"), None);
+        assert_eq!(parse_grpc_timeout("S"), None);
+        assert_eq!(parse_grpc_timeout("10x"), None);
+        assert_eq!(parse_grpc_timeout(""), None);
     }
 }
