@@ -1,5 +1,5 @@
-//! The one accept loop of weft's servers (the proxy's listeners and the
-//! control plane's gRPC server): at most `max` connections open at once,
+//! The one accept loop of weft's servers (the proxy's listeners; the
+//! control plane's gRPC server is to follow): at most `max` connections open at once,
 //! accept errors (usually EMFILE at the fd limit) backed off rather than
 //! spun on, and repeated warnings collapsed into one line with a count.
 
@@ -152,30 +152,6 @@ impl Listener {
             }
         }
     }
-
-    /// The accepted connections as a stream, for servers that take one
-    /// (tonic's `serve_with_incoming`); the cap's permit rides along.
-    pub fn into_stream(
-        self,
-    ) -> impl futures_util::Stream<Item = io::Result<Capped>> + Send + 'static {
-        futures_util::stream::unfold(self, |mut l| async move {
-            let a = l.accept(|| {}).await;
-            Some((
-                Ok(Capped {
-                    stream: a.stream,
-                    _permit: a.permit,
-                }),
-                l,
-            ))
-        })
-    }
-}
-
-/// A capped connection as an I/O stream: the slot is freed when it drops.
-#[derive(Debug)]
-pub struct Capped {
-    pub stream: TcpStream,
-    _permit: OwnedSemaphorePermit,
 }
 
 #[cfg(test)]

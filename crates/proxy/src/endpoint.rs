@@ -157,7 +157,6 @@ pub struct Endpoint {
     http2_connecting: Mutex<Option<SharedConnect>>,
     /// Requests in flight here (HTTP/1 connections, HTTP/2 streams).
     slots: Arc<Semaphore>,
-    max_in_flight: usize,
     limits: Arc<crate::config::Limits>,
     /// Consecutive failed connects, and until when (ms since `epoch`) the
     /// endpoint is passed over.
@@ -219,7 +218,6 @@ impl Endpoint {
             http2: ArcSwapOption::empty(),
             http2_connecting: Mutex::new(None),
             slots: Arc::new(Semaphore::new(settings.limits.endpoint_max_in_flight)),
-            max_in_flight: settings.limits.endpoint_max_in_flight,
             limits: settings.limits.clone(),
             failures: AtomicU32::new(0),
             backoff_until: AtomicU64::new(0),
@@ -238,7 +236,7 @@ impl Endpoint {
                     Ok(Ok(p)) => p,
                     _ => {
                         return Err(Saturated {
-                            in_flight: self.max_in_flight,
+                            in_flight: self.limits.endpoint_max_in_flight,
                             waited: wait,
                         });
                     }

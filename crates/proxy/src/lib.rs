@@ -50,6 +50,8 @@ pub enum RunError {
     },
     #[error("cannot install signal handler: {0}")]
     Signal(#[source] std::io::Error),
+    #[error("cannot start the admin server's thread: {0}")]
+    AdminThread(#[source] std::io::Error),
     #[error("{var}: {source}")]
     Control {
         var: &'static str,
@@ -310,7 +312,7 @@ fn spawn_admin(
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(RunError::Signal)?;
+        .map_err(RunError::AdminThread)?;
     std::thread::Builder::new()
         .name("weft-admin".into())
         .spawn(move || {
@@ -321,5 +323,5 @@ fn spawn_admin(
                 }
             })
         })
-        .map_err(RunError::Signal)
+        .map_err(RunError::AdminThread)
 }

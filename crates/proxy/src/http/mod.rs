@@ -148,10 +148,10 @@ where
                     activity.idle_deadline(limits.header_read_timeout, limits.http2_idle_timeout);
                 tokio::select! {
                     res = conn.as_mut() => break res,
-                    _ = shutdown.cancelled(), if closing.is_none() => {
-                        conn.as_mut().graceful_shutdown();
+                    _ = shutdown.cancelled() => {
                         // Bounded by the process's shutdown grace.
-                        closing = Some(tokio::time::Instant::now() + Duration::from_secs(24 * 3600));
+                        conn.as_mut().graceful_shutdown();
+                        break conn.as_mut().await;
                     }
                     () = tokio::time::sleep_until(idle_at), if closing.is_none() => {
                         if activity.idle_deadline(limits.header_read_timeout, limits.http2_idle_timeout) <= tokio::time::Instant::now() {
