@@ -218,7 +218,7 @@ pub(crate) fn start_mtls(dir: &Path, backend: SocketAddr) -> anyhow::Result<Mtls
     };
     let control_file = dir.join("control.yaml");
     std::fs::write(&control_file, "destinations: {}\n")?;
-    let mut cmd = Command::new(release.join("weft-control"));
+    let mut cmd = weft_test_support::process::std_command(release.join("weft-control"));
     cmd.env_clear()
         .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
         .arg("--destinations")
@@ -293,7 +293,7 @@ fn start_proxy(
     bin: &Path,
     env: &[(&str, String)],
 ) -> anyhow::Result<(Proc, SocketAddr, SocketAddr)> {
-    let mut cmd = Command::new(bin);
+    let mut cmd = weft_test_support::process::std_command(bin);
     cmd.env_clear()
         .env("WEFT_PROXY_OUTBOUND_LISTEN", "127.0.0.1:0")
         .env("WEFT_PROXY_INBOUND_LISTEN", "127.0.0.1:0")
@@ -308,7 +308,7 @@ fn start_proxy(
 
 fn setup(dir: &Path) -> anyhow::Result<Setup> {
     let release = target_dir()?.join("release");
-    let mut cmd = Command::new(release.join("weft-test-backend"));
+    let mut cmd = weft_test_support::process::std_command(release.join("weft-test-backend"));
     cmd.args(["--listen", "127.0.0.1:0", "--name", "bench"]);
     let (backend_proc, line) = spawn_until("backend", cmd, "listening ", false)?;
     let backend: SocketAddr = line
@@ -353,7 +353,7 @@ fn setup(dir: &Path) -> anyhow::Result<Setup> {
              backend be_h2\n  server s1 {backend} proto h2\n"
         ),
     )?;
-    let child = Command::new("haproxy")
+    let child = weft_test_support::process::std_command("haproxy")
         .args(["-f", &cfg.display().to_string(), "-db"])
         .stdout(std::process::Stdio::null())
         .spawn()
@@ -434,7 +434,7 @@ fn h2load(
 ) -> anyhow::Result<H2loadResult> {
     // h2load appends to its log file; each run must start from nothing.
     let _ = std::fs::remove_file(log);
-    let mut cmd = Command::new("h2load");
+    let mut cmd = weft_test_support::process::std_command("h2load");
     if proto == Proto::H1 {
         cmd.arg("--h1");
     }

@@ -25,7 +25,7 @@ fn main() -> anyhow::Result<()> {
 fn demo(args: &[String]) -> anyhow::Result<()> {
     build_release()?;
     let weft = procs::target_dir()?.join("release/weft");
-    let status = Command::new(&weft)
+    let status = weft_test_support::process::std_command(&weft)
         .arg("demo")
         .args(args)
         .status()

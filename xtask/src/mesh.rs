@@ -151,7 +151,7 @@ pub(crate) fn fan_out(
 ) -> anyhow::Result<FanOut> {
     let client = free_port()?;
     let peer = free_port()?;
-    let mut cmd = Command::new("etcd");
+    let mut cmd = weft_test_support::process::std_command("etcd");
     cmd.args(["--name", "bench", "--data-dir"])
         .arg(dir.join("etcd"))
         .args(["--listen-client-urls", &format!("http://{client}")])
@@ -178,7 +178,9 @@ pub(crate) fn fan_out(
         }
     }
     let release = target_dir()?.join("release");
-    let mut cmd = Command::new(release.join("weft-control"));
+    let ca = weft_identity::CaDir::new(dir.join("fan-out-ca"));
+    ca.init(&"weft.local".parse()?, true)?;
+    let mut cmd = weft_test_support::process::std_command(release.join("weft-control"));
     cmd.env_clear()
         .args([
             "--listen",
@@ -188,6 +190,11 @@ pub(crate) fn fan_out(
             "--dns",
             "false",
         ])
+        .arg("--identity-dir")
+        .arg(&ca.dir)
+        // Every watcher here is one anonymous client (127.0.0.1): it may
+        // follow all the names the fleet would.
+        .args(["--max-names-per-client", &(watchers * services).to_string()])
         .args(["--etcd", &format!("http://{client}")])
         .args(["--log", "warn,weft_control=info"]);
     let (control, line) = spawn_until("weft-control", cmd, " listening ", true)?;
@@ -197,14 +204,18 @@ pub(crate) fn fan_out(
         .worker_threads(2)
         .enable_all()
         .build()?;
+    let tls = weft_channel::ClientTls::new(
+        weft_channel::load_roots(&ca.anchor_cert())?,
+        &weft_channel::DEFAULT_NAME.parse()?,
+        None,
+    )?;
     runtime.block_on(async {
         let setup_started = Instant::now();
         let (first_tx, mut first_rx) = tokio::sync::mpsc::channel::<()>(watchers * services);
         let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
         for _ in 0..watchers {
-            let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))?
-                .connect()
-                .await?;
+            let channel =
+                weft_channel::connect(&grpc.to_string(), &tls, Duration::from_secs(5)).await?;
             for s in 0..services {
                 let mut client = DestinationClient::new(channel.clone());
                 let first_tx = first_tx.clone();

@@ -36,6 +36,8 @@ pub(crate) struct Args {
     /// else 127.0.0.1:9990]
     #[arg(long, env = "WEFT_CONTROL_ADMIN")]
     control_admin: Option<String>,
+    #[command(flatten)]
+    tls: crate::control::TlsArgs,
     #[arg(short = 'o', long, value_enum, default_value = "table")]
     output: Output,
 }
@@ -132,7 +134,15 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let loaded = targets::load(&path);
     let listed = loaded.as_ref().map_or(&[][..], Vec::as_slice);
     let (grpc, admin) = control_addrs(&args, listed);
-    let control_up = control(&mut report, &grpc, &admin).await;
+    let anchors = args.tls.anchors(listed);
+    let control_up = control(
+        &mut report,
+        &grpc,
+        &admin,
+        anchors.as_deref(),
+        &args.tls.control_name,
+    )
+    .await;
     if control_up {
         identity(&mut report, &admin).await;
     }
@@ -199,18 +209,24 @@ fn print_report(checks: &[Check]) {
 }
 
 /// Whether the control plane's admin port answered.
-async fn control(report: &mut Report, grpc: &str, admin: &str) -> bool {
-    let reachable = match tonic::transport::Endpoint::from_shared(format!("http://{grpc}")) {
-        Ok(e) => match e.connect_timeout(Duration::from_secs(3)).connect().await {
-            Ok(_) => Ok(format!("gRPC at {grpc}")),
+async fn control(
+    report: &mut Report,
+    grpc: &str,
+    admin: &str,
+    anchors: Option<&std::path::Path>,
+    name: &weft_identity::Name,
+) -> bool {
+    let reachable = match anchors {
+        Some(anchors) => match crate::control::connect(grpc, anchors, name).await {
+            Ok(_) => Ok(format!("gRPC over TLS 1.3 at {grpc}, proved {name}")),
             Err(e) => fail(
-                format!("cannot connect to {grpc}: {:#}", anyhow::Error::new(e)),
-                "start weft-control, or pass --control ADDR (its --listen address)",
+                format!("{e:#}"),
+                "start weft-control, or pass --control ADDR (its --listen address), --trust-anchors FILE (the mesh's ca.crt) and --control-name NAME (its --name)",
             ),
         },
-        Err(e) => fail(
-            format!("{grpc:?} is not an address: {e}"),
-            "pass --control IP:PORT",
+        None => warn(
+            format!("cannot verify the control channel at {grpc}: no trust anchors known"),
+            "pass --trust-anchors FILE (the mesh's ca.crt) or set WEFT_TRUST_ANCHORS",
         ),
     };
     report.push("control plane", "reachable", reachable);

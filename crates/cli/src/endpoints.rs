@@ -22,6 +22,8 @@ pub(crate) struct Args {
     /// `weft demo` writes]
     #[arg(long, env = "WEFT_TARGETS", value_name = "FILE")]
     targets: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    tls: crate::control::TlsArgs,
     #[arg(long, short = 'o', value_parser = ["table", "json"], default_value = "table")]
     output: String,
 }
@@ -47,23 +49,22 @@ struct View {
 const SETTLE: Duration = Duration::from_millis(200);
 
 pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
+    // No targets file is fine here: the flags or defaults may be right.
+    let path = args
+        .targets
+        .clone()
+        .unwrap_or_else(crate::targets::default_path);
+    let listed = crate::targets::load(&path).unwrap_or_default();
     let control = args.control.clone().unwrap_or_else(|| {
-        // No targets file is fine here: the default address may be right.
-        let path = args
-            .targets
-            .clone()
-            .unwrap_or_else(crate::targets::default_path);
-        let listed = crate::targets::load(&path).unwrap_or_default();
         crate::targets::control_of(&listed)
             .0
             .unwrap_or_else(|| crate::targets::DEFAULT_CONTROL.into())
     });
-    let url = format!("http://{control}");
-    let channel = tonic::transport::Endpoint::from_shared(url.clone())?
-        .connect_timeout(Duration::from_secs(3))
-        .connect()
-        .await
-        .with_context(|| format!("connecting to the control plane at {control}"))?;
+    let anchors = args
+        .tls
+        .anchors(&listed)
+        .ok_or_else(crate::control::no_anchors)?;
+    let channel = crate::control::connect(&control, &anchors, &args.tls.control_name).await?;
     let mut client = DestinationClient::new(channel);
     let mut stream = client
         .get(GetDestination {

@@ -9,10 +9,17 @@ use weft_identity::{CaDir, CertInfo, Name, TokenKey};
 
 #[derive(Subcommand)]
 pub(crate) enum Command {
-    /// Create a trust anchor, an issuer it signs, and a token key in DIR.
+    /// Create a trust anchor, an issuer it signs, and a token key in DIR;
+    /// the anchor's private key goes outside DIR.
     Init {
         #[arg(long)]
         dir: PathBuf,
+        /// Where the trust anchor's private key is written: never inside
+        /// DIR, which weft-control serves from [default: DIR-anchor.key,
+        /// beside DIR]. Move it offline; it is needed only to rotate the
+        /// issuer.
+        #[arg(long, value_name = "PATH")]
+        anchor_key_out: Option<PathBuf>,
         /// The domain the CA certificates are named under.
         #[arg(long, default_value = "weft.local")]
         trust_domain: Name,
@@ -21,20 +28,30 @@ pub(crate) enum Command {
         #[arg(long)]
         force: bool,
     },
-    /// Mint a bootstrap token that lets a proxy be certified as NAME.
+    /// Mint a bootstrap token that lets a proxy be certified as NAME. A
+    /// proxy needs it only for its first certificate: renewals are proved
+    /// by the certificate it holds.
     Token {
         name: Name,
         #[arg(long)]
         dir: PathBuf,
-        /// How long the token may be used to obtain certificates.
-        #[arg(long, default_value = "365d", value_parser = humantime::parse_duration)]
-        valid_for: Duration,
+        /// How long the token may be used to obtain a first certificate.
+        #[arg(long, alias = "valid-for", default_value = "12h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// A single-use token: the control plane accepts it once and
+        /// refuses it afterwards (it remembers it until it expires).
+        #[arg(long)]
+        once: bool,
     },
     /// Replace the issuer with a new one signed by the same trust anchor;
     /// a running weft-control picks it up within a second.
     RotateIssuer {
         #[arg(long)]
         dir: PathBuf,
+        /// The trust anchor's private key [default: DIR-anchor.key, where
+        /// `weft identity init` put it].
+        #[arg(long, value_name = "PATH")]
+        anchor_key: Option<PathBuf>,
         #[arg(long, default_value = "weft.local")]
         trust_domain: Name,
     },
@@ -44,10 +61,11 @@ pub(crate) fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Init {
             dir,
+            anchor_key_out,
             trust_domain,
             force,
         } => {
-            let ca = CaDir::new(&dir);
+            let ca = ca_dir(&dir, anchor_key_out);
             ca.init(&trust_domain, force)?;
             let issuer =
                 CertInfo::parse(&first_cert(&ca.issuer_cert())?).map_err(anyhow::Error::msg)?;
@@ -65,28 +83,43 @@ pub(crate) fn run(command: Command) -> anyhow::Result<()> {
                 humantime::format_rfc3339_seconds(issuer.not_after)
             );
             println!("token key     {}", ca.token_key().display());
-            println!("next: weft identity token NAME --dir {}", dir.display());
+            println!(
+                "next: weft identity token NAME --dir {}; weft-control --identity-dir {}",
+                dir.display(),
+                dir.display()
+            );
             Ok(())
         }
         Command::Token {
             name,
             dir,
-            valid_for,
+            ttl,
+            once,
         } => {
             let ca = CaDir::new(&dir);
-            let path = ca.token_key();
-            let text = std::fs::read_to_string(&path).with_context(|| {
-                format!(
-                    "reading {} (run `weft identity init` first)",
-                    path.display()
-                )
-            })?;
-            let key = TokenKey::from_hex(&text).with_context(|| path.display().to_string())?;
-            println!("{}", key.mint(&name, valid_for, SystemTime::now()));
+            if !ca.token_key().exists() {
+                anyhow::bail!(
+                    "{} does not exist (run `weft identity init --dir {}` first)",
+                    ca.token_key().display(),
+                    dir.display()
+                );
+            }
+            let key: TokenKey = ca.read_token_key()?;
+            let now = SystemTime::now();
+            let token = if once {
+                key.mint_once(&name, ttl, now)?
+            } else {
+                key.mint(&name, ttl, now)
+            };
+            println!("{token}");
             Ok(())
         }
-        Command::RotateIssuer { dir, trust_domain } => {
-            let ca = CaDir::new(&dir);
+        Command::RotateIssuer {
+            dir,
+            anchor_key,
+            trust_domain,
+        } => {
+            let ca = ca_dir(&dir, anchor_key);
             ca.rotate_issuer(&trust_domain)?;
             let issuer =
                 CertInfo::parse(&first_cert(&ca.issuer_cert())?).map_err(anyhow::Error::msg)?;
@@ -97,6 +130,13 @@ pub(crate) fn run(command: Command) -> anyhow::Result<()> {
             );
             Ok(())
         }
+    }
+}
+
+fn ca_dir(dir: &std::path::Path, anchor_key: Option<PathBuf>) -> CaDir {
+    match anchor_key {
+        Some(key) => CaDir::with_anchor_key(dir, key),
+        None => CaDir::new(dir),
     }
 }
 

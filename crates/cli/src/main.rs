@@ -1,6 +1,7 @@
 //! `weft`: the operator's CLI.
 
 mod check;
+mod control;
 mod demo;
 mod edges;
 mod endpoints;

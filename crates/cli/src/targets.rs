@@ -55,6 +55,16 @@ pub(crate) fn control_of(listed: &[Target]) -> (Option<String>, Option<String>) 
     )
 }
 
+/// The trust anchors file the control group names (label `anchors`), as
+/// `weft demo` writes it.
+pub(crate) fn anchors_of(listed: &[Target]) -> Option<PathBuf> {
+    listed
+        .iter()
+        .find(|t| t.is_control())
+        .and_then(|t| t.labels.get("anchors"))
+        .map(PathBuf::from)
+}
+
 /// Where `weft demo` writes its targets, and where other commands look
 /// when neither `--targets` nor `WEFT_TARGETS` says otherwise.
 pub(crate) fn default_path() -> PathBuf {

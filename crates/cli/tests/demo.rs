@@ -145,3 +145,47 @@ async fn the_demo_mesh_works_and_the_cli_shows_it() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Whatever stops `weft demo` (Ctrl-C, a process manager's SIGTERM, a
+/// closed terminal's SIGHUP, or SIGKILL, which it cannot even see), no
+/// weft-control or weft-proxy it started is left holding its ports.
+#[tokio::test]
+async fn the_demo_leaves_no_process_behind_whatever_stops_it() -> anyhow::Result<()> {
+    use std::time::Duration;
+    use weft_test_support::process::{alive, children_of};
+    let dir = tempfile::tempdir()?;
+    let targets = dir.path().join("targets.json");
+    let t = targets.to_string_lossy().into_owned();
+    for signal in ["INT", "TERM", "HUP", "KILL"] {
+        let mut demo = Started::run(
+            &workspace_binary("weft")?,
+            &["demo", "--every", "1s", "--targets", &t],
+            "the mesh is up",
+        )
+        .await?;
+        let pid = demo.pid().context("demo already exited")?;
+        let children = children_of(pid);
+        // weft-control and a proxy per replica and for the traffic.
+        anyhow::ensure!(children.len() >= 7, "demo children: {children:?}");
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{signal}"), &pid.to_string()])
+            .status()?;
+        anyhow::ensure!(status.success(), "kill -{signal} {pid}");
+        demo.wait(Duration::from_secs(30))
+            .await
+            .with_context(|| format!("demo did not exit on SIG{signal}"))?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let left: Vec<u32> = children.iter().copied().filter(|c| alive(*c)).collect();
+            if left.is_empty() {
+                break;
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "after SIG{signal}, demo children still running: {left:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    Ok(())
+}

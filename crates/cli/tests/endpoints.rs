@@ -1,11 +1,15 @@
 //! `weft endpoints` against a real control plane.
 
 use weft_test_support::control::Control;
+use weft_test_support::mesh::MeshCa;
 use weft_test_support::{DestinationsFile, workspace_binary};
 
+/// Runs `weft ARGS` with no targets file, so only flags and the
+/// environment say where the control plane is.
 async fn weft(args: &[&str]) -> anyhow::Result<(bool, String, String)> {
     let out = tokio::process::Command::new(workspace_binary("weft")?)
         .args(args)
+        .env("WEFT_TARGETS", "/nonexistent/targets.json")
         .output()
         .await?;
     Ok((
@@ -20,12 +24,39 @@ async fn shows_what_discovery_says() -> anyhow::Result<()> {
     let file = DestinationsFile::from_yaml(
         "destinations:\n  \"api.demo:8080\":\n    endpoints:\n      - addr: 10.0.0.1:4143\n        identity: api.demo\n      - addr: 10.0.0.2:4143\n        weight: 3\n",
     )?;
+    let ca = MeshCa::new()?;
     let control = Control::start(
         &workspace_binary("weft-control")?,
+        &ca,
         &["--destinations", &file.path_str(), "--dns", "false"],
     )
     .await?;
     let addr = control.grpc.to_string();
+    let anchors = ca.anchors();
+
+    // The control channel is TLS: without trust anchors the CLI says so,
+    // and with the wrong expected name it refuses the control plane.
+    let (ok, _, err) = weft(&["endpoints", "api.demo:8080", "--control", &addr]).await?;
+    assert!(!ok);
+    assert!(err.contains("--trust-anchors"), "{err}");
+    let (ok, _, err) = weft(&[
+        "endpoints",
+        "api.demo:8080",
+        "--control",
+        &addr,
+        "--trust-anchors",
+        &anchors,
+        "--control-name",
+        "impostor.weft.local",
+    ])
+    .await?;
+    assert!(!ok);
+    assert!(err.contains("expecting impostor.weft.local"), "{err}");
+    let weft = async |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--trust-anchors", &anchors]);
+        weft(&all).await
+    };
 
     let (ok, out, err) = weft(&[
         "endpoints",
@@ -68,6 +99,6 @@ async fn shows_what_discovery_says() -> anyhow::Result<()> {
     drop(control);
     let (ok, _, err) = weft(&["endpoints", "api.demo:8080", "--control", &addr]).await?;
     assert!(!ok);
-    assert!(err.contains("connecting to the control plane"), "{err}");
+    assert!(err.contains("TLS to the control plane"), "{err}");
     Ok(())
 }

@@ -9,9 +9,26 @@ use std::time::Duration;
 #[derive(Clone, Debug, clap::Parser)]
 #[command(version, about)]
 pub struct Config {
-    /// gRPC listener for the Destination and Identity APIs.
+    /// gRPC listener for the Destination and Identity APIs (TLS 1.3 only).
     #[arg(long, env = "WEFT_CONTROL_LISTEN", default_value = "127.0.0.1:8086")]
     pub listen: SocketAddr,
+
+    /// The identity weft-control's own certificate names (issued from the
+    /// issuer at start and renewed); proxies expect it as
+    /// WEFT_PROXY_CONTROL_NAME.
+    #[arg(long, env = "WEFT_CONTROL_NAME", default_value = weft_channel::DEFAULT_NAME)]
+    pub name: weft_identity::Name,
+
+    /// Most connections held open on the gRPC listener; more are closed at
+    /// once (and logged).
+    #[arg(long, env = "WEFT_CONTROL_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+
+    /// Most names one client (an identity, or an address for clients
+    /// without a certificate) may follow at once, over all its connections;
+    /// more streams are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "WEFT_CONTROL_MAX_NAMES_PER_CLIENT", default_value_t = 2_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_names_per_client: u32,
 
     /// Admin listener: /ready, /live, /metrics.
     #[arg(
@@ -48,10 +65,15 @@ pub struct Config {
     #[arg(long, env = "WEFT_CONTROL_DNS_REFRESH", default_value = "5s", value_parser = humantime::parse_duration)]
     pub dns_refresh: Duration,
 
-    /// Directory made by `weft identity init`: issuer.crt, issuer.key and
-    /// token.key. Without it the Identity API is not served.
+    /// Directory made by `weft identity init`: ca.crt, issuer.crt,
+    /// issuer.key and token.key (never the trust anchor's key).
     #[arg(long, env = "WEFT_CONTROL_IDENTITY_DIR")]
-    pub identity_dir: Option<PathBuf>,
+    pub identity_dir: PathBuf,
+
+    /// Where used single-use tokens are remembered until they expire
+    /// [default: spent-tokens in the identity directory].
+    #[arg(long, env = "WEFT_CONTROL_SPENT_TOKENS", value_name = "FILE")]
+    pub spent_tokens: Option<PathBuf>,
 
     /// Lifetime of the certificates the Identity API signs.
     #[arg(long, env = "WEFT_CONTROL_LEAF_LIFETIME", default_value = "24h", value_parser = parse_duration)]

@@ -11,10 +11,14 @@ use linkerd2_proxy_api::destination::{
     RetryBudget, TlsIdentity, Update, WeightedAddr, WeightedAddrSet,
     destination_server::Destination, protocol_hint, tls_identity, update,
 };
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 
 use tonic::{Request, Response, Status};
+use weft_channel::Peer;
 use weft_detect::Authority;
+use weft_identity::Name;
 
 use crate::discovery::{Discovery, Endpoint, Resolution, Watch};
 use crate::metrics::{Metrics, OpenStream};
@@ -22,11 +26,95 @@ use crate::metrics::{Metrics, OpenStream};
 pub struct DestinationService {
     discovery: Discovery,
     metrics: Metrics,
+    clients: Arc<Clients>,
 }
 
 impl DestinationService {
-    pub fn new(discovery: Discovery, metrics: Metrics) -> Self {
-        Self { discovery, metrics }
+    /// `max_per_client` bounds the streams (followed names) one client
+    /// holds open at once.
+    pub fn new(discovery: Discovery, metrics: Metrics, max_per_client: u32) -> Self {
+        Self {
+            discovery,
+            metrics,
+            clients: Arc::new(Clients {
+                max: max_per_client,
+                open: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+}
+
+/// Who a stream is counted against: the identity its connection proved,
+/// else the address it came from.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum ClientKey {
+    Identity(Name),
+    Addr(IpAddr),
+}
+
+impl std::fmt::Display for ClientKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Identity(n) => write!(f, "{n}"),
+            Self::Addr(a) => write!(f, "{a} (no client certificate)"),
+        }
+    }
+}
+
+/// Open streams per client, so one client (a proxy that follows random
+/// names, a runaway script) cannot make the control plane hold without
+/// bound.
+struct Clients {
+    max: u32,
+    open: Mutex<HashMap<ClientKey, u32>>,
+}
+
+/// One stream counted against its client until dropped.
+struct ClientSlot {
+    clients: Arc<Clients>,
+    key: ClientKey,
+}
+
+impl Clients {
+    fn acquire(self: &Arc<Self>, key: ClientKey) -> Result<ClientSlot, Status> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(key.clone()).or_default();
+        if *n >= self.max {
+            return Err(Status::resource_exhausted(format!(
+                "{key} already follows {} names, the most one client may (weft-control --max-names-per-client)",
+                self.max
+            )));
+        }
+        *n += 1;
+        Ok(ClientSlot {
+            clients: self.clone(),
+            key,
+        })
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut open = self.clients.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.key);
+            }
+        }
+    }
+}
+
+impl DestinationService {
+    fn slot<T>(&self, request: &Request<T>) -> Result<ClientSlot, Status> {
+        let key = match request.extensions().get::<Peer>() {
+            Some(Peer {
+                identity: Some(n), ..
+            }) => ClientKey::Identity(n.clone()),
+            Some(p) => ClientKey::Addr(p.addr.ip()),
+            None => ClientKey::Addr(IpAddr::from([0, 0, 0, 0])),
+        };
+        self.clients.acquire(key)
     }
 }
 
@@ -52,11 +140,13 @@ impl Destination for DestinationService {
         request: Request<GetDestination>,
     ) -> Result<Response<Self::GetStream>, Status> {
         let authority = parse_path(request.get_ref())?;
+        let slot = self.slot(&request)?;
         let watch = self.discovery.watch(&authority);
         Ok(Response::new(Box::pin(updates(
             authority,
             watch,
             self.metrics.clone(),
+            slot,
         ))))
     }
 
@@ -65,11 +155,13 @@ impl Destination for DestinationService {
         request: Request<GetDestination>,
     ) -> Result<Response<Self::GetProfileStream>, Status> {
         let authority = parse_path(request.get_ref())?;
+        let slot = self.slot(&request)?;
         let watch = self.discovery.watch(&authority);
         Ok(Response::new(Box::pin(profiles(
             authority,
             watch,
             self.metrics.clone(),
+            slot,
         ))))
     }
 }
@@ -81,6 +173,7 @@ fn updates(
     authority: Authority,
     watch: Watch,
     metrics: Metrics,
+    slot: ClientSlot,
 ) -> impl Stream<Item = Result<Update, Status>> + Send {
     struct State {
         authority: Authority,
@@ -90,9 +183,11 @@ fn updates(
         started: bool,
         metrics: Metrics,
         _open: OpenStream,
+        _slot: ClientSlot,
     }
     let state = State {
         _open: metrics.stream_opened("get"),
+        _slot: slot,
         authority,
         watch,
         diff: Diff::default(),
@@ -122,6 +217,7 @@ fn profiles(
     authority: Authority,
     watch: Watch,
     metrics: Metrics,
+    slot: ClientSlot,
 ) -> impl Stream<Item = Result<DestinationProfile, Status>> + Send {
     struct State {
         authority: Authority,
@@ -130,9 +226,11 @@ fn profiles(
         started: bool,
         metrics: Metrics,
         _open: OpenStream,
+        _slot: ClientSlot,
     }
     let state = State {
         _open: metrics.stream_opened("get_profile"),
+        _slot: slot,
         authority,
         watch,
         last: None,

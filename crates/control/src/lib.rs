@@ -15,6 +15,7 @@ pub mod destination;
 pub mod discovery;
 pub mod identity;
 pub mod metrics;
+pub mod spent;
 
 pub use config::Config;
 
@@ -29,6 +30,8 @@ pub enum RunError {
     Destinations(#[from] weft_destinations::DestinationsError),
     #[error(transparent)]
     Identity(#[from] identity::IdentityError),
+    #[error("control channel TLS: {0}")]
+    Channel(#[from] weft_channel::ChannelError),
     #[error(transparent)]
     Dns(#[from] discovery::dns::DnsError),
     #[error("gRPC server failed: {0}")]
@@ -40,6 +43,12 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, RunError> {
         .await
         .map_err(|source| RunError::Bind { addr, source })
 }
+
+/// A client must finish its TLS handshake within this.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Streams per connection beyond the names one client may follow: its
+/// `Certify` calls and health checks.
+const EXTRA_STREAMS: u32 = 16;
 
 /// Serves until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
@@ -61,20 +70,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         )?);
     }
     let discovery = discovery::Discovery::new(backends);
-    let identity = match &config.identity_dir {
-        Some(dir) => {
-            let dir = weft_identity::CaDir::new(dir);
-            let service = identity::IdentityService::load(
-                dir.clone(),
-                config.leaf_lifetime,
-                metrics.clone(),
-            )?;
-            let view = service.view(&dir);
-            Some((service, view))
-        }
-        None => None,
-    };
-    let (identity, view) = identity.unzip();
+    let dir = weft_identity::CaDir::new(&config.identity_dir);
+    let spent = config
+        .spent_tokens
+        .clone()
+        .unwrap_or_else(|| config.identity_dir.join("spent-tokens"));
+    let identity =
+        identity::IdentityService::load(dir.clone(), config.leaf_lifetime, spent, metrics.clone())?;
+    let view = identity.view(&dir);
+    let own_cert = identity.serve_cert(config.name.clone())?;
+    let tls =
+        weft_channel::ServerTls::new(weft_channel::load_roots(&dir.anchor_cert())?, own_cert)?;
 
     let grpc = bind(config.listen).await?;
     let admin = bind(config.admin_listen).await?;
@@ -87,24 +93,36 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         source,
     })?;
     tracing::info!(
-        "weft-control listening grpc={grpc_addr} admin={admin_addr} identity={}",
-        identity.is_some()
+        "weft-control listening grpc={grpc_addr} admin={admin_addr} name={} tls=1.3",
+        config.name
     );
-    tokio::spawn(admin::serve(admin, metrics.clone(), view, shutdown.clone()));
+    tokio::spawn(admin::serve(
+        admin,
+        metrics.clone(),
+        Some(view),
+        shutdown.clone(),
+    ));
 
+    let incoming = weft_channel::incoming(
+        weft_listener::Listener::new(grpc, "control", config.max_connections as usize),
+        tls,
+        HANDSHAKE_TIMEOUT,
+    );
     let router = tonic::transport::Server::builder()
         // Proxies hold one long-lived connection; keep-alives find dead ones.
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(5)))
-        .add_service(DestinationServer::new(
-            destination::DestinationService::new(discovery, metrics),
+        // A proxy follows every name it routes to on one connection.
+        .max_concurrent_streams(Some(
+            config.max_names_per_client.saturating_add(EXTRA_STREAMS),
         ))
-        .add_optional_service(identity.map(IdentityServer::new));
+        .http2_max_header_list_size(Some(16 * 1024))
+        .add_service(DestinationServer::new(
+            destination::DestinationService::new(discovery, metrics, config.max_names_per_client),
+        ))
+        .add_service(IdentityServer::new(identity));
     router
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(grpc),
-            shutdown.cancelled_owned(),
-        )
+        .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
         .await?;
     Ok(())
 }

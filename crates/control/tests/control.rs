@@ -10,8 +10,9 @@ use linkerd2_proxy_api::identity::CertifyRequest;
 use linkerd2_proxy_api::identity::identity_client::IdentityClient;
 use tonic::Streaming;
 use weft_control::destination::apply_update;
-use weft_identity::{CaDir, CertInfo, Name, TokenKey, new_csr, verify_signed_by};
+use weft_identity::{CertInfo, Name, new_csr, verify_signed_by};
 use weft_test_support::control::Control;
+use weft_test_support::mesh::MeshCa;
 use weft_test_support::{DestinationsFile, workspace_binary};
 
 const DESTINATIONS: &str = r#"
@@ -47,20 +48,22 @@ fn addr(port: u16) -> SocketAddr {
 }
 
 /// A control plane serving `DESTINATIONS` from a file.
-async fn with_destinations() -> anyhow::Result<(DestinationsFile, Control)> {
+async fn with_destinations() -> anyhow::Result<(DestinationsFile, MeshCa, Control)> {
     let file = DestinationsFile::from_yaml(DESTINATIONS)?;
+    let ca = MeshCa::new()?;
     let control = Control::start(
         &workspace_binary("weft-control")?,
+        &ca,
         &["--destinations", &file.path_str()],
     )
     .await?;
-    Ok((file, control))
+    Ok((file, ca, control))
 }
 
 #[tokio::test]
 async fn get_streams_the_file_and_its_edits() -> anyhow::Result<()> {
-    let (file, control) = with_destinations().await?;
-    let mut client = DestinationClient::connect(control.url()).await?;
+    let (file, _ca, control) = with_destinations().await?;
+    let mut client = DestinationClient::new(control.channel().await?);
 
     let mut web = client.get(get("web.demo:8080")).await?.into_inner();
     let mut state: BTreeMap<SocketAddr, WeightedAddr> = BTreeMap::new();
@@ -112,8 +115,8 @@ async fn get_streams_the_file_and_its_edits() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn get_profile_names_the_service() -> anyhow::Result<()> {
-    let (_file, control) = with_destinations().await?;
-    let mut client = DestinationClient::connect(control.url()).await?;
+    let (_file, _ca, control) = with_destinations().await?;
+    let mut client = DestinationClient::new(control.channel().await?);
     let mut web = client.get_profile(get("web.demo:8080")).await?.into_inner();
     let p = web
         .message()
@@ -138,35 +141,13 @@ async fn get_profile_names_the_service() -> anyhow::Result<()> {
     Ok(())
 }
 
-struct Ca {
-    _tmp: tempfile::TempDir,
-    dir: CaDir,
-    tokens: TokenKey,
-}
-
-fn ca() -> anyhow::Result<Ca> {
-    let tmp = tempfile::tempdir()?;
-    let dir = CaDir::new(tmp.path().join("ca"));
-    dir.init(&"weft.local".parse()?, false)?;
-    let tokens = TokenKey::from_hex(&std::fs::read_to_string(dir.token_key())?)?;
-    Ok(Ca {
-        _tmp: tmp,
-        dir,
-        tokens,
-    })
-}
-
 fn certify_request(
-    ca: &Ca,
+    ca: &MeshCa,
     identity: &str,
     token_for: &str,
     csr_for: &str,
 ) -> anyhow::Result<CertifyRequest> {
-    let token = ca.tokens.mint(
-        &token_for.parse()?,
-        Duration::from_secs(600),
-        SystemTime::now(),
-    );
+    let token = ca.token(token_for, Duration::from_secs(600))?;
     let (_key, csr) = new_csr(&csr_for.parse::<Name>()?)?;
     Ok(CertifyRequest {
         identity: identity.into(),
@@ -177,19 +158,14 @@ fn certify_request(
 
 #[tokio::test]
 async fn certify_signs_only_what_the_token_allows() -> anyhow::Result<()> {
-    let ca = ca()?;
-    let dir = ca
-        .dir
-        .dir
-        .to_str()
-        .ok_or_else(|| anyhow::anyhow!("path"))?
-        .to_string();
+    let ca = MeshCa::new()?;
     let control = Control::start(
         &workspace_binary("weft-control")?,
-        &["--identity-dir", &dir, "--leaf-lifetime", "1h"],
+        &ca,
+        &["--leaf-lifetime", "1h"],
     )
     .await?;
-    let mut client = IdentityClient::connect(control.url()).await?;
+    let mut client = IdentityClient::new(control.channel().await?);
 
     let rsp = client
         .certify(certify_request(&ca, "web.demo", "web.demo", "web.demo")?)
@@ -259,19 +235,9 @@ async fn certify_signs_only_what_the_token_allows() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn a_rotated_issuer_signs_the_next_leaf() -> anyhow::Result<()> {
-    let ca = ca()?;
-    let dir = ca
-        .dir
-        .dir
-        .to_str()
-        .ok_or_else(|| anyhow::anyhow!("path"))?
-        .to_string();
-    let control = Control::start(
-        &workspace_binary("weft-control")?,
-        &["--identity-dir", &dir],
-    )
-    .await?;
-    let mut client = IdentityClient::connect(control.url()).await?;
+    let ca = MeshCa::new()?;
+    let control = Control::start(&workspace_binary("weft-control")?, &ca, &[]).await?;
+    let mut client = IdentityClient::new(control.channel().await?);
     let before = client
         .certify(certify_request(&ca, "web.demo", "web.demo", "web.demo")?)
         .await?
@@ -313,5 +279,241 @@ async fn a_bad_value_names_its_variable() -> anyhow::Result<()> {
         "{stderr}"
     );
     assert!(stderr.contains("at least 1m"), "{stderr}");
+    Ok(())
+}
+
+/// Certifies `name` with a token over an anonymous channel and returns the
+/// certificate as a client certificate for the control channel.
+async fn certified(
+    control: &Control,
+    ca: &MeshCa,
+    name: &str,
+) -> anyhow::Result<std::sync::Arc<weft_channel::CurrentCert>> {
+    let (key, csr) = new_csr(&name.parse::<Name>()?)?;
+    let mut client = IdentityClient::new(control.channel().await?);
+    let rsp = client
+        .certify(CertifyRequest {
+            identity: name.into(),
+            token: ca.token(name, Duration::from_secs(600))?.into_bytes(),
+            certificate_signing_request: csr,
+        })
+        .await?
+        .into_inner();
+    let mut chain = vec![rsp.leaf_certificate.into()];
+    chain.extend(rsp.intermediate_certificates.into_iter().map(Into::into));
+    let cert = std::sync::Arc::new(weft_channel::CurrentCert::default());
+    cert.set(weft_channel::certified_key(&key, chain)?);
+    Ok(cert)
+}
+
+fn renewal(identity: &str) -> anyhow::Result<CertifyRequest> {
+    let (_key, csr) = new_csr(&identity.parse::<Name>()?)?;
+    Ok(CertifyRequest {
+        identity: identity.into(),
+        token: Vec::new(),
+        certificate_signing_request: csr,
+    })
+}
+
+#[tokio::test]
+async fn the_control_channel_is_tls_with_the_control_planes_own_name() -> anyhow::Result<()> {
+    let (_file, ca, control) = with_destinations().await?;
+
+    // Plaintext gRPC, as every client spoke before: refused at the
+    // handshake, and the refusal is logged.
+    let plain = tonic::transport::Endpoint::from_shared(format!("http://{}", control.grpc))?
+        .connect()
+        .await?;
+    let err = DestinationClient::new(plain)
+        .get(get("web.demo:8080"))
+        .await
+        .expect_err("plaintext refused");
+    // The TLS alert reads as garbage to an HTTP/2 client.
+    assert!(
+        matches!(
+            err.code(),
+            tonic::Code::Unavailable | tonic::Code::Internal | tonic::Code::Unknown
+        ),
+        "{err}"
+    );
+    control
+        .process
+        .wait_for_log("control connection refused", Duration::from_secs(5))
+        .await?;
+
+    // A client expecting another name, or trusting another CA, refuses
+    // the control plane.
+    let roots = weft_channel::load_roots(&control.anchors)?;
+    let other_name = weft_channel::ClientTls::new(roots, &"other.weft.local".parse()?, None)?;
+    let err = weft_channel::connect(
+        &control.grpc.to_string(),
+        &other_name,
+        Duration::from_secs(5),
+    )
+    .await
+    .expect_err("wrong name");
+    assert!(err.to_string().contains("not valid for name"), "{err}");
+    let stranger = MeshCa::new()?;
+    let roots = weft_channel::load_roots(&stranger.dir.anchor_cert())?;
+    let other_ca = weft_channel::ClientTls::new(roots, &weft_channel::DEFAULT_NAME.parse()?, None)?;
+    let err = weft_channel::connect(&control.grpc.to_string(), &other_ca, Duration::from_secs(5))
+        .await
+        .expect_err("unknown issuer");
+    assert!(
+        err.to_string().contains("invalid peer certificate"),
+        "{err}"
+    );
+
+    // The right anchors and name: served.
+    let mut client = DestinationClient::new(control.channel().await?);
+    let mut web = client.get(get("web.demo:8080")).await?.into_inner();
+    next(&mut web).await?;
+    drop(ca);
+    Ok(())
+}
+
+#[tokio::test]
+async fn renewal_is_proved_by_the_certificate_not_a_token() -> anyhow::Result<()> {
+    let ca = MeshCa::new()?;
+    let control = Control::start(&workspace_binary("weft-control")?, &ca, &[]).await?;
+    let web = certified(&control, &ca, "web.demo").await?;
+
+    // Holding web.demo's certificate, web.demo is renewed with no token.
+    let mut as_web = IdentityClient::new(control.channel_as(Some(web)).await?);
+    let rsp = as_web.certify(renewal("web.demo")?).await?.into_inner();
+    let leaf = CertInfo::parse(&rsp.leaf_certificate).map_err(anyhow::Error::msg)?;
+    assert_eq!(leaf.dns_names, ["web.demo"]);
+    // ...but that certificate proves nothing about api.demo,
+    let err = as_web
+        .certify(renewal("api.demo")?)
+        .await
+        .expect_err("not web's to ask");
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    assert!(
+        err.message().contains("certificate is for web.demo"),
+        "{}",
+        err.message()
+    );
+    // and without a certificate, no token means no certificate.
+    let mut anonymous = IdentityClient::new(control.channel().await?);
+    let err = anonymous
+        .certify(renewal("web.demo")?)
+        .await
+        .expect_err("no proof");
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    assert!(
+        err.message().contains("presented no certificate"),
+        "{}",
+        err.message()
+    );
+    let log = control.process.log();
+    assert!(
+        log.contains("proof=\"certificate\"") || log.contains("proof=certificate"),
+        "{log}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_single_use_token_is_refused_the_second_time_even_after_a_restart() -> anyhow::Result<()>
+{
+    let ca = MeshCa::new()?;
+    let bin = workspace_binary("weft-control")?;
+    let control = Control::start(&bin, &ca, &[]).await?;
+    let token = ca.token_once("web.demo", Duration::from_secs(3600))?;
+    let request = |token: &str| -> anyhow::Result<CertifyRequest> {
+        let (_key, csr) = new_csr(&"web.demo".parse::<Name>()?)?;
+        Ok(CertifyRequest {
+            identity: "web.demo".into(),
+            token: token.as_bytes().to_vec(),
+            certificate_signing_request: csr,
+        })
+    };
+    let mut client = IdentityClient::new(control.channel().await?);
+    // A CSR that fails does not use the token up.
+    let mut bad = request(&token)?;
+    bad.certificate_signing_request = b"garbage".to_vec();
+    client.certify(bad).await.expect_err("bad csr");
+    client.certify(request(&token)?).await?;
+    let err = client
+        .certify(request(&token)?)
+        .await
+        .expect_err("replayed");
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    assert!(err.message().contains("already used"), "{}", err.message());
+    // The token never appears in the log: it is a credential.
+    let signature = token.rsplit('.').next().unwrap_or_default();
+    assert!(!control.process.log().contains(signature));
+    drop(client);
+    drop(control);
+
+    let restarted = Control::start(&bin, &ca, &[]).await?;
+    let mut client = IdentityClient::new(restarted.channel().await?);
+    let err = client
+        .certify(request(&token)?)
+        .await
+        .expect_err("replayed after restart");
+    assert!(err.message().contains("already used"), "{}", err.message());
+    // Another single-use token still works once.
+    let fresh = ca.token_once("web.demo", Duration::from_secs(3600))?;
+    client.certify(request(&fresh)?).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn one_client_follows_a_bounded_number_of_names() -> anyhow::Result<()> {
+    let file = DestinationsFile::from_yaml(DESTINATIONS)?;
+    let ca = MeshCa::new()?;
+    let control = Control::start(
+        &workspace_binary("weft-control")?,
+        &ca,
+        &[
+            "--destinations",
+            &file.path_str(),
+            "--max-names-per-client",
+            "3",
+        ],
+    )
+    .await?;
+    let mut client = DestinationClient::new(control.channel().await?);
+    let mut held = Vec::new();
+    for n in 0..3 {
+        let mut s = client
+            .get(get(&format!("n{n}.demo:80")))
+            .await?
+            .into_inner();
+        next(&mut s).await?;
+        held.push(s);
+    }
+    let err = client
+        .get(get("n3.demo:80"))
+        .await
+        .expect_err("over the cap");
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+    assert!(
+        err.message().contains("max-names-per-client"),
+        "{}",
+        err.message()
+    );
+    // The same client on another connection is the same client.
+    let mut other = DestinationClient::new(control.channel().await?);
+    let err = other.get(get("n3.demo:80")).await.expect_err("still over");
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+    // Closing a stream frees its place.
+    held.pop();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match client.get(get("n3.demo:80")).await {
+            Ok(s) => {
+                next(&mut s.into_inner()).await?;
+                break;
+            }
+            Err(e) if e.code() == tonic::Code::ResourceExhausted => {
+                anyhow::ensure!(std::time::Instant::now() < deadline, "place never freed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
     Ok(())
 }

@@ -11,6 +11,7 @@ use tonic::Streaming;
 use weft_control::destination::apply_update;
 use weft_test_support::control::Control;
 use weft_test_support::dns::Dns;
+use weft_test_support::mesh::MeshCa;
 use weft_test_support::{DestinationsFile, workspace_binary};
 
 async fn first(
@@ -42,8 +43,10 @@ async fn names_nobody_else_knows_come_from_dns() -> anyhow::Result<()> {
     let file = DestinationsFile::from_yaml(
         "destinations:\n  \"web.demo:80\":\n    endpoints:\n      - addr: 10.1.0.1:4143\n",
     )?;
+    let ca = MeshCa::new()?;
     let control = Control::start(
         &workspace_binary("weft-control")?,
+        &ca,
         &[
             "--dns-server",
             &dns.addr.to_string(),
@@ -52,7 +55,7 @@ async fn names_nobody_else_knows_come_from_dns() -> anyhow::Result<()> {
         ],
     )
     .await?;
-    let mut client = DestinationClient::connect(control.url()).await?;
+    let mut client = DestinationClient::new(control.channel().await?);
 
     let mut state = BTreeMap::new();
     apply_update(&mut state, &first(&mut client, "api.demo:8080").await?);

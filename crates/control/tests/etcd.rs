@@ -12,6 +12,7 @@ use weft_control::destination::apply_update;
 use weft_registry::etcd::Etcd as EtcdClient;
 use weft_test_support::control::Control;
 use weft_test_support::etcd::Etcd;
+use weft_test_support::mesh::MeshCa;
 use weft_test_support::{DestinationsFile, workspace_binary};
 
 const KEY_A: &str = "/weft/services/api.demo:8080/endpoints/10.0.0.1:4143";
@@ -40,10 +41,15 @@ async fn until(
 #[tokio::test]
 async fn puts_deletes_and_expired_leases_reach_the_stream() -> anyhow::Result<()> {
     let etcd = Etcd::start().await?;
-    let control =
-        Control::start(&workspace_binary("weft-control")?, &["--etcd", &etcd.url()]).await?;
+    let ca = MeshCa::new()?;
+    let control = Control::start(
+        &workspace_binary("weft-control")?,
+        &ca,
+        &["--etcd", &etcd.url()],
+    )
+    .await?;
     let mut kv = EtcdClient::connect(&[etcd.url()]).await?;
-    let mut dst = DestinationClient::connect(control.url()).await?;
+    let mut dst = DestinationClient::new(control.channel().await?);
     let mut stream = dst
         .get(GetDestination {
             path: "api.demo:8080".into(),
@@ -99,8 +105,10 @@ async fn the_file_overrides_etcd_and_etcd_outages_keep_the_last_answer() -> anyh
     let file = DestinationsFile::from_yaml(
         "destinations:\n  \"web.demo:80\":\n    endpoints:\n      - addr: 10.1.0.1:4143\n",
     )?;
+    let ca = MeshCa::new()?;
     let control = Control::start(
         &workspace_binary("weft-control")?,
+        &ca,
         &["--etcd", &etcd.url(), "--destinations", &file.path_str()],
     )
     .await?;
@@ -113,7 +121,7 @@ async fn the_file_overrides_etcd_and_etcd_outages_keep_the_last_answer() -> anyh
     .await?;
     kv.put(KEY_A, "{}", 0).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut dst = DestinationClient::connect(control.url()).await?;
+    let mut dst = DestinationClient::new(control.channel().await?);
     let mut web = dst
         .get(GetDestination {
             path: "web.demo:80".into(),

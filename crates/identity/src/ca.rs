@@ -22,23 +22,68 @@ pub const LEAF_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// still accepts them.
 const CLOCK_SKEW: Duration = Duration::from_secs(5 * 60);
 
-/// Where `weft identity init` puts things.
+/// Where `weft identity init` puts things: the directory weft-control
+/// serves from, and the trust anchor's key, which is never in it.
 #[derive(Clone, Debug)]
 pub struct CaDir {
     pub dir: PathBuf,
+    anchor_key: PathBuf,
 }
 
+/// The name an anchor key had inside the directory before it was kept
+/// out; weft-control refuses to start while a file of this name is there.
+const SERVED_ANCHOR_KEY: &str = "ca.key";
+
 impl CaDir {
+    /// `dir`, with the anchor key beside it (`<dir>-anchor.key`).
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into() }
+        let dir = dir.into();
+        let name = dir
+            .file_name()
+            .map_or_else(|| "weft".into(), |n| n.to_string_lossy().into_owned());
+        let anchor_key = dir
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join(format!("{name}-anchor.key"));
+        Self { dir, anchor_key }
     }
+
+    /// `dir`, with the anchor key at `anchor_key`.
+    pub fn with_anchor_key(dir: impl Into<PathBuf>, anchor_key: impl Into<PathBuf>) -> Self {
+        Self {
+            dir: dir.into(),
+            anchor_key: anchor_key.into(),
+        }
+    }
+
     /// The trust anchors every proxy is configured with.
     pub fn anchor_cert(&self) -> PathBuf {
         self.dir.join("ca.crt")
     }
     /// The anchor's key: needed only to mint a new issuer. Keep it offline.
-    pub fn anchor_key(&self) -> PathBuf {
-        self.dir.join("ca.key")
+    pub fn anchor_key(&self) -> &Path {
+        &self.anchor_key
+    }
+
+    /// Refuses a directory that holds a trust anchor's key: whoever can
+    /// read what the control plane serves from must not be able to mint
+    /// issuers.
+    pub fn check_served(&self) -> Result<(), CaError> {
+        let inside = self.dir.join(SERVED_ANCHOR_KEY);
+        if inside.exists() {
+            return Err(CaError::AnchorKeyServed { path: inside });
+        }
+        Ok(())
+    }
+
+    /// The token key, refused if others can read it.
+    pub fn read_token_key(&self) -> Result<crate::TokenKey, CaError> {
+        let path = self.token_key();
+        let text = files::read_secret(&path)?;
+        crate::TokenKey::from_hex(&text).map_err(|e| CaError::Invalid {
+            path,
+            reason: e.to_string(),
+        })
     }
     pub fn issuer_cert(&self) -> PathBuf {
         self.dir.join("issuer.crt")
@@ -59,6 +104,23 @@ impl CaDir {
             });
         }
         files::create_dir(&self.dir)?;
+        let inside = |p: &Path| {
+            p.parent()
+                .map(|d| {
+                    if d.as_os_str().is_empty() {
+                        Path::new(".")
+                    } else {
+                        d
+                    }
+                })
+                .and_then(|d| d.canonicalize().ok())
+        };
+        if inside(&self.anchor_key) == self.dir.canonicalize().ok() {
+            return Err(CaError::AnchorKeyInside {
+                key: self.anchor_key.clone(),
+                dir: self.dir.clone(),
+            });
+        }
         let now = SystemTime::now();
         let anchor_key = KeyPair::generate().map_err(CaError::generate("trust anchor key"))?;
         let mut anchor = ca_params(&format!("root.{trust_domain}"), now, ANCHOR_LIFETIME);
@@ -67,7 +129,7 @@ impl CaDir {
             .self_signed(&anchor_key)
             .map_err(CaError::generate("trust anchor"))?;
         files::write_public(&self.anchor_cert(), &anchor_cert.pem())?;
-        files::write_secret(&self.anchor_key(), &anchor_key.serialize_pem())?;
+        files::write_secret(&self.anchor_key, &anchor_key.serialize_pem())?;
         let anchor_issuer = rcgen::Issuer::new(anchor, anchor_key);
         self.write_issuer(trust_domain, &anchor_issuer, now)?;
         let (_, hex) = crate::TokenKey::generate().map_err(|e| CaError::Invalid {
@@ -89,9 +151,9 @@ impl CaDir {
     /// make an issuer that is about to expire, or has).
     pub fn rotate_issuer_at(&self, trust_domain: &Name, now: SystemTime) -> Result<(), CaError> {
         let anchor_pem = files::read(&self.anchor_cert())?;
-        let key_pem = files::read(&self.anchor_key())?;
+        let key_pem = files::read_secret(&self.anchor_key)?;
         let key = KeyPair::from_pem(&key_pem).map_err(|e| CaError::Invalid {
-            path: self.anchor_key(),
+            path: self.anchor_key.clone(),
             reason: format!("not a PEM private key: {e}"),
         })?;
         let anchor =
@@ -193,7 +255,7 @@ impl Issuer {
 
     pub fn from_files(cert_path: &Path, key_path: &Path) -> Result<Self, CaError> {
         let cert_pem = files::read(cert_path)?;
-        let key_pem = files::read(key_path)?;
+        let key_pem = files::read_secret(key_path)?;
         let key = KeyPair::from_pem(&key_pem).map_err(|e| CaError::Invalid {
             path: key_path.to_path_buf(),
             reason: format!("not a PEM private key: {e}"),

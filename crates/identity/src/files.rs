@@ -17,6 +17,16 @@ pub enum CaError {
     Invalid { path: PathBuf, reason: String },
     #[error("{} already exists: replacing the trust anchor breaks every proxy that trusts it (pass --force to do it anyway)", path.display())]
     Exists { path: PathBuf },
+    #[error("{} is readable by {who} (mode {mode:04o}): a private key must be readable by its owner only; run `chmod 600 {}`", path.display(), path.display())]
+    Exposed {
+        path: PathBuf,
+        mode: u32,
+        who: &'static str,
+    },
+    #[error("{} holds the trust anchor's private key, but this directory is served by the control plane; move it somewhere offline (e.g. `mv {} /secure/place/`) and pass that path to `weft identity rotate-issuer --anchor-key` when rotating", path.display(), path.display())]
+    AnchorKeyServed { path: PathBuf },
+    #[error("the trust anchor's key {} must be outside {}, the directory weft-control serves from", key.display(), dir.display())]
+    AnchorKeyInside { key: PathBuf, dir: PathBuf },
     #[error("generating the {what}: {source}")]
     Generate {
         what: &'static str,
@@ -37,6 +47,31 @@ pub(crate) fn read(path: &Path) -> Result<String, CaError> {
     })
 }
 
+/// Reads a private key, refusing one that others could have read.
+pub(crate) fn read_secret(path: &Path) -> Result<String, CaError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path)
+        .map_err(|source| CaError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .permissions()
+        .mode()
+        & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(CaError::Exposed {
+            path: path.to_path_buf(),
+            mode,
+            who: if mode & 0o007 != 0 {
+                "others"
+            } else {
+                "its group"
+            },
+        });
+    }
+    read(path)
+}
+
 pub(crate) fn create_dir(dir: &Path) -> Result<(), CaError> {
     std::fs::create_dir_all(dir).map_err(|source| CaError::Io {
         path: dir.to_path_buf(),
@@ -54,24 +89,36 @@ pub(crate) fn write_secret(path: &Path, text: &str) -> Result<(), CaError> {
 }
 
 /// Writes through a temporary file and a rename, so a reader polling the
-/// file never sees half of it.
+/// file never sees half of it. The temporary file is new (never a leftover
+/// with looser permissions), named after its target (two files written
+/// together never share one), and has its final mode before the first
+/// byte.
 fn write(path: &Path, text: &str, mode: u32) -> Result<(), CaError> {
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let io = |source| CaError::Io {
         path: path.to_path_buf(),
         source,
     };
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(io)?;
-    f.write_all(text.as_bytes()).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
+    let mut tmp_name = path.as_os_str().to_owned();
+    tmp_name.push(format!(".{}.{}.tmp", std::process::id(), fastrand::u64(..)));
+    let tmp = PathBuf::from(tmp_name);
+    let written = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)?;
+        // The umask may have narrowed the mode; never widened it, but a
+        // public file should be readable as promised.
+        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written.map_err(io)
 }
 
 /// Every certificate in a PEM file, in order.

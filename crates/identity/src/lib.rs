@@ -17,6 +17,6 @@ pub use ca::{
 pub use files::{CaError, parse_pem_certs, read_pem_certs};
 pub use info::{CertInfo, to_pem, verify_signed_by};
 pub use name::{Name, NameError};
-pub use token::{TokenError, TokenKey};
+pub use token::{Grant, TokenError, TokenKey};
 
 pub use rcgen::{Error as CertError, KeyPair};

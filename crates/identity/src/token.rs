@@ -3,9 +3,10 @@
 //!
 //! A token is `weft1.<expiry unix seconds>.<name>.<hex HMAC-SHA256>` over
 //! everything before the last dot, keyed with the control plane's token key.
-//! The control plane both mints and checks them, so a symmetric key is
-//! enough; the name is in the clear so an operator can read what a token is
-//! for.
+//! A single-use token is `weft1-once.<expiry>.<nonce>.<name>.<signature>`:
+//! the control plane remembers its nonce once used, until it expires. The
+//! control plane both mints and checks them, so a symmetric key is enough;
+//! the name is in the clear so an operator can read what a token is for.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -14,6 +15,9 @@ use ring::hmac;
 use crate::Name;
 
 const PREFIX: &str = "weft1";
+const PREFIX_ONCE: &str = "weft1-once";
+/// 128 random bits: nonces never collide.
+const NONCE_LEN: usize = 16;
 /// 256-bit keys, as HMAC-SHA256 wants.
 pub(crate) const KEY_LEN: usize = 32;
 
@@ -49,6 +53,16 @@ pub enum TokenError {
     Rng,
 }
 
+/// What a verified token allows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    pub name: Name,
+    /// Unix seconds after which the token is refused.
+    pub expires: u64,
+    /// For a single-use token, the nonce that marks it spent.
+    pub once: Option<String>,
+}
+
 impl TokenKey {
     pub fn generate() -> Result<(Self, String), TokenError> {
         let mut bytes = [0u8; KEY_LEN];
@@ -77,30 +91,64 @@ impl TokenKey {
     /// A token for `name`, valid for `valid_for` from `now`.
     pub fn mint(&self, name: &Name, valid_for: Duration, now: SystemTime) -> String {
         let expiry = unix(now).saturating_add(valid_for.as_secs());
-        let body = format!("{PREFIX}.{expiry}.{name}");
+        self.sign(format!("{PREFIX}.{expiry}.{name}"))
+    }
+
+    /// A token for `name` that the control plane accepts once, within
+    /// `valid_for` from `now`.
+    pub fn mint_once(
+        &self,
+        name: &Name,
+        valid_for: Duration,
+        now: SystemTime,
+    ) -> Result<String, TokenError> {
+        let mut nonce = [0u8; NONCE_LEN];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce)
+            .map_err(|_| TokenError::Rng)?;
+        let expiry = unix(now).saturating_add(valid_for.as_secs());
+        Ok(self.sign(format!("{PREFIX_ONCE}.{expiry}.{}.{name}", to_hex(&nonce))))
+    }
+
+    fn sign(&self, body: String) -> String {
         let tag = hmac::sign(&self.key, body.as_bytes());
         format!("{body}.{}", to_hex(tag.as_ref()))
     }
 
-    /// The identity `token` grants, if its signature verifies and it has not
-    /// expired at `now`.
-    pub fn verify(&self, token: &str, now: SystemTime) -> Result<Name, TokenError> {
+    /// What `token` grants, if its signature verifies and it has not
+    /// expired at `now`. Whether a single-use token was already used is the
+    /// caller's to check ([`Grant::once`]).
+    pub fn verify(&self, token: &str, now: SystemTime) -> Result<Grant, TokenError> {
         let token = token.trim();
         let (body, sig) = token.rsplit_once('.').ok_or(TokenError::Malformed)?;
-        let rest = body
-            .strip_prefix(PREFIX)
-            .and_then(|r| r.strip_prefix('.'))
-            .ok_or(TokenError::Malformed)?;
-        let (expiry, name) = rest.split_once('.').ok_or(TokenError::Malformed)?;
-        let expiry: u64 = expiry.parse().map_err(|_| TokenError::Malformed)?;
+        let (prefix, rest) = body.split_once('.').ok_or(TokenError::Malformed)?;
+        let (expiry, rest) = rest.split_once('.').ok_or(TokenError::Malformed)?;
+        let (once, name) = match prefix {
+            PREFIX => (None, rest),
+            PREFIX_ONCE => {
+                let (nonce, name) = rest.split_once('.').ok_or(TokenError::Malformed)?;
+                if nonce.len() != NONCE_LEN * 2 || from_hex(nonce).is_none() {
+                    return Err(TokenError::Malformed);
+                }
+                (Some(nonce.to_string()), name)
+            }
+            _ => return Err(TokenError::Malformed),
+        };
+        let expires: u64 = expiry.parse().map_err(|_| TokenError::Malformed)?;
         let sig = from_hex(sig).ok_or(TokenError::Malformed)?;
         // The signature is checked before anything the token claims is
         // believed.
         hmac::verify(&self.key, body.as_bytes(), &sig).map_err(|_| TokenError::BadSignature)?;
-        if unix(now) >= expiry {
-            return Err(TokenError::Expired { expired_at: expiry });
+        if unix(now) >= expires {
+            return Err(TokenError::Expired {
+                expired_at: expires,
+            });
         }
-        name.parse().map_err(|_| TokenError::Malformed)
+        let name = name.parse().map_err(|_| TokenError::Malformed)?;
+        Ok(Grant {
+            name,
+            expires,
+            once,
+        })
     }
 
     /// Like [`TokenKey::verify`], and the token must be for `requested`.
@@ -109,15 +157,15 @@ impl TokenKey {
         token: &str,
         requested: &Name,
         now: SystemTime,
-    ) -> Result<(), TokenError> {
-        let granted = self.verify(token, now)?;
-        if &granted != requested {
+    ) -> Result<Grant, TokenError> {
+        let grant = self.verify(token, now)?;
+        if &grant.name != requested {
             return Err(TokenError::WrongName {
-                token_name: granted.to_string(),
+                token_name: grant.name.to_string(),
                 requested: requested.to_string(),
             });
         }
-        Ok(())
+        Ok(grant)
     }
 }
 
@@ -152,9 +200,13 @@ mod tests {
         let (key, hex) = TokenKey::generate().expect("rng");
         let now = SystemTime::now();
         let token = key.mint(&name("web.demo"), Duration::from_secs(60), now);
-        assert_eq!(key.verify(&token, now), Ok(name("web.demo")));
+        assert_eq!(
+            key.verify(&token, now).map(|g| g.name),
+            Ok(name("web.demo"))
+        );
         let reloaded = TokenKey::from_hex(&format!("{hex}\n")).expect("hex key");
-        assert_eq!(reloaded.verify(&token, now), Ok(name("web.demo")));
+        let grant = reloaded.verify(&token, now).expect("verifies");
+        assert_eq!((grant.name, grant.once), (name("web.demo"), None));
         assert!(matches!(
             key.verify(&token, now + Duration::from_secs(61)),
             Err(TokenError::Expired { .. })
@@ -178,6 +230,32 @@ mod tests {
         assert!(matches!(
             key.authorize(&token, &name("api.demo"), now),
             Err(TokenError::WrongName { .. })
+        ));
+    }
+
+    #[test]
+    fn single_use_tokens_carry_a_distinct_signed_nonce() {
+        let (key, _) = TokenKey::generate().expect("rng");
+        let now = SystemTime::now();
+        let ttl = Duration::from_secs(60);
+        let a = key.mint_once(&name("web.demo"), ttl, now).expect("rng");
+        let b = key.mint_once(&name("web.demo"), ttl, now).expect("rng");
+        let (ga, gb) = (
+            key.verify(&a, now).expect("a"),
+            key.verify(&b, now).expect("b"),
+        );
+        assert_eq!(ga.name, name("web.demo"));
+        assert!(ga.once.is_some() && ga.once != gb.once, "{ga:?} {gb:?}");
+        // The nonce is under the signature: a reusable token cannot be made
+        // from a single-use one by dropping it.
+        let nonce = ga.once.clone().expect("nonce");
+        let stripped = a
+            .replace("weft1-once", "weft1")
+            .replace(&format!(".{nonce}"), "");
+        assert_eq!(key.verify(&stripped, now), Err(TokenError::BadSignature));
+        assert!(matches!(
+            key.verify(&a, now + ttl),
+            Err(TokenError::Expired { .. })
         ));
     }
 

@@ -39,7 +39,11 @@ fn init_writes_a_chain_that_signs_leaves_for_the_named_identity() {
 
     // Keys are private to their owner.
     use std::os::unix::fs::PermissionsExt;
-    for key in [dir.anchor_key(), dir.issuer_key(), dir.token_key()] {
+    for key in [
+        dir.anchor_key().to_path_buf(),
+        dir.issuer_key(),
+        dir.token_key(),
+    ] {
         let mode = std::fs::metadata(&key)
             .expect("exists")
             .permissions()
@@ -110,4 +114,90 @@ fn a_mismatched_issuer_key_is_named() {
     std::fs::write(dir.issuer_cert(), "not pem").expect("write");
     let err = Issuer::load(&dir).expect_err("refused");
     assert!(err.to_string().contains("issuer.crt"), "{err}");
+}
+
+#[test]
+fn the_anchor_key_is_kept_out_of_the_served_directory() {
+    let (tmp, dir) = init();
+    assert!(
+        !dir.anchor_key().starts_with(&dir.dir),
+        "{:?}",
+        dir.anchor_key()
+    );
+    assert!(dir.anchor_key().exists());
+    dir.check_served().expect("nothing secret served");
+    // An anchor key inside (a layout from before, or a careless copy) is
+    // refused, and the error says how to fix it.
+    let inside = dir.dir.join("ca.key");
+    std::fs::copy(dir.anchor_key(), &inside).expect("copy");
+    let err = dir.check_served().expect_err("refused").to_string();
+    assert!(
+        err.contains(&inside.display().to_string()) && err.contains("move it"),
+        "{err}"
+    );
+    // init refuses to put it there in the first place.
+    let bad = CaDir::with_anchor_key(tmp.path().join("ca2"), tmp.path().join("ca2/ca.key"));
+    let err = bad.init(&name("weft.local"), false).expect_err("refused");
+    assert!(err.to_string().contains("must be outside"), "{err}");
+    // Rotation reads the key from where it was put.
+    dir.rotate_issuer(&name("weft.local")).expect("rotated");
+}
+
+#[test]
+fn keys_readable_by_others_are_refused_by_name_and_mode() {
+    use std::os::unix::fs::PermissionsExt;
+    let (_tmp, dir) = init();
+    for (mode, who) in [(0o640, "its group"), (0o604, "others")] {
+        std::fs::set_permissions(dir.issuer_key(), std::fs::Permissions::from_mode(mode))
+            .expect("chmod");
+        let err = Issuer::load(&dir).expect_err("refused").to_string();
+        assert!(
+            err.contains("issuer.key") && err.contains(&format!("{mode:04o}")) && err.contains(who),
+            "{err}"
+        );
+    }
+    std::fs::set_permissions(dir.token_key(), std::fs::Permissions::from_mode(0o644))
+        .expect("chmod");
+    let err = dir.read_token_key().expect_err("refused").to_string();
+    assert!(err.contains("token.key") && err.contains("0644"), "{err}");
+}
+
+#[test]
+fn a_leftover_temporary_file_cannot_loosen_a_key() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = CaDir::new(tmp.path().join("ca"));
+    std::fs::create_dir_all(&dir.dir).expect("mkdir");
+    // The name every file once shared as its temporary, world-readable.
+    for leftover in ["issuer.tmp", "token.tmp", "ca.tmp"] {
+        let path = dir.dir.join(leftover);
+        std::fs::write(&path, "old").expect("write");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+    }
+    dir.init(&name("weft.local"), false).expect("init");
+    for key in [
+        dir.issuer_key(),
+        dir.token_key(),
+        dir.anchor_key().to_path_buf(),
+    ] {
+        let mode = std::fs::metadata(&key)
+            .expect("exists")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{}", key.display());
+    }
+    let mode = std::fs::metadata(dir.anchor_cert())
+        .expect("exists")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o644);
+    let stray: Vec<_> = std::fs::read_dir(&dir.dir)
+        .expect("list")
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| {
+            n.ends_with(".tmp") && !["issuer.tmp", "token.tmp", "ca.tmp"].contains(&n.as_str())
+        })
+        .collect();
+    assert!(stray.is_empty(), "{stray:?}");
 }

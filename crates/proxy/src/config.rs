@@ -24,6 +24,7 @@ pub const ENV_CONTROL_ADDR: &str = "WEFT_PROXY_CONTROL_ADDR";
 pub const ENV_IDENTITY_NAME: &str = "WEFT_PROXY_IDENTITY_NAME";
 pub const ENV_IDENTITY_TOKEN_FILE: &str = "WEFT_PROXY_IDENTITY_TOKEN_FILE";
 pub const ENV_TRUST_ANCHORS: &str = "WEFT_PROXY_TRUST_ANCHORS";
+pub const ENV_CONTROL_NAME: &str = "WEFT_PROXY_CONTROL_NAME";
 pub const ENV_REGISTER: &str = "WEFT_PROXY_REGISTER";
 pub const ENV_REGISTER_ADDR: &str = "WEFT_PROXY_REGISTER_ADDR";
 pub const ENV_ETCD: &str = "WEFT_PROXY_ETCD";
@@ -69,10 +70,10 @@ pub struct Config {
     pub dns_refresh: Duration,
     /// Worker threads.
     pub cores: usize,
-    /// The control plane (`host:port`): destinations come from it instead
-    /// of the file, and certificates, when an identity is configured.
-    pub control_addr: Option<String>,
-    /// This proxy's identity: all three variables or none.
+    /// The control plane: destinations come from it instead of the file,
+    /// and certificates, when an identity is configured.
+    pub control: Option<ControlConfig>,
+    /// This proxy's identity: name and token file together, or neither.
     pub identity: Option<IdentityConfig>,
     /// Register the local service in etcd under this authority.
     pub register: Option<RegisterConfig>,
@@ -213,9 +214,20 @@ pub struct RegisterConfig {
 pub struct IdentityConfig {
     #[serde(serialize_with = "serialize_display")]
     pub name: weft_identity::Name,
-    /// Read again at every renewal, so a rotated token is picked up. The
-    /// token itself never appears in the config dump.
+    /// Read only when the proxy holds no valid certificate (at start, or
+    /// after one lapsed): renewals are proved by the certificate itself.
+    /// The token never appears in the config dump or the log.
     pub token_file: PathBuf,
+}
+
+/// The control channel: TLS 1.3 to `addr`, which must prove `name` with a
+/// certificate chaining to `trust_anchors`.
+#[derive(Clone, Debug, Serialize)]
+pub struct ControlConfig {
+    pub addr: String,
+    #[serde(serialize_with = "serialize_display")]
+    pub name: weft_identity::Name,
+    /// Also what peer proxies' certificates must chain to.
     pub trust_anchors: PathBuf,
 }
 
@@ -303,11 +315,7 @@ impl Config {
                     }
                 })
                 .unwrap_or(1),
-            control_addr: p.optional(ENV_CONTROL_ADDR, |s| {
-                s.parse::<weft_detect::Authority>()
-                    .map(|a| a.to_string())
-                    .map_err(|_| "must be host:port, such as 127.0.0.1:8086".to_string())
-            }),
+            control: None,
             identity: None,
             register: None,
             limits: Limits::default(),
@@ -358,8 +366,9 @@ impl Config {
             }),
             _ => {}
         }
-        config.identity = p.identity(config.control_addr.is_some());
-        if config.control_addr.is_some() && config.destinations.is_some() {
+        config.control = p.control();
+        config.identity = p.identity(config.control.is_some());
+        if p.vars.contains_key(ENV_CONTROL_ADDR) && config.destinations.is_some() {
             p.errors.push(InvalidVar {
                 name: ENV_DESTINATIONS,
                 value: config
@@ -472,8 +481,55 @@ impl Parser {
         }
     }
 
-    /// The three identity variables go together, and need a control plane
-    /// to certify against.
+    /// The control plane's address, the name it must prove and the trust
+    /// anchors that prove it: an address needs the anchors.
+    fn control(&mut self) -> Option<ControlConfig> {
+        let addr = self.optional(ENV_CONTROL_ADDR, |s| {
+            s.parse::<weft_detect::Authority>()
+                .map(|a| a.to_string())
+                .map_err(|_| "must be host:port, such as 127.0.0.1:8086".to_string())
+        });
+        let name = self.parse(ENV_CONTROL_NAME, weft_channel::DEFAULT_NAME, |s| {
+            s.parse::<weft_identity::Name>()
+                .map_err(|e| e.reason.to_string())
+        });
+        let trust_anchors = self.optional(ENV_TRUST_ANCHORS, |s| {
+            weft_identity::read_pem_certs(std::path::Path::new(s))
+                .map(|_| PathBuf::from(s))
+                .map_err(|e| e.to_string())
+        });
+        let given = |v: &str| self.vars.get(v).is_some_and(|s| !s.is_empty());
+        match (given(ENV_CONTROL_ADDR), given(ENV_TRUST_ANCHORS)) {
+            (true, false) => {
+                self.errors.push(InvalidVar {
+                    name: ENV_CONTROL_ADDR,
+                    value: self.vars.get(ENV_CONTROL_ADDR).cloned().unwrap_or_default(),
+                    reason: format!(
+                        "the control channel is TLS: set {ENV_TRUST_ANCHORS} to the mesh's trust anchors (ca.crt from `weft identity init`) so the control plane can be verified"
+                    ),
+                });
+                None
+            }
+            (false, true) => {
+                self.errors.push(InvalidVar {
+                    name: ENV_TRUST_ANCHORS,
+                    value: self.vars.get(ENV_TRUST_ANCHORS).cloned().unwrap_or_default(),
+                    reason: format!(
+                        "trust anchors verify the control plane and peers' certificates: set {ENV_CONTROL_ADDR} too"
+                    ),
+                });
+                None
+            }
+            _ => Some(ControlConfig {
+                addr: addr?,
+                name: name?,
+                trust_anchors: trust_anchors?,
+            }),
+        }
+    }
+
+    /// The identity variables go together, and need a control plane to
+    /// certify against.
     fn identity(&mut self, has_control: bool) -> Option<IdentityConfig> {
         let name = self.optional(ENV_IDENTITY_NAME, |s| {
             s.parse::<weft_identity::Name>()
@@ -490,31 +546,16 @@ impl Parser {
                     }
                 })
         });
-        let trust_anchors = self.optional(ENV_TRUST_ANCHORS, |s| {
-            weft_identity::read_pem_certs(std::path::Path::new(s))
-                .map(|_| PathBuf::from(s))
-                .map_err(|e| e.to_string())
-        });
-        let set = [
-            ENV_IDENTITY_NAME,
-            ENV_IDENTITY_TOKEN_FILE,
-            ENV_TRUST_ANCHORS,
-        ]
-        .into_iter()
-        .filter(|v| self.vars.get(*v).is_some_and(|s| !s.is_empty()))
-        .collect::<Vec<_>>();
+        let all = [ENV_IDENTITY_NAME, ENV_IDENTITY_TOKEN_FILE];
+        let set = all
+            .into_iter()
+            .filter(|v| self.vars.get(*v).is_some_and(|s| !s.is_empty()))
+            .collect::<Vec<_>>();
         if set.is_empty() {
             return None;
         }
-        if set.len() < 3 {
-            let missing: Vec<_> = [
-                ENV_IDENTITY_NAME,
-                ENV_IDENTITY_TOKEN_FILE,
-                ENV_TRUST_ANCHORS,
-            ]
-            .into_iter()
-            .filter(|v| !set.contains(v))
-            .collect();
+        if set.len() < all.len() {
+            let missing: Vec<_> = all.into_iter().filter(|v| !set.contains(v)).collect();
             self.errors.push(InvalidVar {
                 name: set[0],
                 value: self.vars.get(set[0]).cloned().unwrap_or_default(),
@@ -523,23 +564,24 @@ impl Parser {
             return None;
         }
         if !has_control {
-            self.errors.push(InvalidVar {
-                name: ENV_IDENTITY_NAME,
-                value: self
-                    .vars
-                    .get(ENV_IDENTITY_NAME)
-                    .cloned()
-                    .unwrap_or_default(),
-                reason: format!(
-                    "identity needs {ENV_CONTROL_ADDR}, the control plane that certifies it"
-                ),
-            });
+            if !self.vars.contains_key(ENV_CONTROL_ADDR) {
+                self.errors.push(InvalidVar {
+                    name: ENV_IDENTITY_NAME,
+                    value: self
+                        .vars
+                        .get(ENV_IDENTITY_NAME)
+                        .cloned()
+                        .unwrap_or_default(),
+                    reason: format!(
+                        "identity needs {ENV_CONTROL_ADDR} and {ENV_TRUST_ANCHORS}: the control plane certifies it"
+                    ),
+                });
+            }
             return None;
         }
         Some(IdentityConfig {
             name: name?,
             token_file: token_file?,
-            trust_anchors: trust_anchors?,
         })
     }
 
@@ -722,27 +764,32 @@ mod tests {
     fn identity_is_all_or_nothing_and_needs_a_control_plane() {
         let err = Config::from_vars(vars(&[(ENV_IDENTITY_NAME, "web.demo")])).expect_err("partial");
         let text = err.to_string();
-        assert!(
-            text.contains(ENV_IDENTITY_TOKEN_FILE) && text.contains(ENV_TRUST_ANCHORS),
-            "{text}"
-        );
+        assert!(text.contains(ENV_IDENTITY_TOKEN_FILE), "{text}");
 
         let err = Config::from_vars(vars(&[
             (ENV_IDENTITY_NAME, "Web"),
             (ENV_IDENTITY_TOKEN_FILE, "/nonexistent/token"),
             (ENV_TRUST_ANCHORS, "/nonexistent/ca.crt"),
             (ENV_CONTROL_ADDR, "127.0.0.1:8086"),
+            (ENV_CONTROL_NAME, "-bad-"),
         ]))
         .expect_err("bad values");
         let names: Vec<_> = err.0.iter().map(|e| e.name).collect();
         assert_eq!(
             names,
             [
+                ENV_CONTROL_NAME,
+                ENV_TRUST_ANCHORS,
                 ENV_IDENTITY_NAME,
                 ENV_IDENTITY_TOKEN_FILE,
-                ENV_TRUST_ANCHORS
             ]
         );
+
+        // The control channel is TLS: an address without anchors to verify
+        // it is refused, and says what to set.
+        let err = Config::from_vars(vars(&[(ENV_CONTROL_ADDR, "127.0.0.1:8086")]))
+            .expect_err("no anchors");
+        assert!(err.to_string().contains(ENV_TRUST_ANCHORS), "{err}");
 
         let err = Config::from_vars(vars(&[
             (ENV_CONTROL_ADDR, "127.0.0.1:8086"),

@@ -14,7 +14,8 @@ use std::time::Duration;
 use linkerd2_proxy_api::destination::destination_client::DestinationClient;
 use linkerd2_proxy_api::destination::{GetDestination, WeightedAddr, tls_identity, update};
 use tokio::sync::oneshot;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
+use weft_channel::{ChannelError, ClientTls, CurrentCert};
 use weft_destinations::EndpointSpec;
 use weft_detect::Authority;
 use weft_identity::Name;
@@ -25,42 +26,40 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
-/// A lazily connected channel to the control plane, shared by every
-/// stream and by identity renewal; it reconnects by itself.
+/// The control channel (TLS 1.3, the control plane's name verified): one
+/// lazily connected channel shared by every Destination stream, which
+/// reconnects by itself.
 #[derive(Clone, Debug)]
 pub struct Control {
     pub addr: String,
+    tls: ClientTls,
     channel: Channel,
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("control plane address {addr}: {source}")]
-pub struct ControlError {
-    addr: String,
-    #[source]
-    source: tonic::transport::Error,
-}
-
 impl Control {
-    pub fn new(addr: &str) -> Result<Self, ControlError> {
-        let channel = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|source| ControlError {
-                addr: addr.to_string(),
-                source,
-            })?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .keep_alive_while_idle(true)
-            .connect_lazy();
+    /// `cert`, this proxy's certificate once it has one, is presented on
+    /// every connection made after it is installed.
+    pub fn new(
+        addr: &str,
+        roots: Arc<rustls::RootCertStore>,
+        name: &Name,
+        cert: Option<Arc<CurrentCert>>,
+    ) -> Result<Self, ChannelError> {
+        let cert = cert.map(|c| c as Arc<dyn rustls::client::ResolvesClientCert>);
+        let tls = ClientTls::new(roots, name, cert)?;
+        let channel = weft_channel::lazy(addr, &tls, CONNECT_TIMEOUT)?;
         Ok(Self {
             addr: addr.to_string(),
+            tls,
             channel,
         })
     }
 
-    pub fn channel(&self) -> Channel {
-        self.channel.clone()
+    /// A connection of its own, made now: certificate renewal must present
+    /// the certificate held now, not reuse a connection opened before the
+    /// proxy had one.
+    pub async fn connect_fresh(&self) -> Result<Channel, ChannelError> {
+        weft_channel::connect(&self.addr, &self.tls, CONNECT_TIMEOUT).await
     }
 
     /// Follows `authority` until the router goes away, keeping `target`'s

@@ -11,7 +11,7 @@ use linkerd2_proxy_api::identity::identity_client::IdentityClient;
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::ServerCertVerifier;
 use rustls::sign::CertifiedKey;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
 use crate::control::Control;
 use crate::metrics::IdentityMetrics;
@@ -30,6 +30,8 @@ enum CertifyError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("{0}")]
+    Connect(#[from] weft_channel::ChannelError),
     #[error("cannot generate a key: {0}")]
     Key(#[from] weft_identity::CertError),
     #[error("the control plane refused: {code:?}: {message}")]
@@ -76,15 +78,29 @@ async fn certify(
     control: &Control,
     token_file: &PathBuf,
 ) -> Result<(CertifiedKey, SystemTime), CertifyError> {
-    let token = tokio::fs::read(token_file)
-        .await
-        .map_err(|source| CertifyError::Token {
-            path: token_file.clone(),
-            source,
-        })?;
-    let token = token.trim_ascii().to_vec();
+    // A proxy that holds a valid certificate proves its identity with it
+    // (the control channel presents it); the token is for the first one,
+    // and for a proxy whose certificate lapsed.
+    let held = tls
+        .cert()
+        .not_after()
+        .is_some_and(|t| t > SystemTime::now() + Duration::from_secs(5));
+    let token = if held {
+        Vec::new()
+    } else {
+        let token = tokio::fs::read(token_file)
+            .await
+            .map_err(|source| CertifyError::Token {
+                path: token_file.clone(),
+                source,
+            })?;
+        token.trim_ascii().to_vec()
+    };
     let (key, csr) = weft_identity::new_csr(&tls.name)?;
-    let mut client = IdentityClient::new(control.channel());
+    let channel = tokio::time::timeout(CERTIFY_TIMEOUT, control.connect_fresh())
+        .await
+        .map_err(|_| CertifyError::Timeout)??;
+    let mut client = IdentityClient::new(channel);
     let request = CertifyRequest {
         identity: tls.name.to_string(),
         token,
@@ -120,12 +136,9 @@ async fn certify(
     let not_after = weft_identity::CertInfo::parse(&leaf)
         .map_err(CertifyError::Invalid)?
         .not_after;
-    let private = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-    let signing = provider()
-        .key_provider
-        .load_private_key(private)
-        .map_err(|e| CertifyError::Invalid(e.to_string()))?;
     let mut chain = vec![leaf];
     chain.extend(intermediates);
-    Ok((CertifiedKey::new(chain, signing), not_after))
+    let key = weft_channel::certified_key(&key, chain)
+        .map_err(|e| CertifyError::Invalid(e.to_string()))?;
+    Ok((key, not_after))
 }

@@ -56,7 +56,7 @@ pub enum RunError {
     Control {
         var: &'static str,
         #[source]
-        source: control::ControlError,
+        source: weft_channel::ChannelError,
     },
     #[error(
         "{}: the inbound listener is a wildcard address; set {} to the address peers reach",
@@ -107,23 +107,33 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
 
-    let control = match &config.control_addr {
-        Some(addr) => Some(
-            control::Control::new(addr).map_err(|source| RunError::Control {
-                var: config::ENV_CONTROL_ADDR,
+    let roots = match &config.control {
+        Some(c) => Some(
+            weft_channel::load_roots(&c.trust_anchors).map_err(|source| RunError::Control {
+                var: config::ENV_TRUST_ANCHORS,
                 source,
             })?,
         ),
         None => None,
     };
-    let tls = match &config.identity {
-        Some(id) => Some(Arc::new(
-            tls::Tls::new(id.name.clone(), &id.trust_anchors).map_err(|source| RunError::Tls {
+    let tls = match (&config.identity, &roots) {
+        (Some(id), Some(roots)) => Some(Arc::new(
+            tls::Tls::new(id.name.clone(), roots.clone()).map_err(|source| RunError::Tls {
                 var: config::ENV_TRUST_ANCHORS,
                 source,
             })?,
         )),
-        None => None,
+        _ => None,
+    };
+    let control = match (&config.control, roots) {
+        (Some(c), Some(roots)) => Some(
+            control::Control::new(&c.addr, roots, &c.name, tls.as_ref().map(|t| t.cert()))
+                .map_err(|source| RunError::Control {
+                    var: config::ENV_CONTROL_ADDR,
+                    source,
+                })?,
+        ),
+        _ => None,
     };
     if let (Some(tls), Some(control), Some(id)) = (&tls, &control, &config.identity) {
         tokio::spawn(identity::maintain(

@@ -19,8 +19,9 @@ weft-proxy: weft's data plane. Configured by environment variables only:
   WEFT_PROXY_SHUTDOWN_GRACE    drain time after SIGTERM (default 30s)
   WEFT_PROXY_DNS_REFRESH       reuse of DNS answers for unconfigured names (default 5s)
   WEFT_PROXY_CORES             worker threads (default 1)
-  WEFT_PROXY_CONTROL_ADDR, _IDENTITY_NAME, _IDENTITY_TOKEN_FILE, _TRUST_ANCHORS,
-  _REGISTER, _REGISTER_ADDR, _ETCD, _INBOUND_AUTHORITIES: the mesh (see README)
+  WEFT_PROXY_CONTROL_ADDR, _TRUST_ANCHORS, _CONTROL_NAME (weft-control.weft.local),
+  _IDENTITY_NAME, _IDENTITY_TOKEN_FILE, _REGISTER, _REGISTER_ADDR, _ETCD,
+  _INBOUND_AUTHORITIES: the mesh (see README)
 
 Bounds and timeouts (see README for each):
   WEFT_PROXY_HEADER_READ_TIMEOUT (30s)  WEFT_PROXY_HTTP2_IDLE_TIMEOUT (5m)

@@ -4,19 +4,17 @@
 
 use std::sync::Arc;
 
-use arc_swap::ArcSwapOption;
-use rustls::client::ResolvesClientCert;
-use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::server::WebPkiClientVerifier;
 use rustls::sign::CertifiedKey;
-use rustls::{ClientConfig, RootCertStore, ServerConfig, SignatureScheme};
-use rustls_pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite};
-use weft_identity::{CertInfo, Name};
+use weft_channel::CurrentCert;
+pub use weft_channel::{identity_of, provider};
+use weft_identity::Name;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("trust anchors {path}: {reason}")]
-    TrustAnchors { path: String, reason: String },
     #[error("TLS configuration: {0}")]
     Config(#[from] rustls::Error),
     #[error("client certificate verifier: {0}")]
@@ -41,47 +39,9 @@ impl std::fmt::Debug for Tls {
     }
 }
 
-#[derive(Debug, Default)]
-struct CurrentCert(ArcSwapOption<CertifiedKey>);
-
-impl ResolvesServerCert for CurrentCert {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.0.load_full()
-    }
-}
-
-impl ResolvesClientCert for CurrentCert {
-    fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
-        self.0.load_full()
-    }
-    fn has_certs(&self) -> bool {
-        self.0.load().is_some()
-    }
-}
-
-pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
 impl Tls {
-    /// `anchors` are the PEM trust anchors every peer chains to.
-    pub fn new(name: Name, anchors_path: &std::path::Path) -> Result<Self, TlsError> {
-        let anchors_err = |reason: String| TlsError::TrustAnchors {
-            path: anchors_path.display().to_string(),
-            reason,
-        };
-        let anchors =
-            weft_identity::read_pem_certs(anchors_path).map_err(|e| anchors_err(e.to_string()))?;
-        let mut roots = RootCertStore::empty();
-        for (i, cert) in anchors.into_iter().enumerate() {
-            roots.add(cert).map_err(|e| {
-                anchors_err(format!(
-                    "certificate {} is not a usable trust anchor: {e}",
-                    i + 1
-                ))
-            })?;
-        }
-        let roots = Arc::new(roots);
+    /// `roots` are the trust anchors every peer chains to.
+    pub fn new(name: Name, roots: Arc<RootCertStore>) -> Result<Self, TlsError> {
         let current = Arc::new(CurrentCert::default());
         let provider = provider();
         let client = ClientConfig::builder_with_provider(provider.clone())
@@ -108,11 +68,17 @@ impl Tls {
 
     /// Installs a renewed certificate; new handshakes use it at once.
     pub fn set_cert(&self, key: CertifiedKey) {
-        self.current.0.store(Some(Arc::new(key)));
+        self.current.set(key);
     }
 
     pub fn has_cert(&self) -> bool {
-        self.current.0.load().is_some()
+        self.current.is_set()
+    }
+
+    /// The certificate as a resolver, for the control channel's client
+    /// side: the control plane knows this proxy by it.
+    pub fn cert(&self) -> Arc<CurrentCert> {
+        self.current.clone()
     }
 
     /// Opens TLS to a peer proxy that must prove `peer` (its certificate's
@@ -152,14 +118,4 @@ impl Tls {
             .and_then(identity_of);
         Ok((stream, client_id))
     }
-}
-
-/// The identity a certificate names (its first DNS subject alternative
-/// name).
-pub fn identity_of(cert: &CertificateDer<'_>) -> Option<Name> {
-    CertInfo::parse(cert)
-        .ok()?
-        .dns_names
-        .first()
-        .and_then(|n| n.parse().ok())
 }

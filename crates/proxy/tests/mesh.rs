@@ -233,11 +233,7 @@ async fn a_peer_without_the_expected_identity_is_refused() -> anyhow::Result<()>
 #[tokio::test]
 async fn a_bad_token_keeps_the_proxy_unready_and_says_why() -> anyhow::Result<()> {
     let ca = MeshCa::new()?;
-    let control = Control::start(
-        &workspace_binary("weft-control")?,
-        &["--identity-dir", &ca.dir_str()],
-    )
-    .await?;
+    let control = Control::start(&workspace_binary("weft-control")?, &ca, &[]).await?;
     let mut env = meshed(&ca, &control, "web.demo")?;
     // A token for another identity.
     env[2].1 = ca.token_file("api.demo")?;
@@ -255,6 +251,35 @@ async fn a_bad_token_keeps_the_proxy_unready_and_says_why() -> anyhow::Result<()
         "{log}"
     );
     assert!(control.process.log().contains("certify refused"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_proxy_expecting_another_control_plane_name_refuses_it() -> anyhow::Result<()> {
+    let ca = MeshCa::new()?;
+    let control = Control::start(&workspace_binary("weft-control")?, &ca, &[]).await?;
+    let mut env = meshed(&ca, &control, "web.demo")?;
+    env.push((
+        "WEFT_PROXY_CONTROL_NAME".into(),
+        "impostor.weft.local".into(),
+    ));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let proxy = Proxy::spawn(&[], &workspace_binary("weft-proxy")?, &env).await?;
+    // It never sends its token to a server that cannot prove the name.
+    proxy
+        .process
+        .wait_for_log(
+            "not valid for name \"impostor.weft.local\"",
+            Duration::from_secs(10),
+        )
+        .await?;
+    let ready = weft_test_support::metrics::get_text(proxy.admin, "/ready").await;
+    assert!(ready.is_err(), "ready without a certificate");
+    assert!(
+        !control.process.log().contains("web.demo"),
+        "the control plane saw a Certify call:\n{}",
+        control.process.log()
+    );
     Ok(())
 }
 
@@ -312,13 +337,12 @@ async fn a_control_plane_restart_under_load_fails_no_request() -> anyhow::Result
     let listen = mesh.control.grpc.to_string();
     let restarted = Control::start(
         &workspace_binary("weft-control")?,
+        &mesh.ca,
         &[
             "--listen",
             &listen,
             "--destinations",
             &mesh.dests.path_str(),
-            "--identity-dir",
-            &mesh.ca.dir_str(),
         ],
     )
     .await?;

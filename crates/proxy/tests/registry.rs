@@ -18,7 +18,8 @@ async fn a_registered_proxy_is_discovered_and_leaves_on_sigterm() -> anyhow::Res
     let ca = MeshCa::new()?;
     let control = Control::start(
         &workspace_binary("weft-control")?,
-        &["--etcd", &etcd.url(), "--identity-dir", &ca.dir_str()],
+        &ca,
+        &["--etcd", &etcd.url()],
     )
     .await?;
     let grpc = control.grpc.to_string();

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
-use tokio::process::{Child, ChildStderr, Command};
+use tokio::process::{Child, ChildStderr};
 
 pub struct Started {
     child: Child,
@@ -17,7 +17,7 @@ pub struct Started {
 impl Started {
     /// Runs `bin args` and waits until a stderr line contains `marker`.
     pub async fn run(bin: &std::path::Path, args: &[&str], marker: &str) -> anyhow::Result<Self> {
-        let mut child = Command::new(bin)
+        let mut child = crate::process::command(bin)
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -43,6 +43,15 @@ impl Started {
             run.said.push_str(&line);
         }
         Ok(run)
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// Waits for the exit, whatever it is.
+    pub async fn wait(&mut self, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        Ok(tokio::time::timeout(timeout, self.child.wait()).await??)
     }
 
     /// Waits for the exit, requiring success; returns stdout and stderr.

@@ -6,7 +6,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 
 pub struct Dns {
     _child: Child,
@@ -19,7 +19,7 @@ impl Dns {
     pub async fn start(records: &[&str]) -> anyhow::Result<Self> {
         let port = UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port();
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let child = Command::new("dnsmasq")
+        let child = crate::process::command("dnsmasq")
             .args([
                 "--no-daemon",
                 "--no-resolv",

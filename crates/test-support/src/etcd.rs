@@ -5,7 +5,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 
 pub struct Etcd {
     _child: Child,
@@ -23,7 +23,7 @@ impl Etcd {
         let data = tempfile::tempdir()?;
         let client = free_port()?;
         let peer = free_port()?;
-        let child = Command::new("etcd")
+        let child = crate::process::command("etcd")
             .args(["--name", "t", "--data-dir"])
             .arg(data.path())
             .args(["--listen-client-urls", &format!("http://{client}")])

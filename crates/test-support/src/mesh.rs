@@ -37,6 +37,18 @@ impl MeshCa {
         self.dir.anchor_cert().to_string_lossy().into_owned()
     }
 
+    /// A reusable bootstrap token for `name`, valid for `ttl`.
+    pub fn token(&self, name: &str, ttl: Duration) -> anyhow::Result<String> {
+        Ok(self.tokens.mint(&name.parse()?, ttl, SystemTime::now()))
+    }
+
+    /// A single-use bootstrap token for `name`, valid for `ttl`.
+    pub fn token_once(&self, name: &str, ttl: Duration) -> anyhow::Result<String> {
+        Ok(self
+            .tokens
+            .mint_once(&name.parse()?, ttl, SystemTime::now())?)
+    }
+
     /// Writes a token for `name` and returns its path, for
     /// `WEFT_PROXY_IDENTITY_TOKEN_FILE`.
     pub fn token_file(&self, name: &str) -> anyhow::Result<String> {
@@ -98,12 +110,8 @@ impl Mesh {
         let dests = DestinationsFile::from_yaml("destinations: {}\n")?;
         let control = Control::start(
             &workspace_binary("weft-control")?,
-            &[
-                "--destinations",
-                &dests.path_str(),
-                "--identity-dir",
-                &ca.dir_str(),
-            ],
+            &ca,
+            &["--destinations", &dests.path_str()],
         )
         .await?;
         let backend = Backend::start_with("api", "127.0.0.1:0".parse()?, behaviour).await?;
@@ -146,7 +154,8 @@ impl Mesh {
             proxy(self.client.admin, "web.demo"),
             proxy(self.server.admin, "api.demo"),
             serde_json::json!({"targets": [self.control.admin.to_string()],
-                "labels": {"role": "control", "grpc": self.control.grpc.to_string()}}),
+                "labels": {"role": "control", "grpc": self.control.grpc.to_string(),
+                    "anchors": self.control.anchors.display().to_string()}}),
         ];
         groups.extend_from_slice(extra);
         std::fs::write(path, serde_json::to_vec(&groups)?)?;

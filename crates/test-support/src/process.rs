@@ -9,6 +9,87 @@ use anyhow::Context;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
+/// `setpriv`, when the machine has it (util-linux: every Debian has it).
+fn setpriv() -> Option<&'static std::path::Path> {
+    static FOUND: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
+    FOUND
+        .get_or_init(|| {
+            std::env::var_os("PATH")
+                .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+                .unwrap_or_else(|| vec!["/usr/bin".into(), "/bin".into()])
+                .into_iter()
+                .map(|d| d.join("setpriv"))
+                .find(|p| p.is_file())
+        })
+        .as_deref()
+}
+
+/// The program and leading arguments that run `program` so that it is
+/// killed when this process dies, however it dies (SIGKILL included):
+/// `setpriv --pdeathsig KILL -- program`. The signal is armed in the child
+/// before it execs, so there is no window in which it could outlive us
+/// unnoticed after starting. Without setpriv, `program` alone.
+pub fn guarded(program: &std::ffi::OsStr) -> (std::ffi::OsString, Vec<std::ffi::OsString>) {
+    match setpriv() {
+        Some(setpriv) => (
+            setpriv.as_os_str().to_owned(),
+            ["--pdeathsig", "KILL", "--"]
+                .into_iter()
+                .map(Into::into)
+                .chain([program.to_owned()])
+                .collect(),
+        ),
+        None => (program.to_owned(), Vec::new()),
+    }
+}
+
+/// A tokio command for `program` that dies with this process (see
+/// [`guarded`]); also killed when dropped.
+pub fn command(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let (program, args) = guarded(program.as_ref());
+    let mut c = Command::new(program);
+    c.args(args).kill_on_drop(true);
+    c
+}
+
+/// The same for `std::process`.
+pub fn std_command(program: impl AsRef<std::ffi::OsStr>) -> std::process::Command {
+    let (program, args) = guarded(program.as_ref());
+    let mut c = std::process::Command::new(program);
+    c.args(args);
+    c
+}
+
+/// The processes whose parent is `pid` now (from /proc).
+pub fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| parent_of(*p) == Some(pid))
+        .collect()
+}
+
+/// Whether `pid` is a live process (not gone, not a zombie).
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| Some(s.rsplit_once(')')?.1.trim_start().starts_with('Z')))
+        .is_some_and(|zombie| !zombie)
+}
+
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
 /// A child process whose stderr is collected, killed on drop.
 pub struct Logged {
     pub child: Child,
@@ -76,6 +157,20 @@ impl Logged {
     /// Everything logged so far.
     pub fn log(&self) -> String {
         self.log.lock().map(|l| l.join("\n")).unwrap_or_default()
+    }
+
+    /// Waits until a logged line contains `needle`.
+    pub async fn wait_for_log(&self, needle: &str, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while !self.log().contains(needle) {
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "{needle:?} not logged within {timeout:?}:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
     }
 
     pub fn pid(&self) -> Option<u32> {

@@ -5,7 +5,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 
 pub struct Prometheus {
     _child: Child,
@@ -20,7 +20,7 @@ impl Prometheus {
         let config_path = data.path().join("prometheus.yml");
         std::fs::write(&config_path, config)?;
         let addr = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-        let child = Command::new("prometheus")
+        let child = crate::process::command("prometheus")
             .arg(format!("--config.file={}", config_path.display()))
             .arg(format!(
                 "--storage.tsdb.path={}",

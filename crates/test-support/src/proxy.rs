@@ -6,7 +6,6 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::process::Command;
 
 use crate::process::Logged;
 
@@ -44,11 +43,11 @@ impl Proxy {
         }
         let mut command = match wrapper.split_first() {
             Some((program, args)) => {
-                let mut c = Command::new(program);
+                let mut c = crate::process::command(program);
                 c.args(args).arg(bin);
                 c
             }
-            None => Command::new(bin),
+            None => crate::process::command(bin),
         };
         if let Some(path) = std::env::var_os("PATH") {
             vars.insert("PATH".into(), path.to_string_lossy().into_owned());

@@ -111,14 +111,8 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let path = file.path_str();
     let control = Control::start(
         &workspace_binary("weft-control")?,
-        &[
-            "--destinations",
-            &path,
-            "--identity-dir",
-            &ca.dir_str(),
-            "--log",
-            "warn,weft_control=info",
-        ],
+        &ca,
+        &["--destinations", &path, "--log", "warn,weft_control=info"],
     )
     .await
     .context("starting weft-control")?;
@@ -199,6 +193,14 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         duration,
     );
 
+    // Ctrl-C, a process manager's SIGTERM and a closed terminal's SIGHUP
+    // all stop the demo the same way: every child is stopped on the way
+    // out. (A SIGKILL cannot be caught; the children die with the demo
+    // anyway, see weft_test_support::process::guarded.)
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut int = signal(SignalKind::interrupt())?;
     let stop = Arc::new(AtomicBool::new(false));
     let generators = traffic::start(client, web::WEB, rps, stop.clone());
     step("the mesh is up and traffic is flowing");
@@ -214,7 +216,9 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         });
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
-            _ = tokio::signal::ctrl_c() => { eprintln!("\nCtrl-C: stopping"); break; }
+            _ = int.recv() => { eprintln!("\nCtrl-C: stopping"); break; }
+            _ = term.recv() => { eprintln!("SIGTERM: stopping"); break; }
+            _ = hup.recv() => { eprintln!("SIGHUP: stopping"); break; }
         }
         let now = window::snapshots(&proxies).await;
         let w = Window::across(&last, &now, last_at.elapsed());
@@ -282,6 +286,9 @@ fn target_groups(workloads: &[Workload], control: &Control) -> Vec<Group> {
         labels: [
             ("role".to_string(), "control".to_string()),
             ("grpc".to_string(), control.grpc.to_string()),
+            // What `weft endpoints` and `weft check` verify the control
+            // channel with.
+            ("anchors".to_string(), control.anchors.display().to_string()),
         ]
         .into(),
     });
