@@ -39,9 +39,7 @@ pub enum RunError {
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, RunError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| RunError::Bind { addr, source })
+    weft_listener::bind(addr).map_err(|source| RunError::Bind { addr, source })
 }
 
 /// A client must finish its TLS handshake within this.

@@ -14,6 +14,25 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// The first pause after a failed accept, doubled while failures continue.
+/// Connections the kernel may queue for us while we are busy, or out of
+/// descriptors: a burst of clients (a fleet reconnecting after a restart)
+/// waits here instead of having its SYNs dropped and retried seconds
+/// later. Library defaults are 128; the kernel caps this at somaxconn.
+pub const BACKLOG: u32 = 1024;
+
+/// Binds a listener with [`BACKLOG`] (and SO_REUSEADDR, so a restarted
+/// process can bind while old connections are in TIME_WAIT).
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
+
 const BACKOFF_MIN: Duration = Duration::from_millis(5);
 const BACKOFF_MAX: Duration = Duration::from_millis(500);
 

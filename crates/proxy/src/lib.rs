@@ -86,13 +86,11 @@ impl RunError {
 }
 
 async fn bind(which: &'static str, addr: SocketAddr) -> Result<TcpListener, RunError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| RunError::Bind {
-            which,
-            addr,
-            source,
-        })
+    weft_listener::bind(addr).map_err(|source| RunError::Bind {
+        which,
+        addr,
+        source,
+    })
 }
 
 /// Runs the proxy until SIGTERM or SIGINT, then drains in-flight work for

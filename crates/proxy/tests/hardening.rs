@@ -289,3 +289,269 @@ async fn a_hung_application_gets_a_504_and_cancelled_requests_are_counted() -> a
     );
     Ok(())
 }
+
+/// CVE-2023-44487's shape: streams opened and reset at once, 10,000 of
+/// them, on as many connections as the proxy makes the attacker open.
+#[tokio::test]
+async fn rapid_reset_leaves_the_proxy_serving_with_bounded_cpu() -> anyhow::Result<()> {
+    use weft_test_support::process::cpu_seconds;
+    let backend =
+        Backend::start_with_delay("api", "127.0.0.1:0".parse()?, Duration::from_millis(20)).await?;
+    let proxy = Proxy::start(
+        PROXY.as_ref(),
+        &[("WEFT_PROXY_INBOUND_FORWARD", &backend.addr.to_string())],
+    )
+    .await?;
+    let pid = proxy.pid().ok_or_else(|| anyhow::anyhow!("no pid"))?;
+    let cpu_before = cpu_seconds(pid)?;
+    let started = Instant::now();
+    let (mut sent, mut connections) = (0u32, 0u32);
+    while sent < 10_000 {
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(60),
+            "only {sent} resets sent in 60 s"
+        );
+        let tcp = TcpStream::connect(proxy.inbound).await?;
+        connections += 1;
+        let Ok((mut h2, mut conn)) = h2::client::handshake(tcp).await else {
+            continue;
+        };
+        let mut ping = conn
+            .ping_pong()
+            .ok_or_else(|| anyhow::anyhow!("no ping handle"))?;
+        let driver = tokio::spawn(conn);
+        while sent < 10_000 {
+            // A PING answered means the proxy has read every frame before
+            // it: the resets really arrive, in batches of 50.
+            if sent % 50 == 0
+                && !matches!(
+                    tokio::time::timeout(Duration::from_secs(2), ping.ping(h2::Ping::opaque()))
+                        .await,
+                    Ok(Ok(_))
+                )
+            {
+                break;
+            }
+            h2 = match h2.ready().await {
+                Ok(h2) => h2,
+                Err(_) => break,
+            };
+            let request = http::Request::get("http://svc.test/").body(())?;
+            match h2.send_request(request, true) {
+                Ok((_response, mut stream)) => {
+                    stream.send_reset(h2::Reason::CANCEL);
+                    sent += 1;
+                }
+                Err(_) => break,
+            }
+        }
+        driver.abort();
+    }
+    let attack = started.elapsed();
+    let cpu = cpu_seconds(pid)? - cpu_before;
+    // The proxy's work per reset stream is bounded: well under a
+    // millisecond of CPU each, even in a debug build.
+    let per_stream_us = cpu / f64::from(sent) * 1e6;
+    eprintln!(
+        "{sent} resets on {connections} connections in {attack:?}: proxy CPU {cpu:.2} s ({per_stream_us:.0} µs per stream)"
+    );
+    assert!(
+        per_stream_us < 500.0,
+        "{per_stream_us:.0} µs per reset stream"
+    );
+    // Still serving, at once, on a fresh connection.
+    let mut send = client::http2(proxy.inbound).await?;
+    let rsp = tokio::time::timeout(
+        Duration::from_secs(2),
+        send.send_request(client::get_h2("svc.test", "/")?),
+    )
+    .await??;
+    assert_eq!(rsp.status(), 200);
+    // And idle afterwards: no work left behind by the abandoned streams.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let idle_before = cpu_seconds(pid)?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let idle = cpu_seconds(pid)? - idle_before;
+    assert!(
+        idle < 0.1,
+        "proxy used {idle:.2} s of CPU in 1 s idle after the attack"
+    );
+    Ok(())
+}
+
+/// At its file-descriptor limit the proxy backs off instead of spinning on
+/// EMFILE, says so in a few lines rather than thousands, and serves again
+/// as soon as descriptors are free.
+#[tokio::test]
+async fn at_the_fd_limit_the_proxy_waits_quietly_and_recovers() -> anyhow::Result<()> {
+    use weft_test_support::process::cpu_seconds;
+    let backend = Backend::start("api").await?;
+    let dests = DestinationsFile::from_yaml(&format!(
+        "destinations:\n  \"api.test:80\":\n    endpoints:\n      - addr: {}\n",
+        backend.addr
+    ))?;
+    let proxy = Proxy::spawn(
+        &["prlimit", "--nofile=256:256", "--"],
+        PROXY.as_ref(),
+        &[("WEFT_PROXY_DESTINATIONS", &dests.path_str())],
+    )
+    .await?;
+    proxy.wait_ready(Duration::from_secs(10)).await?;
+    let started = Instant::now();
+    let pid = proxy.pid().ok_or_else(|| anyhow::anyhow!("no pid"))?;
+    // 400 clients that send half a request head and wait: more than the
+    // proxy has descriptors for.
+    let mut held = Vec::new();
+    for _ in 0..400 {
+        let mut s = TcpStream::connect(proxy.outbound).await?;
+        s.write_all(b"GET / HTTP/1.1\r\nHost: api.test\r\n").await?;
+        held.push(s);
+    }
+    // Those it cannot accept wait in the kernel's queue (a backlog of
+    // 1024, not the libraries' 128, whose overflow costs clients seconds
+    // of SYN retries).
+    anyhow::ensure!(
+        started.elapsed() < Duration::from_secs(3),
+        "400 connects took {:?}",
+        started.elapsed()
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let accept_failures = |log: &str| log.matches("accept failed").count();
+    let lines_before = accept_failures(&proxy.log());
+    let cpu_before = cpu_seconds(pid)?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let cpu = cpu_seconds(pid)? - cpu_before;
+    let lines = accept_failures(&proxy.log()) - lines_before;
+    assert!(lines_before >= 1, "EMFILE never reported:\n{}", proxy.log());
+    // Backing off to 500 ms between attempts: a few milliseconds of CPU,
+    // where a spinning accept loop burns the whole 3 s.
+    assert!(
+        cpu < 0.3,
+        "proxy used {cpu:.2} s of CPU in 3 s at the fd limit"
+    );
+    assert!(
+        lines <= 1,
+        "{lines} 'accept failed' lines in 3 s:\n{}",
+        proxy.log()
+    );
+    drop(held);
+    let freed = Instant::now();
+    // Descriptors come back as the proxy sees the clients go; then it
+    // serves again.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match tokio::time::timeout(Duration::from_secs(2), ok_through(&proxy, "api.test:80")).await
+        {
+            Ok(Ok(())) => break,
+            other => anyhow::ensure!(
+                Instant::now() < deadline,
+                "not serving after the clients left: {other:?}\n{}",
+                proxy.log()
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("serving again {:?} after the clients left", freed.elapsed());
+    Ok(())
+}
+
+/// One of three replicas is frozen (SIGSTOP: the kernel still accepts its
+/// connections, nothing ever answers). Requests to the others are not held
+/// up behind it, and once clients have given up on it a few times it stops
+/// being picked.
+#[tokio::test]
+async fn a_frozen_endpoint_stalls_no_one_and_stops_being_picked() -> anyhow::Result<()> {
+    use tokio::io::AsyncBufReadExt;
+    let healthy = [Backend::start("a").await?, Backend::start("b").await?];
+    let mut frozen = weft_test_support::process::command(weft_test_support::workspace_binary(
+        "weft-test-backend",
+    )?)
+    .args(["--name", "frozen"])
+    .stdout(std::process::Stdio::piped())
+    .spawn()?;
+    let stdout = frozen
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("stdout"))?;
+    let mut line = String::new();
+    tokio::io::BufReader::new(stdout)
+        .read_line(&mut line)
+        .await?;
+    let frozen_addr = line.trim().trim_start_matches("listening ").to_string();
+    let pid = frozen.id().ok_or_else(|| anyhow::anyhow!("no pid"))?;
+    let stop = |signal: &str| {
+        std::process::Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+    };
+    anyhow::ensure!(stop("-STOP")?.success());
+    let dests = DestinationsFile::from_yaml(&format!(
+        "destinations:\n  \"api.test:80\":\n    endpoints:\n      - addr: {}\n      - addr: {}\n      - addr: {frozen_addr}\n",
+        healthy[0].addr, healthy[1].addr
+    ))?;
+    let proxy = Proxy::start(
+        PROXY.as_ref(),
+        &[("WEFT_PROXY_DESTINATIONS", &dests.path_str())],
+    )
+    .await?;
+
+    // Ten clients, each sending 30 requests one after another and giving
+    // up on any that takes a second.
+    let send = client::http2(proxy.outbound).await?;
+    let mut workers = Vec::new();
+    for _ in 0..10 {
+        let mut send = send.clone();
+        workers.push(tokio::spawn(async move {
+            let mut results = Vec::new();
+            for _ in 0..30 {
+                let started = Instant::now();
+                let request = client::get_h2("api.test:80", "/")?;
+                let outcome = tokio::time::timeout(Duration::from_secs(1), async {
+                    send.ready().await?;
+                    let rsp = send.send_request(request).await?;
+                    anyhow::Ok(rsp.status().as_u16())
+                })
+                .await;
+                results.push((started, started.elapsed(), outcome.ok()));
+            }
+            anyhow::Ok(results)
+        }));
+    }
+    let mut results = Vec::new();
+    for w in workers {
+        results.extend(w.await??);
+    }
+    anyhow::ensure!(stop("-CONT")?.success());
+    // In the order the requests were sent.
+    results.sort_by_key(|(started, _, _)| *started);
+    let gave_up = |r: &[(Instant, Duration, Option<anyhow::Result<u16>>)]| {
+        r.iter().filter(|(_, _, o)| o.is_none()).count()
+    };
+    let ok: Vec<Duration> = results
+        .iter()
+        .filter(|(_, _, o)| matches!(o, Some(Ok(200))))
+        .map(|(_, d, _)| *d)
+        .collect();
+    let (first, last) = results.split_at(results.len() / 2);
+    eprintln!(
+        "{} ok, gave up on {} in the first half and {} in the second",
+        ok.len(),
+        gave_up(first),
+        gave_up(last)
+    );
+    // Every request the frozen replica did not take was answered at once.
+    assert_eq!(ok.len() + gave_up(&results), results.len());
+    let slowest_ok = ok.iter().max().copied().unwrap_or_default();
+    assert!(
+        slowest_ok < Duration::from_millis(500),
+        "an answered request took {slowest_ok:?}"
+    );
+    // A few clients find out; then it is left alone.
+    assert!(gave_up(first) <= 10, "gave up on {} early", gave_up(first));
+    assert_eq!(
+        gave_up(last),
+        0,
+        "the frozen endpoint was still picked late"
+    );
+    Ok(())
+}
