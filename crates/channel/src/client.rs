@@ -46,6 +46,11 @@ impl ClientTls {
             None => builder.with_no_client_auth(),
         };
         config.alpn_protocols = vec![ALPN_H2.to_vec()];
+        // A resumed session proves nothing new: the server would see the
+        // identity (or the anonymity) of the session's first handshake, so
+        // a proxy bootstrapped anonymously could never renew by its
+        // certificate. Every connection is a full handshake.
+        config.resumption = rustls::client::Resumption::disabled();
         let name = ServerName::try_from(control_name.as_str().to_string()).map_err(|e| {
             ChannelError::Addr {
                 addr: control_name.to_string(),

@@ -53,6 +53,10 @@ impl ServerTls {
             .with_client_cert_verifier(verifier)
             .with_cert_resolver(cert);
         config.alpn_protocols = vec![ALPN_H2.to_vec()];
+        // No resumption: the caller's identity is what this handshake
+        // proved, never what an earlier one did.
+        config.send_tls13_tickets = 0;
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
         Ok(Self {
             config: Arc::new(config),
         })

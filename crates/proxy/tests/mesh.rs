@@ -416,3 +416,46 @@ async fn an_issuer_rotation_fails_no_request() -> anyhow::Result<()> {
     assert!(mesh.control.process.log().contains("issuer reloaded"));
     Ok(())
 }
+
+/// The bootstrap token is needed once: with its file deleted after the
+/// first certificate, the proxy renews with the certificate it holds.
+#[tokio::test]
+async fn a_proxy_renews_without_its_token() -> anyhow::Result<()> {
+    let ca = MeshCa::new()?;
+    // The shortest lifetime allowed: renewal comes at 70 % of it, 42 s.
+    let control = Control::start(
+        &workspace_binary("weft-control")?,
+        &ca,
+        &["--leaf-lifetime", "1m"],
+    )
+    .await?;
+    let env = meshed(&ca, &control, "web.demo")?;
+    let token_file = env
+        .iter()
+        .find(|(k, _)| k == "WEFT_PROXY_IDENTITY_TOKEN_FILE")
+        .map(|(_, v)| v.clone())
+        .ok_or_else(|| anyhow::anyhow!("no token file"))?;
+    let proxy = start_proxy(&env).await?;
+    std::fs::remove_file(&token_file)?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while proxy.log().matches("certified").count() < 2 {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "no renewal within 60 s:\n{}\n{}",
+            proxy.log(),
+            control.process.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let log = control.process.log();
+    assert!(
+        log.contains("proof=\"certificate\"") || log.contains("proof=certificate"),
+        "{log}"
+    );
+    assert!(
+        !proxy.log().contains("certification failed"),
+        "{}",
+        proxy.log()
+    );
+    Ok(())
+}
