@@ -132,6 +132,6 @@ pub async fn connect(
         .await
         .map_err(|e| ChannelError::Connect {
             addr: addr.to_string(),
-            reason: crate::chain(&e),
+            reason: crate::error_chain(&e),
         })
 }

@@ -51,7 +51,10 @@ pub enum ChannelError {
     Connect { addr: String, reason: String },
 }
 
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+/// An error and its causes on one line, each said once: many libraries'
+/// messages are only "transport error", and the cause is what an operator
+/// needs. Every weft binary reports errors this way.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

@@ -84,16 +84,7 @@ fn main() -> ExitCode {
     match runtime.block_on(weft_control::run(config, shutdown)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let mut msg = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                let text = s.to_string();
-                if !msg.contains(&text) {
-                    msg.push_str(&format!(": {text}"));
-                }
-                source = s.source();
-            }
-            eprintln!("weft-control: {msg}");
+            eprintln!("weft-control: {}", weft_channel::error_chain(&e));
             ExitCode::from(EX_USAGE)
         }
     }

@@ -85,13 +85,7 @@ fn main() -> ExitCode {
     match runtime.block_on(weft_proxy::run(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let mut msg = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                msg.push_str(&format!(": {s}"));
-                source = s.source();
-            }
-            eprintln!("weft-proxy: {msg}");
+            eprintln!("weft-proxy: {}", weft_channel::error_chain(&e));
             ExitCode::from(e.exit_code() as u8)
         }
     }

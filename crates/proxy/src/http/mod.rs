@@ -17,6 +17,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
+use weft_channel::error_chain;
 use weft_detect::Authority;
 
 pub use body::ProxyBody;
@@ -273,20 +274,6 @@ fn request_authority(req: &Request<Incoming>) -> Result<Option<Authority>, Proxy
         }
         None => Ok(None),
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let c = cause.to_string();
-        if !s.contains(&c) {
-            s.push_str(": ");
-            s.push_str(&c);
-        }
-        source = cause.source();
-    }
-    s
 }
 
 impl HttpContext {
