@@ -237,3 +237,68 @@ async fn help_lists_every_variable_and_stray_arguments_are_refused() -> anyhow::
     assert_eq!(out.status.code(), Some(64));
     Ok(())
 }
+
+/// A gRPC server that fails after it started answering: the client gets
+/// the data that came, then trailers with a gRPC status and a
+/// percent-encoded message, not a bare stream reset it cannot interpret.
+#[tokio::test]
+async fn a_grpc_failure_after_the_headers_ends_in_trailers() -> anyhow::Result<()> {
+    use bytes::Bytes;
+    use http_body_util::BodyExt;
+    use hyper::body::Frame;
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let upstream_addr = upstream.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = upstream.accept().await {
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|_req| async {
+                    use futures_util::StreamExt;
+                    let frames = futures_util::stream::iter([
+                        Ok(Frame::data(Bytes::from_static(b"\0\0\0\0\x02hi"))),
+                        Err(std::io::Error::other("the server died")),
+                    ])
+                    .then(|f| async {
+                        // The data goes out before the failure.
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        f
+                    });
+                    let body = http_body_util::StreamBody::new(frames);
+                    let rsp = http::Response::builder()
+                        .header("content-type", "application/grpc")
+                        .body(body)?;
+                    anyhow::Ok(rsp)
+                });
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                        .await;
+            });
+        }
+    });
+    let proxy = Proxy::start(
+        PROXY.as_ref(),
+        &[("WEFT_PROXY_INBOUND_FORWARD", &upstream_addr.to_string())],
+    )
+    .await?;
+    let mut send = client::http2(proxy.inbound).await?;
+    let request = http::Request::post("http://svc.test/pkg.Svc/Method")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(http_body_util::Full::new(Bytes::from_static(b"\0\0\0\0\0")))?;
+    let rsp = send.send_request(request).await?;
+    assert_eq!(rsp.status(), 200);
+    let collected = tokio::time::timeout(Duration::from_secs(5), rsp.into_body().collect())
+        .await?
+        .map_err(|e| anyhow::anyhow!("the body failed instead of ending in trailers: {e}"))?;
+    let trailers = collected
+        .trailers()
+        .cloned()
+        .ok_or_else(|| anyhow::anyhow!("no trailers: {collected:?}\n{}", proxy.log()))?;
+    assert_eq!(collected.to_bytes().as_ref(), b"\0\0\0\0\x02hi");
+    assert_eq!(trailers["grpc-status"], "14");
+    let message = trailers["grpc-message"].to_str()?;
+    // Printable ASCII but '%' passes as it is; the rest is %-encoded
+    // (grpc_messages_are_percent_encoded covers the encoding itself).
+    assert!(message.contains("mid-stream"), "{message}");
+    Ok(())
+}

@@ -555,3 +555,81 @@ async fn a_frozen_endpoint_stalls_no_one_and_stops_being_picked() -> anyhow::Res
     );
     Ok(())
 }
+
+/// An endpoint whose connects hang (SYNs dropped: a full accept queue
+/// here, a dead host or a firewall in life). Concurrent requests share one
+/// connect attempt and fail over together after one connect timeout, not
+/// one after another; later requests skip the endpoint while it backs off.
+#[tokio::test]
+async fn a_blackholed_endpoint_costs_one_connect_timeout_not_one_per_request() -> anyhow::Result<()>
+{
+    let healthy = Backend::start("healthy").await?;
+    // Listening, never accepting, with the smallest queue: once two
+    // connections wait in it, the kernel drops further SYNs.
+    let hole = tokio::net::TcpSocket::new_v4()?;
+    hole.bind("127.0.0.1:0".parse()?)?;
+    let hole = hole.listen(0)?;
+    let hole_addr = hole.local_addr()?;
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        if let Ok(Ok(s)) =
+            tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(hole_addr)).await
+        {
+            fillers.push(s);
+        }
+    }
+    let probe =
+        tokio::time::timeout(Duration::from_millis(500), TcpStream::connect(hole_addr)).await;
+    anyhow::ensure!(probe.is_err(), "the black hole still accepts connects");
+
+    let dests = DestinationsFile::from_yaml(&format!(
+        "destinations:\n  \"api.test:80\":\n    endpoints:\n      - addr: {}\n      - addr: {hole_addr}\n",
+        healthy.addr
+    ))?;
+    let proxy = Proxy::start(
+        PROXY.as_ref(),
+        &[
+            ("WEFT_PROXY_DESTINATIONS", &dests.path_str()),
+            ("WEFT_PROXY_CONNECT_TIMEOUT", "1s"),
+        ],
+    )
+    .await?;
+    let send = client::http2(proxy.outbound).await?;
+    let wave = |n: usize| {
+        let send = send.clone();
+        async move {
+            let mut tasks = Vec::new();
+            for _ in 0..n {
+                let mut send = send.clone();
+                tasks.push(tokio::spawn(async move {
+                    let started = Instant::now();
+                    send.ready().await?;
+                    let rsp = send
+                        .send_request(client::get_h2("api.test:80", "/")?)
+                        .await?;
+                    anyhow::Ok((rsp.status().as_u16(), started.elapsed()))
+                }));
+            }
+            let mut out = Vec::new();
+            for t in tasks {
+                out.push(t.await??);
+            }
+            anyhow::Ok(out)
+        }
+    };
+    let first = tokio::time::timeout(Duration::from_secs(10), wave(40)).await??;
+    let slowest = first.iter().map(|(_, d)| *d).max().unwrap_or_default();
+    assert!(first.iter().all(|(s, _)| *s == 200), "{first:?}");
+    // Some requests did wait for the black hole...
+    assert!(slowest >= Duration::from_millis(900), "slowest {slowest:?}");
+    // ...for one connect timeout (1 s) and a failover, however many
+    // queued behind the connect.
+    assert!(slowest < Duration::from_millis(2500), "slowest {slowest:?}");
+    let second = tokio::time::timeout(Duration::from_secs(10), wave(40)).await??;
+    let slowest = second.iter().map(|(_, d)| *d).max().unwrap_or_default();
+    assert!(second.iter().all(|(s, _)| *s == 200), "{second:?}");
+    // Backing off: the black hole is not tried again right away.
+    assert!(slowest < Duration::from_millis(500), "slowest {slowest:?}");
+    drop(fillers);
+    Ok(())
+}
