@@ -1,9 +1,12 @@
 //! Request-level load balancing: power of two choices over peak-EWMA latency
-//! weighted by in-flight requests, with static endpoint weights.
+//! weighted by in-flight requests, with static endpoint weights, and a
+//! breaker per endpoint that takes one failing in a row out of balancing.
 #![forbid(unsafe_code)]
 
+mod breaker;
 mod load;
 mod set;
 
+pub use breaker::{BreakerConfig, Outcome};
 pub use load::{FAILURE_PENALTY, Load, PeakEwmaConfig, Pending};
 pub use set::{Set, SetError};

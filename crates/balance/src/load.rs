@@ -2,6 +2,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::breaker::{Breaker, BreakerConfig, Outcome};
+
 /// How fast observed latency is forgotten, and what an endpoint with no
 /// history is assumed to cost.
 #[derive(Clone, Copy, Debug)]
@@ -31,6 +33,7 @@ pub struct Load {
     pending: AtomicU32,
     estimate: Mutex<Estimate>,
     decay_ns: f64,
+    breaker: Mutex<Breaker>,
 }
 
 #[derive(Debug)]
@@ -50,17 +53,45 @@ impl Load {
             // A zero decay would divide by zero below; a nanosecond is
             // "forget immediately", which is what zero means.
             decay_ns: (config.decay.as_nanos() as f64).max(1.0),
+            breaker: Mutex::new(Breaker::new(BreakerConfig::default())),
         }
+    }
+
+    fn breaker(&self) -> std::sync::MutexGuard<'_, Breaker> {
+        self.breaker.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The breaker settings of the destination this endpoint serves (the
+    /// last one configured wins when several share it).
+    pub fn set_breaker(&self, config: BreakerConfig) {
+        let mut b = self.breaker();
+        if b.config != config {
+            b.config = config;
+        }
+    }
+
+    /// Whether the breaker has the endpoint out of balancing at `now`.
+    pub fn ejected(&self, now: Instant) -> bool {
+        self.breaker().ejected(now)
+    }
+
+    /// Whether the breaker is open (ejected, or probing).
+    pub fn breaker_open(&self) -> bool {
+        self.breaker().is_open()
     }
 
     /// Marks a request as started. The returned guard keeps it counted as
     /// in flight until dropped.
     pub fn start(self: &std::sync::Arc<Self>) -> Pending {
         self.pending.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
+        let probe = self.breaker().start(started);
         Pending {
             load: self.clone(),
-            started: Instant::now(),
+            started,
             observed: false,
+            probe,
+            outcome: None,
         }
     }
 
@@ -130,6 +161,10 @@ pub struct Pending {
     load: std::sync::Arc<Load>,
     started: Instant,
     observed: bool,
+    /// This request is the one probing an ejected endpoint.
+    probe: bool,
+    /// What the breaker has been told, at most once.
+    outcome: Option<Outcome>,
 }
 
 impl Pending {
@@ -150,6 +185,24 @@ impl Pending {
     pub fn observe_failure(&mut self) {
         self.observed = true;
         self.load.observe(FAILURE_PENALTY);
+        self.record(Outcome::Failure);
+    }
+
+    /// Tells the breaker how the request ended (once; later calls are
+    /// ignored). A failure also counts as a very slow response, so an
+    /// endpoint that fails fast does not look cheap to the balancer.
+    pub fn record(&mut self, outcome: Outcome) {
+        if self.outcome.is_some() {
+            return;
+        }
+        self.outcome = Some(outcome);
+        if outcome == Outcome::Failure {
+            self.observed = true;
+            self.load.observe(FAILURE_PENALTY);
+        }
+        self.load
+            .breaker()
+            .record(outcome, self.probe, Instant::now());
     }
 }
 
@@ -164,6 +217,11 @@ impl Drop for Pending {
         if !self.observed {
             self.load
                 .observe(self.started.elapsed().max(FAILURE_PENALTY));
+        }
+        if self.outcome.is_none() {
+            self.load
+                .breaker()
+                .record(Outcome::Neutral, self.probe, Instant::now());
         }
         self.load.pending.fetch_sub(1, Ordering::Relaxed);
     }

@@ -7,6 +7,8 @@ use crate::load::Load;
 /// the marginally cheaper one always preferred, weights would stop mattering.
 /// Because the first draw is itself weighted, ties split by weight exactly.
 const TIE_TOLERANCE: f64 = 0.1;
+/// Draws tried before counting out the endpoints that are not ejected.
+const BLIND_DRAWS: usize = 4;
 
 /// An immutable snapshot of the endpoints one destination balances over.
 /// Changing the endpoints means building a new `Set`; requests in flight
@@ -77,26 +79,76 @@ impl<E> Set<E> {
     /// while a slow or busy endpoint still loses the comparison. The second
     /// draw excludes the first, so even with two endpoints every pick is a
     /// real comparison.
+    ///
+    /// Endpoints their breaker ejected are left out; when every endpoint is
+    /// ejected the set fails open and picks among them all, since refusing
+    /// every request is worse than trying one that may have recovered.
     pub fn pick(&self) -> Option<(&E, &Arc<Load>)> {
-        let total = *self.cumulative.last()?;
-        let ia = self.index_of(fastrand::u64(0..total));
-        let a = self.entries.get(ia)?;
-        if self.entries.len() == 1 {
-            return Some((&a.endpoint, &a.load));
-        }
-        let (lo, hi) = self.bounds(ia);
-        let mut r = fastrand::u64(0..total - (hi - lo));
-        if r >= lo {
-            r += hi - lo;
-        }
-        let b = self.entries.get(self.index_of(r))?;
         let now = std::time::Instant::now();
+        let ia = match self.draw_available(now, None) {
+            Some(i) => i,
+            None => self.draw(None)?,
+        };
+        let a = self.entries.get(ia)?;
+        let Some(ib) = self.draw_available(now, Some(ia)) else {
+            return Some((&a.endpoint, &a.load));
+        };
+        let b = self.entries.get(ib)?;
         let chosen = if b.load.cost_at(now) < a.load.cost_at(now) * (1.0 - TIE_TOLERANCE) {
             b
         } else {
             a
         };
         Some((&chosen.endpoint, &chosen.load))
+    }
+
+    /// A weighted draw, never `exclude`; `None` when nothing else is left.
+    fn draw(&self, exclude: Option<usize>) -> Option<usize> {
+        let total = *self.cumulative.last()?;
+        let Some(x) = exclude else {
+            return Some(self.index_of(fastrand::u64(0..total)));
+        };
+        let (lo, hi) = self.bounds(x);
+        if total == hi - lo {
+            return None;
+        }
+        let mut r = fastrand::u64(0..total - (hi - lo));
+        if r >= lo {
+            r += hi - lo;
+        }
+        Some(self.index_of(r))
+    }
+
+    /// A weighted draw among endpoints not ejected (and not `exclude`).
+    /// A few blind draws find one almost always; only when they all land on
+    /// ejected endpoints are the rest counted out, so a pick stays O(1)
+    /// unless much of the set is ejected.
+    fn draw_available(&self, now: std::time::Instant, exclude: Option<usize>) -> Option<usize> {
+        for _ in 0..BLIND_DRAWS {
+            let i = self.draw(exclude)?;
+            if !self.entries[i].load.ejected(now) {
+                return Some(i);
+            }
+        }
+        let available: Vec<(usize, u64)> = (0..self.entries.len())
+            .filter(|&i| Some(i) != exclude && !self.entries[i].load.ejected(now))
+            .map(|i| {
+                let (lo, hi) = self.bounds(i);
+                (i, hi - lo)
+            })
+            .collect();
+        let total: u64 = available.iter().map(|(_, w)| w).sum();
+        if total == 0 {
+            return None;
+        }
+        let mut r = fastrand::u64(0..total);
+        for (i, w) in available {
+            if r < w {
+                return Some(i);
+            }
+            r -= w;
+        }
+        None
     }
 
     /// The entry whose weight range contains `r`.
@@ -119,6 +171,38 @@ mod tests {
 
     fn load() -> Arc<Load> {
         Arc::new(Load::new(PeakEwmaConfig::default()))
+    }
+
+    fn eject(load: &Arc<Load>) {
+        for _ in 0..crate::BreakerConfig::default().consecutive_failures {
+            load.start().record(crate::Outcome::Failure);
+        }
+    }
+
+    #[test]
+    fn ejected_endpoints_are_left_out_until_all_are() {
+        let (a, b, c) = (load(), load(), load());
+        let set = Set::new([
+            ("a", a.clone(), 1),
+            ("b", b.clone(), 1),
+            ("c", c.clone(), 1),
+        ])
+        .expect("valid");
+        eject(&a);
+        for _ in 0..3_000 {
+            assert_ne!(*set.pick().expect("non-empty").0, "a");
+        }
+        eject(&b);
+        for _ in 0..1_000 {
+            assert_eq!(*set.pick().expect("non-empty").0, "c");
+        }
+        // Every endpoint out: fail open rather than refuse everything.
+        eject(&c);
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..1_000 {
+            seen.insert(*set.pick().expect("fails open").0);
+        }
+        assert_eq!(seen.len(), 3, "{seen:?}");
     }
 
     #[test]

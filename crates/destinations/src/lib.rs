@@ -12,6 +12,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use tokio::sync::watch;
+
+mod policy;
+pub use policy::{Policy, Route, RouteBackend, RouteMatch};
 use weft_detect::Authority;
 use weft_identity::Name;
 
@@ -34,6 +37,8 @@ pub struct Destination {
     pub endpoints: Vec<EndpointSpec>,
     /// Connections are relayed as bytes, never parsed as HTTP.
     pub opaque: bool,
+    /// Timeout, breaker and routes.
+    pub policy: Policy,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -72,6 +77,12 @@ struct DestinationModel {
     endpoints: Vec<EndpointModel>,
     #[serde(default)]
     opaque: bool,
+    #[serde(default)]
+    timeout: Option<String>,
+    #[serde(default)]
+    breaker: Option<policy::BreakerModel>,
+    #[serde(default)]
+    routes: Vec<policy::RouteModel>,
 }
 
 #[derive(Deserialize)]
@@ -135,9 +146,17 @@ impl Destinations {
                     identity,
                 });
             }
+            let policy = policy::build(
+                &format!("destinations.{name:?}"),
+                dest.timeout.as_deref(),
+                dest.breaker,
+                dest.routes,
+            )
+            .map_err(invalid)?;
             let destination = Destination {
                 endpoints,
                 opaque: dest.opaque,
+                policy,
             };
             if by_authority
                 .insert(authority.clone(), destination)
@@ -259,6 +278,96 @@ destinations:
         );
         let e = parse("destinatons: {}\n").expect_err("typo");
         assert!(e.to_string().contains("d.yaml"), "{e}");
+    }
+
+    #[test]
+    fn policy_keys() {
+        let d = parse(
+            r#"
+destinations:
+  "api.demo:8080":
+    endpoints: [{addr: 127.0.0.1:1}]
+    timeout: 2s
+    breaker: {consecutive_failures: 5, min_open: 1s, max_open: 30s}
+    routes:
+      - name: canary-header
+        match: {path_prefix: /, method: get, headers: {X-Canary: "1"}}
+        backends: [{destination: "api-v2.demo:8080", weight: 1}]
+      - name: split
+        match: {path_prefix: /}
+        backends:
+          - {destination: "api.demo:8080", weight: 90}
+          - {destination: "api-v2.demo:8080", weight: 10}
+        timeout: 500ms
+"#,
+        )
+        .expect("valid");
+        let a: Authority = "api.demo:8080".parse().expect("authority");
+        let p = &d.by_authority[&a].policy;
+        assert_eq!(p.timeout, Some(Duration::from_secs(2)));
+        assert_eq!(p.breaker.consecutive_failures, 5);
+        assert_eq!(p.breaker.max_open, Duration::from_secs(30));
+        assert_eq!(p.routes.len(), 2);
+        let canary = &p.routes[0].matches;
+        assert_eq!(canary.method.as_deref(), Some("GET"));
+        assert_eq!(
+            canary.headers.get("x-canary").map(String::as_str),
+            Some("1")
+        );
+        assert!(canary.matches("GET", "/x", |h| (h == "x-canary").then_some("1")));
+        assert!(!canary.matches("GET", "/x", |_| None));
+        assert!(!canary.matches("POST", "/x", |_| Some("1")));
+        assert_eq!(p.routes[1].timeout, Some(Duration::from_millis(500)));
+        assert_eq!(p.routes[1].backends[0].weight, 90);
+        // Defaults: no timeout, the breaker on, no routes.
+        let d = parse("destinations:\n  \"b:1\":\n    endpoints: []\n").expect("valid");
+        let p = &d.by_authority[&"b:1".parse().expect("authority")].policy;
+        assert_eq!(*p, Policy::default());
+        assert_eq!(p.breaker.consecutive_failures, 7);
+    }
+
+    #[test]
+    fn policy_errors_name_the_key() {
+        let cases = [
+            ("timeout: soon", "destinations.\"a:1\".timeout: \"soon\""),
+            (
+                "timeout: 0s",
+                "destinations.\"a:1\".timeout: must be more than 0",
+            ),
+            (
+                "breaker: {min_open: 5s, max_open: 1s}",
+                "destinations.\"a:1\".breaker: needs 0 < min_open <= max_open",
+            ),
+            (
+                "routes: [{name: r, backends: []}]",
+                "destinations.\"a:1\".routes[0].backends: a route needs at least one backend",
+            ),
+            (
+                "routes: [{name: r, backends: [{destination: nope}]}]",
+                "destinations.\"a:1\".routes[0].backends[0].destination: \"nope\"",
+            ),
+            (
+                "routes: [{name: r, backends: [{destination: \"b:1\", weight: 0}]}]",
+                "routes[0].backends[0].weight: must be at least 1",
+            ),
+            (
+                "routes: [{name: r, backends: [{destination: \"b:1\"}]}, {name: r, backends: [{destination: \"b:1\"}]}]",
+                "routes[1].name: \"r\" must be non-empty and unique",
+            ),
+            (
+                "routes: [{name: r, match: {path_prefix: api}, backends: [{destination: \"b:1\"}]}]",
+                "routes[0].match.path_prefix: \"api\" must start with /",
+            ),
+        ];
+        for (yaml, want) in cases {
+            let text = format!("destinations:\n  \"a:1\":\n    {yaml}\n");
+            let e = parse(&text).expect_err(yaml).to_string();
+            assert!(e.contains(want), "{yaml}: {e}");
+        }
+        // A key weft does not know (yet) is refused, not ignored.
+        let e =
+            parse("destinations:\n  \"a:1\":\n    retry: {attempts: 2}\n").expect_err("unknown");
+        assert!(e.to_string().contains("retry"), "{e}");
     }
 
     #[test]

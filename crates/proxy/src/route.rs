@@ -18,7 +18,7 @@ use tokio::sync::OnceCell;
 use weft_identity::Name;
 
 use crate::control::Control;
-use crate::destinations::{Destinations, EndpointSpec};
+use crate::destinations::{Destinations, EndpointSpec, Policy};
 use crate::endpoint::{Endpoint, EndpointSettings};
 use crate::metrics::AuthorityLabels;
 
@@ -85,6 +85,8 @@ pub struct Target {
     /// [`crate::metrics::AuthorityLabels`]).
     pub label: Arc<str>,
     set: ArcSwap<Set<Arc<Endpoint>>>,
+    /// Timeout, breaker and routes (the file's; the default elsewhere).
+    pub policy: ArcSwap<Policy>,
     source: Source,
     /// When a request last named this target, in seconds since the
     /// router started: names nobody uses are let go.
@@ -100,6 +102,7 @@ impl Target {
             label,
             authority,
             set: ArcSwap::from_pointee(set),
+            policy: ArcSwap::from_pointee(Policy::default()),
             source,
             used: AtomicU64::new(0),
             follower: Mutex::new(None),
@@ -269,6 +272,9 @@ impl Router {
         let mut next = HashMap::with_capacity(d.by_authority.len());
         for (authority, destination) in &d.by_authority {
             let set = self.build_set(&destination.endpoints);
+            for (_, load) in set.iter() {
+                load.set_breaker(destination.policy.breaker);
+            }
             let target = match current.get(authority) {
                 Some(t) => {
                     t.set.store(Arc::new(set));
@@ -276,6 +282,9 @@ impl Router {
                 }
                 None => Arc::new(self.target(authority.clone(), set, Source::Discovery)),
             };
+            if **target.policy.load() != destination.policy {
+                target.policy.store(Arc::new(destination.policy.clone()));
+            }
             next.insert(authority.clone(), target);
         }
         self.discovered.store(Arc::new(next));

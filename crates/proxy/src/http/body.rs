@@ -116,11 +116,15 @@ impl Body for ProxyBody {
     }
 }
 
+/// The stream ended, seen from upstream: `error` is the upstream's failure.
 fn finish(classify: &mut Option<Classify>, trailers: Option<&HeaderMap>, error: bool) {
     if let Some(mut c) = classify.take() {
-        c.record(trailers, error);
+        c.record(trailers, error, error);
     }
 }
+
+const GRPC_INTERNAL: u32 = 13;
+const GRPC_UNAVAILABLE: u32 = 14;
 
 /// Everything needed to count one response when its stream ends. Holding
 /// it keeps the request counted as in flight for the balancer.
@@ -172,13 +176,18 @@ impl Classify {
 
     /// Counts the response once; later calls (the drop after a normal end)
     /// do nothing.
-    fn record(&mut self, trailers: Option<&HeaderMap>, error: bool) {
+    /// Counts the response. `error`: the stream did not end cleanly;
+    /// `upstream_failed`: and the upstream is to blame (not a client that
+    /// went away), which the endpoint's breaker counts.
+    fn record(&mut self, trailers: Option<&HeaderMap>, error: bool, upstream_failed: bool) {
         if self.recorded {
             return;
         }
         self.recorded = true;
-        self.pending.take();
         let mut labels = self.labels.clone();
+        // The endpoint failed: a 5xx, gRPC UNAVAILABLE or INTERNAL, or a
+        // broken stream. Other gRPC codes are the application's answers.
+        let endpoint_failed;
         let success = if self.grpc {
             // A gRPC response without any grpc-status is UNKNOWN (2).
             let code = self
@@ -186,10 +195,24 @@ impl Classify {
                 .or_else(|| trailers.and_then(grpc_status))
                 .unwrap_or(2);
             labels.grpc_status_code = Some(code);
+            endpoint_failed = matches!(code, GRPC_INTERNAL | GRPC_UNAVAILABLE);
             code == 0 && !error
         } else {
+            endpoint_failed = labels.status_code.is_some_and(|c| c >= 500);
             labels.status_code.is_some_and(|c| c < 500) && !error
         };
+        if let Some(mut in_flight) = self.pending.take() {
+            use weft_balance::Outcome;
+            in_flight
+                .pending
+                .record(if endpoint_failed || upstream_failed {
+                    Outcome::Failure
+                } else if error {
+                    Outcome::Neutral
+                } else {
+                    Outcome::Success
+                });
+        }
         if error {
             labels.error = Some("stream");
         }
@@ -209,7 +232,7 @@ impl Drop for Classify {
     /// A body dropped before its end was cut short (client went away, or a
     /// reset): it counts, as a failure.
     fn drop(&mut self) {
-        self.record(None, true);
+        self.record(None, true, false);
     }
 }
 

@@ -65,6 +65,10 @@ pub enum ProxyError {
         addr: std::net::SocketAddr,
         timeout: std::time::Duration,
     },
+    #[error("the request timed out after {}", humantime::format_duration(*.0))]
+    Timeout(std::time::Duration),
+    #[error("no route of {0} matches the request")]
+    NoRoute(String),
     #[error(
         "{addr} is at capacity: {in_flight} requests in flight and none finished within {waited:?}"
     )]
@@ -88,7 +92,8 @@ impl ProxyError {
             | Self::NoInboundTarget
             | Self::Saturated { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Upstream { .. } => StatusCode::BAD_GATEWAY,
-            Self::ResponseTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Self::ResponseTimeout { .. } | Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::NoRoute(_) => StatusCode::NOT_FOUND,
             Self::Loop(_) => StatusCode::LOOP_DETECTED,
         }
     }
@@ -99,6 +104,8 @@ impl ProxyError {
             Self::NoAuthority | Self::BadAuthority(_) | Self::DuplicateHost => "bad_request",
             Self::ClientBody(_) => "client_body",
             Self::ResponseTimeout { .. } => "response_timeout",
+            Self::Timeout(_) => "timeout",
+            Self::NoRoute(_) => "no_route",
             Self::Saturated { .. } => "saturated",
             Self::NoEndpoints(_) => "no_endpoints",
             Self::Route(_) => "resolve",
@@ -114,7 +121,8 @@ impl ProxyError {
     /// INTERNAL (13) when the request itself was unusable.
     pub fn grpc_status(&self) -> u32 {
         match self {
-            Self::ResponseTimeout { .. } => 4, // DEADLINE_EXCEEDED
+            Self::ResponseTimeout { .. } | Self::Timeout(_) => 4, // DEADLINE_EXCEEDED
+            Self::NoRoute(_) => 12,                               // UNIMPLEMENTED
             _ if self.status() == StatusCode::BAD_REQUEST => 13,
             _ => 14,
         }

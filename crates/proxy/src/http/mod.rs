@@ -382,6 +382,13 @@ impl HttpContext {
         // 100 Continue); asking upstream again would only add a round trip.
         req.headers_mut().remove(header::EXPECT);
         let authority = authority.as_ref().unwrap_or(&target.authority);
+        // Logical → concrete: the route the request matches decides which
+        // destination's endpoints serve it, and how long it may take.
+        let (target, timeout) = match self.concrete(&target, &req).await {
+            Ok(c) => c,
+            Err(e) => return self.fail(tapped, label, e, grpc, start, self.tls_for(None)),
+        };
+        let deadline = timeout.map(|t| (t, tokio::time::Instant::from_std(start) + t));
         if let Err(e) = self.prepare_uri(&mut req, authority) {
             return self.fail(tapped, label, e, grpc, start, self.tls_for(None));
         }
@@ -407,7 +414,11 @@ impl HttpContext {
                     self.tls_for(Some(&endpoint)),
                 );
             }
-            let mut in_flight = match endpoint.reserve(&load).await {
+            let Some(reserved) = within(deadline, endpoint.reserve(&load)).await else {
+                let e = ProxyError::Timeout(deadline.map(|(t, _)| t).unwrap_or_default());
+                return self.fail(tapped, label, e, grpc, start, self.tls_for(Some(&endpoint)));
+            };
+            let mut in_flight = match reserved {
                 Ok(f) => f,
                 Err(e) => {
                     let e = ProxyError::Saturated {
@@ -419,9 +430,15 @@ impl HttpContext {
                     return self.fail(tapped, label, e, grpc, start, tls);
                 }
             };
-            let connected = match self.version {
-                HttpVersion::Http1 => endpoint.http1().await,
-                HttpVersion::Http2 => endpoint.http2().await,
+            let connect = async {
+                match self.version {
+                    HttpVersion::Http1 => endpoint.http1().await,
+                    HttpVersion::Http2 => endpoint.http2().await,
+                }
+            };
+            let Some(connected) = within(deadline, connect).await else {
+                let e = ProxyError::Timeout(deadline.map(|(t, _)| t).unwrap_or_default());
+                return self.fail(tapped, label, e, grpc, start, self.tls_for(Some(&endpoint)));
             };
             match connected {
                 Ok(sender) => break (endpoint, in_flight, sender),
@@ -444,6 +461,14 @@ impl HttpContext {
 
         let tls = self.tls_for(Some(&endpoint));
         let sent = endpoint.send(sender, req);
+        // The route's deadline: dropping the send on expiry cancels the
+        // upstream request (stream reset, or the HTTP/1 connection closed).
+        let sent = async {
+            match within(deadline, sent).await {
+                Some(r) => Ok(r),
+                None => Err(()),
+            }
+        };
         let sent = match response_timeout {
             Some(t) => match tokio::time::timeout(t, sent).await {
                 Ok(r) => r,
@@ -459,6 +484,14 @@ impl HttpContext {
                 }
             },
             None => sent.await,
+        };
+        let sent = match sent {
+            Ok(r) => r,
+            Err(()) => {
+                let e = ProxyError::Timeout(deadline.map(|(t, _)| t).unwrap_or_default());
+                tracing::debug!(error = %e, endpoint = %endpoint.addr, "request timed out");
+                return self.fail(tapped, label, e, grpc, start, tls);
+            }
         };
         let mut rsp = match sent {
             Ok(rsp) => rsp,
@@ -522,6 +555,40 @@ impl HttpContext {
             tapped,
         );
         rsp.map(|b| ProxyBody::upstream(b, classify))
+    }
+
+    /// Logical → concrete. A destination without routes serves requests
+    /// from its own endpoints; otherwise the first route that matches
+    /// picks a backend by weight, a destination resolved like any other
+    /// name. Also returns the timeout in force (the route's, else the
+    /// destination's).
+    async fn concrete(
+        &self,
+        logical: &Arc<Target>,
+        req: &Request<Incoming>,
+    ) -> Result<(Arc<Target>, Option<Duration>), ProxyError> {
+        let policy = logical.policy.load_full();
+        if policy.routes.is_empty() {
+            return Ok((logical.clone(), policy.timeout));
+        }
+        let path = req.uri().path();
+        let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+        let Some(route) = policy
+            .routes
+            .iter()
+            .find(|r| r.matches.matches(req.method().as_str(), path, header))
+        else {
+            return Err(ProxyError::NoRoute(logical.authority.to_string()));
+        };
+        let timeout = route.timeout.or(policy.timeout);
+        let backend = route
+            .pick_backend()
+            .ok_or_else(|| ProxyError::NoRoute(logical.authority.to_string()))?;
+        if backend.destination == logical.authority {
+            return Ok((logical.clone(), timeout));
+        }
+        let concrete = self.router.resolve(&backend.destination).await?;
+        Ok((concrete, timeout))
     }
 
     /// How long the upstream may take to send response headers: on
@@ -762,6 +829,18 @@ impl Drop for Cancelled<'_> {
 }
 
 /// `grpc-timeout`: up to 8 digits and a unit (H, M, S, m, u, n).
+/// Runs `f` until `deadline` (`None` when it passed first); no deadline,
+/// no bound.
+async fn within<F: std::future::Future>(
+    deadline: Option<(Duration, tokio::time::Instant)>,
+    f: F,
+) -> Option<F::Output> {
+    match deadline {
+        Some((_, at)) => tokio::time::timeout_at(at, f).await.ok(),
+        None => Some(f.await),
+    }
+}
+
 fn parse_grpc_timeout(v: &str) -> Option<Duration> {
     let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
     if digits.is_empty() || digits.len() > 8 {
