@@ -4,9 +4,11 @@
 #![forbid(unsafe_code)]
 
 mod breaker;
+mod budget;
 mod load;
 mod set;
 
 pub use breaker::{BreakerConfig, Outcome};
+pub use budget::RetryBudget;
 pub use load::{FAILURE_PENALTY, Load, PeakEwmaConfig, Pending};
 pub use set::{Set, SetError};

@@ -14,7 +14,7 @@ use serde::Deserialize;
 use tokio::sync::watch;
 
 mod policy;
-pub use policy::{Policy, Route, RouteBackend, RouteMatch};
+pub use policy::{Budget, Policy, Retry, RetryOn, Route, RouteBackend, RouteMatch};
 use weft_detect::Authority;
 use weft_identity::Name;
 
@@ -79,6 +79,8 @@ struct DestinationModel {
     opaque: bool,
     #[serde(default)]
     timeout: Option<String>,
+    #[serde(default)]
+    retry: Option<policy::RetryModel>,
     #[serde(default)]
     breaker: Option<policy::BreakerModel>,
     #[serde(default)]
@@ -149,6 +151,7 @@ impl Destinations {
             let policy = policy::build(
                 &format!("destinations.{name:?}"),
                 dest.timeout.as_deref(),
+                dest.retry,
                 dest.breaker,
                 dest.routes,
             )
@@ -288,6 +291,10 @@ destinations:
   "api.demo:8080":
     endpoints: [{addr: 127.0.0.1:1}]
     timeout: 2s
+    retry:
+      attempts: 2
+      on: [5xx, connect-error, reset, "grpc:unavailable", "grpc:resource-exhausted", 429]
+      budget: {ratio: 0.2}
     breaker: {consecutive_failures: 5, min_open: 1s, max_open: 30s}
     routes:
       - name: canary-header
@@ -318,6 +325,15 @@ destinations:
         assert!(!canary.matches("GET", "/x", |_| None));
         assert!(!canary.matches("POST", "/x", |_| Some("1")));
         assert_eq!(p.routes[1].timeout, Some(Duration::from_millis(500)));
+        let retry = p.retry.as_ref().expect("retry");
+        assert_eq!(retry.attempts, 2);
+        assert!(retry.on.any_5xx && retry.on.connect_error && retry.on.reset);
+        assert_eq!(retry.on.grpc, [14, 8]);
+        assert_eq!(retry.on.statuses, [429]);
+        assert!(retry.on.status(503, None) && retry.on.status(429, None));
+        assert!(!retry.on.status(404, None) && !retry.on.status(200, Some(13)));
+        assert!(retry.on.status(200, Some(14)));
+        assert_eq!(retry.budget.min_per_second, 10);
         assert_eq!(p.routes[1].backends[0].weight, 90);
         // Defaults: no timeout, the breaker on, no routes.
         let d = parse("destinations:\n  \"b:1\":\n    endpoints: []\n").expect("valid");
@@ -358,6 +374,22 @@ destinations:
                 "routes: [{name: r, match: {path_prefix: api}, backends: [{destination: \"b:1\"}]}]",
                 "routes[0].match.path_prefix: \"api\" must start with /",
             ),
+            (
+                "retry: {attempts: 0}",
+                "retry.attempts: 0 must be from 1 to 10",
+            ),
+            (
+                "retry: {attempts: 2, on: [5xx, grpc:unavailible]}",
+                "retry.on[1]: \"grpc:unavailible\" is not a gRPC status",
+            ),
+            (
+                "retry: {attempts: 2, on: [teapot]}",
+                "retry.on[0]: \"teapot\" is none of",
+            ),
+            (
+                "retry: {attempts: 2, budget: {ratio: 2}}",
+                "retry.budget.ratio: 2 must be from 0 to 1",
+            ),
         ];
         for (yaml, want) in cases {
             let text = format!("destinations:\n  \"a:1\":\n    {yaml}\n");
@@ -366,8 +398,8 @@ destinations:
         }
         // A key weft does not know (yet) is refused, not ignored.
         let e =
-            parse("destinations:\n  \"a:1\":\n    retry: {attempts: 2}\n").expect_err("unknown");
-        assert!(e.to_string().contains("retry"), "{e}");
+            parse("destinations:\n  \"a:1\":\n    hedge: {after: 50ms}\n").expect_err("unknown");
+        assert!(e.to_string().contains("hedge"), "{e}");
     }
 
     #[test]

@@ -16,9 +16,66 @@ pub struct Policy {
     pub timeout: Option<Duration>,
     /// Failure accrual for this destination's endpoints (on by default).
     pub breaker: BreakerConfig,
+    /// Retries after a failed first try; `None`: never.
+    pub retry: Option<Retry>,
     /// First match wins. Empty: every request goes to the destination's
     /// own endpoints.
     pub routes: Vec<Route>,
+}
+
+/// When and how much to try again.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Retry {
+    /// Tries after the first.
+    pub attempts: u32,
+    pub on: RetryOn,
+    pub budget: Budget,
+}
+
+impl Eq for Retry {}
+
+/// What failures are worth another try.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RetryOn {
+    /// Every 5xx.
+    pub any_5xx: bool,
+    /// These statuses (e.g. 502, 503, 504, 429).
+    pub statuses: Vec<u16>,
+    /// The connect failed (nothing was sent).
+    pub connect_error: bool,
+    /// The connection or stream broke before the response headers.
+    pub reset: bool,
+    /// gRPC status codes, from a trailers-only response.
+    pub grpc: Vec<u32>,
+}
+
+impl RetryOn {
+    /// Whether a response with this HTTP status and (for gRPC, from the
+    /// headers) status code is retried.
+    pub fn status(&self, status: u16, grpc: Option<u32>) -> bool {
+        match grpc {
+            Some(code) => self.grpc.contains(&code),
+            None => (self.any_5xx && status >= 500) || self.statuses.contains(&status),
+        }
+    }
+}
+
+/// Retries may add at most `ratio` × the requests of the last 10 s, plus
+/// `min_per_second`, so a failing service never gets a retry storm.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Budget {
+    pub ratio: f64,
+    pub min_per_second: u32,
+}
+
+impl Default for Budget {
+    /// Linkerd's defaults: 20 %, and 10 per second.
+    fn default() -> Self {
+        Self {
+            ratio: 0.2,
+            min_per_second: 10,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -29,6 +86,8 @@ pub struct Route {
     pub backends: Vec<RouteBackend>,
     /// Overrides the destination's timeout for this route.
     pub timeout: Option<Duration>,
+    /// Overrides the destination's retry policy for this route.
+    pub retry: Option<Retry>,
 }
 
 /// Every condition given must hold; an empty match matches everything.
@@ -119,6 +178,111 @@ pub(crate) struct RouteModel {
     backends: Vec<BackendModel>,
     #[serde(default)]
     timeout: Option<String>,
+    #[serde(default)]
+    retry: Option<RetryModel>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RetryModel {
+    attempts: u32,
+    on: Option<Vec<String>>,
+    budget: Option<BudgetModel>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BudgetModel {
+    ratio: Option<f64>,
+    min_per_second: Option<u32>,
+}
+
+/// gRPC's status names, for `grpc:<name>` in `retry.on`.
+const GRPC_CODES: [&str; 17] = [
+    "ok",
+    "cancelled",
+    "unknown",
+    "invalid-argument",
+    "deadline-exceeded",
+    "not-found",
+    "already-exists",
+    "permission-denied",
+    "resource-exhausted",
+    "failed-precondition",
+    "aborted",
+    "out-of-range",
+    "unimplemented",
+    "internal",
+    "unavailable",
+    "data-loss",
+    "unauthenticated",
+];
+
+/// The most tries after the first: more is a retry storm by configuration.
+const MAX_ATTEMPTS: u32 = 10;
+
+fn retry(at: &str, model: Option<RetryModel>) -> Result<Option<Retry>, String> {
+    let Some(m) = model else { return Ok(None) };
+    if m.attempts == 0 || m.attempts > MAX_ATTEMPTS {
+        return Err(format!(
+            "{at}.attempts: {} must be from 1 to {MAX_ATTEMPTS} (leave retry out for none)",
+            m.attempts
+        ));
+    }
+    let words = m.on.unwrap_or_else(|| {
+        ["5xx", "connect-error", "reset", "grpc:unavailable"]
+            .map(String::from)
+            .to_vec()
+    });
+    let mut on = RetryOn::default();
+    for (i, w) in words.iter().enumerate() {
+        let at = format!("{at}.on[{i}]");
+        let w = w.to_ascii_lowercase();
+        match w.as_str() {
+            "5xx" => on.any_5xx = true,
+            "connect-error" => on.connect_error = true,
+            "reset" => on.reset = true,
+            _ => {
+                if let Some(name) = w.strip_prefix("grpc:") {
+                    let name = name.replace('_', "-");
+                    let code = GRPC_CODES
+                        .iter()
+                        .position(|c| *c == name)
+                        .filter(|&c| c != 0)
+                        .ok_or_else(|| {
+                            format!("{at}: {w:?} is not a gRPC status (e.g. grpc:unavailable)")
+                        })?;
+                    on.grpc.push(code as u32);
+                } else {
+                    let status: u16 = w.parse().ok().filter(|s| (400..600).contains(s)).ok_or_else(|| {
+                        format!(
+                            "{at}: {w:?} is none of 5xx, a status from 400 to 599, connect-error, reset, grpc:<status>"
+                        )
+                    })?;
+                    on.statuses.push(status);
+                }
+            }
+        }
+    }
+    let defaults = Budget::default();
+    let budget = match m.budget {
+        None => defaults,
+        Some(b) => Budget {
+            ratio: b.ratio.unwrap_or(defaults.ratio),
+            min_per_second: b.min_per_second.unwrap_or(defaults.min_per_second),
+        },
+    };
+    if !(0.0..=1.0).contains(&budget.ratio) {
+        return Err(format!(
+            "{at}.budget.ratio: {} must be from 0 to 1",
+            budget.ratio
+        ));
+    }
+    Ok(Some(Retry {
+        attempts: m.attempts,
+        on,
+        budget,
+    }))
 }
 
 #[derive(Deserialize, Default)]
@@ -164,6 +328,7 @@ fn timeout(at: &str, text: Option<&str>) -> Result<Option<Duration>, String> {
 pub(crate) fn build(
     at: &str,
     destination_timeout: Option<&str>,
+    destination_retry: Option<RetryModel>,
     breaker: Option<BreakerModel>,
     routes: Vec<RouteModel>,
 ) -> Result<Policy, String> {
@@ -252,10 +417,12 @@ pub(crate) fn build(
             },
             backends,
             timeout: timeout(&format!("{at}.timeout"), r.timeout.as_deref())?,
+            retry: retry(&format!("{at}.retry"), r.retry)?,
         });
     }
     Ok(Policy {
         timeout: timeout(&format!("{at}.timeout"), destination_timeout)?,
+        retry: retry(&format!("{at}.retry"), destination_retry)?,
         breaker,
         routes: built,
     })
@@ -292,6 +459,7 @@ mod tests {
                 },
             ],
             timeout: None,
+            retry: None,
         };
         let n = 20_000;
         let to_a = (0..n)

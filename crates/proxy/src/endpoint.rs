@@ -19,6 +19,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use weft_balance::{Load, PeakEwmaConfig};
 
+use crate::http::ReqBody;
 use crate::io::{CountingIo, UpstreamIo};
 use crate::metrics::{Direction, Peer, TcpMetrics, TlsLabel};
 use crate::tls::Tls;
@@ -136,7 +137,7 @@ impl Connector {
 }
 
 struct Pooled {
-    send: http1::SendRequest<Incoming>,
+    send: http1::SendRequest<ReqBody>,
     since: Instant,
 }
 
@@ -151,7 +152,7 @@ pub struct Endpoint {
     pub load: Arc<Load>,
     pub connector: Connector,
     http1: Mutex<Vec<Pooled>>,
-    http2: ArcSwapOption<http2::SendRequest<Incoming>>,
+    http2: ArcSwapOption<http2::SendRequest<ReqBody>>,
     /// Single flight for the HTTP/2 connection: concurrent requests share
     /// one connect, and its failure.
     http2_connecting: Mutex<Option<SharedConnect>>,
@@ -166,7 +167,7 @@ pub struct Endpoint {
 }
 
 type SharedConnect =
-    Shared<BoxFuture<'static, Result<http2::SendRequest<Incoming>, Arc<ConnectError>>>>;
+    Shared<BoxFuture<'static, Result<http2::SendRequest<ReqBody>, Arc<ConnectError>>>>;
 
 /// A request's hold on an endpoint: its slot, released with the response
 /// body, and its balancer load.
@@ -186,8 +187,8 @@ impl std::fmt::Debug for Endpoint {
 
 /// A connection ready to carry one request.
 pub enum Sender {
-    Http1(http1::SendRequest<Incoming>),
-    Http2(http2::SendRequest<Incoming>),
+    Http1(http1::SendRequest<ReqBody>),
+    Http2(http2::SendRequest<ReqBody>),
 }
 
 impl Endpoint {
@@ -293,7 +294,7 @@ impl Endpoint {
         Box::pin(self.connect_http1()).await.map(Sender::Http1)
     }
 
-    async fn connect_http1(&self) -> Result<http1::SendRequest<Incoming>, ConnectError> {
+    async fn connect_http1(&self) -> Result<http1::SendRequest<ReqBody>, ConnectError> {
         let io = self.connect().await?;
         let (send, conn) = http1::Builder::new()
             .max_buf_size((self.limits.max_header_bytes as usize).max(8192))
@@ -311,7 +312,7 @@ impl Endpoint {
         Ok(send)
     }
 
-    fn checkout_http1(&self) -> Option<http1::SendRequest<Incoming>> {
+    fn checkout_http1(&self) -> Option<http1::SendRequest<ReqBody>> {
         let mut pool = self.http1.lock().ok()?;
         let now = Instant::now();
         // Closed and long-idle connections go; busy ones (a response body
@@ -326,7 +327,7 @@ impl Endpoint {
 
     /// Returns a connection whose request has been answered; it becomes
     /// ready again once the response body has been read.
-    pub fn checkin_http1(&self, send: http1::SendRequest<Incoming>) {
+    pub fn checkin_http1(&self, send: http1::SendRequest<ReqBody>) {
         if let Ok(mut pool) = self.http1.lock()
             && pool.len() < HTTP1_MAX_POOLED
         {
@@ -411,7 +412,7 @@ impl Endpoint {
         .shared()
     }
 
-    fn live_http2(&self) -> Option<http2::SendRequest<Incoming>> {
+    fn live_http2(&self) -> Option<http2::SendRequest<ReqBody>> {
         let current = self.http2.load();
         let send = current.as_deref()?;
         (!send.is_closed()).then(|| send.clone())
@@ -423,7 +424,7 @@ impl Endpoint {
     pub async fn send(
         &self,
         sender: Sender,
-        req: Request<Incoming>,
+        req: Request<ReqBody>,
     ) -> Result<Response<Incoming>, SendError> {
         let http1 = matches!(sender, Sender::Http1(_));
         let req = match self.try_send(sender, req).await {
@@ -439,7 +440,7 @@ impl Endpoint {
     async fn resend(
         &self,
         http1: bool,
-        req: Request<Incoming>,
+        req: Request<ReqBody>,
     ) -> Result<Response<Incoming>, SendError> {
         tracing::debug!(endpoint = %self.addr, "connection closed before the request was sent; reconnecting");
         let fresh = if http1 {
@@ -458,8 +459,8 @@ impl Endpoint {
     async fn try_send(
         &self,
         sender: Sender,
-        req: Request<Incoming>,
-    ) -> Result<Response<Incoming>, TrySendError<Request<Incoming>>> {
+        req: Request<ReqBody>,
+    ) -> Result<Response<Incoming>, TrySendError<Request<ReqBody>>> {
         match sender {
             Sender::Http1(mut send) => {
                 let rsp = send.try_send_request(req).await?;

@@ -229,6 +229,13 @@ pub struct TcpLabels {
     pub peer: Peer,
 }
 
+/// A direction and the authority a client named.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RetryLabels {
+    pub direction: Direction,
+    pub authority: String,
+}
+
 /// Every metric the proxy exports. Cloning shares the underlying values.
 #[derive(Clone, Debug)]
 pub struct Metrics {
@@ -241,6 +248,8 @@ pub struct Metrics {
     pub accept_refused: Family<DirectionLabels, Counter>,
     /// Requests whose authority was counted as `other`.
     pub label_overflow: Family<DirectionLabels, Counter>,
+    /// Tries after the first, by logical authority.
+    pub retries: Family<RetryLabels, Counter>,
     /// Live per-request events; not exported, streamed from `/tap`.
     pub tap: crate::tap::Tap,
     registry: Arc<Registry>,
@@ -339,8 +348,15 @@ impl Metrics {
             "Requests counted under authority=\"other\": not an authority this proxy serves, or beyond WEFT_PROXY_METRICS_MAX_AUTHORITIES",
             label_overflow.clone(),
         );
+        let retries = Family::<RetryLabels, Counter>::default();
+        registry.register(
+            "retry_requests",
+            "Requests sent again after a failed try (the authority is the one the client named)",
+            retries.clone(),
+        );
         registry.register_collector(Box::new(process::ProcessCollector::new()));
         Self {
+            retries,
             accept_refused,
             label_overflow,
             request_total,
@@ -351,6 +367,16 @@ impl Metrics {
             tap: crate::tap::Tap::new(),
             registry: Arc::new(registry),
         }
+    }
+
+    /// Counts one retry of a request to `authority`.
+    pub fn retry(&self, direction: Direction, authority: &str) {
+        self.retries
+            .get_or_create(&RetryLabels {
+                direction,
+                authority: authority.to_string(),
+            })
+            .inc();
     }
 
     /// The exposition text for `/metrics`, in the Prometheus text format

@@ -87,6 +87,8 @@ pub struct Target {
     set: ArcSwap<Set<Arc<Endpoint>>>,
     /// Timeout, breaker and routes (the file's; the default elsewhere).
     pub policy: ArcSwap<Policy>,
+    /// Retries spent against requests, for this logical destination.
+    pub budget: weft_balance::RetryBudget,
     source: Source,
     /// When a request last named this target, in seconds since the
     /// router started: names nobody uses are let go.
@@ -103,6 +105,7 @@ impl Target {
             authority,
             set: ArcSwap::from_pointee(set),
             policy: ArcSwap::from_pointee(Policy::default()),
+            budget: weft_balance::RetryBudget::default(),
             source,
             used: AtomicU64::new(0),
             follower: Mutex::new(None),
@@ -124,6 +127,20 @@ impl Target {
         // Every draw was failing: try one anyway, or nothing would ever
         // find out that it recovered.
         fallback
+    }
+
+    /// Like [`Target::pick`], preferring an endpoint not in `tried` (a
+    /// retry goes elsewhere when there is elsewhere to go).
+    pub fn pick_excluding(&self, tried: &[SocketAddr]) -> Option<(Arc<Endpoint>, Arc<Load>)> {
+        let mut first = None;
+        for _ in 0..PICKS_PAST_FAILING {
+            let picked = self.pick()?;
+            if !tried.contains(&picked.0.addr) {
+                return Some(picked);
+            }
+            first.get_or_insert(picked);
+        }
+        first
     }
 
     /// How many endpoints the target has now.

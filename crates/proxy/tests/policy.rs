@@ -250,3 +250,118 @@ async fn a_split_edit_applies_within_a_second_with_no_failures() -> anyhow::Resu
     assert_eq!(failed, 0);
     Ok(())
 }
+
+fn failing(every: u64) -> Behaviour {
+    Behaviour {
+        delay: Duration::ZERO,
+        fail_every: Some(every),
+    }
+}
+
+async fn request(
+    proxy: &Proxy,
+    method: http::Method,
+    path: &str,
+    body: Vec<u8>,
+) -> anyhow::Result<(u16, bytes::Bytes)> {
+    use http_body_util::BodyExt;
+    let mut send = client::http1(proxy.outbound).await?;
+    send.ready().await?;
+    let req = http::Request::builder()
+        .method(method)
+        .uri(format!("http://api.test:80{path}"))
+        .header("host", "api.test:80")
+        .body(http_body_util::Full::new(bytes::Bytes::from(body)))?;
+    let rsp = send.send_request(req).await?;
+    let status = rsp.status().as_u16();
+    Ok((status, rsp.into_body().collect().await?.to_bytes()))
+}
+
+/// Every other response of the only replica is a 500. Idempotent requests
+/// are retried (their bodies replayed, including the part the failed try
+/// never read) and all succeed; a POST is never retried; a body over
+/// 64 KiB is not kept, so its request is not retried either.
+#[tokio::test]
+async fn retries_repeat_only_what_is_safe_to_repeat() -> anyhow::Result<()> {
+    let flaky = Backend::start_with("flaky", "127.0.0.1:0".parse()?, failing(2)).await?;
+    let (_dests, proxy) = proxy_for(&format!(
+        "destinations:\n  \"api.test:80\":\n    endpoints: [{{addr: {}}}]\n    breaker: {{consecutive_failures: 0}}\n    retry: {{attempts: 2}}\n",
+        flaky.addr
+    ))
+    .await?;
+    let gets = send_many(&proxy, "api.test:80", 100, None).await?;
+    assert!(gets.iter().all(|(s, _)| *s == 200), "{gets:?}");
+    let payload: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+    for _ in 0..10 {
+        let (status, echoed) = request(&proxy, http::Method::PUT, "/echo", payload.clone()).await?;
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&echoed));
+        assert_eq!(
+            echoed.as_ref(),
+            &payload[..],
+            "a replayed body must arrive whole"
+        );
+    }
+    let m = weft_test_support::metrics::scrape(proxy.admin).await?;
+    let retried = m.sum("retry_requests_total", &[("authority", "api.test:80")]);
+    // The retry takes the replica's next (good) answer, so every request
+    // after the first meets a failure once: about one retry per request
+    // (a few more where the replica closed mid-body, a reset).
+    assert!(
+        (100.0..=130.0).contains(&retried),
+        "{retried} retries\n{}",
+        m.text
+    );
+
+    let mut failed_posts = 0;
+    for _ in 0..10 {
+        let (status, _) = request(&proxy, http::Method::POST, "/", Vec::new()).await?;
+        failed_posts += usize::from(status == 500);
+    }
+    assert_eq!(failed_posts, 5, "POSTs are not retried");
+    let big = vec![7u8; 100 * 1024];
+    let mut failed_big = 0;
+    for _ in 0..4 {
+        let (status, _) = request(&proxy, http::Method::PUT, "/count", big.clone()).await?;
+        failed_big += usize::from(status != 200);
+    }
+    assert_eq!(failed_big, 2, "bodies over 64 KiB are not kept for a retry");
+    Ok(())
+}
+
+/// One replica of three always fails; with retries not one GET fails.
+#[tokio::test]
+async fn with_retries_a_dead_replica_fails_no_idempotent_request() -> anyhow::Result<()> {
+    let any = "127.0.0.1:0".parse()?;
+    let a = Backend::start("a").await?;
+    let b = Backend::start("b").await?;
+    let bad = Backend::start_with("bad", any, failing(1)).await?;
+    let (_dests, proxy) = proxy_for(&format!(
+        "destinations:\n  \"api.test:80\":\n    endpoints: [{{addr: {}}}, {{addr: {}}}, {{addr: {}}}]\n    retry: {{attempts: 2}}\n",
+        a.addr, b.addr, bad.addr
+    ))
+    .await?;
+    let results = send_many(&proxy, "api.test:80", 600, None).await?;
+    let failed = results.iter().filter(|(s, _)| *s != 200).count();
+    assert_eq!(failed, 0, "the failing replica saw {}", bad.hits());
+    Ok(())
+}
+
+/// A budget of no share and 1 retry per second allows 10 retries in the
+/// 10 s window, however many requests fail.
+#[tokio::test]
+async fn an_exhausted_budget_stops_retries() -> anyhow::Result<()> {
+    let dead = Backend::start_with("dead", "127.0.0.1:0".parse()?, failing(1)).await?;
+    let (_dests, proxy) = proxy_for(&format!(
+        "destinations:\n  \"api.test:80\":\n    endpoints: [{{addr: {}}}]\n    breaker: {{consecutive_failures: 0}}\n    retry: {{attempts: 1, budget: {{ratio: 0, min_per_second: 1}}}}\n",
+        dead.addr
+    ))
+    .await?;
+    let results = send_many(&proxy, "api.test:80", 30, None).await?;
+    assert!(results.iter().all(|(s, _)| *s == 500));
+    assert_eq!(
+        dead.hits(),
+        30 + 10,
+        "30 requests and the 10 retries the budget allows"
+    );
+    Ok(())
+}

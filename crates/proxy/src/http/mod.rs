@@ -4,6 +4,7 @@
 mod body;
 mod error;
 mod headers;
+mod replay;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -22,6 +23,7 @@ use weft_detect::Authority;
 
 pub use body::ProxyBody;
 pub use error::{Audience, PROXY_ERROR_HEADER, ProxyError};
+pub use replay::{ReplayBody, ReqBody};
 
 use crate::config::Limits;
 use crate::endpoint::{Endpoint, SendError};
@@ -383,8 +385,14 @@ impl HttpContext {
         req.headers_mut().remove(header::EXPECT);
         let authority = authority.as_ref().unwrap_or(&target.authority);
         // Logical → concrete: the route the request matches decides which
-        // destination's endpoints serve it, and how long it may take.
-        let (target, timeout) = match self.concrete(&target, &req).await {
+        // destination's endpoints serve it, how long it may take and
+        // whether it is tried again.
+        let logical = target.clone();
+        let Concrete {
+            target,
+            timeout,
+            retry,
+        } = match self.concrete(&logical, &req).await {
             Ok(c) => c,
             Err(e) => return self.fail(tapped, label, e, grpc, start, self.tls_for(None)),
         };
@@ -394,126 +402,96 @@ impl HttpContext {
         }
         let response_timeout = self.response_timeout(&req, grpc);
 
-        // Connect before committing the request: a refused or timed-out
-        // connect is retried on another endpoint, since nothing was sent.
-        let attempts = CONNECT_ATTEMPTS.min(target.len().max(1));
-        let mut attempt = 0;
-        let (endpoint, mut in_flight, sender) = loop {
-            attempt += 1;
-            let Some((endpoint, load)) = target.pick() else {
-                let e = ProxyError::NoEndpoints(target.authority.to_string());
-                return self.fail(tapped, label, e, grpc, start, self.tls_for(None));
-            };
-            if is_own_listener(self.listen_addr, endpoint.addr) {
-                return self.fail(
-                    tapped,
-                    label,
-                    ProxyError::Loop(endpoint.addr),
-                    grpc,
-                    start,
-                    self.tls_for(Some(&endpoint)),
-                );
+        // Only requests safe to repeat are retried, and they keep a copy
+        // of their body (up to 64 KiB) while it streams.
+        let too_big = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+            .is_some_and(|n| n > replay::MAX_REPLAY);
+        let retry = retry.filter(|r| {
+            !upgrade && !too_big && (is_idempotent(req.method()) || (grpc && !r.on.grpc.is_empty()))
+        });
+        if retry.is_some() {
+            logical.budget.deposit(Instant::now());
+        }
+        let (parts, body) = req.into_parts();
+        let (mut body, replay) = match retry {
+            Some(_) => {
+                let first = ReplayBody::new(body);
+                let again = first.replay();
+                (ReqBody::Replay(first), again)
             }
-            let Some(reserved) = within(deadline, endpoint.reserve(&load)).await else {
-                let e = ProxyError::Timeout(deadline.map(|(t, _)| t).unwrap_or_default());
-                return self.fail(tapped, label, e, grpc, start, self.tls_for(Some(&endpoint)));
-            };
-            let mut in_flight = match reserved {
-                Ok(f) => f,
-                Err(e) => {
-                    let e = ProxyError::Saturated {
-                        addr: endpoint.addr,
-                        in_flight: e.in_flight,
-                        waited: e.waited,
-                    };
-                    let tls = self.tls_for(Some(&endpoint));
-                    return self.fail(tapped, label, e, grpc, start, tls);
-                }
-            };
-            let connect = async {
-                match self.version {
-                    HttpVersion::Http1 => endpoint.http1().await,
-                    HttpVersion::Http2 => endpoint.http2().await,
-                }
-            };
-            let Some(connected) = within(deadline, connect).await else {
-                let e = ProxyError::Timeout(deadline.map(|(t, _)| t).unwrap_or_default());
-                return self.fail(tapped, label, e, grpc, start, self.tls_for(Some(&endpoint)));
-            };
-            match connected {
-                Ok(sender) => break (endpoint, in_flight, sender),
-                Err(e) => {
-                    in_flight.pending.observe_failure();
-                    tracing::debug!(endpoint = %endpoint.addr, attempt, error = %e, "connect failed");
-                    if attempt >= attempts {
-                        return self.fail(
-                            tapped,
-                            label,
-                            ProxyError::Connect(error_chain(&e)),
-                            grpc,
-                            start,
-                            self.tls_for(Some(&endpoint)),
-                        );
-                    }
-                }
-            }
+            None => (ReqBody::Stream(body), None),
         };
-
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        let mut retries = 0u32;
+        let (endpoint, mut in_flight, mut rsp) = loop {
+            let mut req = Request::from_parts(copy_parts(&parts), body);
+            if retries > 0 {
+                req.headers_mut()
+                    .insert(RETRY_ATTEMPT_HEADER, http::HeaderValue::from(retries + 1));
+            }
+            let outcome = self
+                .attempt(&target, req, deadline, response_timeout, &tried)
+                .await;
+            let worth_another = match (&outcome, &retry) {
+                (_, None) => false,
+                (Ok((_, _, rsp)), Some(r)) => {
+                    let code = if grpc {
+                        body::grpc_status(rsp.headers())
+                    } else {
+                        None
+                    };
+                    rsp.status().is_server_error() && code.is_none() && r.on.any_5xx
+                        || r.on.status(rsp.status().as_u16(), code)
+                }
+                (Err(f), Some(r)) => match f.kind {
+                    FailKind::Connect => r.on.connect_error,
+                    FailKind::Reset => r.on.reset,
+                    FailKind::Final => false,
+                },
+            };
+            let next_body = if worth_another
+                && retry.as_ref().is_some_and(|r| {
+                    retries < r.attempts
+                        && logical.budget.withdraw(
+                            r.budget.ratio,
+                            r.budget.min_per_second,
+                            Instant::now(),
+                        )
+                }) {
+                replay.as_ref().and_then(ReplayBody::replay)
+            } else {
+                None
+            };
+            match (outcome, next_body) {
+                (Ok((endpoint, mut in_flight, rsp)), Some(next)) => {
+                    // A failed answer nobody will see: it counts against
+                    // the endpoint, then goes.
+                    in_flight.pending.observe_response();
+                    in_flight.pending.record(weft_balance::Outcome::Failure);
+                    tracing::debug!(endpoint = %endpoint.addr, status = %rsp.status(), retries, "retrying");
+                    tried.push(endpoint.addr);
+                    body = ReqBody::Replay(next);
+                }
+                (Err(f), Some(next)) => {
+                    tracing::debug!(error = %f.error, retries, "retrying");
+                    if let Some(e) = &f.endpoint {
+                        tried.push(e.addr);
+                    }
+                    body = ReqBody::Replay(next);
+                }
+                (Ok(answered), None) => break answered,
+                (Err(f), None) => {
+                    let tls = self.tls_for(f.endpoint.as_deref());
+                    return self.fail(tapped, label, f.error, grpc, start, tls);
+                }
+            }
+            retries += 1;
+            self.metrics.retry(self.direction, &label);
+        };
         let tls = self.tls_for(Some(&endpoint));
-        let sent = endpoint.send(sender, req);
-        // The route's deadline: dropping the send on expiry cancels the
-        // upstream request (stream reset, or the HTTP/1 connection closed).
-        let sent = async {
-            match within(deadline, sent).await {
-                Some(r) => Ok(r),
-                None => Err(()),
-            }
-        };
-        let sent = match response_timeout {
-            Some(t) => match tokio::time::timeout(t, sent).await {
-                Ok(r) => r,
-                Err(_) => {
-                    let e = ProxyError::ResponseTimeout {
-                        addr: endpoint.addr,
-                        timeout: t,
-                    };
-                    tracing::info!(error = %e, "response timed out");
-                    // `in_flight` drops unanswered: the endpoint's load
-                    // counts the timeout as a failure.
-                    return self.fail(tapped, label, e, grpc, start, tls);
-                }
-            },
-            None => sent.await,
-        };
-        let sent = match sent {
-            Ok(r) => r,
-            Err(()) => {
-                let e = ProxyError::Timeout(deadline.map(|(t, _)| t).unwrap_or_default());
-                tracing::debug!(error = %e, endpoint = %endpoint.addr, "request timed out");
-                return self.fail(tapped, label, e, grpc, start, tls);
-            }
-        };
-        let mut rsp = match sent {
-            Ok(rsp) => rsp,
-            Err(e) => {
-                let err = match &e {
-                    SendError::Connect(c) => ProxyError::Connect(error_chain(c)),
-                    // The client's own body failed (bad chunking, cut
-                    // short): the client's fault, not the upstream's, and
-                    // not held against the endpoint.
-                    SendError::Request(r) if r.is_user() => {
-                        in_flight.pending.observe_response();
-                        ProxyError::ClientBody(error_chain(r))
-                    }
-                    SendError::Request(r) => ProxyError::Upstream {
-                        addr: endpoint.addr,
-                        reason: error_chain(r),
-                    },
-                };
-                tracing::debug!(error = %err, "request failed");
-                return self.fail(tapped, label, err, grpc, start, tls);
-            }
-        };
         in_flight.pending.observe_response();
         let status = rsp.status();
         self.observe_latency(&label, status, start, tls.clone());
@@ -557,6 +535,144 @@ impl HttpContext {
         rsp.map(|b| ProxyBody::upstream(b, classify))
     }
 
+    /// One try: pick an endpoint (not one already tried, when there is
+    /// another), connect (a refused or timed-out connect goes to another
+    /// endpoint, since nothing was sent), send, and wait for the response
+    /// headers within the deadline and the response timeout.
+    async fn attempt(
+        &self,
+        target: &Target,
+        req: Request<ReqBody>,
+        deadline: Option<(Duration, tokio::time::Instant)>,
+        response_timeout: Option<Duration>,
+        tried: &[SocketAddr],
+    ) -> Result<(Arc<Endpoint>, crate::endpoint::InFlight, Response<Incoming>), Failed> {
+        let timed_out = |endpoint: Option<Arc<Endpoint>>| Failed {
+            error: ProxyError::Timeout(deadline.map(|(t, _)| t).unwrap_or_default()),
+            endpoint,
+            kind: FailKind::Final,
+        };
+        let attempts = CONNECT_ATTEMPTS.min(target.len().max(1));
+        let mut avoid = tried.to_vec();
+        let mut attempt = 0;
+        let (endpoint, mut in_flight, sender) = loop {
+            attempt += 1;
+            let Some((endpoint, load)) = target.pick_excluding(&avoid) else {
+                return Err(Failed {
+                    error: ProxyError::NoEndpoints(target.authority.to_string()),
+                    endpoint: None,
+                    kind: FailKind::Final,
+                });
+            };
+            if is_own_listener(self.listen_addr, endpoint.addr) {
+                return Err(Failed {
+                    error: ProxyError::Loop(endpoint.addr),
+                    endpoint: Some(endpoint),
+                    kind: FailKind::Final,
+                });
+            }
+            let Some(reserved) = within(deadline, endpoint.reserve(&load)).await else {
+                return Err(timed_out(Some(endpoint)));
+            };
+            let in_flight = match reserved {
+                Ok(f) => f,
+                Err(e) => {
+                    return Err(Failed {
+                        error: ProxyError::Saturated {
+                            addr: endpoint.addr,
+                            in_flight: e.in_flight,
+                            waited: e.waited,
+                        },
+                        endpoint: Some(endpoint),
+                        kind: FailKind::Final,
+                    });
+                }
+            };
+            let connect = async {
+                match self.version {
+                    HttpVersion::Http1 => endpoint.http1().await,
+                    HttpVersion::Http2 => endpoint.http2().await,
+                }
+            };
+            let Some(connected) = within(deadline, connect).await else {
+                return Err(timed_out(Some(endpoint)));
+            };
+            match connected {
+                Ok(sender) => break (endpoint, in_flight, sender),
+                Err(e) => {
+                    let mut in_flight = in_flight;
+                    in_flight.pending.observe_failure();
+                    tracing::debug!(endpoint = %endpoint.addr, attempt, error = %e, "connect failed");
+                    avoid.push(endpoint.addr);
+                    if attempt >= attempts {
+                        return Err(Failed {
+                            error: ProxyError::Connect(error_chain(&e)),
+                            endpoint: Some(endpoint),
+                            kind: FailKind::Connect,
+                        });
+                    }
+                }
+            }
+        };
+        // The deadline: dropping the send on expiry cancels the upstream
+        // request (stream reset, or the HTTP/1 connection closed).
+        let sent = within(deadline, endpoint.send(sender, req));
+        let sent = match response_timeout {
+            Some(t) => match tokio::time::timeout(t, sent).await {
+                Ok(r) => r,
+                Err(_) => {
+                    let error = ProxyError::ResponseTimeout {
+                        addr: endpoint.addr,
+                        timeout: t,
+                    };
+                    tracing::info!(%error, "response timed out");
+                    // `in_flight` drops unanswered: the endpoint's load
+                    // counts the timeout as a failure.
+                    return Err(Failed {
+                        error,
+                        endpoint: Some(endpoint),
+                        kind: FailKind::Final,
+                    });
+                }
+            },
+            None => sent.await,
+        };
+        let Some(sent) = sent else {
+            tracing::debug!(endpoint = %endpoint.addr, "request timed out");
+            return Err(timed_out(Some(endpoint)));
+        };
+        match sent {
+            Ok(rsp) => Ok((endpoint, in_flight, rsp)),
+            Err(e) => {
+                let (error, kind) = match &e {
+                    SendError::Connect(c) => {
+                        (ProxyError::Connect(error_chain(c)), FailKind::Connect)
+                    }
+                    // The client's own body failed (bad chunking, cut
+                    // short): the client's fault, not the upstream's, and
+                    // not held against the endpoint.
+                    SendError::Request(r) if r.is_user() => {
+                        in_flight.pending.observe_response();
+                        (ProxyError::ClientBody(error_chain(r)), FailKind::Final)
+                    }
+                    SendError::Request(r) => (
+                        ProxyError::Upstream {
+                            addr: endpoint.addr,
+                            reason: error_chain(r),
+                        },
+                        FailKind::Reset,
+                    ),
+                };
+                tracing::debug!(%error, "request failed");
+                Err(Failed {
+                    error,
+                    endpoint: Some(endpoint),
+                    kind,
+                })
+            }
+        }
+    }
+
     /// Logical → concrete. A destination without routes serves requests
     /// from its own endpoints; otherwise the first route that matches
     /// picks a backend by weight, a destination resolved like any other
@@ -566,10 +682,14 @@ impl HttpContext {
         &self,
         logical: &Arc<Target>,
         req: &Request<Incoming>,
-    ) -> Result<(Arc<Target>, Option<Duration>), ProxyError> {
+    ) -> Result<Concrete, ProxyError> {
         let policy = logical.policy.load_full();
         if policy.routes.is_empty() {
-            return Ok((logical.clone(), policy.timeout));
+            return Ok(Concrete {
+                target: logical.clone(),
+                timeout: policy.timeout,
+                retry: policy.retry.clone(),
+            });
         }
         let path = req.uri().path();
         let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
@@ -581,14 +701,20 @@ impl HttpContext {
             return Err(ProxyError::NoRoute(logical.authority.to_string()));
         };
         let timeout = route.timeout.or(policy.timeout);
+        let retry = route.retry.clone().or_else(|| policy.retry.clone());
         let backend = route
             .pick_backend()
             .ok_or_else(|| ProxyError::NoRoute(logical.authority.to_string()))?;
-        if backend.destination == logical.authority {
-            return Ok((logical.clone(), timeout));
-        }
-        let concrete = self.router.resolve(&backend.destination).await?;
-        Ok((concrete, timeout))
+        let target = if backend.destination == logical.authority {
+            logical.clone()
+        } else {
+            self.router.resolve(&backend.destination).await?
+        };
+        Ok(Concrete {
+            target,
+            timeout,
+            retry,
+        })
     }
 
     /// How long the upstream may take to send response headers: on
@@ -829,6 +955,53 @@ impl Drop for Cancelled<'_> {
 }
 
 /// `grpc-timeout`: up to 8 digits and a unit (H, M, S, m, u, n).
+/// Where a request goes once its route is chosen.
+struct Concrete {
+    target: Arc<Target>,
+    timeout: Option<Duration>,
+    retry: Option<crate::destinations::Retry>,
+}
+
+/// Why an attempt produced no response, and whether trying again could
+/// help.
+struct Failed {
+    error: ProxyError,
+    endpoint: Option<Arc<Endpoint>>,
+    kind: FailKind,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum FailKind {
+    /// Nothing was sent: the connect failed.
+    Connect,
+    /// The connection or stream broke before the response headers.
+    Reset,
+    /// Another try would fail the same way (or must not be made).
+    Final,
+}
+
+/// Tells the server which try it sees (2 for the first retry).
+const RETRY_ATTEMPT_HEADER: &str = "l5d-retry-attempt";
+
+/// Methods RFC 9110 §9.2.2 says may be repeated.
+fn is_idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+/// The parts of a request for another try (extensions are not copied:
+/// nothing upstream reads them).
+fn copy_parts(parts: &http::request::Parts) -> http::request::Parts {
+    let mut req = Request::new(());
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = parts.uri.clone();
+    *req.version_mut() = parts.version;
+    *req.headers_mut() = parts.headers.clone();
+    req.into_parts().0
+}
+
 /// Runs `f` until `deadline` (`None` when it passed first); no deadline,
 /// no bound.
 async fn within<F: std::future::Future>(
