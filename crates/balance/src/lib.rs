@@ -7,8 +7,10 @@ mod breaker;
 mod budget;
 mod load;
 mod set;
+mod window;
 
 pub use breaker::{BreakerConfig, Outcome};
 pub use budget::RetryBudget;
 pub use load::{FAILURE_PENALTY, Load, PeakEwmaConfig, Pending};
 pub use set::{Set, SetError};
+pub use window::LatencyWindow;

@@ -108,6 +108,7 @@ async fn stat_from_prometheus_matches_the_proxies_counts() -> anyhow::Result<()>
     let mesh = Mesh::start_with(Behaviour {
         delay: Duration::ZERO,
         fail_every: Some(5),
+        slow: None,
     })
     .await?;
     let dir = tempfile::tempdir()?;

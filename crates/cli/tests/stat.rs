@@ -29,6 +29,7 @@ async fn stat_and_edges_report_the_requests_sent() -> anyhow::Result<()> {
     let mesh = Mesh::start_with(Behaviour {
         delay: Duration::ZERO,
         fail_every: Some(4),
+        slow: None,
     })
     .await?;
     // The mesh, plus a proxy that is not there.

@@ -15,6 +15,7 @@ async fn top_shows_the_routes_sent_with_their_counts() -> anyhow::Result<()> {
     let mesh = Mesh::start_with(Behaviour {
         delay: Duration::ZERO,
         fail_every: Some(2),
+        slow: None,
     })
     .await?;
     let dir = tempfile::tempdir()?;

@@ -14,7 +14,7 @@ use serde::Deserialize;
 use tokio::sync::watch;
 
 mod policy;
-pub use policy::{Budget, Policy, Retry, RetryOn, Route, RouteBackend, RouteMatch};
+pub use policy::{Budget, Hedge, Policy, Retry, RetryOn, Route, RouteBackend, RouteMatch};
 use weft_detect::Authority;
 use weft_identity::Name;
 
@@ -81,6 +81,8 @@ struct DestinationModel {
     timeout: Option<String>,
     #[serde(default)]
     retry: Option<policy::RetryModel>,
+    #[serde(default)]
+    hedge: Option<policy::HedgeModel>,
     #[serde(default)]
     breaker: Option<policy::BreakerModel>,
     #[serde(default)]
@@ -152,6 +154,7 @@ impl Destinations {
                 &format!("destinations.{name:?}"),
                 dest.timeout.as_deref(),
                 dest.retry,
+                dest.hedge,
                 dest.breaker,
                 dest.routes,
             )
@@ -295,6 +298,7 @@ destinations:
       attempts: 2
       on: [5xx, connect-error, reset, "grpc:unavailable", "grpc:resource-exhausted", 429]
       budget: {ratio: 0.2}
+    hedge: {after: 50ms}
     breaker: {consecutive_failures: 5, min_open: 1s, max_open: 30s}
     routes:
       - name: canary-header
@@ -306,6 +310,7 @@ destinations:
           - {destination: "api.demo:8080", weight: 90}
           - {destination: "api-v2.demo:8080", weight: 10}
         timeout: 500ms
+        hedge: {after: p95}
 "#,
         )
         .expect("valid");
@@ -334,6 +339,8 @@ destinations:
         assert!(!retry.on.status(404, None) && !retry.on.status(200, Some(13)));
         assert!(retry.on.status(200, Some(14)));
         assert_eq!(retry.budget.min_per_second, 10);
+        assert_eq!(p.hedge, Some(Hedge::After(Duration::from_millis(50))));
+        assert_eq!(p.routes[1].hedge, Some(Hedge::Percentile(0.95)));
         assert_eq!(p.routes[1].backends[0].weight, 90);
         // Defaults: no timeout, the breaker on, no routes.
         let d = parse("destinations:\n  \"b:1\":\n    endpoints: []\n").expect("valid");
@@ -396,10 +403,10 @@ destinations:
             let e = parse(&text).expect_err(yaml).to_string();
             assert!(e.contains(want), "{yaml}: {e}");
         }
-        // A key weft does not know (yet) is refused, not ignored.
+        // A key weft does not know is refused, not ignored.
         let e =
-            parse("destinations:\n  \"a:1\":\n    hedge: {after: 50ms}\n").expect_err("unknown");
-        assert!(e.to_string().contains("hedge"), "{e}");
+            parse("destinations:\n  \"a:1\":\n    hedging: {after: 50ms}\n").expect_err("unknown");
+        assert!(e.to_string().contains("hedging"), "{e}");
     }
 
     #[test]

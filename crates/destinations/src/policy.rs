@@ -18,6 +18,8 @@ pub struct Policy {
     pub breaker: BreakerConfig,
     /// Retries after a failed first try; `None`: never.
     pub retry: Option<Retry>,
+    /// A second try when the first is slow; `None`: never.
+    pub hedge: Option<Hedge>,
     /// First match wins. Empty: every request goes to the destination's
     /// own endpoints.
     pub routes: Vec<Route>,
@@ -88,7 +90,20 @@ pub struct Route {
     pub timeout: Option<Duration>,
     /// Overrides the destination's retry policy for this route.
     pub retry: Option<Retry>,
+    /// Overrides the destination's hedging for this route.
+    pub hedge: Option<Hedge>,
 }
+
+/// When the first try has not answered after `after`, an identical one
+/// goes to another endpoint; the first answer wins.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Hedge {
+    After(Duration),
+    /// The destination's recent latency at this quantile (0.5 to 0.999).
+    Percentile(f64),
+}
+
+impl Eq for Hedge {}
 
 /// Every condition given must hold; an empty match matches everything.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -180,6 +195,41 @@ pub(crate) struct RouteModel {
     timeout: Option<String>,
     #[serde(default)]
     retry: Option<RetryModel>,
+    #[serde(default)]
+    hedge: Option<HedgeModel>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct HedgeModel {
+    after: String,
+}
+
+fn hedge(at: &str, model: Option<HedgeModel>) -> Result<Option<Hedge>, String> {
+    let Some(m) = model else { return Ok(None) };
+    let at = format!("{at}.after");
+    if let Some(p) = m.after.strip_prefix('p') {
+        // p50..p99, or p9NN for 0.9NN.
+        let digits = p.len() == 2 || (p.len() == 3 && p.starts_with('9'));
+        let q = p
+            .parse::<u32>()
+            .ok()
+            .filter(|_| digits)
+            .map(|n| f64::from(n) / 10f64.powi(p.len() as i32))
+            .filter(|q| (0.5..=0.999).contains(q))
+            .ok_or_else(|| {
+                format!(
+                    "{at}: {:?} is not a percentile from p50 to p999 (e.g. p95, p99)",
+                    m.after
+                )
+            })?;
+        return Ok(Some(Hedge::Percentile(q)));
+    }
+    let d = duration(&at, &m.after)?;
+    if d.is_zero() {
+        return Err(format!("{at}: must be more than 0"));
+    }
+    Ok(Some(Hedge::After(d)))
 }
 
 #[derive(Deserialize)]
@@ -329,6 +379,7 @@ pub(crate) fn build(
     at: &str,
     destination_timeout: Option<&str>,
     destination_retry: Option<RetryModel>,
+    destination_hedge: Option<HedgeModel>,
     breaker: Option<BreakerModel>,
     routes: Vec<RouteModel>,
 ) -> Result<Policy, String> {
@@ -418,11 +469,13 @@ pub(crate) fn build(
             backends,
             timeout: timeout(&format!("{at}.timeout"), r.timeout.as_deref())?,
             retry: retry(&format!("{at}.retry"), r.retry)?,
+            hedge: hedge(&format!("{at}.hedge"), r.hedge)?,
         });
     }
     Ok(Policy {
         timeout: timeout(&format!("{at}.timeout"), destination_timeout)?,
         retry: retry(&format!("{at}.retry"), destination_retry)?,
+        hedge: hedge(&format!("{at}.hedge"), destination_hedge)?,
         breaker,
         routes: built,
     })
@@ -460,6 +513,7 @@ mod tests {
             ],
             timeout: None,
             retry: None,
+            hedge: None,
         };
         let n = 20_000;
         let to_a = (0..n)

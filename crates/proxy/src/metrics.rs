@@ -250,6 +250,8 @@ pub struct Metrics {
     pub label_overflow: Family<DirectionLabels, Counter>,
     /// Tries after the first, by logical authority.
     pub retries: Family<RetryLabels, Counter>,
+    /// Second tries sent because the first was slow.
+    pub hedges: Family<RetryLabels, Counter>,
     /// Live per-request events; not exported, streamed from `/tap`.
     pub tap: crate::tap::Tap,
     registry: Arc<Registry>,
@@ -354,9 +356,16 @@ impl Metrics {
             "Requests sent again after a failed try (the authority is the one the client named)",
             retries.clone(),
         );
+        let hedges = Family::<RetryLabels, Counter>::default();
+        registry.register(
+            "hedge_requests",
+            "Second tries sent because the first had not answered in time",
+            hedges.clone(),
+        );
         registry.register_collector(Box::new(process::ProcessCollector::new()));
         Self {
             retries,
+            hedges,
             accept_refused,
             label_overflow,
             request_total,
@@ -372,6 +381,16 @@ impl Metrics {
     /// Counts one retry of a request to `authority`.
     pub fn retry(&self, direction: Direction, authority: &str) {
         self.retries
+            .get_or_create(&RetryLabels {
+                direction,
+                authority: authority.to_string(),
+            })
+            .inc();
+    }
+
+    /// Counts one hedge of a request to `authority`.
+    pub fn hedge(&self, direction: Direction, authority: &str) {
+        self.hedges
             .get_or_create(&RetryLabels {
                 direction,
                 authority: authority.to_string(),

@@ -89,6 +89,8 @@ pub struct Target {
     pub policy: ArcSwap<Policy>,
     /// Retries spent against requests, for this logical destination.
     pub budget: weft_balance::RetryBudget,
+    /// Recent latency, for hedging at a percentile.
+    pub latency: weft_balance::LatencyWindow,
     source: Source,
     /// When a request last named this target, in seconds since the
     /// router started: names nobody uses are let go.
@@ -106,6 +108,7 @@ impl Target {
             set: ArcSwap::from_pointee(set),
             policy: ArcSwap::from_pointee(Policy::default()),
             budget: weft_balance::RetryBudget::default(),
+            latency: weft_balance::LatencyWindow::default(),
             source,
             used: AtomicU64::new(0),
             follower: Mutex::new(None),

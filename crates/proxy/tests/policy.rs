@@ -61,6 +61,7 @@ async fn a_fast_failing_endpoint_is_ejected_by_default() -> anyhow::Result<()> {
         Behaviour {
             delay: Duration::ZERO,
             fail_every: Some(1),
+            slow: None,
         },
     )
     .await?;
@@ -255,6 +256,7 @@ fn failing(every: u64) -> Behaviour {
     Behaviour {
         delay: Duration::ZERO,
         fail_every: Some(every),
+        slow: None,
     }
 }
 
@@ -363,5 +365,62 @@ async fn an_exhausted_budget_stops_retries() -> anyhow::Result<()> {
         30 + 10,
         "30 requests and the 10 retries the budget allows"
     );
+    Ok(())
+}
+
+/// Every replica answers one request in twenty 200 ms late. Hedging after
+/// 20 ms sends a second try elsewhere, which is almost never late too:
+/// the p99 falls from the tail to about the hedge delay.
+#[tokio::test]
+async fn hedging_cuts_the_tail() -> anyhow::Result<()> {
+    let any: std::net::SocketAddr = "127.0.0.1:0".parse()?;
+    let tail = Behaviour {
+        slow: Some((20, Duration::from_millis(200))),
+        ..Behaviour::default()
+    };
+    let mut replicas = Vec::new();
+    for name in ["a", "b", "c"] {
+        replicas.push(Backend::start_with(name, any, tail).await?);
+    }
+    let endpoints: Vec<String> = replicas
+        .iter()
+        .map(|r| format!("{{addr: {}}}", r.addr))
+        .collect();
+    let endpoints = endpoints.join(", ");
+    let (_dests, proxy) = proxy_for(&format!(
+        "destinations:\n  \"api.test:80\":\n    endpoints: [{endpoints}]\n    hedge: {{after: 20ms}}\n  \"plain.test:80\":\n    endpoints: [{endpoints}]\n  \"pct.test:80\":\n    endpoints: [{endpoints}]\n    hedge: {{after: p80}}\n"
+    ))
+    .await?;
+    let p99 = async |authority: &str| -> anyhow::Result<Duration> {
+        let mut send = client::http1(proxy.outbound).await?;
+        let mut took = Vec::new();
+        for _ in 0..400 {
+            send.ready().await?;
+            let started = Instant::now();
+            let (status, _, _) = text(send.send_request(get(authority, "/")?).await?).await?;
+            anyhow::ensure!(status == 200);
+            took.push(started.elapsed());
+        }
+        took.sort();
+        Ok(took[took.len() * 99 / 100])
+    };
+    let plain = p99("plain.test:80").await?;
+    let hedged = p99("api.test:80").await?;
+    // After the destination's own recent p80: no delay to tune.
+    let at_p80 = p99("pct.test:80").await?;
+    eprintln!("p99 without hedging {plain:?}, with {hedged:?}, after p80 {at_p80:?}");
+    let m = weft_test_support::metrics::scrape(proxy.admin).await?;
+    assert!(
+        at_p80 < Duration::from_millis(100),
+        "p80-hedged p99 {at_p80:?}\n{}",
+        m.text
+    );
+    assert!(
+        plain >= Duration::from_millis(150),
+        "no tail to cut: {plain:?}"
+    );
+    assert!(hedged < Duration::from_millis(100), "hedged p99 {hedged:?}");
+    let m = weft_test_support::metrics::scrape(proxy.admin).await?;
+    assert!(m.sum("hedge_requests_total", &[("authority", "api.test:80")]) >= 10.0);
     Ok(())
 }

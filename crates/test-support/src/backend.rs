@@ -85,6 +85,7 @@ impl Backend {
         let behaviour = Behaviour {
             delay,
             fail_every: None,
+            slow: None,
         };
         Self::start_with(name, addr, behaviour).await
     }
@@ -140,6 +141,8 @@ pub struct Behaviour {
     pub delay: Duration,
     /// Every Nth request gets a 500.
     pub fail_every: Option<u64>,
+    /// Every Nth request takes this much longer: a replica with a tail.
+    pub slow: Option<(u64, Duration)>,
 }
 
 pub async fn serve_with(
@@ -148,7 +151,11 @@ pub async fn serve_with(
     stats: Arc<Stats>,
     behaviour: Behaviour,
 ) {
-    let Behaviour { delay, fail_every } = behaviour;
+    let Behaviour {
+        delay,
+        fail_every,
+        slow,
+    } = behaviour;
     let name: Arc<str> = name.into();
     loop {
         let Ok((stream, _)) = listener.accept().await else {
@@ -164,6 +171,12 @@ pub async fn serve_with(
                 let name = name.clone();
                 let guard = CancelGuard(Some(stats.clone()));
                 async move {
+                    let delay = match slow {
+                        Some((every, extra)) if every > 0 && n.is_multiple_of(every) => {
+                            delay + extra
+                        }
+                        _ => delay,
+                    };
                     let rsp = handle(&name, req, delay, fail_every, n).await;
                     guard.disarm();
                     rsp

@@ -88,6 +88,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         Behaviour {
             delay: Duration::ZERO,
             fail_every: Some(20),
+            slow: None,
         },
     )
     .await?;
@@ -97,6 +98,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         Behaviour {
             delay: Duration::from_millis(25),
             fail_every: Some(20),
+            slow: None,
         },
     )
     .await?;

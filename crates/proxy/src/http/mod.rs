@@ -26,6 +26,7 @@ pub use error::{Audience, PROXY_ERROR_HEADER, ProxyError};
 pub use replay::{ReplayBody, ReqBody};
 
 use crate::config::Limits;
+use crate::destinations::Hedge;
 use crate::endpoint::{Endpoint, SendError};
 use crate::metrics::{
     AuthorityLabels, Classification, Direction, LatencyLabels, Metrics, ResponseLabels,
@@ -392,10 +393,13 @@ impl HttpContext {
             target,
             timeout,
             retry,
+            hedge,
         } = match self.concrete(&logical, &req).await {
             Ok(c) => c,
             Err(e) => return self.fail(tapped, label, e, grpc, start, self.tls_for(None)),
         };
+        // A percentile needs the destination's recent latencies.
+        let record_latency = matches!(hedge, Some(Hedge::Percentile(_)));
         let deadline = timeout.map(|t| (t, tokio::time::Instant::from_std(start) + t));
         if let Err(e) = self.prepare_uri(&mut req, authority) {
             return self.fail(tapped, label, e, grpc, start, self.tls_for(None));
@@ -409,20 +413,31 @@ impl HttpContext {
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
             .is_some_and(|n| n > replay::MAX_REPLAY);
+        let repeatable = !upgrade && !too_big;
         let retry = retry.filter(|r| {
-            !upgrade && !too_big && (is_idempotent(req.method()) || (grpc && !r.on.grpc.is_empty()))
+            repeatable && (is_idempotent(req.method()) || (grpc && !r.on.grpc.is_empty()))
         });
-        if retry.is_some() {
+        // Hedges run two tries at once, so only requests with no body to
+        // share between them are hedged.
+        let hedge = hedge.filter(|_| {
+            repeatable && is_idempotent(req.method()) && http_body::Body::is_end_stream(req.body())
+        });
+        let budget = retry.as_ref().map(|r| r.budget).unwrap_or_default();
+        if retry.is_some() || hedge.is_some() {
             logical.budget.deposit(Instant::now());
         }
+        let hedge_after = hedge.and_then(|h| match h {
+            Hedge::After(d) => Some(d),
+            Hedge::Percentile(q) => logical.latency.percentile(q, Instant::now()),
+        });
         let (parts, body) = req.into_parts();
-        let (mut body, replay) = match retry {
-            Some(_) => {
+        let (mut body, replay) = match retry.is_some() || hedge.is_some() {
+            true => {
                 let first = ReplayBody::new(body);
                 let again = first.replay();
                 (ReqBody::Replay(first), again)
             }
-            None => (ReqBody::Stream(body), None),
+            false => (ReqBody::Stream(body), None),
         };
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut retries = 0u32;
@@ -432,9 +447,30 @@ impl HttpContext {
                 req.headers_mut()
                     .insert(RETRY_ATTEMPT_HEADER, http::HeaderValue::from(retries + 1));
             }
-            let outcome = self
-                .attempt(&target, req, deadline, response_timeout, &tried)
-                .await;
+            let hedge = match (hedge_after, &replay) {
+                (Some(after), Some(replay)) if retries == 0 => Some(HedgeWith {
+                    after,
+                    replay,
+                    parts: &parts,
+                    budget,
+                    logical: &logical,
+                    label: &label,
+                }),
+                _ => None,
+            };
+            let outcome = match hedge {
+                Some(h) => {
+                    self.hedged(&target, req, h, deadline, response_timeout)
+                        .await
+                }
+                None => {
+                    self.attempt(&target, req, deadline, response_timeout, &tried)
+                        .await
+                }
+            };
+            if record_latency && outcome.is_ok() {
+                logical.latency.record(start.elapsed(), Instant::now());
+            }
             let worth_another = match (&outcome, &retry) {
                 (_, None) => false,
                 (Ok((_, _, rsp)), Some(r)) => {
@@ -673,6 +709,49 @@ impl HttpContext {
         }
     }
 
+    /// The first try, and after `after` without an answer an identical
+    /// second one (to another endpoint, by the balancer's choice: the
+    /// first is in flight there); the first answer wins and the other is
+    /// cancelled (dropped). A failure of one waits for the other.
+    async fn hedged(
+        &self,
+        target: &Target,
+        req: Request<ReqBody>,
+        h: HedgeWith<'_>,
+        deadline: Option<(Duration, tokio::time::Instant)>,
+        response_timeout: Option<Duration>,
+    ) -> Result<(Arc<Endpoint>, crate::endpoint::InFlight, Response<Incoming>), Failed> {
+        let first = self.attempt(target, req, deadline, response_timeout, &[]);
+        tokio::pin!(first);
+        tokio::select! {
+            r = &mut first => return r,
+            () = tokio::time::sleep(h.after) => {}
+        }
+        let allowed =
+            h.logical
+                .budget
+                .withdraw(h.budget.ratio, h.budget.min_per_second, Instant::now());
+        let Some(body) = h.replay.replay().filter(|_| allowed) else {
+            return first.await;
+        };
+        self.metrics.hedge(self.direction, h.label);
+        let mut req = Request::from_parts(copy_parts(h.parts), ReqBody::Replay(body));
+        req.headers_mut()
+            .insert(RETRY_ATTEMPT_HEADER, http::HeaderValue::from(2u32));
+        let second = self.attempt(target, req, deadline, response_timeout, &[]);
+        tokio::pin!(second);
+        tokio::select! {
+            r = &mut first => match r {
+                Ok(answered) => Ok(answered),
+                Err(_) => second.await,
+            },
+            r = &mut second => match r {
+                Ok(answered) => Ok(answered),
+                Err(_) => first.await,
+            },
+        }
+    }
+
     /// Logical → concrete. A destination without routes serves requests
     /// from its own endpoints; otherwise the first route that matches
     /// picks a backend by weight, a destination resolved like any other
@@ -689,6 +768,7 @@ impl HttpContext {
                 target: logical.clone(),
                 timeout: policy.timeout,
                 retry: policy.retry.clone(),
+                hedge: policy.hedge,
             });
         }
         let path = req.uri().path();
@@ -702,6 +782,7 @@ impl HttpContext {
         };
         let timeout = route.timeout.or(policy.timeout);
         let retry = route.retry.clone().or_else(|| policy.retry.clone());
+        let hedge = route.hedge.or(policy.hedge);
         let backend = route
             .pick_backend()
             .ok_or_else(|| ProxyError::NoRoute(logical.authority.to_string()))?;
@@ -714,6 +795,7 @@ impl HttpContext {
             target,
             timeout,
             retry,
+            hedge,
         })
     }
 
@@ -960,6 +1042,17 @@ struct Concrete {
     target: Arc<Target>,
     timeout: Option<Duration>,
     retry: Option<crate::destinations::Retry>,
+    hedge: Option<Hedge>,
+}
+
+/// What a hedge needs besides the first try.
+struct HedgeWith<'a> {
+    after: Duration,
+    replay: &'a ReplayBody,
+    parts: &'a http::request::Parts,
+    budget: crate::destinations::Budget,
+    logical: &'a Target,
+    label: &'a str,
 }
 
 /// Why an attempt produced no response, and whether trying again could
