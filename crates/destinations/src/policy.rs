@@ -82,7 +82,8 @@ impl Default for Budget {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Route {
-    pub name: String,
+    /// Shared, since every request it serves is labelled with it.
+    pub name: std::sync::Arc<str>,
     pub matches: RouteMatch,
     /// At least one; picked by weight.
     pub backends: Vec<RouteBackend>,
@@ -460,7 +461,7 @@ pub(crate) fn build(
             .map(|(k, v)| (k.to_ascii_lowercase(), v))
             .collect();
         built.push(Route {
-            name: r.name,
+            name: r.name.into(),
             matches: RouteMatch {
                 path_prefix: r.matches.path_prefix,
                 method,

@@ -68,20 +68,31 @@ fn encode_tls(
     }
 }
 
-/// `direction` and `authority`, first in every route-level label set.
+/// `direction`, `authority` and `route`, first in every route-level label
+/// set.
 fn encode_route(
     direction: Direction,
-    authority: &str,
+    dst: &Dst,
     encoder: &mut LabelSetEncoder,
 ) -> Result<(), std::fmt::Error> {
     EncodeLabel::encode(&("direction", direction), encoder.encode_label())?;
-    EncodeLabel::encode(&("authority", authority), encoder.encode_label())
+    EncodeLabel::encode(&("authority", &*dst.authority), encoder.encode_label())?;
+    EncodeLabel::encode(&("route", &*dst.route), encoder.encode_label())
+}
+
+/// Where a request went, as route-level series say it: the authority the
+/// client named and the route it took (the policy's route name, a gRPC
+/// call's `/package.Service/Method`, else `default`), both bounded.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Dst {
+    pub authority: Arc<str>,
+    pub route: Arc<str>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct RouteLabels {
     pub direction: Direction,
-    pub authority: Arc<str>,
+    pub dst: Dst,
     /// Known for inbound requests (the connection's); outbound requests are
     /// counted before an endpoint, and so a peer, is chosen.
     pub tls: Option<TlsLabel>,
@@ -89,7 +100,7 @@ pub struct RouteLabels {
 
 impl EncodeLabelSet for RouteLabels {
     fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
-        encode_route(self.direction, &self.authority, encoder)?;
+        encode_route(self.direction, &self.dst, encoder)?;
         if let Some(tls) = &self.tls {
             encode_tls(self.direction, tls, encoder)?;
         }
@@ -100,14 +111,14 @@ impl EncodeLabelSet for RouteLabels {
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct LatencyLabels {
     pub direction: Direction,
-    pub authority: Arc<str>,
+    pub dst: Dst,
     pub status_code: u16,
     pub tls: TlsLabel,
 }
 
 impl EncodeLabelSet for LatencyLabels {
     fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
-        encode_route(self.direction, &self.authority, encoder)?;
+        encode_route(self.direction, &self.dst, encoder)?;
         EncodeLabel::encode(&("status_code", self.status_code), encoder.encode_label())?;
         encode_tls(self.direction, &self.tls, encoder)
     }
@@ -116,7 +127,7 @@ impl EncodeLabelSet for LatencyLabels {
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ResponseLabels {
     pub direction: Direction,
-    pub authority: Arc<str>,
+    pub dst: Dst,
     /// `None` when there was no response: the client cancelled first.
     pub status_code: Option<u16>,
     pub classification: Classification,
@@ -129,7 +140,7 @@ pub struct ResponseLabels {
 
 impl EncodeLabelSet for ResponseLabels {
     fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
-        encode_route(self.direction, &self.authority, encoder)?;
+        encode_route(self.direction, &self.dst, encoder)?;
         if let Some(code) = self.status_code {
             EncodeLabel::encode(&("status_code", code), encoder.encode_label())?;
         }
@@ -464,7 +475,10 @@ mod tests {
         m.request_total
             .get_or_create(&RouteLabels {
                 direction: Direction::outbound,
-                authority: "a:1".into(),
+                dst: Dst {
+                    authority: "a:1".into(),
+                    route: "default".into(),
+                },
                 tls: None,
             })
             .inc();
@@ -472,7 +486,9 @@ mod tests {
         assert!(text.contains("# TYPE request_total counter\n"), "{text}");
         assert!(text.contains("# HELP request_total Requests"), "{text}");
         assert!(
-            text.contains("request_total{direction=\"outbound\",authority=\"a:1\"} 1\n"),
+            text.contains(
+                "request_total{direction=\"outbound\",authority=\"a:1\",route=\"default\"} 1\n"
+            ),
             "{text}"
         );
         assert!(!text.contains("# EOF"), "{text}");

@@ -112,7 +112,7 @@ impl Tapped {
         };
         let event = TapEvent {
             direction: labels.direction,
-            authority: labels.authority.clone(),
+            authority: labels.dst.authority.clone(),
             method: self.method.to_string(),
             path: self.path.into(),
             // 0: no response (the client cancelled first).
@@ -175,7 +175,10 @@ mod tests {
     fn labels() -> ResponseLabels {
         ResponseLabels {
             direction: Direction::inbound,
-            authority: "api:80".into(),
+            dst: crate::metrics::Dst {
+                authority: "api:80".into(),
+                route: "default".into(),
+            },
             status_code: Some(200),
             classification: Classification::success,
             grpc_status_code: None,

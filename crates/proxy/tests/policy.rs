@@ -147,6 +147,20 @@ async fn header_routes_and_weighted_splits() -> anyhow::Result<()> {
     let to_canary = split.iter().filter(|(_, b)| b == "canary").count();
     let share = to_canary as f64 / 2_000.0;
     assert!((0.06..=0.14).contains(&share), "canary share {share}");
+    // Metrics say which route each request took, under the logical name.
+    let m = weft_test_support::metrics::scrape(proxy.admin).await?;
+    let on = |route: &str| {
+        m.sum(
+            "request_total",
+            &[("authority", "api.test:80"), ("route", route)],
+        )
+    };
+    assert_eq!(
+        (on("canary-header"), on("split")),
+        (50.0, 2_000.0),
+        "{}",
+        m.text
+    );
     Ok(())
 }
 

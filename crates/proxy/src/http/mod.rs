@@ -29,7 +29,7 @@ use crate::config::Limits;
 use crate::destinations::Hedge;
 use crate::endpoint::{Endpoint, SendError};
 use crate::metrics::{
-    AuthorityLabels, Classification, Direction, LatencyLabels, Metrics, ResponseLabels,
+    AuthorityLabels, Classification, Direction, Dst, LatencyLabels, Metrics, ResponseLabels,
     RouteLabels, TlsLabel,
 };
 use crate::route::{Router, Target};
@@ -352,20 +352,27 @@ impl HttpContext {
         let (target, authority) = match routed {
             Ok(t) => t,
             Err(e) => {
-                let label: Arc<str> = match (self.direction, request_authority(&req)) {
+                let authority: Arc<str> = match (self.direction, request_authority(&req)) {
                     (Direction::inbound, Ok(Some(a))) => self.labels.label(&a),
                     _ => "".into(),
+                };
+                let label = Dst {
+                    authority,
+                    route: default_route(),
                 };
                 return self.fail(tapped, label, e, grpc, start, self.tls_for(None));
             }
         };
-        let label = self.label_for(&target, authority.as_ref());
-        self.labels.count(&label);
+        let label = Dst {
+            authority: self.label_for(&target, authority.as_ref()),
+            route: self.route_label(&target, &req, grpc),
+        };
+        self.labels.count(&label.authority);
         self.metrics
             .request_total
             .get_or_create(&RouteLabels {
                 direction: self.direction,
-                authority: label.clone(),
+                dst: label.clone(),
                 tls: match self.direction {
                     Direction::inbound => Some(self.client_tls.clone()),
                     Direction::outbound => None,
@@ -454,7 +461,7 @@ impl HttpContext {
                     parts: &parts,
                     budget,
                     logical: &logical,
-                    label: &label,
+                    label: &label.authority,
                 }),
                 _ => None,
             };
@@ -525,7 +532,7 @@ impl HttpContext {
                 }
             }
             retries += 1;
-            self.metrics.retry(self.direction, &label);
+            self.metrics.retry(self.direction, &label.authority);
         };
         let tls = self.tls_for(Some(&endpoint));
         in_flight.pending.observe_response();
@@ -553,7 +560,7 @@ impl HttpContext {
 
         let labels = ResponseLabels {
             direction: self.direction,
-            authority: label,
+            dst: label,
             status_code: Some(status.as_u16()),
             classification: Classification::success,
             grpc_status_code: None,
@@ -752,6 +759,30 @@ impl HttpContext {
         }
     }
 
+    /// The route label: the matching route's name when the destination
+    /// has routes (outbound), a gRPC call's method (bounded per
+    /// destination), else `default`.
+    fn route_label(&self, target: &Target, req: &Request<Incoming>, grpc: bool) -> Arc<str> {
+        if self.direction == Direction::outbound {
+            let policy = target.policy.load();
+            if !policy.routes.is_empty() {
+                let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+                return policy
+                    .routes
+                    .iter()
+                    .find(|r| {
+                        r.matches
+                            .matches(req.method().as_str(), req.uri().path(), header)
+                    })
+                    .map_or_else(default_route, |r| r.name.clone());
+            }
+        }
+        if grpc {
+            return target.grpc_method(req.uri().path());
+        }
+        default_route()
+    }
+
     /// Logical → concrete. A destination without routes serves requests
     /// from its own endpoints; otherwise the first route that matches
     /// picks a backend by weight, a destination resolved like any other
@@ -880,7 +911,7 @@ impl HttpContext {
         &self,
         mut req: Request<Incoming>,
         target: &Target,
-        label: Arc<str>,
+        label: Dst,
         start: Instant,
         tapped: Option<Box<crate::tap::Tapped>>,
     ) -> Response<ProxyBody> {
@@ -933,7 +964,7 @@ impl HttpContext {
             tapped,
             ResponseLabels {
                 direction: self.direction,
-                authority: label,
+                dst: label,
                 status_code: Some(StatusCode::OK.as_u16()),
                 classification: Classification::success,
                 grpc_status_code: None,
@@ -957,7 +988,7 @@ impl HttpContext {
     fn fail(
         &self,
         tapped: Option<Box<crate::tap::Tapped>>,
-        label: Arc<str>,
+        label: Dst,
         err: ProxyError,
         grpc: bool,
         start: Instant,
@@ -975,7 +1006,7 @@ impl HttpContext {
             tapped,
             ResponseLabels {
                 direction: self.direction,
-                authority: label,
+                dst: label,
                 status_code: Some(rsp.status().as_u16()),
                 classification: Classification::failure,
                 grpc_status_code: grpc.then(|| err.grpc_status()),
@@ -986,12 +1017,12 @@ impl HttpContext {
         rsp
     }
 
-    fn observe_latency(&self, label: &Arc<str>, status: StatusCode, start: Instant, tls: TlsLabel) {
+    fn observe_latency(&self, label: &Dst, status: StatusCode, start: Instant, tls: TlsLabel) {
         self.metrics
             .response_latency_ms
             .get_or_create(&LatencyLabels {
                 direction: self.direction,
-                authority: label.clone(),
+                dst: label.clone(),
                 status_code: status.as_u16(),
                 tls,
             })
@@ -1012,7 +1043,7 @@ impl HttpContext {
 struct Cancelled<'a> {
     ctx: &'a HttpContext,
     /// The request's label once it was counted in `request_total`.
-    counted: Option<(Arc<str>, bool)>,
+    counted: Option<(Dst, bool)>,
 }
 
 impl Drop for Cancelled<'_> {
@@ -1024,7 +1055,7 @@ impl Drop for Cancelled<'_> {
             None,
             ResponseLabels {
                 direction: self.ctx.direction,
-                authority: label,
+                dst: label,
                 status_code: None,
                 classification: Classification::failure,
                 // CANCELLED, as a gRPC client would see it.
@@ -1037,6 +1068,12 @@ impl Drop for Cancelled<'_> {
 }
 
 /// `grpc-timeout`: up to 8 digits and a unit (H, M, S, m, u, n).
+/// The route label of requests no route or gRPC method names.
+fn default_route() -> Arc<str> {
+    static DEFAULT: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
+    DEFAULT.get_or_init(|| "default".into()).clone()
+}
+
 /// Where a request goes once its route is chosen.
 struct Concrete {
     target: Arc<Target>,
