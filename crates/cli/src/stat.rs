@@ -19,6 +19,10 @@ pub(crate) struct Args {
     /// Show the traffic to SERVICE from this workload.
     #[arg(long)]
     from: Option<String>,
+    /// A row per route: the policy's route names, and for gRPC each
+    /// `/package.Service/Method`.
+    #[arg(long)]
+    route: bool,
     #[command(flatten)]
     source: Source,
     #[arg(short = 'o', long, value_enum, default_value = "table")]
@@ -50,19 +54,28 @@ fn key(args: &Args, l: &Labels) -> Option<String> {
         }
         (None, None) => {
             return (direction == "inbound" && service.is_none_or(|s| names(s, dst)))
-                .then(|| dst.to_string());
+                .then(|| with_route(args, l, dst.to_string()));
         }
     };
-    matched.then(|| format!("{src} -> {dst}"))
+    matched.then(|| with_route(args, l, format!("{src} -> {dst}")))
+}
+
+fn with_route(args: &Args, l: &Labels, row: String) -> String {
+    match (args.route, l.get("route")) {
+        (true, Some(route)) => format!("{row} {route}"),
+        (true, None) => format!("{row} default"),
+        (false, _) => row,
+    }
 }
 
 pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let window = args.source.window().await?;
     let rows = golden::aggregate(&window, |l| key(&args, l));
-    let header = if args.to.is_some() || args.from.is_some() {
-        "EDGE"
-    } else {
-        "SERVICE"
+    let header = match (args.to.is_some() || args.from.is_some(), args.route) {
+        (true, false) => "EDGE",
+        (true, true) => "EDGE ROUTE",
+        (false, false) => "SERVICE",
+        (false, true) => "SERVICE ROUTE",
     };
     match args.output {
         Output::Json => println!(

@@ -50,6 +50,7 @@ async fn stat_and_edges_report_the_requests_sent() -> anyhow::Result<()> {
     let from =
         sampling(&[&["stat", "api.demo", "--from", "web.demo"][..], &window].concat()).await?;
     let edges = sampling(&[&["edges"][..], &window].concat()).await?;
+    let by_route = sampling(&[&["stat", "--route"][..], &window].concat()).await?;
 
     let (mut sent, mut ok) = (0u64, 0u64);
     for _ in 0..40 {
@@ -79,6 +80,12 @@ async fn stat_and_edges_report_the_requests_sent() -> anyhow::Result<()> {
         "{json}"
     );
     assert!(r["p50_ms"].as_f64().is_some_and(|p| p > 0.0), "{r}");
+
+    // Plain HTTP with no routes configured: one route, `default`.
+    let (stdout, _) = by_route.finish().await?;
+    let json: serde_json::Value = serde_json::from_str(&stdout)?;
+    let r = row(&json, "api.demo:8080 default")?;
+    assert_eq!(r["requests"], sent, "{r}");
 
     for run in [edge, from] {
         let (stdout, _) = run.finish().await?;
