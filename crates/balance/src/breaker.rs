@@ -87,7 +87,9 @@ impl Breaker {
         }
     }
 
-    pub(crate) fn record(&mut self, outcome: Outcome, probe: bool, now: Instant) {
+    /// Returns whether this outcome ejected the endpoint (closed → open).
+    pub(crate) fn record(&mut self, outcome: Outcome, probe: bool, now: Instant) -> bool {
+        let was_closed = matches!(self.state, State::Closed { .. });
         let limit = self.config.consecutive_failures;
         self.state = match (self.state, outcome) {
             (_, Outcome::Neutral) if probe => match self.state {
@@ -127,6 +129,7 @@ impl Breaker {
         if limit == 0 {
             self.state = State::Closed { failures: 0 };
         }
+        was_closed && matches!(self.state, State::Open { .. })
     }
 
     pub(crate) fn is_open(&self) -> bool {

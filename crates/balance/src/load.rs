@@ -1,5 +1,5 @@
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::breaker::{Breaker, BreakerConfig, Outcome};
@@ -34,6 +34,7 @@ pub struct Load {
     estimate: Mutex<Estimate>,
     decay_ns: f64,
     breaker: Mutex<Breaker>,
+    ejections: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -54,6 +55,7 @@ impl Load {
             // "forget immediately", which is what zero means.
             decay_ns: (config.decay.as_nanos() as f64).max(1.0),
             breaker: Mutex::new(Breaker::new(BreakerConfig::default())),
+            ejections: AtomicU64::new(0),
         }
     }
 
@@ -78,6 +80,17 @@ impl Load {
     /// Whether the breaker is open (ejected, or probing).
     pub fn breaker_open(&self) -> bool {
         self.breaker().is_open()
+    }
+
+    /// How many times the breaker has ejected the endpoint.
+    pub fn ejections(&self) -> u64 {
+        self.ejections.load(Ordering::Relaxed)
+    }
+
+    fn record_outcome(&self, outcome: Outcome, probe: bool) {
+        if self.breaker().record(outcome, probe, Instant::now()) {
+            self.ejections.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Marks a request as started. The returned guard keeps it counted as
@@ -200,9 +213,7 @@ impl Pending {
             self.observed = true;
             self.load.observe(FAILURE_PENALTY);
         }
-        self.load
-            .breaker()
-            .record(outcome, self.probe, Instant::now());
+        self.load.record_outcome(outcome, self.probe);
     }
 }
 
@@ -219,9 +230,7 @@ impl Drop for Pending {
                 .observe(self.started.elapsed().max(FAILURE_PENALTY));
         }
         if self.outcome.is_none() {
-            self.load
-                .breaker()
-                .record(Outcome::Neutral, self.probe, Instant::now());
+            self.load.record_outcome(Outcome::Neutral, self.probe);
         }
         self.load.pending.fetch_sub(1, Ordering::Relaxed);
     }

@@ -177,6 +177,21 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         None,
         inbound_labels.clone(),
     );
+    for (direction, router) in [
+        (Direction::outbound, &outbound_router),
+        (Direction::inbound, &inbound_router),
+    ] {
+        let router = Arc::downgrade(router);
+        metrics.breakers.add(
+            direction,
+            Box::new(move || {
+                router
+                    .upgrade()
+                    .map(|r| r.endpoint_health())
+                    .unwrap_or_default()
+            }),
+        );
+    }
     if let Some(path) = &config.destinations {
         let rx = destinations::watch(path.clone()).map_err(|source| RunError::Destinations {
             var: config::ENV_DESTINATIONS,

@@ -10,6 +10,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+pub mod breaker;
 mod process;
 
 /// Response latency buckets in milliseconds, as Linkerd exports them.
@@ -263,6 +264,8 @@ pub struct Metrics {
     pub retries: Family<RetryLabels, Counter>,
     /// Second tries sent because the first was slow.
     pub hedges: Family<RetryLabels, Counter>,
+    /// Where the breaker state of endpoints is read from at scrape time.
+    pub breakers: breaker::BreakerSources,
     /// Live per-request events; not exported, streamed from `/tap`.
     pub tap: crate::tap::Tap,
     registry: Arc<Registry>,
@@ -374,9 +377,12 @@ impl Metrics {
             hedges.clone(),
         );
         registry.register_collector(Box::new(process::ProcessCollector::new()));
+        let breakers = breaker::BreakerSources::default();
+        registry.register_collector(Box::new(breaker::BreakerCollector(breakers.clone())));
         Self {
             retries,
             hedges,
+            breakers,
             accept_refused,
             label_overflow,
             request_total,

@@ -360,6 +360,21 @@ impl Router {
         }
     }
 
+    /// Breaker state of every endpoint this router knows.
+    pub fn endpoint_health(&self) -> Vec<crate::metrics::breaker::EndpointHealth> {
+        let Ok(eps) = self.endpoints.lock() else {
+            return Vec::new();
+        };
+        eps.values()
+            .filter_map(Weak::upgrade)
+            .map(|e| crate::metrics::breaker::EndpointHealth {
+                addr: e.addr,
+                ejections: e.load.ejections(),
+                open: e.load.breaker_open(),
+            })
+            .collect()
+    }
+
     fn endpoint(&self, addr: SocketAddr, identity: Option<&Name>) -> Arc<Endpoint> {
         let mut eps = match self.endpoints.lock() {
             Ok(g) => g,

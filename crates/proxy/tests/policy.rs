@@ -438,3 +438,34 @@ async fn hedging_cuts_the_tail() -> anyhow::Result<()> {
     assert!(m.sum("hedge_requests_total", &[("authority", "api.test:80")]) >= 10.0);
     Ok(())
 }
+
+/// Breaker state is visible: an endpoint failing three times in a row
+/// (this destination's setting) is ejected, counted and shown open; with
+/// no other endpoint the set fails open and keeps sending to it.
+#[tokio::test]
+async fn ejections_are_counted_and_the_set_fails_open() -> anyhow::Result<()> {
+    let dead = Backend::start_with("dead", "127.0.0.1:0".parse()?, failing(1)).await?;
+    let (_dests, proxy) = proxy_for(&format!(
+        "destinations:\n  \"api.test:80\":\n    endpoints: [{{addr: {}}}]\n    breaker: {{consecutive_failures: 3, min_open: 30s, max_open: 60s}}\n",
+        dead.addr
+    ))
+    .await?;
+    let results = send_many(&proxy, "api.test:80", 10, None).await?;
+    assert!(results.iter().all(|(s, _)| *s == 500), "{results:?}");
+    assert_eq!(
+        dead.hits(),
+        10,
+        "failing open, every request still tries it"
+    );
+    let m = weft_test_support::metrics::scrape(proxy.admin).await?;
+    let endpoint = dead.addr.to_string();
+    let labels = [("direction", "outbound"), ("endpoint", endpoint.as_str())];
+    assert_eq!(
+        m.sum("endpoint_breaker_ejections_total", &labels),
+        1.0,
+        "{}",
+        m.text
+    );
+    assert_eq!(m.sum("endpoint_breaker_open", &labels), 1.0, "{}", m.text);
+    Ok(())
+}
