@@ -915,38 +915,28 @@ impl HttpContext {
         start: Instant,
         tapped: Option<Box<crate::tap::Tapped>>,
     ) -> Response<ProxyBody> {
-        let Some((endpoint, load)) = target.pick() else {
-            let e = ProxyError::NoEndpoints(target.authority.to_string());
-            return self.fail(tapped, label, e, false, start, self.tls_for(None));
-        };
-        if is_own_listener(self.listen_addr, endpoint.addr) {
-            return self.fail(
-                tapped,
-                label,
-                ProxyError::Loop(endpoint.addr),
-                false,
-                start,
-                self.tls_for(Some(&endpoint)),
-            );
-        }
-        let upstream = match endpoint.connect().await {
-            Ok(io) => io,
-            Err(e) => {
-                return self.fail(
-                    tapped,
-                    label,
-                    ProxyError::Connect(error_chain(&e)),
-                    false,
-                    start,
-                    self.tls_for(Some(&endpoint)),
-                );
-            }
-        };
+        let (endpoint, pending, upstream) =
+            match crate::tcp::connect(target, Some(self.listen_addr)).await {
+                Ok(c) => c,
+                Err(failed) => {
+                    let (e, endpoint) = match failed {
+                        crate::tcp::ConnectFailed::NoEndpoints => {
+                            (ProxyError::NoEndpoints(target.authority.to_string()), None)
+                        }
+                        crate::tcp::ConnectFailed::Loop(addr) => (ProxyError::Loop(addr), None),
+                        crate::tcp::ConnectFailed::Connect(endpoint, reason) => {
+                            (ProxyError::Connect(reason), Some(endpoint))
+                        }
+                    };
+                    let tls = self.tls_for(endpoint.as_deref());
+                    return self.fail(tapped, label, e, false, start, tls);
+                }
+            };
         let on_upgrade = hyper::upgrade::on(&mut req);
         let idle = self.limits.tcp_idle_timeout;
         tokio::spawn(async move {
-            let mut pending = load.start();
-            pending.observe_response();
+            // In flight for the balancer until the tunnel closes.
+            let _pending = pending;
             match on_upgrade.await {
                 Ok(client) => {
                     let mut client = TokioIo::new(client);
