@@ -114,3 +114,69 @@ async fn grpc_metrics_carry_the_method_and_are_bounded() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// A health server whose every other call fails with UNAVAILABLE (as a
+/// trailers-only response, the way gRPC servers report errors).
+struct Flaky(std::sync::atomic::AtomicU64);
+
+#[tonic::async_trait]
+impl tonic_health::pb::health_server::Health for Flaky {
+    async fn check(
+        &self,
+        _: tonic::Request<tonic_health::pb::HealthCheckRequest>,
+    ) -> Result<tonic::Response<tonic_health::pb::HealthCheckResponse>, tonic::Status> {
+        let n = self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if n % 2 == 1 {
+            return Err(tonic::Status::unavailable("every other call fails"));
+        }
+        Ok(tonic::Response::new(
+            tonic_health::pb::HealthCheckResponse {
+                status: tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+            },
+        ))
+    }
+
+    type WatchStream =
+        futures_util::stream::Empty<Result<tonic_health::pb::HealthCheckResponse, tonic::Status>>;
+
+    async fn watch(
+        &self,
+        _: tonic::Request<tonic_health::pb::HealthCheckRequest>,
+    ) -> Result<tonic::Response<Self::WatchStream>, tonic::Status> {
+        Err(tonic::Status::unimplemented("no watch"))
+    }
+}
+
+/// gRPC calls are POSTs, retried only for the statuses `retry.on` lists:
+/// with `grpc:unavailable` a real tonic client sees every call succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_calls_are_retried_on_listed_statuses() -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(tonic_health::pb::health_server::HealthServer::new(Flaky(
+                Default::default(),
+            )))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let file = DestinationsFile::from_yaml(&format!(
+        "destinations:\n  \"health.test:9090\":\n    endpoints: [{{addr: {addr}}}]\n    breaker: {{consecutive_failures: 0}}\n    retry: {{attempts: 1, on: [\"grpc:unavailable\"]}}\n  \"plain.test:9090\":\n    endpoints: [{{addr: {addr}}}]\n    breaker: {{consecutive_failures: 0}}\n"
+    ))?;
+    let path = file.path_str();
+    let proxy = Proxy::start(PROXY.as_ref(), &[("WEFT_PROXY_DESTINATIONS", &path)]).await?;
+    let retried = grpc::channel_via(proxy.outbound, "health.test:9090").await?;
+    for _ in 0..20 {
+        assert_eq!(grpc::check(&retried, "").await?, 1, "SERVING");
+    }
+    let plain = grpc::channel_via(proxy.outbound, "plain.test:9090").await?;
+    let mut unavailable = 0;
+    for _ in 0..20 {
+        if let Err(s) = grpc::check(&plain, "").await {
+            assert_eq!(s.code(), tonic::Code::Unavailable);
+            unavailable += 1;
+        }
+    }
+    assert_eq!(unavailable, 10, "without retries every other call fails");
+    Ok(())
+}
