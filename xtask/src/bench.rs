@@ -31,6 +31,8 @@ const MAX_FAN_OUT_MS: f64 = 100.0;
 struct Options {
     /// `fan-out`: only the control-plane fan-out measure.
     only_fan_out: bool,
+    /// `policy`: only the traffic-policy scenarios.
+    only_policy: bool,
     duration: u64,
     rounds: u64,
     watchers: usize,
@@ -42,6 +44,7 @@ struct Options {
 fn options(args: &[String]) -> anyhow::Result<Options> {
     let mut o = Options {
         only_fan_out: false,
+        only_policy: false,
         duration: 12,
         rounds: 3,
         watchers: 1000,
@@ -85,7 +88,8 @@ fn options(args: &[String]) -> anyhow::Result<Options> {
             }
             "--only" => match it.next().map(String::as_str) {
                 Some("fan-out") => o.only_fan_out = true,
-                other => bail!("--only {other:?}: the one partial run is fan-out"),
+                Some("policy") => o.only_policy = true,
+                other => bail!("--only {other:?}: the partial runs are fan-out and policy"),
             },
             "--out" => o.out = PathBuf::from(it.next().context("--out needs a path")?),
             "--strict" => o.strict = true,
@@ -97,7 +101,7 @@ fn options(args: &[String]) -> anyhow::Result<Options> {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
-enum Proto {
+pub(crate) enum Proto {
     H1,
     H2c,
 }
@@ -116,7 +120,7 @@ enum Path_ {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
-enum Mode {
+pub(crate) enum Mode {
     Rate1k,
     Max,
 }
@@ -163,6 +167,8 @@ struct Report {
     haproxy_peak_rss_bytes: u64,
     handshakes: crate::mesh::Handshakes,
     fan_out: crate::mesh::FanOut,
+    /// Traffic-policy scenarios, each on a fresh proxy.
+    policy: Vec<crate::policy::PolicyRow>,
     targets: Vec<Target>,
     /// The same measures for the peer, to read the targets against.
     references: Vec<Reference>,
@@ -289,7 +295,7 @@ fn wait_mtls_route(outbound: SocketAddr) -> anyhow::Result<()> {
     }
 }
 
-fn start_proxy(
+pub(crate) fn start_proxy(
     bin: &Path,
     env: &[(&str, String)],
 ) -> anyhow::Result<(Proc, SocketAddr, SocketAddr)> {
@@ -417,14 +423,16 @@ impl Setup {
     }
 }
 
-struct H2loadResult {
-    requests: u64,
-    failed: u64,
-    rps: f64,
-    latencies_us: Vec<f64>,
+pub(crate) struct H2loadResult {
+    pub(crate) requests: u64,
+    pub(crate) failed: u64,
+    /// Responses with a 5xx status (h2load counts them as succeeded).
+    pub(crate) status_5xx: u64,
+    pub(crate) rps: f64,
+    pub(crate) latencies_us: Vec<f64>,
 }
 
-fn h2load(
+pub(crate) fn h2load(
     proto: Proto,
     mode: Mode,
     url: &str,
@@ -491,15 +499,23 @@ fn h2load(
         .filter_map(|v| v.trim().parse().ok())
         .collect();
     latencies_us.sort_by(|a: &f64, b| a.total_cmp(b));
+    let status_5xx = stdout
+        .lines()
+        .find(|l| l.starts_with("status codes:"))
+        .and_then(|l| l.split(',').find(|p| p.trim().ends_with("5xx")))
+        .and_then(|p| p.split_whitespace().rev().nth(1))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
     Ok(H2loadResult {
         requests: succeeded + failed,
         failed,
+        status_5xx,
         rps,
         latencies_us,
     })
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
@@ -522,6 +538,12 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     crate::build_release()?;
     let dir = std::env::temp_dir().join(format!("weft-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
+    if opts.only_policy {
+        let rows = crate::policy::run(&dir, opts.duration)?;
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        let _ = std::fs::remove_dir_all(&dir);
+        return Ok(());
+    }
     if opts.only_fan_out {
         let f = crate::mesh::fan_out(&dir, opts.watchers, opts.services, 5)?;
         println!("{}", serde_json::to_string_pretty(&f)?);
@@ -686,6 +708,50 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
         pass: worst <= MAX_FAN_OUT_MS,
     });
 
+    eprintln!("bench: traffic-policy scenarios, each on a fresh proxy");
+    let policy = crate::policy::run(&dir, opts.duration.max(6))?;
+    let row = |scenario: &str, variant: &str| {
+        policy
+            .iter()
+            .find(|r| r.scenario.starts_with(scenario) && r.variant == variant)
+    };
+    if let (Some(none), Some(routes)) = (row("d:", "no policy"), row("d:", "3 routes")) {
+        let more = routes.cpu_us_per_request / none.cpu_us_per_request - 1.0;
+        targets.push(Target {
+            name: "CPU per request added by a 3-route policy (h2c max)".into(),
+            measured: more * 100.0,
+            limit: 5.0,
+            unit: "%",
+            pass: more <= 0.05,
+        });
+    }
+    if let Some(healthy) = row("b:", "all healthy") {
+        for variant in ["1 of 5 10x slower", "1 of 5 30x slower"] {
+            if let Some(slow) = row("b:", variant) {
+                references.push(Reference {
+                    name: format!("p99 with {variant} / all healthy, cold start (goal 1.3, not judged: p99 is noise here)"),
+                    measured: slow.p99_us / healthy.p99_us,
+                    unit: "×",
+                });
+            }
+        }
+    }
+    for (scenario, a, b) in [
+        ("a:", "no retries", "retry: {attempts: 2}"),
+        ("c:", "no hedging", "hedge: {after: p90}"),
+    ] {
+        if let (Some(a), Some(b)) = (row(scenario, a), row(scenario, b)) {
+            references.push(Reference {
+                name: format!(
+                    "{} — failed: {} vs {}; p99 µs: {:.0} vs {:.0}",
+                    a.scenario, a.variant, b.variant, a.p99_us, b.p99_us
+                ),
+                measured: b.failed as f64 - a.failed as f64,
+                unit: "failed (difference)",
+            });
+        }
+    }
+
     let peak = s.outbound.peak_rss_bytes();
     targets.push(Target {
         name: "weft RSS idle".into(),
@@ -712,6 +778,7 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
         rows,
         handshakes,
         fan_out,
+        policy,
         targets,
         references,
     };
@@ -778,6 +845,17 @@ fn table(r: &Report) -> String {
         f.control_rss_bytes as f64 / 1048576.0,
         f.control_cpu_s
     );
+    let _ = writeln!(
+        out,
+        "\n| policy scenario | variant | req/s | p50 µs | p99 µs | failed | proxy CPU µs/req |\n|---|---|---:|---:|---:|---:|---:|"
+    );
+    for p in &r.policy {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.0} | {:.0} | {:.0} | {} | {:.1} |",
+            p.scenario, p.variant, p.rps, p.p50_us, p.p99_us, p.failed, p.cpu_us_per_request
+        );
+    }
     let _ = writeln!(
         out,
         "\n| target | measured | limit | verdict |\n|---|---:|---:|---|"

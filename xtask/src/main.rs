@@ -2,6 +2,7 @@
 
 mod bench;
 mod mesh;
+mod policy;
 mod procs;
 
 use std::process::Command;

@@ -25,6 +25,25 @@ struct Args {
     name: String,
     #[arg(long, value_enum, default_value = "http")]
     mode: Mode,
+    /// HTTP: added to every response.
+    #[arg(long, default_value = "0ms", value_parser = humantime::parse_duration)]
+    delay: std::time::Duration,
+    /// HTTP: every Nth request gets a 500.
+    #[arg(long)]
+    fail_every: Option<u64>,
+    /// HTTP: every Nth request is this much slower, as `N:DURATION`
+    /// (e.g. `10:100ms`).
+    #[arg(long, value_parser = parse_slow)]
+    slow: Option<(u64, std::time::Duration)>,
+}
+
+fn parse_slow(s: &str) -> Result<(u64, std::time::Duration), String> {
+    let (n, d) = s
+        .split_once(':')
+        .ok_or("expected N:DURATION, e.g. 10:100ms")?;
+    let n = n.parse().map_err(|_| format!("{n:?} is not a count"))?;
+    let d = humantime::parse_duration(d).map_err(|e| e.to_string())?;
+    Ok((n, d))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -37,7 +56,20 @@ fn main() -> anyhow::Result<()> {
         // The harness reads the bound address from this line.
         println!("listening {}", listener.local_addr()?);
         match args.mode {
-            Mode::Http => weft_test_support::backend::serve(listener, args.name).await,
+            Mode::Http => {
+                let behaviour = weft_test_support::backend::Behaviour {
+                    delay: args.delay,
+                    fail_every: args.fail_every,
+                    slow: args.slow,
+                };
+                weft_test_support::backend::serve_with(
+                    listener,
+                    args.name,
+                    Default::default(),
+                    behaviour,
+                )
+                .await
+            }
             Mode::Echo => weft_test_support::tcp::serve(listener, None).await,
             Mode::Banner => {
                 weft_test_support::tcp::serve(listener, Some(b"220 weft-test ready\r\n")).await

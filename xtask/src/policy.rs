@@ -1,0 +1,224 @@
+//! Traffic-policy scenarios for `cargo xtask bench`: each starts its own
+//! backends (`weft-test-backend` with injected failures or latency) and a
+//! fresh proxy (cold start matters), and drives it with h2load at 1k RPS
+//! or flat out.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::Serialize;
+
+use crate::bench::{Mode, Proto, h2load, percentile, start_proxy};
+use crate::procs::{Proc, spawn_until, target_dir};
+
+const AUTHORITY: &str = "api.bench:80";
+
+#[derive(Debug, Serialize)]
+pub(crate) struct PolicyRow {
+    pub(crate) scenario: &'static str,
+    pub(crate) variant: String,
+    pub(crate) requests: u64,
+    /// Transport failures and 5xx responses.
+    pub(crate) failed: u64,
+    pub(crate) rps: f64,
+    pub(crate) p50_us: f64,
+    pub(crate) p99_us: f64,
+    /// Proxy CPU per request.
+    pub(crate) cpu_us_per_request: f64,
+}
+
+fn backend(name: &str, flags: &[&str]) -> anyhow::Result<(Proc, SocketAddr)> {
+    let bin = target_dir()?.join("release/weft-test-backend");
+    let mut cmd = weft_test_support::process::std_command(bin);
+    cmd.args(["--listen", "127.0.0.1:0", "--name", name])
+        .args(flags);
+    let (proc, line) = spawn_until("backend", cmd, "listening ", false)?;
+    let addr = line
+        .trim_start_matches("listening ")
+        .trim()
+        .parse()
+        .context("backend address")?;
+    Ok((proc, addr))
+}
+
+/// A fresh proxy routing `AUTHORITY` to `endpoints` with `policy` (YAML
+/// lines at the destination's indentation).
+fn proxy(dir: &Path, endpoints: &[SocketAddr], policy: &str) -> anyhow::Result<(Proc, SocketAddr)> {
+    let list: Vec<String> = endpoints.iter().map(|e| format!("{{addr: {e}}}")).collect();
+    let file = dir.join(format!("policy-{}.yaml", fastrand_suffix()));
+    std::fs::write(
+        &file,
+        format!(
+            "destinations:\n  \"{AUTHORITY}\":\n    endpoints: [{}]\n{policy}",
+            list.join(", ")
+        ),
+    )?;
+    let bin = target_dir()?.join("release/weft-proxy");
+    let (p, outbound, _) = start_proxy(
+        &bin,
+        &[("WEFT_PROXY_DESTINATIONS", file.display().to_string())],
+    )?;
+    Ok((p, outbound))
+}
+
+fn fastrand_suffix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// How h2load drives a scenario.
+#[derive(Clone, Copy)]
+struct Drive {
+    proto: Proto,
+    mode: Mode,
+    secs: u64,
+}
+
+fn measure(
+    scenario: &'static str,
+    variant: impl Into<String>,
+    dir: &Path,
+    proxy: (&Proc, SocketAddr),
+    drive: Drive,
+    during: impl FnOnce(),
+) -> anyhow::Result<PolicyRow> {
+    let (proc, outbound) = proxy;
+    let Drive { proto, mode, secs } = drive;
+    let cpu_before = proc.cpu_seconds();
+    let log = dir.join("policy-h2load.log");
+    let url = format!("http://{outbound}/");
+    let r = std::thread::scope(|s| {
+        let run = s.spawn(|| h2load(proto, mode, &url, Some(AUTHORITY), secs, &log));
+        during();
+        run.join()
+            .map_err(|_| anyhow::anyhow!("h2load thread panicked"))?
+    })?;
+    let cpu = proc.cpu_seconds() - cpu_before;
+    let mut lat = r.latencies_us;
+    lat.sort_by(|a, b| a.total_cmp(b));
+    let row = PolicyRow {
+        scenario,
+        variant: variant.into(),
+        requests: r.requests,
+        failed: r.failed + r.status_5xx,
+        rps: r.rps,
+        p50_us: percentile(&lat, 50.0),
+        p99_us: percentile(&lat, 99.0),
+        cpu_us_per_request: cpu * 1e6 / r.requests.max(1) as f64,
+    };
+    eprintln!(
+        "  {:<28} {:<28} {:>8.0} req/s  p50 {:>8.0} µs  p99 {:>9.0} µs  failed {:>5}  {:>5.1} µs CPU/req",
+        row.scenario,
+        row.variant,
+        row.rps,
+        row.p50_us,
+        row.p99_us,
+        row.failed,
+        row.cpu_us_per_request
+    );
+    Ok(row)
+}
+
+pub(crate) fn run(dir: &Path, secs: u64) -> anyhow::Result<Vec<PolicyRow>> {
+    let mut rows = Vec::new();
+    let rate = Drive {
+        proto: Proto::H1,
+        mode: Mode::Rate1k,
+        secs,
+    };
+    let max = Drive {
+        proto: Proto::H2c,
+        mode: Mode::Max,
+        secs,
+    };
+
+    // (a) One of three replicas killed half-way through, at 1k RPS.
+    for (variant, policy) in [
+        ("no retries", ""),
+        ("retry: {attempts: 2}", "    retry: {attempts: 2}\n"),
+    ] {
+        let mut replicas = Vec::new();
+        for name in ["a", "b", "c"] {
+            replicas.push(backend(name, &[])?);
+        }
+        let addrs: Vec<SocketAddr> = replicas.iter().map(|(_, a)| *a).collect();
+        let (p, out) = proxy(dir, &addrs, policy)?;
+        let victim = replicas.pop();
+        rows.push(measure(
+            "a: 1 of 3 killed mid-run",
+            variant,
+            dir,
+            (&p, out),
+            rate,
+            move || {
+                std::thread::sleep(Duration::from_secs(secs / 2 + 1));
+                drop(victim);
+            },
+        )?);
+    }
+
+    // (b) One of five replicas slower, from a freshly started proxy.
+    for (variant, slow_delay) in [
+        ("all healthy", None),
+        ("1 of 5 10x slower", Some("10ms")),
+        ("1 of 5 30x slower", Some("30ms")),
+    ] {
+        let mut replicas = Vec::new();
+        for i in 0..5 {
+            let delay = match (i, slow_delay) {
+                (0, Some(d)) => d,
+                _ => "1ms",
+            };
+            replicas.push(backend(&format!("r{i}"), &["--delay", delay])?);
+        }
+        let addrs: Vec<SocketAddr> = replicas.iter().map(|(_, a)| *a).collect();
+        let (p, out) = proxy(dir, &addrs, "")?;
+        rows.push(measure(
+            "b: slow replica, cold start",
+            variant,
+            dir,
+            (&p, out),
+            rate,
+            || {},
+        )?);
+    }
+
+    // (c) One replica answers 10 % of requests 100 ms late.
+    for (variant, policy) in [
+        ("no hedging", ""),
+        ("hedge: {after: p90}", "    hedge: {after: p90}\n"),
+    ] {
+        let slow = backend("slow", &["--slow", "10:100ms"])?;
+        let a = backend("a", &[])?;
+        let b = backend("b", &[])?;
+        let (p, out) = proxy(dir, &[slow.1, a.1, b.1], policy)?;
+        rows.push(measure(
+            "c: 10% late by 100ms",
+            variant,
+            dir,
+            (&p, out),
+            rate,
+            || {},
+        )?);
+    }
+
+    // (d) The policy layer's own cost: flat out over h2c, no policy vs
+    // three routes (all to the same replica).
+    let routes = "    routes:\n      - name: canary\n        match: {headers: {x-canary: \"1\"}}\n        backends: [{destination: \"api.bench:80\"}]\n      - name: api\n        match: {path_prefix: /api}\n        backends: [{destination: \"api.bench:80\"}]\n      - name: rest\n        backends: [{destination: \"api.bench:80\", weight: 90}, {destination: \"api.bench:80\", weight: 10}]\n";
+    for (variant, policy) in [("no policy", ""), ("3 routes", routes)] {
+        let one = backend("one", &[])?;
+        let (p, out) = proxy(dir, &[one.1], policy)?;
+        rows.push(measure(
+            "d: policy cost (h2c max)",
+            variant,
+            dir,
+            (&p, out),
+            max,
+            || {},
+        )?);
+    }
+    Ok(rows)
+}
