@@ -738,7 +738,8 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     }
     for (scenario, a, b) in [
         ("a:", "no retries", "retry: {attempts: 2}"),
-        ("c:", "no hedging", "hedge: {after: p90}"),
+        ("c: 1 of 3", "no hedging", "hedge: {after: p90}"),
+        ("c: all 3", "no hedging", "hedge: {after: p90}"),
     ] {
         if let (Some(a), Some(b)) = (row(scenario, a), row(scenario, b)) {
             references.push(Reference {

@@ -186,23 +186,29 @@ pub(crate) fn run(dir: &Path, secs: u64) -> anyhow::Result<Vec<PolicyRow>> {
         )?);
     }
 
-    // (c) One replica answers 10 % of requests 100 ms late.
-    for (variant, policy) in [
-        ("no hedging", ""),
-        ("hedge: {after: p90}", "    hedge: {after: p90}\n"),
+    // (c) One replica answers 10 % of requests 100 ms late (the balancer
+    // alone mostly steers around it), and every replica answers 5 % late
+    // (nothing to steer to: hedging's case).
+    for (shape, late) in [
+        (
+            "c: 1 of 3 replicas 10% late by 100ms",
+            [Some("10:100ms"), None, None],
+        ),
+        ("c: all 3 replicas 5% late by 100ms", [Some("20:100ms"); 3]),
     ] {
-        let slow = backend("slow", &["--slow", "10:100ms"])?;
-        let a = backend("a", &[])?;
-        let b = backend("b", &[])?;
-        let (p, out) = proxy(dir, &[slow.1, a.1, b.1], policy)?;
-        rows.push(measure(
-            "c: 10% late by 100ms",
-            variant,
-            dir,
-            (&p, out),
-            rate,
-            || {},
-        )?);
+        for (variant, policy) in [
+            ("no hedging", ""),
+            ("hedge: {after: p90}", "    hedge: {after: p90}\n"),
+        ] {
+            let mut replicas = Vec::new();
+            for (i, slow) in late.iter().enumerate() {
+                let flags: Vec<&str> = slow.map(|s| vec!["--slow", s]).unwrap_or_default();
+                replicas.push(backend(&format!("r{i}"), &flags)?);
+            }
+            let addrs: Vec<SocketAddr> = replicas.iter().map(|(_, a)| *a).collect();
+            let (p, out) = proxy(dir, &addrs, policy)?;
+            rows.push(measure(shape, variant, dir, (&p, out), rate, || {})?);
+        }
     }
 
     // (d) The policy layer's own cost: flat out over h2c, no policy vs
