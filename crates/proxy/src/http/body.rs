@@ -123,8 +123,8 @@ fn finish(classify: &mut Option<Classify>, trailers: Option<&HeaderMap>, error: 
     }
 }
 
-const GRPC_INTERNAL: u32 = 13;
-const GRPC_UNAVAILABLE: u32 = 14;
+pub(super) const GRPC_INTERNAL: u32 = 13;
+pub(super) const GRPC_UNAVAILABLE: u32 = 14;
 
 /// Everything needed to count one response when its stream ends. Holding
 /// it keeps the request counted as in flight for the balancer.

@@ -510,10 +510,23 @@ impl HttpContext {
             };
             match (outcome, next_body) {
                 (Ok((endpoint, mut in_flight, rsp)), Some(next)) => {
-                    // A failed answer nobody will see: it counts against
-                    // the endpoint, then goes.
+                    // An answer nobody will see. A 5xx or gRPC
+                    // UNAVAILABLE/INTERNAL counts against the endpoint;
+                    // other retried statuses (a 429, a NOT_FOUND listed
+                    // in `on`) say nothing about its health.
                     in_flight.pending.observe_response();
-                    in_flight.pending.record(weft_balance::Outcome::Failure);
+                    let code = if grpc {
+                        body::grpc_status(rsp.headers())
+                    } else {
+                        None
+                    };
+                    let failed = rsp.status().is_server_error()
+                        || matches!(code, Some(body::GRPC_INTERNAL | body::GRPC_UNAVAILABLE));
+                    in_flight.pending.record(if failed {
+                        weft_balance::Outcome::Failure
+                    } else {
+                        weft_balance::Outcome::Neutral
+                    });
                     tracing::debug!(endpoint = %endpoint.addr, status = %rsp.status(), retries, "retrying");
                     tried.push(endpoint.addr);
                     body = ReqBody::Replay(next);
