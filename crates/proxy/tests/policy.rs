@@ -382,14 +382,16 @@ async fn an_exhausted_budget_stops_retries() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Every replica answers one request in twenty 200 ms late. Hedging after
-/// 20 ms sends a second try elsewhere, which is almost never late too:
-/// the p99 falls from the tail to about the hedge delay.
+/// Every replica answers one request in forty 200 ms late: 2.5 %, so the
+/// unhedged p99 is in the tail, while the few a hedge cannot save (before
+/// the window has samples, or when both tries are late) stay under 1 %.
+/// Hedging after 20 ms sends a second try elsewhere, which is almost never
+/// late too: the p99 falls from the tail to about the hedge delay.
 #[tokio::test]
 async fn hedging_cuts_the_tail() -> anyhow::Result<()> {
     let any: std::net::SocketAddr = "127.0.0.1:0".parse()?;
     let tail = Behaviour {
-        slow: Some((20, Duration::from_millis(200))),
+        slow: Some((40, Duration::from_millis(200))),
         ..Behaviour::default()
     };
     let mut replicas = Vec::new();
@@ -435,7 +437,8 @@ async fn hedging_cuts_the_tail() -> anyhow::Result<()> {
     );
     assert!(hedged < Duration::from_millis(100), "hedged p99 {hedged:?}");
     let m = weft_test_support::metrics::scrape(proxy.admin).await?;
-    assert!(m.sum("hedge_requests_total", &[("authority", "api.test:80")]) >= 10.0);
+    // About one hedge per late first try (2.5 % of 400).
+    assert!(m.sum("hedge_requests_total", &[("authority", "api.test:80")]) >= 5.0);
     Ok(())
 }
 
