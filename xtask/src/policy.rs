@@ -47,7 +47,7 @@ fn backend(name: &str, flags: &[&str]) -> anyhow::Result<(Proc, SocketAddr)> {
 /// lines at the destination's indentation).
 fn proxy(dir: &Path, endpoints: &[SocketAddr], policy: &str) -> anyhow::Result<(Proc, SocketAddr)> {
     let list: Vec<String> = endpoints.iter().map(|e| format!("{{addr: {e}}}")).collect();
-    let file = dir.join(format!("policy-{}.yaml", fastrand_suffix()));
+    let file = dir.join(format!("policy-{}.yaml", unique_suffix()));
     std::fs::write(
         &file,
         format!(
@@ -63,7 +63,7 @@ fn proxy(dir: &Path, endpoints: &[SocketAddr], policy: &str) -> anyhow::Result<(
     Ok((p, outbound))
 }
 
-fn fastrand_suffix() -> u64 {
+fn unique_suffix() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)

@@ -132,6 +132,11 @@ impl Breaker {
         was_closed && matches!(self.state, State::Open { .. })
     }
 
+    /// Closed with no failure counted: nothing to track for a success.
+    pub(crate) fn is_healthy(&self) -> bool {
+        self.state == State::Closed { failures: 0 }
+    }
+
     pub(crate) fn is_open(&self) -> bool {
         !matches!(self.state, State::Closed { .. })
     }

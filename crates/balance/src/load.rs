@@ -1,5 +1,5 @@
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::breaker::{Breaker, BreakerConfig, Outcome};
@@ -34,6 +34,10 @@ pub struct Load {
     estimate: Mutex<Estimate>,
     decay_ns: f64,
     breaker: Mutex<Breaker>,
+    /// The breaker is closed with no failure counted: picks, starts and
+    /// successes then need not take its lock (the common case, per
+    /// request).
+    healthy: AtomicBool,
     ejections: AtomicU64,
 }
 
@@ -55,31 +59,37 @@ impl Load {
             // "forget immediately", which is what zero means.
             decay_ns: (config.decay.as_nanos() as f64).max(1.0),
             breaker: Mutex::new(Breaker::new(BreakerConfig::default())),
+            healthy: AtomicBool::new(true),
             ejections: AtomicU64::new(0),
         }
     }
 
-    fn breaker(&self) -> std::sync::MutexGuard<'_, Breaker> {
-        self.breaker.lock().unwrap_or_else(|p| p.into_inner())
+    /// Runs `f` on the breaker, then notes whether it is healthy.
+    fn with_breaker<T>(&self, f: impl FnOnce(&mut Breaker) -> T) -> T {
+        let mut b = self.breaker.lock().unwrap_or_else(|p| p.into_inner());
+        let out = f(&mut b);
+        self.healthy.store(b.is_healthy(), Ordering::Release);
+        out
+    }
+
+    fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Acquire)
     }
 
     /// The breaker settings of the destination this endpoint serves (the
     /// last one configured wins when several share it).
     pub fn set_breaker(&self, config: BreakerConfig) {
-        let mut b = self.breaker();
-        if b.config != config {
-            b.config = config;
-        }
+        self.with_breaker(|b| b.config = config);
     }
 
     /// Whether the breaker has the endpoint out of balancing at `now`.
     pub fn ejected(&self, now: Instant) -> bool {
-        self.breaker().ejected(now)
+        !self.is_healthy() && self.with_breaker(|b| b.ejected(now))
     }
 
     /// Whether the breaker is open (ejected, or probing).
     pub fn breaker_open(&self) -> bool {
-        self.breaker().is_open()
+        !self.is_healthy() && self.with_breaker(|b| b.is_open())
     }
 
     /// How many times the breaker has ejected the endpoint.
@@ -88,7 +98,11 @@ impl Load {
     }
 
     fn record_outcome(&self, outcome: Outcome, probe: bool) {
-        if self.breaker().record(outcome, probe, Instant::now()) {
+        // A success or nothing, on a healthy breaker, changes nothing.
+        if outcome != Outcome::Failure && !probe && self.is_healthy() {
+            return;
+        }
+        if self.with_breaker(|b| b.record(outcome, probe, Instant::now())) {
             self.ejections.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -98,7 +112,7 @@ impl Load {
     pub fn start(self: &std::sync::Arc<Self>) -> Pending {
         self.pending.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
-        let probe = self.breaker().start(started);
+        let probe = !self.is_healthy() && self.with_breaker(|b| b.start(started));
         Pending {
             load: self.clone(),
             started,

@@ -74,15 +74,15 @@ impl LatencyWindow {
     /// bucket's width (41 %); `None` with too few of them.
     pub fn percentile(&self, q: f64, now: Instant) -> Option<Duration> {
         let s = self.lock(now);
-        let counts: Vec<u64> = (0..BUCKETS).map(|i| s.current[i] + s.previous[i]).collect();
-        let total: u64 = counts.iter().sum();
+        let count = |i: usize| s.current[i] + s.previous[i];
+        let total: u64 = (0..BUCKETS).map(count).sum();
         if total < MIN_SAMPLES {
             return None;
         }
         let rank = (q * total as f64).ceil() as u64;
         let mut seen = 0;
-        for (i, c) in counts.iter().enumerate() {
-            seen += c;
+        for i in 0..BUCKETS {
+            seen += count(i);
             if seen >= rank {
                 return Some(upper_bound(i));
             }

@@ -123,8 +123,14 @@ fn finish(classify: &mut Option<Classify>, trailers: Option<&HeaderMap>, error: 
     }
 }
 
-pub(super) const GRPC_INTERNAL: u32 = 13;
-pub(super) const GRPC_UNAVAILABLE: u32 = 14;
+/// Whether an answer says the endpoint failed (and so counts for its
+/// breaker): a 5xx, or gRPC UNAVAILABLE or INTERNAL. Other gRPC codes are
+/// the application's answers.
+pub(super) fn blames_endpoint(status: u16, grpc_code: Option<u32>) -> bool {
+    const GRPC_INTERNAL: u32 = 13;
+    const GRPC_UNAVAILABLE: u32 = 14;
+    status >= 500 || matches!(grpc_code, Some(GRPC_INTERNAL | GRPC_UNAVAILABLE))
+}
 
 /// Everything needed to count one response when its stream ends. Holding
 /// it keeps the request counted as in flight for the balancer.
@@ -185,9 +191,6 @@ impl Classify {
         }
         self.recorded = true;
         let mut labels = self.labels.clone();
-        // The endpoint failed: a 5xx, gRPC UNAVAILABLE or INTERNAL, or a
-        // broken stream. Other gRPC codes are the application's answers.
-        let endpoint_failed;
         let success = if self.grpc {
             // A gRPC response without any grpc-status is UNKNOWN (2).
             let code = self
@@ -195,12 +198,13 @@ impl Classify {
                 .or_else(|| trailers.and_then(grpc_status))
                 .unwrap_or(2);
             labels.grpc_status_code = Some(code);
-            endpoint_failed = matches!(code, GRPC_INTERNAL | GRPC_UNAVAILABLE);
             code == 0 && !error
         } else {
-            endpoint_failed = labels.status_code.is_some_and(|c| c >= 500);
             labels.status_code.is_some_and(|c| c < 500) && !error
         };
+        let endpoint_failed = labels
+            .status_code
+            .is_some_and(|c| blames_endpoint(c, labels.grpc_status_code));
         if let Some(mut in_flight) = self.pending.take() {
             use weft_balance::Outcome;
             in_flight

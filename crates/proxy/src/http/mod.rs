@@ -26,7 +26,7 @@ pub use error::{Audience, PROXY_ERROR_HEADER, ProxyError};
 pub use replay::{ReplayBody, ReqBody};
 
 use crate::config::Limits;
-use crate::destinations::Hedge;
+use crate::destinations::{Budget, Hedge, Policy, Retry, Route};
 use crate::endpoint::{Endpoint, SendError};
 use crate::metrics::{
     AuthorityLabels, Classification, Direction, Dst, LatencyLabels, Metrics, ResponseLabels,
@@ -363,9 +363,13 @@ impl HttpContext {
                 return self.fail(tapped, label, e, grpc, start, self.tls_for(None));
             }
         };
+        // The policy is read once: the route it matches names the
+        // request's series and decides where it goes.
+        let policy = target.policy.load_full();
+        let route = self.matched_route(&policy, &req);
         let label = Dst {
             authority: self.label_for(&target, authority.as_ref()),
-            route: self.route_label(&target, &req, grpc),
+            route: self.route_label(&target, route, &req, grpc),
         };
         self.labels.count(&label.authority);
         self.metrics
@@ -401,7 +405,7 @@ impl HttpContext {
             timeout,
             retry,
             hedge,
-        } = match self.concrete(&logical, &req).await {
+        } = match self.concrete(&logical, &policy, route).await {
             Ok(c) => c,
             Err(e) => return self.fail(tapped, label, e, grpc, start, self.tls_for(None)),
         };
@@ -429,7 +433,7 @@ impl HttpContext {
         let hedge = hedge.filter(|_| {
             repeatable && is_idempotent(req.method()) && http_body::Body::is_end_stream(req.body())
         });
-        let budget = retry.as_ref().map(|r| r.budget).unwrap_or_default();
+        let budget = retry.map(|r| r.budget).unwrap_or_default();
         if retry.is_some() || hedge.is_some() {
             logical.budget.deposit(Instant::now());
         }
@@ -437,28 +441,29 @@ impl HttpContext {
             Hedge::After(d) => Some(d),
             Hedge::Percentile(q) => logical.latency.percentile(q, Instant::now()),
         });
-        let (parts, body) = req.into_parts();
-        let (mut body, replay) = match retry.is_some() || hedge.is_some() {
-            true => {
-                let first = ReplayBody::new(body);
-                let again = first.replay();
-                (ReqBody::Replay(first), again)
-            }
-            false => (ReqBody::Stream(body), None),
+        let (head, body) = req.into_parts();
+        // What a retry or a hedge repeats: the request's head, and the copy
+        // of its body. A request that cannot be repeated copies nothing.
+        let (mut head, mut body, again) = if retry.is_some() || hedge.is_some() {
+            let first = ReplayBody::new(body);
+            let again = first.replay().map(|copy| (copy_parts(&head), copy));
+            (head, ReqBody::Replay(first), again)
+        } else {
+            (head, ReqBody::Stream(body), None)
         };
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut retries = 0u32;
         let (endpoint, mut in_flight, mut rsp) = loop {
-            let mut req = Request::from_parts(copy_parts(&parts), body);
+            let mut req = Request::from_parts(head, body);
             if retries > 0 {
                 req.headers_mut()
                     .insert(RETRY_ATTEMPT_HEADER, http::HeaderValue::from(retries + 1));
             }
-            let hedge = match (hedge_after, &replay) {
-                (Some(after), Some(replay)) if retries == 0 => Some(HedgeWith {
+            let hedge = match (hedge_after, &again) {
+                (Some(after), Some((parts, replay))) if retries == 0 => Some(HedgeWith {
                     after,
                     replay,
-                    parts: &parts,
+                    parts,
                     budget,
                     logical: &logical,
                     label: &label.authority,
@@ -478,25 +483,24 @@ impl HttpContext {
             if record_latency && outcome.is_ok() {
                 logical.latency.record(start.elapsed(), Instant::now());
             }
-            let worth_another = match (&outcome, &retry) {
-                (_, None) => false,
-                (Ok((_, _, rsp)), Some(r)) => {
-                    let code = if grpc {
-                        body::grpc_status(rsp.headers())
-                    } else {
-                        None
-                    };
-                    rsp.status().is_server_error() && code.is_none() && r.on.any_5xx
-                        || r.on.status(rsp.status().as_u16(), code)
+            let grpc_code = |rsp: &Response<Incoming>| {
+                if grpc {
+                    body::grpc_status(rsp.headers())
+                } else {
+                    None
                 }
+            };
+            let worth_another = match (&outcome, retry) {
+                (_, None) => false,
+                (Ok((_, _, rsp)), Some(r)) => r.on.status(rsp.status().as_u16(), grpc_code(rsp)),
                 (Err(f), Some(r)) => match f.kind {
                     FailKind::Connect => r.on.connect_error,
                     FailKind::Reset => r.on.reset,
                     FailKind::Final => false,
                 },
             };
-            let next_body = if worth_another
-                && retry.as_ref().is_some_and(|r| {
+            let next = if worth_another
+                && retry.is_some_and(|r| {
                     retries < r.attempts
                         && logical.budget.withdraw(
                             r.budget.ratio,
@@ -504,24 +508,20 @@ impl HttpContext {
                             Instant::now(),
                         )
                 }) {
-                replay.as_ref().and_then(ReplayBody::replay)
+                again
+                    .as_ref()
+                    .and_then(|(parts, replay)| Some((copy_parts(parts), replay.replay()?)))
             } else {
                 None
             };
-            match (outcome, next_body) {
+            match (outcome, next) {
                 (Ok((endpoint, mut in_flight, rsp)), Some(next)) => {
                     // An answer nobody will see. A 5xx or gRPC
                     // UNAVAILABLE/INTERNAL counts against the endpoint;
                     // other retried statuses (a 429, a NOT_FOUND listed
                     // in `on`) say nothing about its health.
                     in_flight.pending.observe_response();
-                    let code = if grpc {
-                        body::grpc_status(rsp.headers())
-                    } else {
-                        None
-                    };
-                    let failed = rsp.status().is_server_error()
-                        || matches!(code, Some(body::GRPC_INTERNAL | body::GRPC_UNAVAILABLE));
+                    let failed = body::blames_endpoint(rsp.status().as_u16(), grpc_code(&rsp));
                     in_flight.pending.record(if failed {
                         weft_balance::Outcome::Failure
                     } else {
@@ -529,14 +529,14 @@ impl HttpContext {
                     });
                     tracing::debug!(endpoint = %endpoint.addr, status = %rsp.status(), retries, "retrying");
                     tried.push(endpoint.addr);
-                    body = ReqBody::Replay(next);
+                    (head, body) = (next.0, ReqBody::Replay(next.1));
                 }
                 (Err(f), Some(next)) => {
                     tracing::debug!(error = %f.error, retries, "retrying");
                     if let Some(e) = &f.endpoint {
                         tried.push(e.addr);
                     }
-                    body = ReqBody::Replay(next);
+                    (head, body) = (next.0, ReqBody::Replay(next.1));
                 }
                 (Ok(answered), None) => break answered,
                 (Err(f), None) => {
@@ -772,64 +772,57 @@ impl HttpContext {
         }
     }
 
-    /// The route label: the matching route's name when the destination
-    /// has routes (outbound), a gRPC call's method (bounded per
-    /// destination), else `default`.
-    fn route_label(&self, target: &Target, req: &Request<Incoming>, grpc: bool) -> Arc<str> {
-        if self.direction == Direction::outbound {
-            let policy = target.policy.load();
-            if !policy.routes.is_empty() {
-                let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
-                return policy
-                    .routes
-                    .iter()
-                    .find(|r| {
-                        r.matches
-                            .matches(req.method().as_str(), req.uri().path(), header)
-                    })
-                    .map_or_else(default_route, |r| r.name.clone());
-            }
+    /// The route an outbound request matches, when its destination has
+    /// routes (the first whose match holds).
+    fn matched_route<'p>(&self, policy: &'p Policy, req: &Request<Incoming>) -> Option<&'p Route> {
+        if self.direction != Direction::outbound || policy.routes.is_empty() {
+            return None;
         }
-        if grpc {
-            return target.grpc_method(req.uri().path());
+        let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+        policy.routes.iter().find(|r| {
+            r.matches
+                .matches(req.method().as_str(), req.uri().path(), header)
+        })
+    }
+
+    /// The route label: the matched route's name, a gRPC call's method
+    /// (bounded per destination), else `default`.
+    fn route_label(
+        &self,
+        target: &Target,
+        route: Option<&Route>,
+        req: &Request<Incoming>,
+        grpc: bool,
+    ) -> Arc<str> {
+        match route {
+            Some(r) => r.name.clone(),
+            None if grpc => target.grpc_method(req.uri().path()),
+            None => default_route(),
         }
-        default_route()
     }
 
     /// Logical → concrete. A destination without routes serves requests
-    /// from its own endpoints; otherwise the first route that matches
-    /// picks a backend by weight, a destination resolved like any other
-    /// name. Also returns the timeout in force (the route's, else the
-    /// destination's).
-    async fn concrete(
+    /// from its own endpoints; otherwise the matched route picks a backend
+    /// by weight, a destination resolved like any other name (no match:
+    /// 404). Also returns the timeout, retry and hedging in force (the
+    /// route's, else the destination's).
+    async fn concrete<'p>(
         &self,
         logical: &Arc<Target>,
-        req: &Request<Incoming>,
-    ) -> Result<Concrete, ProxyError> {
-        let policy = logical.policy.load_full();
-        if policy.routes.is_empty() {
+        policy: &'p Policy,
+        route: Option<&'p Route>,
+    ) -> Result<Concrete<'p>, ProxyError> {
+        if policy.routes.is_empty() || self.direction != Direction::outbound {
             return Ok(Concrete {
                 target: logical.clone(),
                 timeout: policy.timeout,
-                retry: policy.retry.clone(),
+                retry: policy.retry.as_ref(),
                 hedge: policy.hedge,
             });
         }
-        let path = req.uri().path();
-        let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
-        let Some(route) = policy
-            .routes
-            .iter()
-            .find(|r| r.matches.matches(req.method().as_str(), path, header))
-        else {
-            return Err(ProxyError::NoRoute(logical.authority.to_string()));
-        };
-        let timeout = route.timeout.or(policy.timeout);
-        let retry = route.retry.clone().or_else(|| policy.retry.clone());
-        let hedge = route.hedge.or(policy.hedge);
-        let backend = route
-            .pick_backend()
-            .ok_or_else(|| ProxyError::NoRoute(logical.authority.to_string()))?;
+        let no_route = || ProxyError::NoRoute(logical.authority.to_string());
+        let route = route.ok_or_else(no_route)?;
+        let backend = route.pick_backend().ok_or_else(no_route)?;
         let target = if backend.destination == logical.authority {
             logical.clone()
         } else {
@@ -837,9 +830,9 @@ impl HttpContext {
         };
         Ok(Concrete {
             target,
-            timeout,
-            retry,
-            hedge,
+            timeout: route.timeout.or(policy.timeout),
+            retry: route.retry.as_ref().or(policy.retry.as_ref()),
+            hedge: route.hedge.or(policy.hedge),
         })
     }
 
@@ -1078,10 +1071,10 @@ fn default_route() -> Arc<str> {
 }
 
 /// Where a request goes once its route is chosen.
-struct Concrete {
+struct Concrete<'p> {
     target: Arc<Target>,
     timeout: Option<Duration>,
-    retry: Option<crate::destinations::Retry>,
+    retry: Option<&'p Retry>,
     hedge: Option<Hedge>,
 }
 
@@ -1090,7 +1083,7 @@ struct HedgeWith<'a> {
     after: Duration,
     replay: &'a ReplayBody,
     parts: &'a http::request::Parts,
-    budget: crate::destinations::Budget,
+    budget: Budget,
     logical: &'a Target,
     label: &'a str,
 }
