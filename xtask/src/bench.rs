@@ -540,6 +540,7 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir)?;
     if opts.only_policy {
         let rows = crate::policy::run(&dir, opts.duration)?;
+        print!("{}", policy_table(&rows));
         println!("{}", serde_json::to_string_pretty(&rows)?);
         let _ = std::fs::remove_dir_all(&dir);
         return Ok(());
@@ -846,17 +847,7 @@ fn table(r: &Report) -> String {
         f.control_rss_bytes as f64 / 1048576.0,
         f.control_cpu_s
     );
-    let _ = writeln!(
-        out,
-        "\n| policy scenario | variant | req/s | p50 µs | p99 µs | failed | proxy CPU µs/req |\n|---|---|---:|---:|---:|---:|---:|"
-    );
-    for p in &r.policy {
-        let _ = writeln!(
-            out,
-            "| {} | {} | {:.0} | {:.0} | {:.0} | {} | {:.1} |",
-            p.scenario, p.variant, p.rps, p.p50_us, p.p99_us, p.failed, p.cpu_us_per_request
-        );
-    }
+    out.push_str(&policy_table(&r.policy));
     let _ = writeln!(
         out,
         "\n| target | measured | limit | verdict |\n|---|---:|---:|---|"
@@ -878,6 +869,32 @@ fn table(r: &Report) -> String {
             out,
             "| (reference) {} | {:.2} {} | | |",
             reference.name, reference.measured, reference.unit
+        );
+    }
+    out
+}
+
+/// The traffic-policy scenarios as a table.
+fn policy_table(rows: &[crate::policy::PolicyRow]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\n| policy scenario | variant | req/s | p50 µs | p99 µs | failed | proxy CPU µs/req |\n|---|---|---:|---:|---:|---:|---:|"
+    );
+    for p in rows {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.0} | {:.0} | {:.0} | {} | {:.1}{} |",
+            p.scenario,
+            p.variant,
+            p.rps,
+            p.p50_us,
+            p.p99_us,
+            p.failed,
+            p.cpu_us_per_request,
+            p.cpu_us_per_request_range
+                .map(|(lo, hi)| format!(" ({lo:.1}–{hi:.1})"))
+                .unwrap_or_default()
         );
     }
     out
