@@ -11,15 +11,13 @@ use linkerd2_proxy_api::destination::{
     RetryBudget, TlsIdentity, Update, WeightedAddr, WeightedAddrSet,
     destination_server::Destination, protocol_hint, tls_identity, update,
 };
-use std::collections::{HashMap, VecDeque};
-use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::collections::VecDeque;
+use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
-use weft_channel::Peer;
 use weft_detect::Authority;
-use weft_identity::Name;
 
+use crate::clients::{ClientSlot, Clients};
 use crate::discovery::{Discovery, Endpoint, Resolution, Watch};
 use crate::metrics::{Metrics, OpenStream};
 
@@ -36,85 +34,8 @@ impl DestinationService {
         Self {
             discovery,
             metrics,
-            clients: Arc::new(Clients {
-                max: max_per_client,
-                open: Mutex::new(HashMap::new()),
-            }),
+            clients: Clients::new(max_per_client),
         }
-    }
-}
-
-/// Who a stream is counted against: the identity its connection proved,
-/// else the address it came from.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-enum ClientKey {
-    Identity(Name),
-    Addr(IpAddr),
-}
-
-impl std::fmt::Display for ClientKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Identity(n) => write!(f, "{n}"),
-            Self::Addr(a) => write!(f, "{a} (no client certificate)"),
-        }
-    }
-}
-
-/// Open streams per client, so one client (a proxy that follows random
-/// names, a runaway script) cannot make the control plane hold without
-/// bound.
-struct Clients {
-    max: u32,
-    open: Mutex<HashMap<ClientKey, u32>>,
-}
-
-/// One stream counted against its client until dropped.
-struct ClientSlot {
-    clients: Arc<Clients>,
-    key: ClientKey,
-}
-
-impl Clients {
-    fn acquire(self: &Arc<Self>, key: ClientKey) -> Result<ClientSlot, Status> {
-        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        let n = open.entry(key.clone()).or_default();
-        if *n >= self.max {
-            return Err(Status::resource_exhausted(format!(
-                "{key} already follows {} names, the most one client may (weft-control --max-names-per-client)",
-                self.max
-            )));
-        }
-        *n += 1;
-        Ok(ClientSlot {
-            clients: self.clone(),
-            key,
-        })
-    }
-}
-
-impl Drop for ClientSlot {
-    fn drop(&mut self) {
-        let mut open = self.clients.open.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = open.get_mut(&self.key) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                open.remove(&self.key);
-            }
-        }
-    }
-}
-
-impl DestinationService {
-    fn slot<T>(&self, request: &Request<T>) -> Result<ClientSlot, Status> {
-        let key = match request.extensions().get::<Peer>() {
-            Some(Peer {
-                identity: Some(n), ..
-            }) => ClientKey::Identity(n.clone()),
-            Some(p) => ClientKey::Addr(p.addr.ip()),
-            None => ClientKey::Addr(IpAddr::from([0, 0, 0, 0])),
-        };
-        self.clients.acquire(key)
     }
 }
 
@@ -140,7 +61,7 @@ impl Destination for DestinationService {
         request: Request<GetDestination>,
     ) -> Result<Response<Self::GetStream>, Status> {
         let authority = parse_path(request.get_ref())?;
-        let slot = self.slot(&request)?;
+        let slot = self.clients.acquire_for(&request)?;
         let watch = self.discovery.watch(&authority);
         Ok(Response::new(Box::pin(updates(
             authority,
@@ -155,7 +76,7 @@ impl Destination for DestinationService {
         request: Request<GetDestination>,
     ) -> Result<Response<Self::GetProfileStream>, Status> {
         let authority = parse_path(request.get_ref())?;
-        let slot = self.slot(&request)?;
+        let slot = self.clients.acquire_for(&request)?;
         let watch = self.discovery.watch(&authority);
         Ok(Response::new(Box::pin(profiles(
             authority,
@@ -433,6 +354,7 @@ mod tests {
         Resolution::Known(Arc::new(Service {
             endpoints: eps.iter().map(|e| (e.addr, e.clone())).collect(),
             opaque: false,
+            policy: Default::default(),
         }))
     }
 

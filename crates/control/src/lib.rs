@@ -8,13 +8,16 @@ use linkerd2_proxy_api::destination::destination_server::DestinationServer;
 use linkerd2_proxy_api::identity::identity_server::IdentityServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use weft_policy_api::server::OutboundPoliciesServer;
 
 pub mod admin;
+mod clients;
 pub mod config;
 pub mod destination;
 pub mod discovery;
 pub mod identity;
 pub mod metrics;
+pub mod outbound;
 pub mod spent;
 
 pub use config::Config;
@@ -110,13 +113,24 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         // Proxies hold one long-lived connection; keep-alives find dead ones.
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(5)))
-        // A proxy follows every name it routes to on one connection.
+        // A proxy follows every name it routes to on one connection, with
+        // two streams each: endpoints and policy.
         .max_concurrent_streams(Some(
-            config.max_names_per_client.saturating_add(EXTRA_STREAMS),
+            config
+                .max_names_per_client
+                .saturating_mul(2)
+                .saturating_add(EXTRA_STREAMS),
         ))
         .http2_max_header_list_size(Some(16 * 1024))
         .add_service(DestinationServer::new(
-            destination::DestinationService::new(discovery, metrics, config.max_names_per_client),
+            destination::DestinationService::new(
+                discovery.clone(),
+                metrics.clone(),
+                config.max_names_per_client,
+            ),
+        ))
+        .add_service(OutboundPoliciesServer::new(
+            outbound::OutboundPolicyService::new(discovery, metrics, config.max_names_per_client),
         ))
         .add_service(IdentityServer::new(identity));
     router

@@ -99,6 +99,7 @@ impl DnsBackend {
                 Some(Resolution::Known(Arc::new(Service {
                     endpoints,
                     opaque: false,
+                    policy: Default::default(),
                 })))
             }
             Ok(_) => Some(Resolution::Unknown),

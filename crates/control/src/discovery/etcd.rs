@@ -94,6 +94,7 @@ fn resolve(state: &State, authority: &Authority) -> Resolution {
         Some(eps) if !eps.is_empty() => Resolution::Known(Arc::new(Service {
             endpoints: BTreeMap::clone(eps),
             opaque: false,
+            policy: Default::default(),
         })),
         _ => Resolution::Unknown,
     }

@@ -59,6 +59,7 @@ fn resolve(d: &Destinations, authority: &Authority) -> Resolution {
     Resolution::Known(Arc::new(Service {
         endpoints,
         opaque: dest.opaque,
+        policy: dest.policy.clone(),
     }))
 }
 

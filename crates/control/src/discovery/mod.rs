@@ -33,6 +33,9 @@ pub struct Endpoint {
 pub struct Service {
     pub endpoints: BTreeMap<SocketAddr, Endpoint>,
     pub opaque: bool,
+    /// Routes, timeouts, retries, breaker: the file's, or the defaults for
+    /// backends that only know endpoints.
+    pub policy: weft_destinations::Policy,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
