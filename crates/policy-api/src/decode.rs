@@ -191,7 +191,7 @@ fn grpc_routes(
             }
             let backends = grpc_backends(&name, rule.backends.as_ref())?;
             let retry = rule.retry.as_ref().map(|r| {
-                let c = r.conditions.clone().unwrap_or_default();
+                let c = r.conditions.unwrap_or_default();
                 let codes = [
                     (c.cancelled, 1),
                     (c.deadine_exceeded, 4),
