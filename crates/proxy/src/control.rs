@@ -1,5 +1,7 @@
-//! The proxy's side of the control plane: a gRPC channel, and one
-//! Destination `Get` stream per authority the proxy routes to.
+//! The proxy's side of the control plane: a gRPC channel, and per
+//! authority the proxy routes to, one Destination `Get` stream (its
+//! endpoints) and one OutboundPolicies `Watch` stream (its routes,
+//! timeouts, retries and breaker).
 //!
 //! The control plane is never on the request path: streams update targets
 //! in the background, and while the control plane is away the proxy keeps
@@ -34,6 +36,8 @@ pub struct Control {
     pub addr: String,
     tls: ClientTls,
     channel: Channel,
+    /// Who asks, for `TrafficSpec.source_workload`: this proxy's identity.
+    workload: Arc<str>,
 }
 
 impl Control {
@@ -44,6 +48,7 @@ impl Control {
         roots: Arc<rustls::RootCertStore>,
         name: &Name,
         cert: Option<Arc<CurrentCert>>,
+        workload: Option<String>,
     ) -> Result<Self, ChannelError> {
         let cert = cert.map(|c| c as Arc<dyn rustls::client::ResolvesClientCert>);
         let tls = ClientTls::new(roots, name, cert)?;
@@ -52,6 +57,7 @@ impl Control {
             addr: addr.to_string(),
             tls,
             channel,
+            workload: workload.unwrap_or_default().into(),
         })
     }
 
@@ -120,6 +126,71 @@ impl Control {
             }
             // Jitter spreads a fleet's reconnects after a control plane
             // restart.
+            let jitter = backoff.mul_f64(fastrand::f64() * 0.5);
+            tokio::time::sleep(backoff + jitter).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+}
+
+impl Control {
+    /// Follows the outbound policy of `authority` until the router goes
+    /// away, keeping `target`'s policy current. `first` fires on the first
+    /// policy (or when the control plane has no policy API).
+    pub(crate) async fn follow_policy(
+        self,
+        authority: Authority,
+        router: Weak<Router>,
+        target: Arc<Target>,
+        first: oneshot::Sender<()>,
+    ) {
+        let mut first = Some(first);
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            match weft_policy_api::client::watch(self.channel.clone(), &authority, &self.workload)
+                .await
+            {
+                Ok(mut stream) => loop {
+                    let msg = match stream.message().await {
+                        Ok(Some(m)) => m,
+                        Ok(None) => {
+                            tracing::info!(%authority, "policy stream ended; reconnecting");
+                            break;
+                        }
+                        Err(status) => {
+                            tracing::info!(%authority, error = %status.message(), "policy stream failed; keeping the last policy");
+                            break;
+                        }
+                    };
+                    backoff = BACKOFF_MIN;
+                    let Some(router) = router.upgrade() else {
+                        return;
+                    };
+                    match weft_policy_api::decode(&authority, &msg) {
+                        Ok(policy) => router.update_policy(&target, policy),
+                        Err(e) => {
+                            tracing::warn!(%authority, error = %e, "outbound policy refused; keeping the last good one")
+                        }
+                    }
+                    if let Some(tx) = first.take() {
+                        let _ = tx.send(());
+                    }
+                },
+                Err(status) if status.code() == tonic::Code::Unimplemented => {
+                    // An older control plane: endpoints only, default policy.
+                    tracing::info!(%authority, "the control plane serves no outbound policies; using the defaults");
+                    if let Some(tx) = first.take() {
+                        let _ = tx.send(());
+                    }
+                    return;
+                }
+                Err(status) => {
+                    tracing::debug!(%authority, error = %status.message(), "control plane unavailable");
+                }
+            }
+            if router.strong_count() == 0 {
+                return;
+            }
             let jitter = backoff.mul_f64(fastrand::f64() * 0.5);
             tokio::time::sleep(backoff + jitter).await;
             backoff = (backoff * 2).min(BACKOFF_MAX);

@@ -125,11 +125,17 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     };
     let control = match (&config.control, roots) {
         (Some(c), Some(roots)) => Some(
-            control::Control::new(&c.addr, roots, &c.name, tls.as_ref().map(|t| t.cert()))
-                .map_err(|source| RunError::Control {
-                    var: config::ENV_CONTROL_ADDR,
-                    source,
-                })?,
+            control::Control::new(
+                &c.addr,
+                roots,
+                &c.name,
+                tls.as_ref().map(|t| t.cert()),
+                config.identity.as_ref().map(|id| id.name.to_string()),
+            )
+            .map_err(|source| RunError::Control {
+                var: config::ENV_CONTROL_ADDR,
+                source,
+            })?,
         ),
         _ => None,
     };

@@ -507,18 +507,33 @@ impl Router {
                         known: AtomicBool::new(false),
                     },
                 ));
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                let task = tokio::spawn(control.clone().follow(
+                let (endpoints_tx, endpoints_rx) = tokio::sync::oneshot::channel();
+                let (policy_tx, policy_rx) = tokio::sync::oneshot::channel();
+                let endpoints = control.clone().follow(
                     authority.clone(),
                     Arc::downgrade(self),
                     target.clone(),
-                    tx,
-                ));
+                    endpoints_tx,
+                );
+                let policy = control.clone().follow_policy(
+                    authority.clone(),
+                    Arc::downgrade(self),
+                    target.clone(),
+                    policy_tx,
+                );
+                let task = tokio::spawn(async move {
+                    tokio::join!(endpoints, policy);
+                });
                 if let Ok(mut f) = target.follower.lock() {
                     *f = Some(task.abort_handle());
                 }
-                if tokio::time::timeout(CONTROL_FIRST_ANSWER, rx).await.is_err() {
-                    tracing::info!(%authority, "no answer from the control plane yet; using DNS meanwhile");
+                // The first request waits for the policy too, so it gets
+                // the timeout and retries a later one would.
+                let both = async {
+                    let _ = tokio::join!(endpoints_rx, policy_rx);
+                };
+                if tokio::time::timeout(CONTROL_FIRST_ANSWER, both).await.is_err() {
+                    tracing::info!(%authority, "no full answer from the control plane yet; using what it said and DNS meanwhile");
                 }
                 target
             })
@@ -538,13 +553,30 @@ impl Router {
         specs: &[EndpointSpec],
         known: Option<bool>,
     ) {
-        target.set.store(Arc::new(self.build_set(specs)));
+        let set = self.build_set(specs);
+        let breaker = target.policy.load().breaker;
+        for (_, load) in set.iter() {
+            load.set_breaker(breaker);
+        }
+        target.set.store(Arc::new(set));
         if let (Source::Control { known: k }, Some(v)) = (&target.source, known) {
             k.store(v, Ordering::Release);
         }
         tracing::debug!(authority = %target.authority, endpoints = specs.len(), ?known, "destination update");
         if let Ok(mut eps) = self.endpoints.lock() {
             eps.retain(|_, w| w.strong_count() > 0);
+        }
+    }
+
+    /// Applies a control-plane policy to `target`: its breaker to the
+    /// endpoints it has now, the rest to requests from now on.
+    pub(crate) fn update_policy(&self, target: &Target, policy: Policy) {
+        for (_, load) in target.set.load().iter() {
+            load.set_breaker(policy.breaker);
+        }
+        tracing::debug!(authority = %target.authority, routes = policy.routes.len(), "policy update");
+        if **target.policy.load() != policy {
+            target.policy.store(Arc::new(policy));
         }
     }
 

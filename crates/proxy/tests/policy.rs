@@ -2,21 +2,124 @@
 
 use std::time::{Duration, Instant};
 
-use weft_test_support::DestinationsFile;
 use weft_test_support::backend::{Backend, Behaviour};
 use weft_test_support::client::{self, get, text};
+use weft_test_support::control::Control;
+use weft_test_support::mesh::{MeshCa, meshed};
 use weft_test_support::proxy::Proxy;
+use weft_test_support::{DestinationsFile, workspace_binary};
 
 const PROXY: &str = env!("CARGO_BIN_EXE_weft-proxy");
 
-async fn proxy_for(yaml: &str) -> anyhow::Result<(DestinationsFile, Proxy)> {
-    let dests = DestinationsFile::from_yaml(yaml)?;
-    let proxy = Proxy::start(
-        PROXY.as_ref(),
-        &[("WEFT_PROXY_DESTINATIONS", &dests.path_str())],
-    )
-    .await?;
-    Ok((dests, proxy))
+/// Where the proxy's policy comes from: the same YAML either way.
+#[derive(Clone, Copy, Debug)]
+enum Mode {
+    /// The proxy reads the destinations file itself.
+    File,
+    /// weft-control serves the file; the proxy follows Destination `Get`
+    /// and OutboundPolicies `Watch`.
+    Control,
+}
+
+/// The destinations file, and the control plane serving it (if any).
+struct Dests {
+    file: DestinationsFile,
+    _control: Option<(MeshCa, Control)>,
+}
+
+impl Dests {
+    fn write_yaml(&self, yaml: &str) -> anyhow::Result<()> {
+        self.file.write_yaml(yaml)
+    }
+}
+
+async fn proxy_in(mode: Mode, yaml: &str) -> anyhow::Result<(Dests, Proxy)> {
+    let file = DestinationsFile::from_yaml(yaml)?;
+    match mode {
+        Mode::File => {
+            let proxy = Proxy::start(
+                PROXY.as_ref(),
+                &[("WEFT_PROXY_DESTINATIONS", &file.path_str())],
+            )
+            .await?;
+            Ok((
+                Dests {
+                    file,
+                    _control: None,
+                },
+                proxy,
+            ))
+        }
+        Mode::Control => {
+            let ca = MeshCa::new()?;
+            let control = Control::start(
+                &workspace_binary("weft-control")?,
+                &ca,
+                &["--destinations", &file.path_str()],
+            )
+            .await?;
+            let env = meshed(&ca, &control, "web.demo")?;
+            let env: Vec<(&str, &str)> =
+                env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            let proxy = Proxy::start(PROXY.as_ref(), &env).await?;
+            Ok((
+                Dests {
+                    file,
+                    _control: Some((ca, control)),
+                },
+                proxy,
+            ))
+        }
+    }
+}
+
+/// A test run with the policy from the file and from the control plane:
+/// both must behave the same.
+macro_rules! in_both_modes {
+    ($($body:ident => $file:ident, $control:ident;)*) => {$(
+        #[tokio::test]
+        async fn $file() -> anyhow::Result<()> {
+            $body(Mode::File).await
+        }
+
+        #[tokio::test]
+        async fn $control() -> anyhow::Result<()> {
+            $body(Mode::Control).await
+        }
+    )*};
+}
+
+in_both_modes! {
+    a_fast_failing_endpoint_is_not_preferred_by_default_in
+        => a_fast_failing_endpoint_is_not_preferred_by_default,
+           from_control_a_fast_failing_endpoint_is_not_preferred;
+    a_destination_timeout_answers_504_in_time_in
+        => a_destination_timeout_answers_504_in_time,
+           from_control_a_destination_timeout_answers_504_in_time;
+    header_routes_and_weighted_splits_in
+        => header_routes_and_weighted_splits,
+           from_control_header_routes_and_weighted_splits;
+    unmatched_requests_404_and_route_timeouts_override_in
+        => unmatched_requests_404_and_route_timeouts_override,
+           from_control_unmatched_requests_404_and_route_timeouts_override;
+    a_split_edit_applies_within_a_second_with_no_failures_in
+        => a_split_edit_applies_within_a_second_with_no_failures,
+           from_control_a_split_edit_applies_within_a_second_with_no_failures;
+    retries_repeat_only_what_is_safe_to_repeat_in
+        => retries_repeat_only_what_is_safe_to_repeat,
+           from_control_retries_repeat_only_what_is_safe_to_repeat;
+    with_retries_a_dead_replica_fails_no_idempotent_request_in
+        => with_retries_a_dead_replica_fails_no_idempotent_request,
+           from_control_with_retries_a_dead_replica_fails_no_idempotent_request;
+    an_exhausted_budget_stops_retries_in
+        => an_exhausted_budget_stops_retries,
+           from_control_an_exhausted_budget_stops_retries;
+    hedging_cuts_the_tail_in
+        => hedging_cuts_the_tail,
+           from_control_hedging_cuts_the_tail;
+    ejections_are_counted_and_the_set_fails_open_in
+        => ejections_are_counted_and_the_set_fails_open,
+           from_control_ejections_are_counted_and_the_set_fails_open;
 }
 
 /// Sends `n` GETs one after another on one connection; returns each
@@ -52,8 +155,7 @@ async fn send_many(
 /// counts as a 1 s response, so the balancer leaves it after its first
 /// (the breaker would eject it after 7; `ejections_are_counted...` shows
 /// that). Round robin would succeed 67 % of the time.
-#[tokio::test]
-async fn a_fast_failing_endpoint_is_not_preferred_by_default() -> anyhow::Result<()> {
+async fn a_fast_failing_endpoint_is_not_preferred_by_default_in(mode: Mode) -> anyhow::Result<()> {
     let any = "127.0.0.1:0".parse()?;
     let a = Backend::start("a").await?;
     let b = Backend::start("b").await?;
@@ -67,7 +169,7 @@ async fn a_fast_failing_endpoint_is_not_preferred_by_default() -> anyhow::Result
         },
     )
     .await?;
-    let (_dests, proxy) = proxy_for(&format!(
+    let (_dests, proxy) = proxy_in(mode, &format!(
         "destinations:\n  \"api.test:80\":\n    endpoints:\n      - addr: {}\n      - addr: {}\n      - addr: {}\n",
         a.addr, b.addr, bad.addr
     ))
@@ -85,11 +187,10 @@ async fn a_fast_failing_endpoint_is_not_preferred_by_default() -> anyhow::Result
 
 /// A destination timeout answers 504 within the timeout (+50 ms), with a
 /// reason, and cancels the upstream request.
-#[tokio::test]
-async fn a_destination_timeout_answers_504_in_time() -> anyhow::Result<()> {
+async fn a_destination_timeout_answers_504_in_time_in(mode: Mode) -> anyhow::Result<()> {
     let slow =
         Backend::start_with_delay("slow", "127.0.0.1:0".parse()?, Duration::from_secs(3)).await?;
-    let (_dests, proxy) = proxy_for(&format!(
+    let (_dests, proxy) = proxy_in(mode, &format!(
         "destinations:\n  \"api.test:80\":\n    timeout: 500ms\n    endpoints:\n      - addr: {}\n",
         slow.addr
     ))
@@ -115,12 +216,13 @@ async fn a_destination_timeout_answers_504_in_time() -> anyhow::Result<()> {
 /// A route matching a header sends those requests to another destination;
 /// a weighted split sends 10 % to the canary, within ±4 points over 2,000
 /// requests; a request matching no route is refused with 404.
-#[tokio::test]
-async fn header_routes_and_weighted_splits() -> anyhow::Result<()> {
+async fn header_routes_and_weighted_splits_in(mode: Mode) -> anyhow::Result<()> {
     let stable = Backend::start("stable").await?;
     let canary = Backend::start("canary").await?;
-    let (_dests, proxy) = proxy_for(&format!(
-        r#"destinations:
+    let (_dests, proxy) = proxy_in(
+        mode,
+        &format!(
+            r#"destinations:
   "api.test:80":
     endpoints: [{{addr: {stable}}}]
     routes:
@@ -135,9 +237,10 @@ async fn header_routes_and_weighted_splits() -> anyhow::Result<()> {
   "api-v2.test:80":
     endpoints: [{{addr: {canary}}}]
 "#,
-        stable = stable.addr,
-        canary = canary.addr
-    ))
+            stable = stable.addr,
+            canary = canary.addr
+        ),
+    )
     .await?;
     let flagged = send_many(&proxy, "api.test:80", 50, Some(("x-canary", "1"))).await?;
     assert!(
@@ -168,13 +271,14 @@ async fn header_routes_and_weighted_splits() -> anyhow::Result<()> {
 
 /// With routes, a request none of them matches gets 404 and a reason; a
 /// route's own timeout overrides the destination's.
-#[tokio::test]
-async fn unmatched_requests_404_and_route_timeouts_override() -> anyhow::Result<()> {
+async fn unmatched_requests_404_and_route_timeouts_override_in(mode: Mode) -> anyhow::Result<()> {
     let slow =
         Backend::start_with_delay("slow", "127.0.0.1:0".parse()?, Duration::from_millis(400))
             .await?;
-    let (_dests, proxy) = proxy_for(&format!(
-        r#"destinations:
+    let (_dests, proxy) = proxy_in(
+        mode,
+        &format!(
+            r#"destinations:
   "api.test:80":
     endpoints: [{{addr: {slow}}}]
     timeout: 2s
@@ -187,8 +291,9 @@ async fn unmatched_requests_404_and_route_timeouts_override() -> anyhow::Result<
         match: {{path_prefix: /api, method: GET}}
         backends: [{{destination: "api.test:80"}}]
 "#,
-        slow = slow.addr
-    ))
+            slow = slow.addr
+        ),
+    )
     .await?;
     let mut send = client::http1(proxy.outbound).await?;
     send.ready().await?;
@@ -211,8 +316,9 @@ async fn unmatched_requests_404_and_route_timeouts_override() -> anyhow::Result<
 
 /// Shifting a split by editing the file takes effect within a second and
 /// fails no request on the way.
-#[tokio::test]
-async fn a_split_edit_applies_within_a_second_with_no_failures() -> anyhow::Result<()> {
+async fn a_split_edit_applies_within_a_second_with_no_failures_in(
+    mode: Mode,
+) -> anyhow::Result<()> {
     let stable = Backend::start("stable").await?;
     let canary = Backend::start("canary").await?;
     let yaml = |stable_weight: u32, canary_weight: u32| {
@@ -232,7 +338,7 @@ async fn a_split_edit_applies_within_a_second_with_no_failures() -> anyhow::Resu
             canary = canary.addr
         )
     };
-    let (dests, proxy) = proxy_for(&yaml(100, 1)).await?;
+    let (dests, proxy) = proxy_in(mode, &yaml(100, 1)).await?;
     let mut send = client::http1(proxy.outbound).await?;
     let mut failed = 0;
     for _ in 0..50 {
@@ -299,10 +405,9 @@ async fn request(
 /// are retried (their bodies replayed, including the part the failed try
 /// never read) and all succeed; a POST is never retried; a body over
 /// 64 KiB is not kept, so its request is not retried either.
-#[tokio::test]
-async fn retries_repeat_only_what_is_safe_to_repeat() -> anyhow::Result<()> {
+async fn retries_repeat_only_what_is_safe_to_repeat_in(mode: Mode) -> anyhow::Result<()> {
     let flaky = Backend::start_with("flaky", "127.0.0.1:0".parse()?, failing(2)).await?;
-    let (_dests, proxy) = proxy_for(&format!(
+    let (_dests, proxy) = proxy_in(mode, &format!(
         "destinations:\n  \"api.test:80\":\n    endpoints: [{{addr: {}}}]\n    breaker: {{consecutive_failures: 0}}\n    retry: {{attempts: 2}}\n",
         flaky.addr
     ))
@@ -347,13 +452,14 @@ async fn retries_repeat_only_what_is_safe_to_repeat() -> anyhow::Result<()> {
 }
 
 /// One replica of three always fails; with retries not one GET fails.
-#[tokio::test]
-async fn with_retries_a_dead_replica_fails_no_idempotent_request() -> anyhow::Result<()> {
+async fn with_retries_a_dead_replica_fails_no_idempotent_request_in(
+    mode: Mode,
+) -> anyhow::Result<()> {
     let any = "127.0.0.1:0".parse()?;
     let a = Backend::start("a").await?;
     let b = Backend::start("b").await?;
     let bad = Backend::start_with("bad", any, failing(1)).await?;
-    let (_dests, proxy) = proxy_for(&format!(
+    let (_dests, proxy) = proxy_in(mode, &format!(
         "destinations:\n  \"api.test:80\":\n    endpoints: [{{addr: {}}}, {{addr: {}}}, {{addr: {}}}]\n    retry: {{attempts: 2}}\n",
         a.addr, b.addr, bad.addr
     ))
@@ -366,10 +472,9 @@ async fn with_retries_a_dead_replica_fails_no_idempotent_request() -> anyhow::Re
 
 /// A budget of no share and 1 retry per second allows 10 retries in the
 /// 10 s window, however many requests fail.
-#[tokio::test]
-async fn an_exhausted_budget_stops_retries() -> anyhow::Result<()> {
+async fn an_exhausted_budget_stops_retries_in(mode: Mode) -> anyhow::Result<()> {
     let dead = Backend::start_with("dead", "127.0.0.1:0".parse()?, failing(1)).await?;
-    let (_dests, proxy) = proxy_for(&format!(
+    let (_dests, proxy) = proxy_in(mode, &format!(
         "destinations:\n  \"api.test:80\":\n    endpoints: [{{addr: {}}}]\n    breaker: {{consecutive_failures: 0}}\n    retry: {{attempts: 1, budget: {{ratio: 0, min_per_second: 1}}}}\n",
         dead.addr
     ))
@@ -389,8 +494,7 @@ async fn an_exhausted_budget_stops_retries() -> anyhow::Result<()> {
 /// the window has samples, or when both tries are late) stay under 1 %.
 /// Hedging after 20 ms sends a second try elsewhere, which is almost never
 /// late too: the p99 falls from the tail to about the hedge delay.
-#[tokio::test]
-async fn hedging_cuts_the_tail() -> anyhow::Result<()> {
+async fn hedging_cuts_the_tail_in(mode: Mode) -> anyhow::Result<()> {
     let any: std::net::SocketAddr = "127.0.0.1:0".parse()?;
     let tail = Behaviour {
         slow: Some((40, Duration::from_millis(200))),
@@ -405,7 +509,7 @@ async fn hedging_cuts_the_tail() -> anyhow::Result<()> {
         .map(|r| format!("{{addr: {}}}", r.addr))
         .collect();
     let endpoints = endpoints.join(", ");
-    let (_dests, proxy) = proxy_for(&format!(
+    let (_dests, proxy) = proxy_in(mode, &format!(
         "destinations:\n  \"api.test:80\":\n    endpoints: [{endpoints}]\n    hedge: {{after: 20ms}}\n  \"plain.test:80\":\n    endpoints: [{endpoints}]\n  \"pct.test:80\":\n    endpoints: [{endpoints}]\n    hedge: {{after: p80}}\n"
     ))
     .await?;
@@ -447,10 +551,9 @@ async fn hedging_cuts_the_tail() -> anyhow::Result<()> {
 /// Breaker state is visible: an endpoint failing three times in a row
 /// (this destination's setting) is ejected, counted and shown open; with
 /// no other endpoint the set fails open and keeps sending to it.
-#[tokio::test]
-async fn ejections_are_counted_and_the_set_fails_open() -> anyhow::Result<()> {
+async fn ejections_are_counted_and_the_set_fails_open_in(mode: Mode) -> anyhow::Result<()> {
     let dead = Backend::start_with("dead", "127.0.0.1:0".parse()?, failing(1)).await?;
-    let (_dests, proxy) = proxy_for(&format!(
+    let (_dests, proxy) = proxy_in(mode, &format!(
         "destinations:\n  \"api.test:80\":\n    endpoints: [{{addr: {}}}]\n    breaker: {{consecutive_failures: 3, min_open: 30s, max_open: 60s}}\n",
         dead.addr
     ))
