@@ -30,6 +30,42 @@ impl TlsArgs {
     }
 }
 
+/// Where the control plane is and how to trust it, for commands that ask
+/// it directly.
+#[derive(clap::Args, Clone, Debug)]
+pub(crate) struct ControlArgs {
+    /// The control plane's gRPC address [default: from the targets file,
+    /// else 127.0.0.1:8086]
+    #[arg(long, env = "WEFT_CONTROL_ADDR")]
+    control: Option<String>,
+    /// A targets file naming the control plane (group labelled
+    /// role=control, gRPC address in label `grpc`) [default: the file
+    /// `weft demo` writes]
+    #[arg(long, env = "WEFT_TARGETS", value_name = "FILE")]
+    targets: Option<PathBuf>,
+    #[command(flatten)]
+    tls: TlsArgs,
+}
+
+impl ControlArgs {
+    /// A channel to the control plane, connected now.
+    pub(crate) async fn channel(&self) -> anyhow::Result<tonic::transport::Channel> {
+        // No targets file is fine here: the flags or defaults may be right.
+        let path = self
+            .targets
+            .clone()
+            .unwrap_or_else(crate::targets::default_path);
+        let listed = crate::targets::load(&path).unwrap_or_default();
+        let control = self.control.clone().unwrap_or_else(|| {
+            crate::targets::control_of(&listed)
+                .0
+                .unwrap_or_else(|| crate::targets::DEFAULT_CONTROL.into())
+        });
+        let anchors = self.tls.anchors(&listed).ok_or_else(no_anchors)?;
+        connect(&control, &anchors, &self.tls.control_name).await
+    }
+}
+
 /// A channel to the control plane at `grpc`, connected now.
 pub(crate) async fn connect(
     grpc: &str,

@@ -13,17 +13,8 @@ use linkerd2_proxy_api::destination::{GetDestination, WeightedAddr, protocol_hin
 pub(crate) struct Args {
     /// The authority a client would use, e.g. api.demo:8080.
     service: String,
-    /// The control plane's gRPC address [default: from the targets file,
-    /// else 127.0.0.1:8086]
-    #[arg(long, env = "WEFT_CONTROL_ADDR")]
-    control: Option<String>,
-    /// A targets file naming the control plane (group labelled
-    /// role=control, gRPC address in label `grpc`) [default: the file
-    /// `weft demo` writes]
-    #[arg(long, env = "WEFT_TARGETS", value_name = "FILE")]
-    targets: Option<std::path::PathBuf>,
     #[command(flatten)]
-    tls: crate::control::TlsArgs,
+    control: crate::control::ControlArgs,
     #[arg(long, short = 'o', value_parser = ["table", "json"], default_value = "table")]
     output: String,
 }
@@ -49,22 +40,7 @@ struct View {
 const SETTLE: Duration = Duration::from_millis(200);
 
 pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
-    // No targets file is fine here: the flags or defaults may be right.
-    let path = args
-        .targets
-        .clone()
-        .unwrap_or_else(crate::targets::default_path);
-    let listed = crate::targets::load(&path).unwrap_or_default();
-    let control = args.control.clone().unwrap_or_else(|| {
-        crate::targets::control_of(&listed)
-            .0
-            .unwrap_or_else(|| crate::targets::DEFAULT_CONTROL.into())
-    });
-    let anchors = args
-        .tls
-        .anchors(&listed)
-        .ok_or_else(crate::control::no_anchors)?;
-    let channel = crate::control::connect(&control, &anchors, &args.tls.control_name).await?;
+    let channel = args.control.channel().await?;
     let mut client = DestinationClient::new(channel);
     let mut stream = client
         .get(GetDestination {

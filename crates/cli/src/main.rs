@@ -8,6 +8,7 @@ mod endpoints;
 mod fetch;
 mod golden;
 mod identity;
+mod routes;
 mod source;
 mod stat;
 mod targets;
@@ -45,6 +46,10 @@ enum Command {
     /// Show what discovery says about a service now (the control plane's
     /// Destination view).
     Endpoints(endpoints::Args),
+    /// Show a service's traffic policy as proxies get it from the control
+    /// plane: routes in match order, backends and weights, timeout,
+    /// retries, hedging, breaker.
+    Routes(routes::Args),
     /// Manage the mesh's certificate authority and bootstrap tokens.
     #[command(subcommand)]
     Identity(identity::Command),
@@ -75,6 +80,7 @@ fn main() -> ExitCode {
             Command::Top(args) => top::run(args).await,
             Command::Check(args) => check::run(args).await,
             Command::Endpoints(args) => endpoints::run(args).await,
+            Command::Routes(args) => routes::run(args).await,
             Command::Identity(_) => Ok(()),
         }
     });

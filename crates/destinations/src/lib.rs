@@ -14,7 +14,9 @@ use serde::Deserialize;
 use tokio::sync::watch;
 
 mod policy;
-pub use policy::{Budget, Hedge, Policy, Retry, RetryOn, Route, RouteBackend, RouteMatch};
+pub use policy::{
+    Budget, Hedge, Policy, Retry, RetryOn, Route, RouteBackend, RouteMatch, grpc_status_name,
+};
 use weft_detect::Authority;
 use weft_identity::Name;
 

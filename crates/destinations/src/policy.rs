@@ -269,6 +269,11 @@ const GRPC_CODES: [&str; 17] = [
     "unauthenticated",
 ];
 
+/// The name `retry.on` gives gRPC status `code` (`unavailable` for 14).
+pub fn grpc_status_name(code: u32) -> Option<&'static str> {
+    GRPC_CODES.get(usize::try_from(code).ok()?).copied()
+}
+
 /// The most tries after the first: more is a retry storm by configuration.
 const MAX_ATTEMPTS: u32 = 10;
 
