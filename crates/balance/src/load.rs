@@ -45,6 +45,12 @@ pub struct Load {
 struct Estimate {
     rtt_ns: f64,
     stamp: Instant,
+    /// A response has been seen. Until then `rtt_ns` is only the default
+    /// guess, which the first real sample replaces outright, lower or
+    /// higher: otherwise a fresh proxy sees every endpoint at the default
+    /// for as long as the decay takes to bring it down, and a slow replica
+    /// gets its full share of a cold start.
+    seeded: bool,
 }
 
 impl Load {
@@ -54,6 +60,7 @@ impl Load {
             estimate: Mutex::new(Estimate {
                 rtt_ns: config.default_rtt.as_nanos() as f64,
                 stamp: Instant::now(),
+                seeded: false,
             }),
             // A zero decay would divide by zero below; a nanosecond is
             // "forget immediately", which is what zero means.
@@ -155,7 +162,11 @@ impl Load {
         let rtt_ns = rtt.as_nanos() as f64;
         let now = Instant::now();
         if let Ok(mut e) = self.estimate.lock() {
-            if rtt_ns > e.rtt_ns {
+            if !e.seeded {
+                e.seeded = true;
+                e.rtt_ns = rtt_ns;
+                e.stamp = now;
+            } else if rtt_ns > e.rtt_ns {
                 // Peak sensitivity: a slow response is believed at once.
                 e.rtt_ns = rtt_ns;
                 e.stamp = now;
@@ -266,6 +277,22 @@ mod tests {
         load.observe(Duration::from_millis(1));
         // Nearly no time has passed, so the peak still dominates.
         assert!(load.rtt_estimate() >= Duration::from_millis(40));
+    }
+
+    /// The default is a guess: the first response replaces it even when
+    /// lower, so a fast endpoint and a slow one differ from their first
+    /// answers, not only once the decay has worn the default down.
+    #[test]
+    fn the_first_response_replaces_the_default() {
+        let fast = Load::new(PeakEwmaConfig::default());
+        let slow = Load::new(PeakEwmaConfig::default());
+        fast.observe(Duration::from_millis(1));
+        slow.observe(Duration::from_millis(10));
+        assert!(fast.rtt_estimate() <= Duration::from_millis(1));
+        assert!(slow.rtt_estimate() >= Duration::from_millis(9));
+        // Later samples below the estimate only pull it down slowly.
+        slow.observe(Duration::from_millis(1));
+        assert!(slow.rtt_estimate() >= Duration::from_millis(9));
     }
 
     #[test]
