@@ -141,12 +141,24 @@ impl Load {
 
     /// [`Load::cost`] as of `now`: comparisons must use one instant, or the
     /// endpoint asked second looks cheaper merely for having decayed longer.
+    ///
+    /// An endpoint that has never answered and has nothing in flight costs
+    /// nothing: it is tried once, and its first answer says what it is
+    /// worth. While that first request is out it costs the default guess,
+    /// so a new endpoint is never flooded before it has answered.
     pub fn cost_at(&self, now: Instant) -> f64 {
-        let rtt = match self.estimate.lock() {
-            Ok(mut e) => e.decay_to(now, self.decay_ns),
-            Err(poisoned) => poisoned.into_inner().rtt_ns,
+        let pending = self.pending();
+        let (rtt, seeded) = match self.estimate.lock() {
+            Ok(mut e) => (e.decay_to(now, self.decay_ns), e.seeded),
+            Err(poisoned) => {
+                let e = poisoned.into_inner();
+                (e.rtt_ns, e.seeded)
+            }
         };
-        rtt * f64::from(self.pending() + 1)
+        if !seeded && pending == 0 {
+            return 0.0;
+        }
+        rtt * f64::from(pending + 1)
     }
 
     /// Current latency estimate, for introspection.
@@ -293,6 +305,27 @@ mod tests {
         // Later samples below the estimate only pull it down slowly.
         slow.observe(Duration::from_millis(1));
         assert!(slow.rtt_estimate() >= Duration::from_millis(9));
+    }
+
+    /// A fresh endpoint is tried before any answered one, but only one
+    /// request at a time until it answers.
+    #[test]
+    fn a_fresh_endpoint_is_explored_once_then_judged() {
+        let fresh = Arc::new(Load::new(PeakEwmaConfig::default()));
+        let known = Load::new(PeakEwmaConfig::default());
+        known.observe(Duration::from_micros(500));
+        let now = Instant::now();
+        assert!(fresh.cost_at(now) < known.cost_at(now));
+        let mut first = fresh.start();
+        assert!(fresh.cost_at(Instant::now()) > known.cost_at(Instant::now()));
+        std::thread::sleep(Duration::from_millis(5));
+        first.observe_response();
+        drop(first);
+        let now = Instant::now();
+        assert!(
+            fresh.cost_at(now) > known.cost_at(now),
+            "judged by its 5 ms answer"
+        );
     }
 
     #[test]
