@@ -45,13 +45,28 @@ pub struct Load {
 struct Estimate {
     rtt_ns: f64,
     stamp: Instant,
-    /// A response has been seen. Until then `rtt_ns` is only the default
-    /// guess, which the first real sample replaces outright, lower or
-    /// higher: otherwise a fresh proxy sees every endpoint at the default
-    /// for as long as the decay takes to bring it down, and a slow replica
-    /// gets its full share of a cold start.
-    seeded: bool,
+    /// Answers seen, up to [`WARMUP`]. Until the first, `rtt_ns` is only
+    /// the default guess; while warming up it is the fastest answer so
+    /// far. Replacing the guess outright, lower or higher, is what lets a
+    /// fresh proxy tell a slow replica from its first answers instead of
+    /// seeing every endpoint at the default until the decay wears it down;
+    /// taking the fastest of a few keeps one unlucky first answer (a
+    /// connect, a cold cache, a descheduled thread) from branding an
+    /// endpoint slow for the seconds the decay takes.
+    samples: u8,
+    /// The latest answer's latency.
+    last_ns: f64,
 }
+
+/// Latency differences below this are noise on a shared host (one
+/// descheduled thread costs more), and worth less than the weights and
+/// the in-flight counts: endpoints faster than this are balanced on
+/// those alone.
+const RTT_FLOOR_NS: f64 = 2_000_000.0;
+
+/// Answers an endpoint is judged on before peak-EWMA takes over; until
+/// then it is tried whenever it has nothing in flight.
+const WARMUP: u8 = 3;
 
 impl Load {
     pub fn new(config: PeakEwmaConfig) -> Self {
@@ -60,7 +75,8 @@ impl Load {
             estimate: Mutex::new(Estimate {
                 rtt_ns: config.default_rtt.as_nanos() as f64,
                 stamp: Instant::now(),
-                seeded: false,
+                samples: 0,
+                last_ns: 0.0,
             }),
             // A zero decay would divide by zero below; a nanosecond is
             // "forget immediately", which is what zero means.
@@ -142,23 +158,24 @@ impl Load {
     /// [`Load::cost`] as of `now`: comparisons must use one instant, or the
     /// endpoint asked second looks cheaper merely for having decayed longer.
     ///
-    /// An endpoint that has never answered and has nothing in flight costs
-    /// nothing: it is tried once, and its first answer says what it is
-    /// worth. While that first request is out it costs the default guess,
-    /// so a new endpoint is never flooded before it has answered.
+    /// An endpoint still warming up with nothing in flight costs nothing:
+    /// it is tried, one request at a time, until its first answers say
+    /// what it is worth. While a request is out it costs its estimate (the
+    /// default guess before any answer), so a new endpoint is never
+    /// flooded before it has answered.
     pub fn cost_at(&self, now: Instant) -> f64 {
         let pending = self.pending();
-        let (rtt, seeded) = match self.estimate.lock() {
-            Ok(mut e) => (e.decay_to(now, self.decay_ns), e.seeded),
+        let (rtt, samples) = match self.estimate.lock() {
+            Ok(mut e) => (e.decay_to(now, self.decay_ns), e.samples),
             Err(poisoned) => {
                 let e = poisoned.into_inner();
-                (e.rtt_ns, e.seeded)
+                (e.rtt_ns, e.samples)
             }
         };
-        if !seeded && pending == 0 {
+        if samples < WARMUP && pending == 0 {
             return 0.0;
         }
-        rtt * f64::from(pending + 1)
+        rtt.max(RTT_FLOOR_NS) * f64::from(pending + 1)
     }
 
     /// Current latency estimate, for introspection.
@@ -170,17 +187,42 @@ impl Load {
         Duration::from_nanos(ns as u64)
     }
 
+    /// Takes in an answer's latency.
     fn observe(&self, rtt: Duration) {
+        self.observe_sample(rtt, Sample::Answer);
+    }
+
+    fn observe_sample(&self, rtt: Duration, kind: Sample) {
         let rtt_ns = rtt.as_nanos() as f64;
         let now = Instant::now();
         if let Ok(mut e) = self.estimate.lock() {
-            if !e.seeded {
-                e.seeded = true;
-                e.rtt_ns = rtt_ns;
+            if kind == Sample::Failure {
+                // A failure is never outvoted by faster answers: it ends
+                // the warm-up and counts as a peak.
+                e.samples = WARMUP;
+            } else if e.samples < WARMUP {
+                e.rtt_ns = if e.samples == 0 {
+                    rtt_ns
+                } else {
+                    e.rtt_ns.min(rtt_ns)
+                };
+                e.samples += 1;
                 e.stamp = now;
-            } else if rtt_ns > e.rtt_ns {
-                // Peak sensitivity: a slow response is believed at once.
-                e.rtt_ns = rtt_ns;
+                e.last_ns = rtt_ns;
+                return;
+            }
+            let previous = std::mem::replace(&mut e.last_ns, rtt_ns);
+            // Peak sensitivity: slowness is believed at once, but a single
+            // slow answer between fast ones is a blip (a descheduled
+            // thread), not the endpoint: an answer raises the estimate as
+            // far as the answer before it also reached. A failure needs
+            // no second opinion.
+            let peak = match kind {
+                Sample::Failure => rtt_ns,
+                Sample::Answer => rtt_ns.min(previous),
+            };
+            if peak > e.rtt_ns {
+                e.rtt_ns = peak;
                 e.stamp = now;
             } else {
                 let elapsed = now.saturating_duration_since(e.stamp).as_nanos() as f64;
@@ -190,6 +232,12 @@ impl Load {
             }
         }
     }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Sample {
+    Answer,
+    Failure,
 }
 
 impl Estimate {
@@ -234,7 +282,7 @@ impl Pending {
     /// it until the estimate decays.
     pub fn observe_failure(&mut self) {
         self.observed = true;
-        self.load.observe(FAILURE_PENALTY);
+        self.load.observe_sample(FAILURE_PENALTY, Sample::Failure);
         self.record(Outcome::Failure);
     }
 
@@ -248,7 +296,7 @@ impl Pending {
         self.outcome = Some(outcome);
         if outcome == Outcome::Failure {
             self.observed = true;
-            self.load.observe(FAILURE_PENALTY);
+            self.load.observe_sample(FAILURE_PENALTY, Sample::Failure);
         }
         self.load.record_outcome(outcome, self.probe);
     }
@@ -264,7 +312,7 @@ impl Drop for Pending {
     fn drop(&mut self) {
         if !self.observed {
             self.load
-                .observe(self.started.elapsed().max(FAILURE_PENALTY));
+                .observe_sample(self.started.elapsed().max(FAILURE_PENALTY), Sample::Failure);
         }
         if self.outcome.is_none() {
             self.load.record_outcome(Outcome::Neutral, self.probe);
@@ -284,43 +332,69 @@ mod tests {
             decay: Duration::from_secs(10),
             default_rtt: Duration::from_millis(1),
         }));
+        for _ in 0..WARMUP {
+            load.observe(Duration::from_millis(1));
+        }
+        // One slow answer among fast ones is a blip...
         load.observe(Duration::from_millis(50));
+        assert!(load.rtt_estimate() < Duration::from_millis(2));
+        // ...two in a row are the endpoint.
+        load.observe(Duration::from_millis(60));
         assert!(load.rtt_estimate() >= Duration::from_millis(49));
         load.observe(Duration::from_millis(1));
         // Nearly no time has passed, so the peak still dominates.
         assert!(load.rtt_estimate() >= Duration::from_millis(40));
     }
 
-    /// The default is a guess: the first response replaces it even when
+    /// The default is a guess: the first answers replace it even when
     /// lower, so a fast endpoint and a slow one differ from their first
-    /// answers, not only once the decay has worn the default down.
+    /// answers, not only once the decay has worn the default down; one
+    /// unlucky answer among them does not brand an endpoint slow.
     #[test]
-    fn the_first_response_replaces_the_default() {
+    fn the_first_answers_replace_the_default() {
         let fast = Load::new(PeakEwmaConfig::default());
         let slow = Load::new(PeakEwmaConfig::default());
-        fast.observe(Duration::from_millis(1));
-        slow.observe(Duration::from_millis(10));
+        for ms in [8, 1, 1] {
+            fast.observe(Duration::from_millis(ms));
+        }
+        for _ in 0..WARMUP {
+            slow.observe(Duration::from_millis(10));
+        }
         assert!(fast.rtt_estimate() <= Duration::from_millis(1));
         assert!(slow.rtt_estimate() >= Duration::from_millis(9));
-        // Later samples below the estimate only pull it down slowly.
+        // After the warm-up, answers below the estimate only pull it down
+        // slowly.
         slow.observe(Duration::from_millis(1));
         assert!(slow.rtt_estimate() >= Duration::from_millis(9));
     }
 
-    /// A fresh endpoint is tried before any answered one, but only one
-    /// request at a time until it answers.
+    /// A failure during the warm-up is not outvoted by fast answers.
     #[test]
-    fn a_fresh_endpoint_is_explored_once_then_judged() {
+    fn a_failure_ends_the_warm_up() {
+        let load = Arc::new(Load::new(PeakEwmaConfig::default()));
+        load.observe(Duration::from_millis(1));
+        load.start().observe_failure();
+        load.observe(Duration::from_millis(1));
+        assert!(load.rtt_estimate() >= FAILURE_PENALTY / 2);
+    }
+
+    /// A fresh endpoint is tried before any judged one, but only one
+    /// request at a time until its warm-up is over.
+    #[test]
+    fn a_fresh_endpoint_is_explored_then_judged() {
         let fresh = Arc::new(Load::new(PeakEwmaConfig::default()));
         let known = Load::new(PeakEwmaConfig::default());
-        known.observe(Duration::from_micros(500));
-        let now = Instant::now();
-        assert!(fresh.cost_at(now) < known.cost_at(now));
-        let mut first = fresh.start();
-        assert!(fresh.cost_at(Instant::now()) > known.cost_at(Instant::now()));
-        std::thread::sleep(Duration::from_millis(5));
-        first.observe_response();
-        drop(first);
+        for _ in 0..WARMUP {
+            known.observe(Duration::from_micros(500));
+        }
+        for _ in 0..WARMUP {
+            let now = Instant::now();
+            assert!(fresh.cost_at(now) < known.cost_at(now));
+            let mut first = fresh.start();
+            assert!(fresh.cost_at(Instant::now()) > known.cost_at(Instant::now()));
+            std::thread::sleep(Duration::from_millis(5));
+            first.observe_response();
+        }
         let now = Instant::now();
         assert!(
             fresh.cost_at(now) > known.cost_at(now),

@@ -61,23 +61,41 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         return Ok(());
     }
     println!("{}  breaker: {}", view.service, view.breaker);
-    println!(
-        "{:<16} {:<30} {:<36} {:<8} {:<28} HEDGE",
-        "ROUTE", "MATCH", "BACKENDS", "TIMEOUT", "RETRY"
-    );
-    for r in &view.routes {
-        let backends = r.backends.join(", ");
-        println!(
-            "{:<16} {:<30} {:<36} {:<8} {:<28} {}",
-            r.name,
-            r.matches,
-            backends,
-            r.timeout.as_deref().unwrap_or("-"),
-            r.retry.as_deref().unwrap_or("-"),
-            r.hedge.as_deref().unwrap_or("-")
-        );
-    }
+    print!("{}", table(&view.routes));
     Ok(())
+}
+
+/// The routes as a table, each column as wide as its widest cell.
+fn table(routes: &[Row]) -> String {
+    let mut rows =
+        vec![["ROUTE", "MATCH", "BACKENDS", "TIMEOUT", "RETRY", "HEDGE"].map(String::from)];
+    for r in routes {
+        rows.push([
+            r.name.clone(),
+            r.matches.clone(),
+            r.backends.join(", "),
+            r.timeout.clone().unwrap_or_else(|| "-".into()),
+            r.retry.clone().unwrap_or_else(|| "-".into()),
+            r.hedge.clone().unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    let mut widths = [0usize; 6];
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in &rows {
+        let mut line = String::new();
+        for (cell, w) in row.iter().zip(widths) {
+            line.push_str(cell);
+            line.extend(std::iter::repeat_n(' ', w + 2 - cell.chars().count()));
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
 }
 
 fn view(authority: &Authority, p: &Policy) -> View {
