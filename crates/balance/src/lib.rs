@@ -11,6 +11,6 @@ mod window;
 
 pub use breaker::{BreakerConfig, Outcome};
 pub use budget::RetryBudget;
-pub use load::{FAILURE_PENALTY, Load, PeakEwmaConfig, Pending};
+pub use load::{Cost, FAILURE_PENALTY, Load, PeakEwmaConfig, Pending};
 pub use set::{Set, SetError};
 pub use window::LatencyWindow;

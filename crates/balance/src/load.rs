@@ -64,6 +64,51 @@ struct Estimate {
 /// those alone.
 const RTT_FLOOR_NS: f64 = 2_000_000.0;
 
+/// Latency estimates within this factor of each other are the same
+/// latency: equally fast endpoints differ by about this much on a busy
+/// host, and were the marginally faster one always preferred, weights
+/// would stop mattering and one endpoint would take nearly everything.
+const RTT_TIE: f64 = 1.5;
+
+/// Costs closer than this (relative) are a tie, which goes to the first,
+/// weighted, draw.
+const COST_TOLERANCE: f64 = 0.1;
+
+/// What an endpoint costs the balancer at one instant: peak-EWMA latency
+/// times the requests in flight, plus one.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Cost {
+    /// Zero while the endpoint is being tried out.
+    rtt_ns: f64,
+    pending: u32,
+}
+
+impl Cost {
+    pub fn value(&self) -> f64 {
+        self.rtt_ns * f64::from(self.pending + 1)
+    }
+
+    /// Whether this endpoint is clearly cheaper than `other`; otherwise
+    /// the two tie. Similar latencies count as equal, so between equally
+    /// fast endpoints the requests in flight alone decide (one against
+    /// none is decisive) and the draw's weights split the rest, while a
+    /// slow endpoint loses unless the fast one is queueing.
+    pub fn cheaper_than(&self, other: &Cost) -> bool {
+        let (lo, hi) = if self.rtt_ns <= other.rtt_ns {
+            (self.rtt_ns, other.rtt_ns)
+        } else {
+            (other.rtt_ns, self.rtt_ns)
+        };
+        let (mine, theirs) = if hi <= lo * RTT_TIE {
+            (lo, lo)
+        } else {
+            (self.rtt_ns, other.rtt_ns)
+        };
+        mine * f64::from(self.pending + 1)
+            < theirs * f64::from(other.pending + 1) * (1.0 - COST_TOLERANCE)
+    }
+}
+
 /// Answers an endpoint is judged on before peak-EWMA takes over; until
 /// then it is tried whenever it has nothing in flight.
 const WARMUP: u8 = 3;
@@ -149,9 +194,9 @@ impl Load {
         self.pending.load(Ordering::Relaxed)
     }
 
-    /// The balancer's cost: the decayed latency estimate scaled by the
-    /// requests this endpoint is already working on.
-    pub fn cost(&self) -> f64 {
+    /// The balancer's cost: the decayed latency estimate and the requests
+    /// this endpoint is already working on.
+    pub fn cost(&self) -> Cost {
         self.cost_at(Instant::now())
     }
 
@@ -163,7 +208,7 @@ impl Load {
     /// what it is worth. While a request is out it costs its estimate (the
     /// default guess before any answer), so a new endpoint is never
     /// flooded before it has answered.
-    pub fn cost_at(&self, now: Instant) -> f64 {
+    pub fn cost_at(&self, now: Instant) -> Cost {
         let pending = self.pending();
         let (rtt, samples) = match self.estimate.lock() {
             Ok(mut e) => (e.decay_to(now, self.decay_ns), e.samples),
@@ -172,10 +217,12 @@ impl Load {
                 (e.rtt_ns, e.samples)
             }
         };
-        if samples < WARMUP && pending == 0 {
-            return 0.0;
-        }
-        rtt.max(RTT_FLOOR_NS) * f64::from(pending + 1)
+        let rtt_ns = if samples < WARMUP && pending == 0 {
+            0.0
+        } else {
+            rtt.max(RTT_FLOOR_NS)
+        };
+        Cost { rtt_ns, pending }
     }
 
     /// Current latency estimate, for introspection.
@@ -389,27 +436,45 @@ mod tests {
         }
         for _ in 0..WARMUP {
             let now = Instant::now();
-            assert!(fresh.cost_at(now) < known.cost_at(now));
+            assert!(fresh.cost_at(now).cheaper_than(&known.cost_at(now)));
             let mut first = fresh.start();
-            assert!(fresh.cost_at(Instant::now()) > known.cost_at(Instant::now()));
+            let now = Instant::now();
+            assert!(known.cost_at(now).cheaper_than(&fresh.cost_at(now)));
             std::thread::sleep(Duration::from_millis(5));
             first.observe_response();
         }
         let now = Instant::now();
         assert!(
-            fresh.cost_at(now) > known.cost_at(now),
+            known.cost_at(now).cheaper_than(&fresh.cost_at(now)),
             "judged by its 5 ms answer"
         );
+    }
+
+    /// Latencies within 1.5x are equal, and then in-flight counts decide;
+    /// beyond that latency decides unless the fast one is queueing.
+    #[test]
+    fn similar_latencies_tie_and_in_flight_decides() {
+        let c = |ms: f64, pending| Cost {
+            rtt_ns: ms * 1e6,
+            pending,
+        };
+        assert!(!c(3.0, 0).cheaper_than(&c(4.0, 0)));
+        assert!(!c(4.0, 0).cheaper_than(&c(3.0, 0)));
+        assert!(c(4.0, 0).cheaper_than(&c(3.0, 1)));
+        assert!(c(3.0, 1).cheaper_than(&c(10.0, 0)));
+        assert!(c(10.0, 0).cheaper_than(&c(3.0, 3)));
+        assert!(c(0.0, 0).cheaper_than(&c(3.0, 0)), "trying out");
+        assert!(!c(0.0, 0).cheaper_than(&c(0.0, 0)));
     }
 
     #[test]
     fn pending_counts_guards() {
         let load = Arc::new(Load::new(PeakEwmaConfig::default()));
-        let base = load.cost();
+        let base = load.cost().value();
         let mut a = load.start();
         let mut b = load.start();
         assert_eq!(load.pending(), 2);
-        assert!(load.cost() > base * 2.5);
+        assert!(load.cost().value() > base * 2.5);
         a.observe_response();
         b.observe_response();
         drop(a);

@@ -2,14 +2,6 @@ use std::sync::Arc;
 
 use crate::load::Load;
 
-/// Costs closer than this (relative: within 1.5× of each other) are a tie,
-/// and a tie goes to the first draw. Latency estimates of equally fast
-/// endpoints differ by noise, by half again on a busy host; were the
-/// marginally cheaper one always preferred, weights would stop mattering
-/// and one endpoint would take nearly everything. Because the first draw is
-/// itself weighted, ties split by weight exactly. One request in flight
-/// against none (2×) still decides, as does any real slowness.
-const TIE_TOLERANCE: f64 = 1.0 / 3.0;
 /// Draws tried before counting out the endpoints that are not ejected.
 const BLIND_DRAWS: usize = 4;
 
@@ -97,7 +89,9 @@ impl<E> Set<E> {
             return Some((&a.endpoint, &a.load));
         };
         let b = self.entries.get(ib)?;
-        let chosen = if b.load.cost_at(now) < a.load.cost_at(now) * (1.0 - TIE_TOLERANCE) {
+        // A tie goes to the first draw, which is weighted: equally cheap
+        // endpoints split by weight exactly.
+        let chosen = if b.load.cost_at(now).cheaper_than(&a.load.cost_at(now)) {
             b
         } else {
             a

@@ -8,6 +8,7 @@ mod endpoints;
 mod fetch;
 mod golden;
 mod identity;
+mod init;
 mod routes;
 mod source;
 mod stat;
@@ -50,6 +51,10 @@ enum Command {
     /// plane: routes in match order, backends and weights, timeout,
     /// retries, hedging, breaker.
     Routes(routes::Args),
+    /// Capture this network namespace's TCP traffic for the proxy
+    /// (iptables, in chains WEFT_PREROUTING and WEFT_OUTPUT); --remove
+    /// takes them out.
+    Init(init::Args),
     /// Manage the mesh's certificate authority and bootstrap tokens.
     #[command(subcommand)]
     Identity(identity::Command),
@@ -60,6 +65,7 @@ fn main() -> ExitCode {
     // Offline commands need no runtime.
     let command = match cli.command {
         Command::Identity(c) => return exit(identity::run(c)),
+        Command::Init(args) => return exit(init::run(args)),
         other => other,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -81,7 +87,7 @@ fn main() -> ExitCode {
             Command::Check(args) => check::run(args).await,
             Command::Endpoints(args) => endpoints::run(args).await,
             Command::Routes(args) => routes::run(args).await,
-            Command::Identity(_) => Ok(()),
+            Command::Identity(_) | Command::Init(_) => Ok(()),
         }
     });
     // Background tasks (traffic, servers) must not hold the exit.

@@ -11,6 +11,7 @@ pub mod dns;
 pub mod etcd;
 pub mod grpc;
 pub mod mesh;
+pub mod netns;
 pub mod metrics;
 pub mod process;
 pub mod prometheus;

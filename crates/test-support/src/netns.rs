@@ -1,0 +1,112 @@
+//! Network namespaces of a test's own ("hosts"), joined by veth pairs, for
+//! iptables capture and transparent proxying with real kernels rules.
+//! Needs root and iproute2; everything is deleted on drop.
+
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// Runs `cmd`, failing with its output unless it succeeded.
+pub fn run(cmd: &mut Command) -> anyhow::Result<Output> {
+    let out = cmd.output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(out)
+}
+
+/// A network namespace with `lo` up.
+pub struct Netns {
+    pub name: String,
+}
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+impl Netns {
+    /// A fresh namespace; `tag` makes its name readable in `ip netns`.
+    pub fn new(tag: &str) -> anyhow::Result<Self> {
+        let name = format!(
+            "weft-{tag}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        run(Command::new("ip").args(["netns", "add", &name]))?;
+        let ns = Self { name };
+        ns.exec(&["ip", "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// `args` as a command inside the namespace.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name]).args(args);
+        c
+    }
+
+    /// Runs `args` inside the namespace; its stdout, if it succeeded.
+    pub fn exec(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = run(&mut self.command(args))?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Starts `args` inside the namespace, killed when the guard drops.
+    pub fn spawn(&self, args: &[&str]) -> anyhow::Result<Child> {
+        let child = self
+            .command(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        Ok(Child(child))
+    }
+
+    /// A veth pair between this namespace and `other`, with `here` and
+    /// `there` (CIDR notation, e.g. 10.98.0.1/24) on its two ends.
+    pub fn link(&self, other: &Netns, here: &str, there: &str) -> anyhow::Result<()> {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let (a, b) = (format!("wa{n}"), format!("wb{n}"));
+        self.exec(&[
+            "ip", "link", "add", &a, "type", "veth", "peer", "name", &b, "netns", &other.name,
+        ])?;
+        self.exec(&["ip", "addr", "add", here, "dev", &a])?;
+        self.exec(&["ip", "link", "set", &a, "up"])?;
+        other.exec(&["ip", "addr", "add", there, "dev", &b])?;
+        other.exec(&["ip", "link", "set", &b, "up"])?;
+        Ok(())
+    }
+
+    /// The namespace's nat table as `iptables-save` prints it, without
+    /// the comment and counter lines that change from run to run.
+    pub fn nat_rules(&self) -> anyhow::Result<String> {
+        let out = self.exec(&["iptables-save", "-t", "nat"])?;
+        Ok(out
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| match l.strip_prefix(':') {
+                // ":CHAIN POLICY [packets:bytes]": the counters vary.
+                Some(chain) => chain.rsplit_once(' ').map_or(l, |(c, _)| c).to_string(),
+                None => l.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n"))
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// A child process killed on drop.
+pub struct Child(pub std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
