@@ -416,13 +416,16 @@ impl Router {
         if let Some(t) = self.discovered.load().get(authority) {
             return Ok(t.clone());
         }
-        if let Ok(ip) = authority.bare_host().parse::<IpAddr>() {
-            return Ok(self.fixed(SocketAddr::new(ip, authority.port()), Some(authority)));
-        }
+        // The control plane knows an address when it is a meshed endpoint
+        // (its identity: mutual TLS with no configuration) or a service's;
+        // any other address is forwarded as it is.
         if self.control.is_some()
             && let Some(t) = Box::pin(self.resolve_controlled(authority)).await
         {
             return Ok(t);
+        }
+        if let Ok(ip) = authority.bare_host().parse::<IpAddr>() {
+            return Ok(self.fixed(SocketAddr::new(ip, authority.port()), Some(authority)));
         }
         let cached = self
             .dynamic

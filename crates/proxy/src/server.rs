@@ -94,8 +94,9 @@ impl Side {
                     .ok(),
                 None => None,
             },
+            // The address the client dialled, not 127.0.0.1 and its port:
+            // a service bound only to loopback is not for other hosts.
             Direction::inbound => orig_dst
-                .map(|dst| SocketAddr::from(([127, 0, 0, 1], dst.port())))
                 .or(self.inbound_forward)
                 .map(|addr| self.router.fixed(addr, None)),
         };

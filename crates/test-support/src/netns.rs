@@ -67,7 +67,17 @@ impl Netns {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let (a, b) = (format!("wa{n}"), format!("wb{n}"));
         self.exec(&[
-            "ip", "link", "add", &a, "type", "veth", "peer", "name", &b, "netns", &other.name,
+            "ip",
+            "link",
+            "add",
+            &a,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &b,
+            "netns",
+            &other.name,
         ])?;
         self.exec(&["ip", "addr", "add", here, "dev", &a])?;
         self.exec(&["ip", "link", "set", &a, "up"])?;

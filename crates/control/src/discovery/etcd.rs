@@ -15,7 +15,7 @@ use weft_detect::Authority;
 use weft_registry::etcd::{Etcd, EtcdError, Event, EventType, KeyValue};
 use weft_registry::{EndpointValue, Layout};
 
-use super::{Backend, Endpoint, Resolution, Service, Watches};
+use super::{AddressIndex, Backend, Endpoint, Resolution, Service, Watches};
 
 /// Every service etcd lists, each an immutable snapshot shared with the
 /// streams that follow it.
@@ -26,7 +26,13 @@ pub struct EtcdBackend {
     /// readers (new streams) and the writer cannot deadlock (see
     /// [`Watches`]).
     state: ArcSwap<State>,
+    /// The state's endpoints by address, swapped right after it.
+    addresses: ArcSwap<AddressIndex>,
     watches: Watches,
+}
+
+fn index(state: &State) -> AddressIndex {
+    AddressIndex::build(state.iter().map(|(a, eps)| (a, &**eps, false)))
 }
 
 impl EtcdBackend {
@@ -41,6 +47,7 @@ impl EtcdBackend {
     fn new() -> Self {
         Self {
             state: ArcSwap::from_pointee(State::new()),
+            addresses: ArcSwap::from_pointee(AddressIndex::default()),
             watches: Watches::default(),
         }
     }
@@ -48,8 +55,10 @@ impl EtcdBackend {
     /// A fresh listing: every followed name is resolved again.
     fn replace(&self, fresh: State) {
         let state = Arc::new(fresh);
+        let addresses = Arc::new(index(&state));
         self.state.store(state.clone());
-        self.watches.update_all(|a| resolve(&state, a));
+        self.addresses.store(addresses.clone());
+        self.watches.update_all(|a| resolve(&state, &addresses, a));
     }
 
     /// Applies one batch of watch events; only the names they touch are
@@ -57,12 +66,14 @@ impl EtcdBackend {
     fn apply(&self, layout: &Layout, events: &[Event]) {
         let mut next = State::clone(&self.state.load());
         let mut touched = HashSet::new();
+        let mut addrs = HashSet::new();
         for event in events {
             let Some(kv) = &event.kv else { continue };
             match event.r#type() {
                 EventType::Put => {
                     if let Some((service, endpoint)) = endpoint(layout, kv) {
                         let eps = next.entry(service.clone()).or_default();
+                        addrs.insert(endpoint.addr);
                         Arc::make_mut(eps).insert(endpoint.addr, endpoint);
                         touched.insert(service);
                     }
@@ -73,6 +84,7 @@ impl EtcdBackend {
                         && let Some(eps) = next.get_mut(&service)
                     {
                         Arc::make_mut(eps).remove(&addr);
+                        addrs.insert(addr);
                         if eps.is_empty() {
                             next.remove(&service);
                         }
@@ -82,21 +94,27 @@ impl EtcdBackend {
             }
         }
         let state = Arc::new(next);
+        let addresses = Arc::new(index(&state));
         self.state.store(state.clone());
-        for service in &touched {
-            self.watches.update(service, resolve(&state, service));
+        self.addresses.store(addresses.clone());
+        let followed = touched
+            .into_iter()
+            .chain(addrs.into_iter().map(Authority::from_socket_addr));
+        for authority in followed {
+            self.watches
+                .update(&authority, resolve(&state, &addresses, &authority));
         }
     }
 }
 
-fn resolve(state: &State, authority: &Authority) -> Resolution {
+fn resolve(state: &State, addresses: &AddressIndex, authority: &Authority) -> Resolution {
     match state.get(authority) {
         Some(eps) if !eps.is_empty() => Resolution::Known(Arc::new(Service {
             endpoints: BTreeMap::clone(eps),
             opaque: false,
             policy: Default::default(),
         })),
-        _ => Resolution::Unknown,
+        _ => addresses.resolve(authority),
     }
 }
 
@@ -106,8 +124,9 @@ impl Backend for EtcdBackend {
     }
 
     fn watch(&self, authority: &Authority) -> watch::Receiver<Resolution> {
-        self.watches
-            .subscribe(authority, || resolve(&self.state.load(), authority))
+        self.watches.subscribe(authority, || {
+            resolve(&self.state.load(), &self.addresses.load(), authority)
+        })
     }
 }
 

@@ -8,11 +8,39 @@ use tokio::sync::watch;
 use weft_destinations::{Destinations, DestinationsError};
 use weft_detect::Authority;
 
-use super::{Backend, Endpoint, Resolution, Service, Watches};
+use super::{AddressIndex, Backend, Endpoint, Resolution, Service, Watches};
 
 pub struct FileBackend {
-    current: Mutex<Arc<Destinations>>,
+    current: Mutex<Arc<Snapshot>>,
     watches: Watches,
+}
+
+/// One version of the file, with its endpoints indexed by address.
+struct Snapshot {
+    destinations: Arc<Destinations>,
+    addresses: AddressIndex,
+}
+
+impl Snapshot {
+    fn new(destinations: Arc<Destinations>) -> Self {
+        let services: Vec<_> = destinations
+            .by_authority
+            .iter()
+            .map(|(a, d)| (a, endpoints(d), d.opaque))
+            .collect();
+        let addresses = AddressIndex::build(services.iter().map(|(a, e, o)| (*a, e, *o)));
+        Self {
+            destinations,
+            addresses,
+        }
+    }
+
+    fn resolve(&self, authority: &Authority) -> Resolution {
+        match resolve(&self.destinations, authority) {
+            Resolution::Unknown => self.addresses.resolve(authority),
+            known => known,
+        }
+    }
 }
 
 impl FileBackend {
@@ -20,18 +48,18 @@ impl FileBackend {
     pub fn start(path: PathBuf) -> Result<Arc<Self>, DestinationsError> {
         let mut rx = weft_destinations::watch(path)?;
         let this = Arc::new(Self {
-            current: Mutex::new(rx.borrow_and_update().clone()),
+            current: Mutex::new(Arc::new(Snapshot::new(rx.borrow_and_update().clone()))),
             watches: Watches::default(),
         });
         let weak = Arc::downgrade(&this);
         tokio::spawn(async move {
             while rx.changed().await.is_ok() {
                 let Some(this) = weak.upgrade() else { return };
-                let next = rx.borrow_and_update().clone();
+                let next = Arc::new(Snapshot::new(rx.borrow_and_update().clone()));
                 if let Ok(mut cur) = this.current.lock() {
                     *cur = next.clone();
                 }
-                this.watches.update_all(|a| resolve(&next, a));
+                this.watches.update_all(|a| next.resolve(a));
             }
         });
         Ok(this)
@@ -42,8 +70,15 @@ fn resolve(d: &Destinations, authority: &Authority) -> Resolution {
     let Some(dest) = d.by_authority.get(authority) else {
         return Resolution::Unknown;
     };
-    let endpoints: BTreeMap<_, _> = dest
-        .endpoints
+    Resolution::Known(Arc::new(Service {
+        endpoints: endpoints(dest),
+        opaque: dest.opaque,
+        policy: dest.policy.clone(),
+    }))
+}
+
+fn endpoints(dest: &weft_destinations::Destination) -> BTreeMap<std::net::SocketAddr, Endpoint> {
+    dest.endpoints
         .iter()
         .map(|e| {
             (
@@ -55,12 +90,7 @@ fn resolve(d: &Destinations, authority: &Authority) -> Resolution {
                 },
             )
         })
-        .collect();
-    Resolution::Known(Arc::new(Service {
-        endpoints,
-        opaque: dest.opaque,
-        policy: dest.policy.clone(),
-    }))
+        .collect()
 }
 
 impl Backend for FileBackend {
@@ -74,7 +104,7 @@ impl Backend for FileBackend {
                 Ok(d) => d.clone(),
                 Err(p) => p.into_inner().clone(),
             };
-            resolve(&d, authority)
+            d.resolve(authority)
         })
     }
 }

@@ -80,6 +80,48 @@ impl Discovery {
     }
 }
 
+/// Every endpoint a backend knows, by address, so that an `IP:port`
+/// authority (a redirected connection's original destination) is answered
+/// with the endpoint that owns it: its identity, so the proxy uses mutual
+/// TLS, and its protocol. Built once per snapshot.
+#[derive(Debug, Default)]
+pub struct AddressIndex(HashMap<SocketAddr, Arc<Service>>);
+
+impl AddressIndex {
+    /// From `(service, endpoints, opaque)`; an address two services share
+    /// is answered as the first (in authority order) lists it.
+    pub fn build<'a>(
+        services: impl IntoIterator<Item = (&'a Authority, &'a BTreeMap<SocketAddr, Endpoint>, bool)>,
+    ) -> Self {
+        let mut services: Vec<_> = services.into_iter().collect();
+        services.sort_by_cached_key(|s| s.0.to_string());
+        let mut index = HashMap::new();
+        for (_, endpoints, opaque) in services {
+            for (addr, e) in endpoints {
+                index.entry(*addr).or_insert_with(|| {
+                    Arc::new(Service {
+                        endpoints: BTreeMap::from([(*addr, e.clone())]),
+                        opaque,
+                        policy: Default::default(),
+                    })
+                });
+            }
+        }
+        Self(index)
+    }
+
+    /// The endpoint `authority` names, if it is an `IP:port` in the index.
+    pub fn resolve(&self, authority: &Authority) -> Resolution {
+        let Ok(ip) = authority.bare_host().parse::<std::net::IpAddr>() else {
+            return Resolution::Unknown;
+        };
+        match self.0.get(&SocketAddr::new(ip, authority.port())) {
+            Some(service) => Resolution::Known(service.clone()),
+            None => Resolution::Unknown,
+        }
+    }
+}
+
 /// One authority followed across the backends. A backend is asked only
 /// while every backend before it says `Unknown`, so lower ones (DNS, which
 /// polls) do no work for names a higher one answers.
@@ -246,6 +288,32 @@ mod tests {
 
     fn known() -> Resolution {
         Resolution::Known(Arc::new(Service::default()))
+    }
+
+    #[test]
+    fn an_address_finds_the_endpoint_that_owns_it() {
+        let api: Authority = "api.demo:8080".parse().expect("authority");
+        let addr: SocketAddr = "10.0.0.5:8080".parse().expect("addr");
+        let endpoint = Endpoint {
+            addr,
+            weight: NonZeroU32::MIN,
+            identity: Some("api.demo".parse().expect("name")),
+        };
+        let eps = BTreeMap::from([(addr, endpoint.clone())]);
+        let index = AddressIndex::build([(&api, &eps, true)]);
+        let Resolution::Known(s) = index.resolve(&"10.0.0.5:8080".parse().expect("authority"))
+        else {
+            panic!("not found");
+        };
+        assert_eq!(s.endpoints.values().collect::<Vec<_>>(), [&endpoint]);
+        assert!(s.opaque);
+        for other in ["10.0.0.5:9090", "10.0.0.6:8080", "api.demo:8080"] {
+            assert_eq!(
+                index.resolve(&other.parse().expect("authority")),
+                Resolution::Unknown,
+                "{other}"
+            );
+        }
     }
 
     #[tokio::test]

@@ -294,9 +294,13 @@ impl HttpContext {
                 Ok((target, authority))
             }
             Direction::outbound => {
-                let authority = match (authority, self.orig_dst) {
-                    (Some(a), _) => a,
-                    (None, Some(dst)) => Authority::from_socket_addr(dst),
+                // A redirected connection goes where the application sent
+                // it: its Host is a header, which any client can set, not
+                // a routing decision. An explicit-proxy request goes by
+                // its authority.
+                let authority = match (self.orig_dst, authority) {
+                    (Some(dst), _) => Authority::from_socket_addr(dst),
+                    (None, Some(a)) => a,
                     (None, None) => return Err(ProxyError::NoAuthority),
                 };
                 let target = self.router.resolve(&authority).await?;

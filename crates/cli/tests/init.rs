@@ -1,0 +1,289 @@
+//! `weft init` in network namespaces of the test's own: the rules it
+//! installs, that installing twice changes nothing, that `--remove` leaves
+//! the table as it found it, and that an application that knows nothing of
+//! the proxy is meshed both ways.
+//!
+//! Needs root, iproute2, iptables and curl; `.ci/run` installs them.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use weft_test_support::netns::Netns;
+use weft_test_support::proxy::Proxy;
+use weft_test_support::workspace_binary;
+
+fn weft() -> anyhow::Result<String> {
+    Ok(workspace_binary("weft")?.to_string_lossy().into_owned())
+}
+
+#[test]
+fn a_dry_run_prints_the_rules_and_needs_no_privilege() -> anyhow::Result<()> {
+    // As nobody: a dry run must not touch (or need to read) anything.
+    let out = Command::new("setpriv")
+        .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+        .arg(weft()?)
+        .args([
+            "init",
+            "--proxy-uid",
+            "2102",
+            "--skip-inbound-ports",
+            "22,8000-8100",
+            "--skip-outbound-ports",
+            "5432",
+            "--skip-outbound-cidrs",
+            "169.254.169.254",
+            "--dry-run",
+        ])
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for rule in [
+        "-A WEFT_PREROUTING -p tcp --dport 4143 -j RETURN",
+        "-A WEFT_PREROUTING -p tcp --dport 4191 -j RETURN",
+        "-A WEFT_PREROUTING -p tcp --dport 8000:8100 -j RETURN",
+        "-A WEFT_PREROUTING -p tcp -j REDIRECT --to-ports 4143",
+        "-A WEFT_OUTPUT -m owner --uid-owner 2102 -j RETURN",
+        "-A WEFT_OUTPUT -o lo -j RETURN",
+        "-A WEFT_OUTPUT -d 169.254.169.254/32 -j RETURN",
+        "-A WEFT_OUTPUT -p tcp --dport 5432 -j RETURN",
+        "-A WEFT_OUTPUT -p tcp -j REDIRECT --to-ports 4140",
+        "-A PREROUTING -j WEFT_PREROUTING",
+        "-A OUTPUT -j WEFT_OUTPUT",
+    ] {
+        assert!(stdout.contains(rule), "{rule:?} missing from\n{stdout}");
+    }
+    // The skips come before the redirect they are exceptions to.
+    let pos = |s: &str| stdout.find(s).unwrap_or(usize::MAX);
+    assert!(pos("--uid-owner") < pos("--to-ports 4140"), "{stdout}");
+    assert!(pos("--dport 22 ") < pos("--to-ports 4143"), "{stdout}");
+    Ok(())
+}
+
+#[test]
+fn bad_input_and_missing_privilege_are_named() -> anyhow::Result<()> {
+    let run = |pre: &[&str], args: &[&str], path: Option<&str>| -> anyhow::Result<(bool, String)> {
+        let mut c = match pre.split_first() {
+            Some((p, rest)) => {
+                let mut c = Command::new(p);
+                c.args(rest).arg(weft()?);
+                c
+            }
+            None => Command::new(weft()?),
+        };
+        if let Some(path) = path {
+            c.env("PATH", path);
+        }
+        let out = c.arg("init").args(args).output()?;
+        Ok((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    };
+    let (ok, err) = run(&[], &["--skip-inbound-ports", "22,http", "--dry-run"], None)?;
+    assert!(!ok && err.contains("\"http\" is not a port"), "{err}");
+    let (ok, err) = run(
+        &[],
+        &["--skip-outbound-cidrs", "10.0.0.0/40", "--dry-run"],
+        None,
+    )?;
+    assert!(!ok && err.contains("10.0.0.0/40"), "{err}");
+    let (ok, err) = run(&[], &["--dry-run"], None)?;
+    assert!(!ok && err.contains("--proxy-uid"), "{err}");
+    let nobody = [
+        "setpriv",
+        "--reuid",
+        "65534",
+        "--regid",
+        "65534",
+        "--clear-groups",
+    ];
+    let (ok, err) = run(&nobody, &["--proxy-uid", "1"], None)?;
+    assert!(
+        !ok && err.contains("run it as root or with CAP_NET_ADMIN"),
+        "{err}"
+    );
+    let (ok, err) = run(&[], &["--proxy-uid", "1"], Some("/nonexistent"))?;
+    assert!(!ok && err.contains("apt install iptables"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn installing_twice_is_installing_once_and_remove_leaves_nothing() -> anyhow::Result<()> {
+    let ns = Netns::new("init")?;
+    let weft = weft()?;
+    // Someone else's rule, which must survive everything weft does.
+    ns.exec(&[
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        "OUTPUT",
+        "-d",
+        "192.0.2.1",
+        "-j",
+        "RETURN",
+    ])?;
+    let pristine = ns.nat_rules()?;
+    let init = |args: &[&str]| -> anyhow::Result<String> {
+        let mut all = vec![weft.as_str(), "init"];
+        all.extend_from_slice(args);
+        ns.exec(&all)
+    };
+    let said = init(&["--proxy-uid", "2102", "--skip-inbound-ports", "22"])?;
+    assert!(
+        said.contains("capturing inbound TCP to port 4143"),
+        "{said}"
+    );
+    let once = ns.nat_rules()?;
+    for want in [
+        "-A PREROUTING -j WEFT_PREROUTING",
+        "-A OUTPUT -j WEFT_OUTPUT",
+        "-A WEFT_OUTPUT -m owner --uid-owner 2102 -j RETURN",
+        "-A WEFT_PREROUTING -p tcp -m tcp --dport 22 -j RETURN",
+        "-A OUTPUT -d 192.0.2.1/32 -j RETURN",
+    ] {
+        assert!(once.contains(want), "{want:?} not in\n{once}");
+    }
+    init(&["--proxy-uid", "2102", "--skip-inbound-ports", "22"])?;
+    assert_eq!(ns.nat_rules()?, once, "a second run changed the rules");
+
+    // Narrowing to inbound only takes the outbound chain away.
+    init(&["--inbound-only"])?;
+    let inbound = ns.nat_rules()?;
+    assert!(!inbound.contains("WEFT_OUTPUT"), "{inbound}");
+    assert!(
+        inbound.contains("-A PREROUTING -j WEFT_PREROUTING"),
+        "{inbound}"
+    );
+
+    let said = init(&["--remove"])?;
+    assert!(said.contains("removed"), "{said}");
+    assert_eq!(ns.nat_rules()?, pristine);
+    let said = init(&["--remove"])?;
+    assert!(said.contains("no weft rules were installed"), "{said}");
+    Ok(())
+}
+
+fn curl(ns: &Netns, url: &str) -> anyhow::Result<String> {
+    ns.exec(&["curl", "-fsS", "--max-time", "5", url])
+}
+
+async fn wait_for(ns: &Netns, url: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while curl(ns, url).is_err() {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{url} never answered in {}",
+            ns.name
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+/// Two hosts on a veth pair. On `app`, `weft init` captures traffic for a
+/// proxy running as uid 2102; the applications on both hosts know nothing
+/// of it: `app`'s client reaches `peer` through the outbound proxy, and
+/// `peer`'s client reaches `app`'s server through the inbound proxy, at
+/// the address it dialled, while a server bound to loopback stays out of
+/// reach.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unmodified_application_is_meshed_both_ways() -> anyhow::Result<()> {
+    let app = Netns::new("app")?;
+    let peer = Netns::new("peer")?;
+    app.link(&peer, "10.98.0.1/24", "10.98.0.2/24")?;
+    let backend = workspace_binary("weft-test-backend")?;
+    let backend = backend.to_string_lossy().into_owned();
+    let _remote = peer.spawn(&[&backend, "--listen", "10.98.0.2:8080", "--name", "remote"])?;
+    let _local = app.spawn(&[&backend, "--listen", "0.0.0.0:9000", "--name", "local"])?;
+    let _private = app.spawn(&[&backend, "--listen", "127.0.0.1:9001", "--name", "private"])?;
+
+    let wrapper = [
+        "ip",
+        "netns",
+        "exec",
+        app.name.as_str(),
+        "setpriv",
+        "--reuid",
+        "2102",
+        "--regid",
+        "2102",
+        "--clear-groups",
+    ];
+    let proxy_bin = workspace_binary("weft-proxy")?;
+    let _proxy = Proxy::spawn(
+        &wrapper,
+        &proxy_bin,
+        &[
+            ("WEFT_PROXY_OUTBOUND_LISTEN", "127.0.0.1:4140"),
+            ("WEFT_PROXY_INBOUND_LISTEN", "0.0.0.0:4143"),
+            ("WEFT_PROXY_ADMIN_LISTEN", "0.0.0.0:4191"),
+        ],
+    )
+    .await?;
+    wait_for(&app, "http://127.0.0.1:4191/ready").await?;
+    app.exec(&[&weft()?, "init", "--proxy-uid", "2102"])?;
+    wait_for(&peer, "http://10.98.0.2:8080/").await?;
+    wait_for(&app, "http://127.0.0.1:9000/").await?;
+
+    // Outbound: the client's connection is redirected, and the proxy's
+    // own connection to the peer is not (or it would loop).
+    assert_eq!(curl(&app, "http://10.98.0.2:8080/")?, "remote");
+    // Inbound: redirected to the proxy, which forwards to the address the
+    // client dialled.
+    assert_eq!(curl(&peer, "http://10.98.0.1:9000/")?, "local");
+    // A server bound to loopback is not exposed by the proxy.
+    assert!(curl(&peer, "http://10.98.0.1:9001/").is_err());
+    // The admin port is never captured.
+    assert!(curl(&peer, "http://10.98.0.1:4191/ready").is_ok());
+    // Loopback is never captured.
+    assert_eq!(curl(&app, "http://127.0.0.1:9001/")?, "private");
+
+    let metrics = curl(&app, "http://127.0.0.1:4191/metrics")?;
+    let m = weft_test_support::metrics::Scrape::parse(metrics)?;
+    assert_eq!(
+        m.sum(
+            "request_total",
+            &[("direction", "outbound"), ("authority", "10.98.0.2:8080")]
+        ),
+        1.0,
+        "{}",
+        m.text
+    );
+    assert_eq!(
+        m.sum(
+            "response_total",
+            &[
+                ("direction", "inbound"),
+                ("authority", "10.98.0.1:9000"),
+                ("status_code", "200")
+            ]
+        ),
+        1.0,
+        "{}",
+        m.text
+    );
+    // The loopback-only server was tried at the address dialled, and
+    // refused.
+    assert_eq!(
+        m.sum(
+            "response_total",
+            &[
+                ("direction", "inbound"),
+                ("authority", "10.98.0.1:9001"),
+                ("error", "connect")
+            ]
+        ),
+        1.0,
+        "{}",
+        m.text
+    );
+
+    app.exec(&[&weft()?, "init", "--remove"])?;
+    assert!(!app.nat_rules()?.contains("WEFT"));
+    Ok(())
+}
