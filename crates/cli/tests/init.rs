@@ -287,3 +287,119 @@ async fn an_unmodified_application_is_meshed_both_ways() -> anyhow::Result<()> {
     assert!(!app.nat_rules()?.contains("WEFT"));
     Ok(())
 }
+
+/// The mesh with no configuration in the applications: the control plane
+/// knows `10.98.0.2:8080` as an endpoint of `api.demo` with that identity,
+/// so the `app` host's proxy, seeing a redirected connection to it, uses
+/// mutual TLS, and the `peer` host's inbound proxy (capturing with
+/// `--inbound-only`) sees `web.demo` calling. The applications run as
+/// nobody; the proxies as root, whose traffic is not captured.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transparent_traffic_to_a_meshed_peer_is_mutual_tls() -> anyhow::Result<()> {
+    use weft_test_support::DestinationsFile;
+    use weft_test_support::control::Control;
+    use weft_test_support::mesh::{MeshCa, meshed};
+
+    let app = Netns::new("mtls-app")?;
+    let peer = Netns::new("mtls-peer")?;
+    app.link(&peer, "10.98.1.1/24", "10.98.1.2/24")?;
+    // Unique per test process: two test runs must not share root-side
+    // addresses.
+    let net = 100 + std::process::id() % 100;
+    app.link_root(&format!("10.97.{net}.1/30"), &format!("10.97.{net}.2/30"))?;
+    peer.link_root(&format!("10.97.{net}.5/30"), &format!("10.97.{net}.6/30"))?;
+
+    let ca = MeshCa::new()?;
+    let file = DestinationsFile::from_yaml(
+        "destinations:\n  \"api.demo:8080\":\n    endpoints:\n      - {addr: \"10.98.1.2:8080\", identity: api.demo}\n",
+    )?;
+    let control = Control::start(
+        &workspace_binary("weft-control")?,
+        &ca,
+        &[
+            "--destinations",
+            &file.path_str(),
+            "--dns",
+            "false",
+            "--listen",
+            "0.0.0.0:0",
+        ],
+    )
+    .await?;
+    let port = control.grpc.port();
+
+    let backend = workspace_binary("weft-test-backend")?;
+    let backend = backend.to_string_lossy().into_owned();
+    let _api = peer.spawn(&[&backend, "--listen", "10.98.1.2:8080", "--name", "api"])?;
+
+    let proxy_bin = workspace_binary("weft-proxy")?;
+    let mut proxies = Vec::new();
+    for (ns, name, control_ip) in [
+        (&app, "web.demo", format!("10.97.{net}.2:{port}")),
+        (&peer, "api.demo", format!("10.97.{net}.6:{port}")),
+    ] {
+        let mut env = meshed(&ca, &control, name)?;
+        for (k, v) in env.iter_mut() {
+            if k == "WEFT_PROXY_CONTROL_ADDR" {
+                *v = control_ip.clone();
+            }
+        }
+        env.push(("WEFT_PROXY_OUTBOUND_LISTEN".into(), "127.0.0.1:4140".into()));
+        env.push(("WEFT_PROXY_INBOUND_LISTEN".into(), "0.0.0.0:4143".into()));
+        env.push(("WEFT_PROXY_ADMIN_LISTEN".into(), "0.0.0.0:4191".into()));
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let wrapper = ["ip", "netns", "exec", ns.name.as_str()];
+        proxies.push(Proxy::spawn(&wrapper, &proxy_bin, &env).await?);
+        wait_for(ns, "http://127.0.0.1:4191/ready").await?;
+    }
+    let weft = weft()?;
+    app.exec(&[&weft, "init", "--proxy-uid", "0"])?;
+    peer.exec(&[&weft, "init", "--inbound-only"])?;
+    wait_for(&peer, "http://10.98.1.2:8080/").await?;
+
+    // An application that knows nothing of the mesh, dialling an address.
+    let nobody = [
+        "setpriv",
+        "--reuid",
+        "65534",
+        "--regid",
+        "65534",
+        "--clear-groups",
+    ];
+    let mut args = nobody.to_vec();
+    args.extend(["curl", "-fsS", "--max-time", "5", "http://10.98.1.2:8080/"]);
+    assert_eq!(app.exec(&args)?, "api");
+
+    let metrics = curl(&peer, "http://127.0.0.1:4191/metrics")?;
+    let m = weft_test_support::metrics::Scrape::parse(metrics)?;
+    assert_eq!(
+        m.sum(
+            "request_total",
+            &[
+                ("direction", "inbound"),
+                ("tls", "true"),
+                ("client_id", "web.demo")
+            ]
+        ),
+        1.0,
+        "{}",
+        m.text
+    );
+    let metrics = curl(&app, "http://127.0.0.1:4191/metrics")?;
+    let m = weft_test_support::metrics::Scrape::parse(metrics)?;
+    assert_eq!(
+        m.sum(
+            "response_total",
+            &[
+                ("direction", "outbound"),
+                ("tls", "true"),
+                ("server_id", "api.demo"),
+                ("status_code", "200")
+            ]
+        ),
+        1.0,
+        "{}",
+        m.text
+    );
+    Ok(())
+}

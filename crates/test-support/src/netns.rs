@@ -86,6 +86,23 @@ impl Netns {
         Ok(())
     }
 
+    /// A veth pair between this namespace and the test's own (root)
+    /// namespace, `here` on this end and `root` on the other: how a
+    /// namespace reaches a process the test runs itself (a control plane
+    /// listening on 0.0.0.0).
+    pub fn link_root(&self, here: &str, root: &str) -> anyhow::Result<()> {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let (a, b) = (format!("wr{n}"), format!("wn{n}"));
+        run(Command::new("ip").args([
+            "link", "add", &a, "type", "veth", "peer", "name", &b, "netns", &self.name,
+        ]))?;
+        run(Command::new("ip").args(["addr", "add", root, "dev", &a]))?;
+        run(Command::new("ip").args(["link", "set", &a, "up"]))?;
+        self.exec(&["ip", "addr", "add", here, "dev", &b])?;
+        self.exec(&["ip", "link", "set", &b, "up"])?;
+        Ok(())
+    }
+
     /// The namespace's nat table as `iptables-save` prints it, without
     /// the comment and counter lines that change from run to run.
     pub fn nat_rules(&self) -> anyhow::Result<String> {
