@@ -289,28 +289,29 @@ fn iptables(b: &Backend, args: &[&str]) -> anyhow::Result<std::process::Output> 
         .with_context(|| format!("running {}", b.iptables))
 }
 
+/// [`iptables`], failing with its error unless it succeeded.
+fn iptables_ok(b: &Backend, args: &[&str]) -> anyhow::Result<()> {
+    let out = iptables(b, args)?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{} {}: {}",
+        b.iptables,
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
 /// Deletes every jump from `builtin` to `chain`, then the chain.
 fn remove_chain(b: &Backend, builtin: &str, chain: &str) -> anyhow::Result<bool> {
     let mut removed = false;
     while has_jump(b, builtin, chain) {
-        let out = iptables(b, &["-t", "nat", "-D", builtin, "-j", chain])?;
-        anyhow::ensure!(
-            out.status.success(),
-            "{} -t nat -D {builtin} -j {chain}: {}",
-            b.iptables,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        iptables_ok(b, &["-t", "nat", "-D", builtin, "-j", chain])?;
         removed = true;
     }
     // -F fails when the chain does not exist: nothing to delete then.
     if iptables(b, &["-t", "nat", "-F", chain])?.status.success() {
-        let out = iptables(b, &["-t", "nat", "-X", chain])?;
-        anyhow::ensure!(
-            out.status.success(),
-            "{} -t nat -X {chain}: {}",
-            b.iptables,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        iptables_ok(b, &["-t", "nat", "-X", chain])?;
         removed = true;
     }
     Ok(removed)

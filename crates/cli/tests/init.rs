@@ -172,6 +172,18 @@ fn curl(ns: &Netns, url: &str) -> anyhow::Result<String> {
     ns.exec(&["curl", "-fsS", "--max-time", "5", url])
 }
 
+/// The proxy in `ns` has counted exactly one `metric` with `labels`.
+fn assert_one(ns: &Netns, metric: &str, labels: &[(&str, &str)]) -> anyhow::Result<()> {
+    let m = weft_test_support::metrics::Scrape::parse(curl(ns, "http://127.0.0.1:4191/metrics")?)?;
+    assert_eq!(
+        m.sum(metric, labels),
+        1.0,
+        "{metric} {labels:?} in\n{}",
+        m.text
+    );
+    Ok(())
+}
+
 async fn wait_for(ns: &Netns, url: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while curl(ns, url).is_err() {
@@ -243,45 +255,31 @@ async fn an_unmodified_application_is_meshed_both_ways() -> anyhow::Result<()> {
     // Loopback is never captured.
     assert_eq!(curl(&app, "http://127.0.0.1:9001/")?, "private");
 
-    let metrics = curl(&app, "http://127.0.0.1:4191/metrics")?;
-    let m = weft_test_support::metrics::Scrape::parse(metrics)?;
-    assert_eq!(
-        m.sum(
-            "request_total",
-            &[("direction", "outbound"), ("authority", "10.98.0.2:8080")]
-        ),
-        1.0,
-        "{}",
-        m.text
-    );
-    assert_eq!(
-        m.sum(
-            "response_total",
-            &[
-                ("direction", "inbound"),
-                ("authority", "10.98.0.1:9000"),
-                ("status_code", "200")
-            ]
-        ),
-        1.0,
-        "{}",
-        m.text
-    );
+    assert_one(
+        &app,
+        "request_total",
+        &[("direction", "outbound"), ("authority", "10.98.0.2:8080")],
+    )?;
+    assert_one(
+        &app,
+        "response_total",
+        &[
+            ("direction", "inbound"),
+            ("authority", "10.98.0.1:9000"),
+            ("status_code", "200"),
+        ],
+    )?;
     // The loopback-only server was tried at the address dialled, and
     // refused.
-    assert_eq!(
-        m.sum(
-            "response_total",
-            &[
-                ("direction", "inbound"),
-                ("authority", "10.98.0.1:9001"),
-                ("error", "connect")
-            ]
-        ),
-        1.0,
-        "{}",
-        m.text
-    );
+    assert_one(
+        &app,
+        "response_total",
+        &[
+            ("direction", "inbound"),
+            ("authority", "10.98.0.1:9001"),
+            ("error", "connect"),
+        ],
+    )?;
 
     app.exec(&[&weft()?, "init", "--remove"])?;
     assert!(!app.nat_rules()?.contains("WEFT"));
@@ -370,36 +368,24 @@ async fn transparent_traffic_to_a_meshed_peer_is_mutual_tls() -> anyhow::Result<
     args.extend(["curl", "-fsS", "--max-time", "5", "http://10.98.1.2:8080/"]);
     assert_eq!(app.exec(&args)?, "api");
 
-    let metrics = curl(&peer, "http://127.0.0.1:4191/metrics")?;
-    let m = weft_test_support::metrics::Scrape::parse(metrics)?;
-    assert_eq!(
-        m.sum(
-            "request_total",
-            &[
-                ("direction", "inbound"),
-                ("tls", "true"),
-                ("client_id", "web.demo")
-            ]
-        ),
-        1.0,
-        "{}",
-        m.text
-    );
-    let metrics = curl(&app, "http://127.0.0.1:4191/metrics")?;
-    let m = weft_test_support::metrics::Scrape::parse(metrics)?;
-    assert_eq!(
-        m.sum(
-            "response_total",
-            &[
-                ("direction", "outbound"),
-                ("tls", "true"),
-                ("server_id", "api.demo"),
-                ("status_code", "200")
-            ]
-        ),
-        1.0,
-        "{}",
-        m.text
-    );
+    assert_one(
+        &peer,
+        "request_total",
+        &[
+            ("direction", "inbound"),
+            ("tls", "true"),
+            ("client_id", "web.demo"),
+        ],
+    )?;
+    assert_one(
+        &app,
+        "response_total",
+        &[
+            ("direction", "outbound"),
+            ("tls", "true"),
+            ("server_id", "api.demo"),
+            ("status_code", "200"),
+        ],
+    )?;
     Ok(())
 }

@@ -4,95 +4,46 @@
 //!
 //! Needs root, `ip` (iproute2) and `iptables`; `.ci/run` installs them.
 
-use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use weft_test_support::netns::Netns;
 use weft_test_support::proxy::Proxy;
 use weft_test_support::workspace_binary;
 
 const PROXY: &str = env!("CARGO_BIN_EXE_weft-proxy");
 
-/// A network namespace with `lo` up, a veth pair holding
-/// 10.99.0.0/24 (addresses nothing listens on), and a nat rule redirecting
-/// every TCP connection to that range to the proxy's outbound port 4140.
-struct Netns {
-    name: String,
-}
-
-fn run(cmd: &mut Command) -> anyhow::Result<Output> {
-    let out = cmd.output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "{cmd:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(out)
-}
-
-impl Netns {
-    fn new() -> anyhow::Result<Self> {
-        let name = format!("weft-t{}", std::process::id());
-        run(Command::new("ip").args(["netns", "add", &name]))?;
-        let ns = Self { name };
-        ns.exec(&["ip", "link", "set", "lo", "up"])?;
-        ns.exec(&[
-            "ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1",
-        ])?;
-        ns.exec(&["ip", "addr", "add", "10.99.0.254/24", "dev", "v0"])?;
-        ns.exec(&["ip", "link", "set", "v0", "up"])?;
-        ns.exec(&["ip", "link", "set", "v1", "up"])?;
-        ns.exec(&[
-            "iptables",
-            "-t",
-            "nat",
-            "-A",
-            "OUTPUT",
-            "-p",
-            "tcp",
-            "-d",
-            "10.99.0.0/24",
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            "4140",
-        ])?;
-        Ok(ns)
-    }
-
-    fn command(&self, args: &[&str]) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.name]).args(args);
-        c
-    }
-
-    fn exec(&self, args: &[&str]) -> anyhow::Result<String> {
-        let out = run(&mut self.command(args))?;
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
-/// A child process killed on drop.
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// A namespace with a veth holding 10.99.0.0/24 (addresses nothing
+/// listens on), and a nat rule redirecting every TCP connection to that
+/// range to the proxy's outbound port 4140.
+fn redirecting_netns() -> anyhow::Result<Netns> {
+    let ns = Netns::new("transparent")?;
+    ns.exec(&[
+        "ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1",
+    ])?;
+    ns.exec(&["ip", "addr", "add", "10.99.0.254/24", "dev", "v0"])?;
+    ns.exec(&["ip", "link", "set", "v0", "up"])?;
+    ns.exec(&["ip", "link", "set", "v1", "up"])?;
+    ns.exec(&[
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        "OUTPUT",
+        "-p",
+        "tcp",
+        "-d",
+        "10.99.0.0/24",
+        "-j",
+        "REDIRECT",
+        "--to-ports",
+        "4140",
+    ])?;
+    Ok(ns)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redirected_connections_reach_their_original_destination() -> anyhow::Result<()> {
-    let ns = Netns::new()?;
+    let ns = redirecting_netns()?;
     let backend = workspace_binary("weft-test-backend")?;
     let backend = backend.to_string_lossy().into_owned();
     let mut peers = Vec::new();
@@ -101,13 +52,9 @@ async fn redirected_connections_reach_their_original_destination() -> anyhow::Re
         ("banner", "127.0.0.1:18025"),
         ("echo", "127.0.0.1:18007"),
     ] {
-        let child = ns
-            .command(&[
-                &backend, "--mode", mode, "--listen", listen, "--name", "inside",
-            ])
-            .stdout(std::process::Stdio::null())
-            .spawn()?;
-        peers.push(Child(child));
+        peers.push(ns.spawn(&[
+            &backend, "--mode", mode, "--listen", listen, "--name", "inside",
+        ])?);
     }
 
     let dir = tempfile::tempdir()?;
