@@ -423,14 +423,7 @@ impl Setup {
     }
 }
 
-pub(crate) struct H2loadResult {
-    pub(crate) requests: u64,
-    pub(crate) failed: u64,
-    /// Responses with a 5xx status (h2load counts them as succeeded).
-    pub(crate) status_5xx: u64,
-    pub(crate) rps: f64,
-    pub(crate) latencies_us: Vec<f64>,
-}
+pub(crate) use weft_test_support::load::H2loadResult;
 
 pub(crate) fn h2load(
     proto: Proto,
@@ -440,79 +433,26 @@ pub(crate) fn h2load(
     duration: u64,
     log: &Path,
 ) -> anyhow::Result<H2loadResult> {
-    // h2load appends to its log file; each run must start from nothing.
-    let _ = std::fs::remove_file(log);
-    let mut cmd = weft_test_support::process::std_command("h2load");
-    if proto == Proto::H1 {
-        cmd.arg("--h1");
-    }
+    let mut run = weft_test_support::load::H2load::new(url, log);
+    run.h1 = proto == Proto::H1;
+    run.duration_secs = duration;
+    run.warm_up_secs = 1;
+    run.authority = authority.map(str::to_string);
     match mode {
         // 10 connections at 100 requests/s each: an even 1k RPS.
-        Mode::Rate1k => cmd.args(["-c", "10", "--rps", "100"]),
+        Mode::Rate1k => {
+            run.clients = 10;
+            run.rps = Some(100);
+        }
         Mode::Max => match proto {
-            Proto::H1 => cmd.args(["-c", "32"]),
-            Proto::H2c => cmd.args(["-c", "16", "-m", "8"]),
+            Proto::H1 => run.clients = 32,
+            Proto::H2c => {
+                run.clients = 16;
+                run.streams = 8;
+            }
         },
-    };
-    if let Some(a) = authority {
-        cmd.args(["-H", &format!(":authority: {a}")]);
     }
-    cmd.args(["-D", &duration.to_string(), "--warm-up-time", "1"])
-        .arg(format!("--log-file={}", log.display()))
-        .arg(url);
-    let out = cmd
-        .output()
-        .context("running h2load (Debian package nghttp2-client)")?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
-        bail!(
-            "h2load {url} failed: {stdout}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let requests_line = stdout
-        .lines()
-        .find(|l| l.starts_with("requests:"))
-        .with_context(|| format!("no requests line in h2load output:\n{stdout}"))?;
-    let number_before = |word: &str| -> u64 {
-        requests_line
-            .split(',')
-            .find(|p| p.trim().ends_with(word))
-            .and_then(|p| p.split_whitespace().rev().nth(1))
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0)
-    };
-    let succeeded = number_before("succeeded");
-    let failed = number_before("failed") + number_before("errored") + number_before("timeout");
-    let rps = stdout
-        .lines()
-        .find(|l| l.starts_with("finished in"))
-        .and_then(|l| l.split(',').nth(1))
-        .and_then(|p| p.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0.0);
-    let log_text =
-        std::fs::read_to_string(log).with_context(|| format!("reading {}", log.display()))?;
-    let mut latencies_us: Vec<f64> = log_text
-        .lines()
-        .filter_map(|l| l.split('\t').nth(2))
-        .filter_map(|v| v.trim().parse().ok())
-        .collect();
-    latencies_us.sort_by(|a: &f64, b| a.total_cmp(b));
-    let status_5xx = stdout
-        .lines()
-        .find(|l| l.starts_with("status codes:"))
-        .and_then(|l| l.split(',').find(|p| p.trim().ends_with("5xx")))
-        .and_then(|p| p.split_whitespace().rev().nth(1))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0);
-    Ok(H2loadResult {
-        requests: succeeded + failed,
-        failed,
-        status_5xx,
-        rps,
-        latencies_us,
-    })
+    run.run()
 }
 
 pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -580,7 +520,7 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
                     let r = h2load(proto, mode, &url, authority, round_secs, &log)?;
                     let cpu_after: f64 = procs.iter().map(|p| p.cpu_seconds()).sum();
                     let a = &mut acc[i];
-                    a.requests += r.requests;
+                    a.requests += r.total();
                     a.failed += r.failed;
                     a.rps_sum += r.rps;
                     a.cpu += cpu_after - cpu_before;

@@ -131,17 +131,16 @@ fn measure(
             .map_err(|_| anyhow::anyhow!("h2load thread panicked"))?
     })?;
     let cpu = proc.cpu_seconds() - cpu_before;
-    let mut lat = r.latencies_us;
-    lat.sort_by(|a, b| a.total_cmp(b));
+    let lat = &r.latencies_us;
     let row = PolicyRow {
         scenario,
         variant: variant.into(),
-        requests: r.requests,
+        requests: r.total(),
         failed: r.failed + r.status_5xx,
         rps: r.rps,
-        p50_us: percentile(&lat, 50.0),
-        p99_us: percentile(&lat, 99.0),
-        cpu_us_per_request: cpu * 1e6 / r.requests.max(1) as f64,
+        p50_us: percentile(lat, 50.0),
+        p99_us: percentile(lat, 99.0),
+        cpu_us_per_request: cpu * 1e6 / r.total().max(1) as f64,
         cpu_us_per_request_range: None,
     };
     eprintln!(

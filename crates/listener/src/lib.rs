@@ -23,12 +23,23 @@ pub const BACKLOG: u32 = 1024;
 /// Binds a listener with [`BACKLOG`] (and SO_REUSEADDR, so a restarted
 /// process can bind while old connections are in TIME_WAIT).
 pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    bind_with(addr, false)
+}
+
+/// [`bind`], optionally with SO_REUSEPORT: then another process of the same
+/// user may bind the same address and the kernel spreads new connections
+/// over both (connections still queued on a socket when its process
+/// closes it are reset; handing the socket over does not have that gap).
+pub fn bind_with(addr: SocketAddr, reuse_port: bool) -> io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
         tokio::net::TcpSocket::new_v6()?
     };
     socket.set_reuseaddr(true)?;
+    if reuse_port {
+        socket.set_reuseport(true)?;
+    }
     socket.bind(addr)?;
     socket.listen(BACKLOG)
 }

@@ -27,6 +27,38 @@ pub struct Admin {
     pub config: Config,
     /// With an identity, the proxy is ready only once it is certified.
     pub tls: Option<Arc<crate::tls::Tls>>,
+    pub process: ProcessInfo,
+}
+
+/// Which process answers, so an operator can see an upgrade happen.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ProcessInfo {
+    pub pid: u32,
+    /// RFC 3339, UTC.
+    pub started: String,
+    pub version: &'static str,
+    /// The process this one took the listeners over from (SIGUSR2).
+    pub upgraded_from: Option<u32>,
+}
+
+impl ProcessInfo {
+    pub fn now(upgraded_from: Option<u32>) -> Self {
+        Self {
+            pid: std::process::id(),
+            started: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            version: env!("CARGO_PKG_VERSION"),
+            upgraded_from,
+        }
+    }
+}
+
+/// `/env.json`: the process, then the configuration's keys.
+#[derive(serde::Serialize)]
+struct Env<'a> {
+    #[serde(flatten)]
+    process: &'a ProcessInfo,
+    #[serde(flatten)]
+    config: &'a Config,
 }
 
 type AdminBody = UnsyncBoxBody<Bytes, Infallible>;
@@ -97,7 +129,10 @@ impl Admin {
             }
             "/live" => text(StatusCode::OK, PLAIN, "live\n"),
             "/tap" => tap(self.metrics.tap.listen()),
-            "/env.json" => match serde_json::to_vec_pretty(&self.config) {
+            "/env.json" => match serde_json::to_vec_pretty(&Env {
+                process: &self.process,
+                config: &self.config,
+            }) {
                 Ok(body) => text(StatusCode::OK, "application/json", body),
                 Err(_) => text(
                     StatusCode::INTERNAL_SERVER_ERROR,

@@ -43,6 +43,8 @@ pub const ENV_DISCOVERY_IDLE_TIMEOUT: &str = "WEFT_PROXY_DISCOVERY_IDLE_TIMEOUT"
 pub const ENV_DNS_TIMEOUT: &str = "WEFT_PROXY_DNS_TIMEOUT";
 pub const ENV_INBOUND_AUTHORITIES: &str = "WEFT_PROXY_INBOUND_AUTHORITIES";
 pub const ENV_METRICS_MAX_AUTHORITIES: &str = "WEFT_PROXY_METRICS_MAX_AUTHORITIES";
+pub const ENV_UPGRADE_TIMEOUT: &str = "WEFT_PROXY_UPGRADE_TIMEOUT";
+pub const ENV_REUSE_PORT: &str = "WEFT_PROXY_REUSE_PORT";
 
 /// The longest the proxy may wait for a silent client before treating the
 /// connection as server-speaks-first: beyond this, protocols like SMTP and
@@ -70,6 +72,13 @@ pub struct Config {
     pub dns_refresh: Duration,
     /// Worker threads.
     pub cores: usize,
+    /// How long a process started by SIGUSR2 has to become ready before
+    /// it is stopped and this one keeps serving.
+    #[serde(with = "humantime_serde_compat")]
+    pub upgrade_timeout: Duration,
+    /// Bind the traffic listeners with SO_REUSEPORT, so a second proxy can
+    /// share the ports (the rolling alternative to SIGUSR2).
+    pub reuse_port: bool,
     /// The control plane: destinations come from it instead of the file,
     /// and certificates, when an identity is configured.
     pub control: Option<ControlConfig>,
@@ -315,6 +324,12 @@ impl Config {
                     }
                 })
                 .unwrap_or(1),
+            upgrade_timeout: p
+                .parse(ENV_UPGRADE_TIMEOUT, "30s", parse_positive_duration)
+                .unwrap_or_default(),
+            reuse_port: p
+                .parse(ENV_REUSE_PORT, "false", parse_bool)
+                .unwrap_or_default(),
             control: None,
             identity: None,
             register: None,
@@ -642,6 +657,14 @@ fn default_cores() -> usize {
 fn parse_addr(s: &str) -> Result<SocketAddr, String> {
     s.parse()
         .map_err(|e| format!("not an IP:port socket address ({e})"))
+}
+
+fn parse_bool(s: &str) -> Result<bool, String> {
+    match s {
+        "true" | "1" | "yes" => Ok(true),
+        "false" | "0" | "no" => Ok(false),
+        _ => Err("must be true or false".into()),
+    }
 }
 
 fn parse_path(s: &str) -> Result<PathBuf, String> {

@@ -18,6 +18,7 @@ pub mod server;
 pub mod tap;
 pub mod tcp;
 pub mod tls;
+pub mod upgrade;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -64,6 +65,8 @@ pub enum RunError {
         config::ENV_REGISTER_ADDR
     )]
     RegisterAddr,
+    #[error("upgrade: {0}")]
+    Upgrade(#[from] upgrade::UpgradeError),
     #[error("{var}: {source}")]
     Tls {
         var: &'static str,
@@ -85,12 +88,30 @@ impl RunError {
     }
 }
 
-async fn bind(which: &'static str, addr: SocketAddr) -> Result<TcpListener, RunError> {
-    weft_listener::bind(addr).map_err(|source| RunError::Bind {
+/// The listener `which`: the one handed over by the process this one
+/// replaces, or a fresh one.
+fn listen(
+    which: &'static str,
+    addr: SocketAddr,
+    inherited: &mut Option<upgrade::Inherited>,
+    reuse_port: bool,
+) -> Result<TcpListener, RunError> {
+    let bind_error = |source| RunError::Bind {
         which,
         addr,
         source,
-    })
+    };
+    if let Some(listener) = inherited.as_mut().and_then(|i| i.take(which, addr)) {
+        return TcpListener::from_std(listener).map_err(bind_error);
+    }
+    weft_listener::bind_with(addr, reuse_port).map_err(bind_error)
+}
+
+/// Why the proxy stops.
+enum Stop {
+    Signal,
+    /// A new process took the listeners over.
+    Upgraded,
 }
 
 /// Runs the proxy until SIGTERM or SIGINT, then drains in-flight work for
@@ -99,6 +120,16 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut sigterm = signal(SignalKind::terminate()).map_err(RunError::Signal)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(RunError::Signal)?;
+    let mut sigusr2 = signal(SignalKind::user_defined2()).map_err(RunError::Signal)?;
+    let upgrader = match upgrade::Upgrader::new(config.upgrade_timeout) {
+        Ok(u) => Some(u),
+        Err(e) => {
+            tracing::warn!(error = %e, "SIGUSR2 upgrades are unavailable");
+            None
+        }
+    };
+    let mut inherited = upgrade::Inherited::fetch().await?;
+    let process = admin::ProcessInfo::now(inherited.as_ref().map(|i| i.from_pid()));
 
     let metrics = Metrics::new();
     let ready = Arc::new(AtomicBool::new(false));
@@ -206,9 +237,25 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         outbound_router.follow(rx);
     }
 
-    let admin_listener = bind("admin", config.admin_listen).await?;
-    let outbound_listener = bind("outbound", config.outbound_listen).await?;
-    let inbound_listener = bind("inbound", config.inbound_listen).await?;
+    let reuse = config.reuse_port;
+    let admin_listener = listen("admin", config.admin_listen, &mut inherited, false)?;
+    let outbound_listener = listen("outbound", config.outbound_listen, &mut inherited, reuse)?;
+    let inbound_listener = listen("inbound", config.inbound_listen, &mut inherited, reuse)?;
+    // Kept to hand over on SIGUSR2 (the accept loops own the originals).
+    let mut sockets = Vec::new();
+    for (name, l) in [
+        ("outbound", &outbound_listener),
+        ("inbound", &inbound_listener),
+        ("admin", &admin_listener),
+    ] {
+        use std::os::fd::AsFd;
+        match l.as_fd().try_clone_to_owned() {
+            Ok(fd) => sockets.push((name, fd)),
+            Err(e) => {
+                tracing::warn!(error = %e, listener = name, "cannot keep the listener for upgrades")
+            }
+        }
+    }
     let inbound_addr = inbound_listener.local_addr();
     let addr = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
     tracing::info!(
@@ -223,6 +270,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         ready: ready.clone(),
         config: config.clone(),
         tls: tls.clone(),
+        process,
     });
     let admin_shutdown = CancellationToken::new();
     let admin_thread = spawn_admin(admin, admin_listener, admin_shutdown.clone())?;
@@ -298,17 +346,78 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         registered = Some(tokio::spawn(registration.maintain(deregister.clone())));
     }
     ready.store(true, Ordering::Release);
-
-    tokio::select! {
-        _ = sigterm.recv() => tracing::info!("SIGTERM: draining"),
-        _ = sigint.recv() => tracing::info!("SIGINT: draining"),
+    if let Some(handed) = inherited {
+        // The old process drains once this one can do its work: listening
+        // and, with an identity, certified.
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            while !tls.as_ref().is_none_or(|t| t.has_cert()) {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            match handed.ready().await {
+                Ok(()) => tracing::info!("upgrade: ready; the old process drains"),
+                Err(e) => tracing::warn!(error = %e, "upgrade: cannot tell the old process"),
+            }
+        });
     }
+
+    let stop = loop {
+        tokio::select! {
+            _ = sigterm.recv() => {
+                tracing::info!("SIGTERM: draining");
+                break Stop::Signal;
+            }
+            _ = sigint.recv() => {
+                tracing::info!("SIGINT: draining");
+                break Stop::Signal;
+            }
+            _ = sigusr2.recv() => {
+                let Some(upgrader) = &upgrader else {
+                    tracing::warn!("SIGUSR2: upgrades are unavailable (see above)");
+                    continue;
+                };
+                tracing::info!("SIGUSR2: starting the new process");
+                let fds: Vec<_> = sockets.iter().map(|(n, fd)| {
+                    use std::os::fd::AsFd;
+                    (*n, fd.as_fd())
+                }).collect();
+                // A signal to stop wins over an upgrade in progress (which
+                // then stops the new process).
+                let outcome = tokio::select! {
+                    r = upgrader.hand_over(&fds) => r,
+                    _ = sigterm.recv() => { tracing::info!("SIGTERM during upgrade: draining"); break Stop::Signal; }
+                    _ = sigint.recv() => { tracing::info!("SIGINT during upgrade: draining"); break Stop::Signal; }
+                };
+                match outcome {
+                    Ok(pid) => {
+                        tracing::info!(pid, "upgrade: the new process serves; draining");
+                        break Stop::Upgraded;
+                    }
+                    Err(e) => tracing::error!("upgrade failed, still serving: {}", weft_channel::error_chain(&e)),
+                }
+            }
+        }
+    };
     ready.store(false, Ordering::Release);
-    // Leave discovery first, so peers stop choosing this instance while it
-    // drains.
-    deregister.cancel();
-    if let Some(task) = registered {
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), task).await;
+    // Stopping, the sockets must close when the accept loops stop: a copy
+    // kept open would let the kernel queue connections nobody accepts.
+    drop(sockets);
+    match stop {
+        Stop::Signal => {
+            // Leave discovery first, so peers stop choosing this instance
+            // while it drains.
+            deregister.cancel();
+            if let Some(task) = registered {
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(2), task).await;
+            }
+        }
+        Stop::Upgraded => {
+            // The new process answers the admin port from now on, and keeps
+            // the registration (revoking the lease here could delete the
+            // entry it re-attached to its own).
+            admin_shutdown.cancel();
+            drop(registered);
+        }
     }
     shutdown.cancel();
     tracker.close();

@@ -106,6 +106,26 @@ fn parent_of(pid: u32) -> Option<u32> {
         .ok()
 }
 
+/// Sends the signal `name` ("TERM", "USR2", ...) to `pid`.
+pub fn signal(pid: u32, name: &str) -> anyhow::Result<()> {
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{name}"), &pid.to_string()])
+        .status()?;
+    anyhow::ensure!(status.success(), "kill -{name} {pid} failed");
+    Ok(())
+}
+
+/// A process this test did not spawn itself (one started by a process
+/// under test), killed when this drops.
+#[derive(Debug)]
+pub struct KillOnDrop(pub u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = signal(self.0, "KILL");
+    }
+}
+
 /// A child process whose stderr is collected, killed on drop.
 pub struct Logged {
     pub child: Child,
@@ -195,12 +215,12 @@ impl Logged {
 
     /// Sends SIGTERM.
     pub fn terminate(&self) -> anyhow::Result<()> {
-        let pid = self.pid().context("process already exited")?;
-        let status = std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()?;
-        anyhow::ensure!(status.success(), "kill -TERM {pid} failed");
-        Ok(())
+        self.signal("TERM")
+    }
+
+    /// Sends the signal `name` ("TERM", "USR2", ...).
+    pub fn signal(&self, name: &str) -> anyhow::Result<()> {
+        signal(self.pid().context("process already exited")?, name)
     }
 
     pub async fn wait(&mut self, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {

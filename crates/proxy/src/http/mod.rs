@@ -58,6 +58,11 @@ pub enum HttpVersion {
     Http2,
 }
 
+/// Draining, an HTTP/1 connection with no request for this long is closed
+/// (a busy one is closed by its next response). Long enough for a client
+/// sending a request a second to be told by a response.
+const DRAIN_IDLE: Duration = Duration::from_secs(2);
+
 /// What every request on one accepted connection shares.
 pub struct HttpContext {
     pub direction: Direction,
@@ -98,11 +103,26 @@ where
     let activity = Arc::new(Activity::new());
     let svc = {
         let activity = activity.clone();
+        let draining = shutdown.clone();
         service_fn(move |req| {
             let ctx = ctx.clone();
             let active = activity.begin();
+            let draining = draining.clone();
             async move {
-                let rsp = ctx.handle(req).await;
+                let mut rsp = ctx.handle(req).await;
+                if version == HttpVersion::Http1
+                    && draining.is_cancelled()
+                    && rsp.status() != http::StatusCode::SWITCHING_PROTOCOLS
+                {
+                    // Draining: the client learns not to reuse the
+                    // connection from the response itself, and hyper closes
+                    // it once written. Closing it idle instead would race
+                    // the client's next request.
+                    rsp.headers_mut().insert(
+                        http::header::CONNECTION,
+                        http::HeaderValue::from_static("close"),
+                    );
+                }
                 Ok::<_, Infallible>(rsp.map(|body| body::Tracked::new(body, active)))
             }
         })
@@ -120,11 +140,20 @@ where
                 .max_buf_size((limits.max_header_bytes as usize).max(8192));
             let conn = builder.serve_connection(io, svc).with_upgrades();
             tokio::pin!(conn);
-            tokio::select! {
-                res = conn.as_mut() => res,
-                _ = shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
+            // Draining, a connection in use ends with its next response
+            // (`Connection: close`); one left idle for DRAIN_IDLE is closed.
+            let mut draining = false;
+            loop {
+                let idle_at = activity.idle_deadline(DRAIN_IDLE, DRAIN_IDLE);
+                tokio::select! {
+                    res = conn.as_mut() => break res,
+                    _ = shutdown.cancelled(), if !draining => draining = true,
+                    () = tokio::time::sleep_until(idle_at), if draining => {
+                        if activity.idle_deadline(DRAIN_IDLE, DRAIN_IDLE) <= tokio::time::Instant::now() {
+                            conn.as_mut().graceful_shutdown();
+                            break conn.as_mut().await;
+                        }
+                    }
                 }
             }
         }
