@@ -33,6 +33,8 @@ struct Options {
     only_fan_out: bool,
     /// `policy`: only the traffic-policy scenarios.
     only_policy: bool,
+    /// `hosts`: only the capture paths and the upgrade under load.
+    only_hosts: bool,
     duration: u64,
     rounds: u64,
     watchers: usize,
@@ -45,6 +47,7 @@ fn options(args: &[String]) -> anyhow::Result<Options> {
     let mut o = Options {
         only_fan_out: false,
         only_policy: false,
+        only_hosts: false,
         duration: 12,
         rounds: 3,
         watchers: 1000,
@@ -89,7 +92,10 @@ fn options(args: &[String]) -> anyhow::Result<Options> {
             "--only" => match it.next().map(String::as_str) {
                 Some("fan-out") => o.only_fan_out = true,
                 Some("policy") => o.only_policy = true,
-                other => bail!("--only {other:?}: the partial runs are fan-out and policy"),
+                Some("hosts") => o.only_hosts = true,
+                other => {
+                    bail!("--only {other:?}: the partial runs are fan-out, policy and hosts")
+                }
             },
             "--out" => o.out = PathBuf::from(it.next().context("--out needs a path")?),
             "--strict" => o.strict = true,
@@ -141,19 +147,19 @@ struct Row {
 }
 
 #[derive(Debug, Serialize)]
-struct Target {
-    name: String,
-    measured: f64,
-    limit: f64,
-    unit: &'static str,
-    pass: bool,
+pub(crate) struct Target {
+    pub(crate) name: String,
+    pub(crate) measured: f64,
+    pub(crate) limit: f64,
+    pub(crate) unit: &'static str,
+    pub(crate) pass: bool,
 }
 
 #[derive(Debug, Serialize)]
-struct Reference {
-    name: String,
-    measured: f64,
-    unit: &'static str,
+pub(crate) struct Reference {
+    pub(crate) name: String,
+    pub(crate) measured: f64,
+    pub(crate) unit: &'static str,
 }
 
 #[derive(Debug, Serialize)]
@@ -169,6 +175,8 @@ struct Report {
     fan_out: crate::mesh::FanOut,
     /// Traffic-policy scenarios, each on a fresh proxy.
     policy: Vec<crate::policy::PolicyRow>,
+    /// Capture paths and upgrades under load.
+    hosts: crate::hosts::Hosts,
     targets: Vec<Target>,
     /// The same measures for the peer, to read the targets against.
     references: Vec<Reference>,
@@ -485,6 +493,18 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
         let _ = std::fs::remove_dir_all(&dir);
         return Ok(());
     }
+    if opts.only_hosts {
+        let hosts = crate::hosts::run(&dir, opts.duration, opts.rounds)?;
+        let (targets, references) = crate::hosts::targets(&hosts);
+        print!(
+            "{}{}",
+            crate::hosts::table(&hosts),
+            verdicts(&targets, &references)
+        );
+        println!("{}", serde_json::to_string_pretty(&hosts)?);
+        let _ = std::fs::remove_dir_all(&dir);
+        return Ok(());
+    }
     if opts.only_fan_out {
         let f = crate::mesh::fan_out(&dir, opts.watchers, opts.services, 5)?;
         println!("{}", serde_json::to_string_pretty(&f)?);
@@ -694,6 +714,12 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
         }
     }
 
+    eprintln!("bench: meshing hosts (capture paths in namespaces) and upgrades under load");
+    let hosts = crate::hosts::run(&dir, opts.duration.min(6), opts.rounds)?;
+    let (t, r) = crate::hosts::targets(&hosts);
+    targets.extend(t);
+    references.extend(r);
+
     let peak = s.outbound.peak_rss_bytes();
     targets.push(Target {
         name: "weft RSS idle".into(),
@@ -721,6 +747,7 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
         handshakes,
         fan_out,
         policy,
+        hosts,
         targets,
         references,
     };
@@ -788,11 +815,19 @@ fn table(r: &Report) -> String {
         f.control_cpu_s
     );
     out.push_str(&policy_table(&r.policy));
+    out.push_str(&crate::hosts::table(&r.hosts));
+    out.push_str(&verdicts(&r.targets, &r.references));
+    out
+}
+
+/// The targets, PASS or MISS, then the references beside them.
+pub(crate) fn verdicts(targets: &[Target], references: &[Reference]) -> String {
+    let mut out = String::new();
     let _ = writeln!(
         out,
         "\n| target | measured | limit | verdict |\n|---|---:|---:|---|"
     );
-    for t in &r.targets {
+    for t in targets {
         let _ = writeln!(
             out,
             "| {} | {:.2} {} | {} {} | {} |",
@@ -804,7 +839,7 @@ fn table(r: &Report) -> String {
             if t.pass { "PASS" } else { "MISS" }
         );
     }
-    for reference in &r.references {
+    for reference in references {
         let _ = writeln!(
             out,
             "| (reference) {} | {:.2} {} | | |",

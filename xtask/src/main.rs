@@ -1,6 +1,7 @@
 //! Project tasks: `cargo xtask demo` and `cargo xtask bench`.
 
 mod bench;
+mod hosts;
 mod mesh;
 mod policy;
 mod procs;

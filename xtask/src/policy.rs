@@ -63,7 +63,7 @@ fn combine(scenario: &'static str, variant: &str, mut rounds: Vec<PolicyRow>) ->
     }
 }
 
-fn backend(name: &str, flags: &[&str]) -> anyhow::Result<(Proc, SocketAddr)> {
+pub(crate) fn backend(name: &str, flags: &[&str]) -> anyhow::Result<(Proc, SocketAddr)> {
     let bin = target_dir()?.join("release/weft-test-backend");
     let mut cmd = weft_test_support::process::std_command(bin);
     cmd.args(["--listen", "127.0.0.1:0", "--name", name])

@@ -17,12 +17,13 @@ pub struct H2load {
     /// Requests per second per client; `None` for as fast as possible.
     pub rps: Option<u32>,
     pub duration_secs: u64,
-    /// A number of requests instead of a duration.
-    pub requests: Option<u64>,
     pub warm_up_secs: u64,
     pub authority: Option<String>,
     /// Per-request log (start µs, status, µs to the end of the response).
     pub log: PathBuf,
+    /// Runs h2load under this command (e.g. `ip netns exec NS setpriv
+    /// --reuid nobody ...`); empty for none.
+    pub prefix: Vec<String>,
 }
 
 /// What one run saw.
@@ -56,10 +57,10 @@ impl H2load {
             streams: 1,
             rps: None,
             duration_secs: 5,
-            requests: None,
             warm_up_secs: 0,
             authority: None,
             log: log.into(),
+            prefix: Vec::new(),
         }
     }
 
@@ -67,7 +68,14 @@ impl H2load {
     pub fn run(&self) -> anyhow::Result<H2loadResult> {
         // h2load appends to its log file; each run must start from nothing.
         let _ = std::fs::remove_file(&self.log);
-        let mut cmd = crate::process::std_command("h2load");
+        let mut cmd = match self.prefix.split_first() {
+            Some((program, args)) => {
+                let mut c = crate::process::std_command(program);
+                c.args(args).arg("h2load");
+                c
+            }
+            None => crate::process::std_command("h2load"),
+        };
         if self.h1 {
             cmd.arg("--h1");
         }
@@ -81,11 +89,8 @@ impl H2load {
         if let Some(a) = &self.authority {
             cmd.args(["-H", &format!(":authority: {a}")]);
         }
-        match self.requests {
-            Some(n) => cmd.args(["-n", &n.to_string()]),
-            None => cmd.args(["-D", &self.duration_secs.to_string()]),
-        };
-        if self.warm_up_secs > 0 && self.requests.is_none() {
+        cmd.args(["-D", &self.duration_secs.to_string()]);
+        if self.warm_up_secs > 0 {
             cmd.args(["--warm-up-time", &self.warm_up_secs.to_string()]);
         }
         cmd.arg(format!("--log-file={}", self.log.display()))
@@ -261,6 +266,8 @@ pub struct SteadyResult {
     /// Each request that got no 2xx, with why.
     pub failed: Vec<String>,
     pub slowest: std::time::Duration,
+    /// Every request's latency (retries included), in ms, in no order.
+    pub latencies_ms: Vec<f64>,
 }
 
 /// `total` GETs of `url` at `rate` per second from `workers` concurrent
@@ -325,6 +332,8 @@ pub async fn steady_h2c(
                     break;
                 }
                 r.slowest = r.slowest.max(started.elapsed());
+                r.latencies_ms
+                    .push(started.elapsed().as_secs_f64() * 1000.0);
                 match outcome {
                     Ok(()) => r.ok += 1,
                     Err(e) => r.failed.push(e),
@@ -340,6 +349,7 @@ pub async fn steady_h2c(
         all.resent += r.resent;
         all.failed.extend(r.failed);
         all.slowest = all.slowest.max(r.slowest);
+        all.latencies_ms.extend(r.latencies_ms);
     }
     Ok(all)
 }
