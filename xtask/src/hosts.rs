@@ -127,9 +127,7 @@ fn capture(dir: &Path, secs: u64, rounds: u64) -> anyhow::Result<Vec<CaptureRow>
     ];
     let mut rows = Vec::new();
     for proto in [Proto::H1, Proto::H2c] {
-        // (latencies, per-round p50, per-round CPU µs/req, requests, failed, cpu s)
-        let mut acc: Vec<(Vec<f64>, Vec<f64>, Vec<f64>, u64, u64, f64)> =
-            paths.iter().map(|_| Default::default()).collect();
+        let mut acc: Vec<Acc> = paths.iter().map(|_| Acc::default()).collect();
         for round in 0..rounds {
             for (i, path) in paths.iter().enumerate() {
                 let log = logs.join(format!("{path:?}-{round}.log"));
@@ -170,48 +168,58 @@ fn capture(dir: &Path, secs: u64, rounds: u64) -> anyhow::Result<Vec<CaptureRow>
                 let r = run.run()?;
                 let cpu = proxy.cpu_seconds() - cpu_before;
                 let a = &mut acc[i];
-                a.1.push(percentile(&r.latencies_us, 50.0));
+                a.p50s.push(percentile(&r.latencies_us, 50.0));
                 if *path != CapturePath::Direct {
-                    a.2.push(cpu * 1e6 / r.total().max(1) as f64);
+                    a.cpu_per_request.push(cpu * 1e6 / r.total().max(1) as f64);
                 }
-                a.0.extend_from_slice(&r.latencies_us);
-                a.3 += r.total();
-                a.4 += r.failed + r.status_5xx;
-                a.5 += cpu;
+                a.latencies.extend_from_slice(&r.latencies_us);
+                a.requests += r.total();
+                a.failed += r.failed + r.status_5xx;
+                a.cpu_s += cpu;
                 eprintln!(
                     "  {proto:?} {path:?} round {}: p50 {:.0} µs, {} requests, {} failed",
                     round + 1,
-                    a.1.last().copied().unwrap_or_default(),
+                    a.p50s.last().copied().unwrap_or_default(),
                     r.total(),
                     r.failed + r.status_5xx
                 );
             }
         }
-        for (path, (mut lat, mut p50s, cpus, requests, failed, cpu)) in paths.into_iter().zip(acc) {
-            lat.sort_by(|a, b| a.total_cmp(b));
-            let mut sorted = p50s.clone();
-            sorted.sort_by(|a, b| a.total_cmp(b));
-            p50s.shrink_to_fit();
+        for (path, mut a) in paths.into_iter().zip(acc) {
+            a.latencies.sort_by(|x, y| x.total_cmp(y));
+            let mut sorted = a.p50s.clone();
+            sorted.sort_by(|x, y| x.total_cmp(y));
             rows.push(CaptureRow {
                 proto,
                 path,
-                requests,
-                failed,
+                requests: a.requests,
+                failed: a.failed,
                 p50_us: percentile(&sorted, 50.0),
-                p50_rounds_us: p50s,
-                p99_us: percentile(&lat, 99.0),
-                max_us: lat.last().copied().unwrap_or(f64::NAN),
+                p50_rounds_us: a.p50s,
+                p99_us: percentile(&a.latencies, 99.0),
+                max_us: a.latencies.last().copied().unwrap_or(f64::NAN),
                 cpu_us_per_request: if path == CapturePath::Direct {
                     0.0
                 } else {
-                    cpu * 1e6 / requests.max(1) as f64
+                    a.cpu_s * 1e6 / a.requests.max(1) as f64
                 },
-                cpu_rounds_us: cpus,
+                cpu_rounds_us: a.cpu_per_request,
             });
         }
     }
     drop(proxy);
     Ok(rows)
+}
+
+/// One path's rounds so far.
+#[derive(Default)]
+struct Acc {
+    latencies: Vec<f64>,
+    p50s: Vec<f64>,
+    cpu_per_request: Vec<f64>,
+    requests: u64,
+    failed: u64,
+    cpu_s: f64,
 }
 
 /// The backend answers through the namespaces' link before measuring.
