@@ -325,7 +325,7 @@ fn start(backend: SocketAddr) -> anyhow::Result<(Proc, SocketAddr, SocketAddr)> 
         .env("WEFT_PROXY_ADMIN_LISTEN", "127.0.0.1:0")
         .env("WEFT_PROXY_INBOUND_FORWARD", backend.to_string())
         .env("WEFT_PROXY_SHUTDOWN_GRACE", "10s")
-        .env("WEFT_PROXY_LOG", "warn");
+        .env("WEFT_PROXY_LOG", "warn,weft_proxy=info");
     let (proc, line) = spawn_until("weft-proxy", cmd, " listening ", true)?;
     Ok((proc, field(&line, "inbound")?, field(&line, "admin")?))
 }

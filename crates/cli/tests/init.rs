@@ -174,10 +174,15 @@ fn curl(ns: &Netns, url: &str) -> anyhow::Result<String> {
 
 /// The proxy in `ns` has counted exactly one `metric` with `labels`.
 fn assert_one(ns: &Netns, metric: &str, labels: &[(&str, &str)]) -> anyhow::Result<()> {
+    assert_count(ns, metric, labels, 1)
+}
+
+/// The proxy in `ns` has counted exactly `n` `metric` with `labels`.
+fn assert_count(ns: &Netns, metric: &str, labels: &[(&str, &str)], n: u32) -> anyhow::Result<()> {
     let m = weft_test_support::metrics::Scrape::parse(curl(ns, "http://127.0.0.1:4191/metrics")?)?;
     assert_eq!(
         m.sum(metric, labels),
-        1.0,
+        f64::from(n),
         "{metric} {labels:?} in\n{}",
         m.text
     );
@@ -308,8 +313,14 @@ async fn transparent_traffic_to_a_meshed_peer_is_mutual_tls() -> anyhow::Result<
     peer.link_root(&format!("10.97.{net}.5/30"), &format!("10.97.{net}.6/30"))?;
 
     let ca = MeshCa::new()?;
+    // The peer's services, as the control plane knows them: addresses and
+    // the identity that serves them, nothing about protocols.
     let file = DestinationsFile::from_yaml(
-        "destinations:\n  \"api.demo:8080\":\n    endpoints:\n      - {addr: \"10.98.1.2:8080\", identity: api.demo}\n",
+        "destinations:\n\
+         \x20 \"api.demo:8080\":\n    endpoints: [{addr: \"10.98.1.2:8080\", identity: api.demo}]\n\
+         \x20 \"grpc.demo:9090\":\n    endpoints: [{addr: \"10.98.1.2:9090\", identity: api.demo}]\n\
+         \x20 \"echo.demo:7\":\n    endpoints: [{addr: \"10.98.1.2:7\", identity: api.demo}]\n\
+         \x20 \"smtp.demo:25\":\n    endpoints: [{addr: \"10.98.1.2:25\", identity: api.demo}]\n",
     )?;
     let control = Control::start(
         &workspace_binary("weft-control")?,
@@ -329,6 +340,9 @@ async fn transparent_traffic_to_a_meshed_peer_is_mutual_tls() -> anyhow::Result<
     let backend = workspace_binary("weft-test-backend")?;
     let backend = backend.to_string_lossy().into_owned();
     let _api = peer.spawn(&[&backend, "--listen", "10.98.1.2:8080", "--name", "api"])?;
+    let _grpc = peer.spawn(&[&backend, "--mode", "grpc", "--listen", "10.98.1.2:9090"])?;
+    let _echo = peer.spawn(&[&backend, "--mode", "echo", "--listen", "10.98.1.2:7"])?;
+    let _smtp = peer.spawn(&[&backend, "--mode", "banner", "--listen", "10.98.1.2:25"])?;
 
     let proxy_bin = workspace_binary("weft-proxy")?;
     let mut proxies = Vec::new();
@@ -364,11 +378,48 @@ async fn transparent_traffic_to_a_meshed_peer_is_mutual_tls() -> anyhow::Result<
         "65534",
         "--clear-groups",
     ];
-    let mut args = nobody.to_vec();
-    args.extend(["curl", "-fsS", "--max-time", "5", "http://10.98.1.2:8080/"]);
-    assert_eq!(app.exec(&args)?, "api");
+    let as_nobody = |cmd: &[&str]| {
+        let mut args = nobody.to_vec();
+        args.extend(cmd);
+        app.exec(&args)
+    };
+    assert_eq!(
+        as_nobody(&["curl", "-fsS", "--max-time", "5", "http://10.98.1.2:8080/"])?,
+        "api"
+    );
+    // A gRPC client (tonic), HTTP/2 on its own connection: 1 is SERVING.
+    assert_eq!(
+        as_nobody(&[
+            &backend,
+            "--mode",
+            "grpc-check",
+            "--listen",
+            "10.98.1.2:9090"
+        ])?
+        .trim(),
+        "1"
+    );
+    // Raw TCP, client first: echoed. (Bytes that cannot start an HTTP
+    // request line: a client that might be sending one is given the
+    // header read timeout to finish it.)
+    let tcp = "exec 3<>/dev/tcp/10.98.1.2/7; printf 'echo: weft' >&3; head -c 10 <&3";
+    let echoed = as_nobody(&["timeout", "5", "bash", "-c", tcp]);
+    assert_eq!(
+        echoed.as_deref().ok(),
+        Some("echo: weft"),
+        "{echoed:?}\napp:\n{}\npeer:\n{}",
+        proxies[0].log(),
+        proxies[1].log()
+    );
+    // Server speaks first: the client says nothing until the banner.
+    let banner = "exec 3<>/dev/tcp/10.98.1.2/25; head -c 21 <&3";
+    assert_eq!(
+        as_nobody(&["timeout", "5", "bash", "-c", banner])?,
+        "220 weft-test ready\r\n"
+    );
 
-    assert_one(
+    // The HTTP request and the gRPC call.
+    assert_count(
         &peer,
         "request_total",
         &[
@@ -376,8 +427,9 @@ async fn transparent_traffic_to_a_meshed_peer_is_mutual_tls() -> anyhow::Result<
             ("tls", "true"),
             ("client_id", "web.demo"),
         ],
+        2,
     )?;
-    assert_one(
+    assert_count(
         &app,
         "response_total",
         &[
@@ -386,6 +438,46 @@ async fn transparent_traffic_to_a_meshed_peer_is_mutual_tls() -> anyhow::Result<
             ("server_id", "api.demo"),
             ("status_code", "200"),
         ],
+        2,
     )?;
+    // Every connection that reached the peer's inbound proxy (HTTP/1.1,
+    // gRPC, echo, banner) was mutual TLS from web.demo; none was plain.
+    let m =
+        weft_test_support::metrics::Scrape::parse(curl(&peer, "http://127.0.0.1:4191/metrics")?)?;
+    let inbound = |tls: &str| {
+        m.sum(
+            "tcp_open_total",
+            &[("direction", "inbound"), ("peer", "src"), ("tls", tls)],
+        )
+    };
+    assert_eq!(inbound("no_identity"), 0.0, "{}", m.text);
+    assert!(
+        m.sum(
+            "tcp_open_total",
+            &[
+                ("direction", "inbound"),
+                ("peer", "src"),
+                ("tls", "true"),
+                ("client_id", "web.demo")
+            ]
+        ) >= 4.0,
+        "{}",
+        m.text
+    );
+    let m =
+        weft_test_support::metrics::Scrape::parse(curl(&app, "http://127.0.0.1:4191/metrics")?)?;
+    assert!(
+        m.sum(
+            "tcp_open_total",
+            &[
+                ("direction", "outbound"),
+                ("peer", "dst"),
+                ("tls", "true"),
+                ("server_id", "api.demo")
+            ]
+        ) >= 4.0,
+        "{}",
+        m.text
+    );
     Ok(())
 }

@@ -111,7 +111,13 @@ impl Connector {
         };
         // Latency matters more than packet count for request/response.
         let _ = stream.set_nodelay(true);
-        let io = CountingIo::new(stream, &self.metrics, self.direction, Peer::dst);
+        let tls_label = match &self.tls {
+            Some((_, identity)) => TlsLabel::Mutual {
+                peer_id: identity.as_str().into(),
+            },
+            None => TlsLabel::Plain,
+        };
+        let io = CountingIo::new(stream, &self.metrics, self.direction, Peer::dst, tls_label);
         let Some((tls, identity)) = &self.tls else {
             return Ok(UpstreamIo::Plain(io));
         };

@@ -10,7 +10,9 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::metrics::{Direction, Peer, TcpLabels, TcpMetrics};
+use std::sync::{Arc, OnceLock};
+
+use crate::metrics::{Direction, Peer, TcpLabels, TcpMetrics, TlsLabel};
 
 /// A stream whose first bytes were already read (for protocol detection)
 /// and are served again before the rest.
@@ -72,37 +74,134 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for PrefixedIo<T> {
     }
 }
 
-/// Counts bytes in both directions and keeps `tcp_open_connections` true
-/// for as long as the stream lives.
+/// What a connection's TLS turned out to be, decided by the server after
+/// it already read bytes (detection, the handshake): set once.
+#[derive(Clone, Debug, Default)]
+pub struct TlsSlot(Arc<OnceLock<TlsLabel>>);
+
+impl TlsSlot {
+    pub fn set(&self, tls: TlsLabel) {
+        let _ = self.0.set(tls);
+    }
+}
+
+/// The series one connection counts into.
 #[derive(Debug)]
-pub struct CountingIo<T> {
-    inner: T,
+struct Counters {
     read: Counter,
     written: Counter,
     open: Gauge,
     closed: Counter,
 }
 
+/// Counts bytes in both directions and keeps `tcp_open_connections` true
+/// for as long as the stream lives. An accepted connection's series are
+/// chosen once its TLS is known; bytes read before that are added then.
+#[derive(Debug)]
+pub struct CountingIo<T> {
+    inner: T,
+    metrics: TcpMetrics,
+    direction: Direction,
+    peer: Peer,
+    slot: TlsSlot,
+    counters: Option<Counters>,
+    pending: (u64, u64),
+}
+
 impl<T> CountingIo<T> {
-    pub fn new(inner: T, metrics: &TcpMetrics, direction: Direction, peer: Peer) -> Self {
-        let labels = TcpLabels { direction, peer };
-        metrics.open_total.get_or_create(&labels).inc();
-        let open = metrics.open_connections.get_or_create(&labels).clone();
-        open.inc();
-        Self {
+    /// A connection whose TLS is known now (an upstream we dialled).
+    pub fn new(
+        inner: T,
+        metrics: &TcpMetrics,
+        direction: Direction,
+        peer: Peer,
+        tls: TlsLabel,
+    ) -> Self {
+        let slot = TlsSlot::default();
+        slot.set(tls);
+        Self::deferred(inner, metrics, direction, peer, slot)
+    }
+
+    /// A connection whose TLS `slot` will say (an accepted one).
+    pub fn deferred(
+        inner: T,
+        metrics: &TcpMetrics,
+        direction: Direction,
+        peer: Peer,
+        slot: TlsSlot,
+    ) -> Self {
+        let mut io = Self {
             inner,
-            read: metrics.read_bytes_total.get_or_create(&labels).clone(),
-            written: metrics.write_bytes_total.get_or_create(&labels).clone(),
-            open,
-            closed: metrics.close_total.get_or_create(&labels).clone(),
+            metrics: metrics.clone(),
+            direction,
+            peer,
+            slot,
+            counters: None,
+            pending: (0, 0),
+        };
+        io.resolve();
+        io
+    }
+
+    /// The counters, once the TLS label is known.
+    fn resolve(&mut self) -> Option<&Counters> {
+        if self.counters.is_none() {
+            let tls = self.slot.0.get()?.clone();
+            self.open_with(tls);
+        }
+        self.counters.as_ref()
+    }
+
+    fn open_with(&mut self, tls: TlsLabel) {
+        let labels = TcpLabels {
+            direction: self.direction,
+            peer: self.peer,
+            tls,
+        };
+        let m = &self.metrics;
+        m.open_total.get_or_create(&labels).inc();
+        let counters = Counters {
+            read: m.read_bytes_total.get_or_create(&labels).clone(),
+            written: m.write_bytes_total.get_or_create(&labels).clone(),
+            open: m.open_connections.get_or_create(&labels).clone(),
+            closed: m.close_total.get_or_create(&labels).clone(),
+        };
+        counters.open.inc();
+        counters.read.inc_by(self.pending.0);
+        counters.written.inc_by(self.pending.1);
+        self.counters = Some(counters);
+    }
+
+    fn count_read(&mut self, n: u64) {
+        match self.resolve() {
+            Some(c) => {
+                c.read.inc_by(n);
+            }
+            None => self.pending.0 += n,
+        }
+    }
+
+    fn count_written(&mut self, n: u64) {
+        match self.resolve() {
+            Some(c) => {
+                c.written.inc_by(n);
+            }
+            None => self.pending.1 += n,
         }
     }
 }
 
 impl<T> Drop for CountingIo<T> {
     fn drop(&mut self) {
-        self.open.dec();
-        self.closed.inc();
+        // A connection that ended before its TLS was known (failed
+        // detection or handshake) is counted as plaintext.
+        if self.resolve().is_none() {
+            self.open_with(TlsLabel::Plain);
+        }
+        if let Some(c) = &self.counters {
+            c.open.dec();
+            c.closed.inc();
+        }
     }
 }
 
@@ -116,7 +215,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for CountingIo<T> {
         let res = Pin::new(&mut self.inner).poll_read(cx, buf);
         let n = buf.filled().len().saturating_sub(before);
         if n > 0 {
-            self.read.inc_by(n as u64);
+            self.count_read(n as u64);
         }
         res
     }
@@ -130,7 +229,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for CountingIo<T> {
     ) -> Poll<io::Result<usize>> {
         let res = Pin::new(&mut self.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = res {
-            self.written.inc_by(n as u64);
+            self.count_written(n as u64);
         }
         res
     }
@@ -142,7 +241,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for CountingIo<T> {
     ) -> Poll<io::Result<usize>> {
         let res = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(n)) = res {
-            self.written.inc_by(n as u64);
+            self.count_written(n as u64);
         }
         res
     }

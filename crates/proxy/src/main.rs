@@ -6,7 +6,10 @@ use std::process::ExitCode;
 use weft_proxy::config::Config;
 
 const HELP: &str = "\
-weft-proxy: weft's data plane. Configured by environment variables only:
+weft-proxy: weft's data plane. Configured by environment variables only.
+SIGTERM/SIGINT drain and exit; SIGUSR2 starts the binary again from its
+path, hands it the listeners and drains once it is ready.
+
 
   WEFT_PROXY_OUTBOUND_LISTEN   outbound listener (default 127.0.0.1:4140)
   WEFT_PROXY_INBOUND_LISTEN    inbound listener (default 0.0.0.0:4143)
@@ -19,6 +22,8 @@ weft-proxy: weft's data plane. Configured by environment variables only:
   WEFT_PROXY_SHUTDOWN_GRACE    drain time after SIGTERM (default 30s)
   WEFT_PROXY_DNS_REFRESH       reuse of DNS answers for unconfigured names (default 5s)
   WEFT_PROXY_CORES             worker threads (default 1)
+  WEFT_PROXY_UPGRADE_TIMEOUT   how long a process started by SIGUSR2 has to get ready (30s)
+  WEFT_PROXY_REUSE_PORT        SO_REUSEPORT on the traffic listeners (default false)
   WEFT_PROXY_CONTROL_ADDR, _TRUST_ANCHORS, _CONTROL_NAME (weft-control.weft.local),
   _IDENTITY_NAME, _IDENTITY_TOKEN_FILE, _REGISTER, _REGISTER_ADDR, _ETCD,
   _INBOUND_AUTHORITIES: the mesh (see README)

@@ -235,10 +235,27 @@ impl AuthorityLabels {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+/// A connection's series: Linkerd's `tcp_*` labels, with the TLS the
+/// connection turned out to have (`client_id` for an accepted mutual TLS
+/// one, `server_id` for a dialled one).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct TcpLabels {
     pub direction: Direction,
     pub peer: Peer,
+    pub tls: TlsLabel,
+}
+
+impl EncodeLabelSet for TcpLabels {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        EncodeLabel::encode(&("direction", self.direction), encoder.encode_label())?;
+        EncodeLabel::encode(&("peer", self.peer), encoder.encode_label())?;
+        // `client_id` names who connected to us; `server_id` whom we dialled.
+        let side = match self.peer {
+            Peer::src => Direction::inbound,
+            Peer::dst => Direction::outbound,
+        };
+        encode_tls(side, &self.tls, encoder)
+    }
 }
 
 /// A direction and the authority a client named.

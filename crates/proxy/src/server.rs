@@ -15,7 +15,7 @@ use weft_detect::{Authority, ClientHello, Detection, MAX_PREFIX, Protocol, clien
 
 use crate::config::Limits;
 use crate::http::{self, HttpContext, HttpVersion};
-use crate::io::{CountingIo, PrefixedIo};
+use crate::io::{CountingIo, PrefixedIo, TlsSlot};
 use crate::metrics::{AuthorityLabels, Direction, DirectionLabels, Metrics, Peer, TlsLabel};
 use crate::orig_dst::original_dst;
 use crate::route::{Router, Target};
@@ -83,7 +83,14 @@ impl Side {
     async fn serve(&self, stream: TcpStream, shutdown: CancellationToken) {
         let _ = stream.set_nodelay(true);
         let orig_dst = original_dst(&stream);
-        let mut io = CountingIo::new(stream, &self.metrics.tcp, self.direction, Peer::src);
+        let tls_slot = TlsSlot::default();
+        let mut io = CountingIo::deferred(
+            stream,
+            &self.metrics.tcp,
+            self.direction,
+            Peer::src,
+            tls_slot.clone(),
+        );
 
         let opaque_target: Option<Arc<Target>> = match self.direction {
             Direction::outbound => match orig_dst {
@@ -147,6 +154,7 @@ impl Side {
                     },
                     None => TlsLabel::Plain,
                 };
+                tls_slot.set(client_tls.clone());
                 let (inner, protocol) = match read_prefix(
                     &mut stream,
                     timeout,
@@ -166,6 +174,7 @@ impl Side {
                     .await;
             }
         }
+        tls_slot.set(TlsLabel::Plain);
         let io = PrefixedIo::new(prefix.freeze(), io);
         self.dispatch(
             io,

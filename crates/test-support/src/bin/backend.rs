@@ -13,6 +13,12 @@ enum Mode {
     Echo,
     /// Greets with "220 weft-test ready\r\n" first, then echoes.
     Banner,
+    /// gRPC: `grpc.health.v1.Health`, `weft.test.Echo` SERVING.
+    Grpc,
+    /// Not a server: one gRPC `Health/Check` of `weft.test.Echo` at
+    /// `--listen`, like an unmodified gRPC application calling a peer;
+    /// prints the serving status and exits 0, or the error and exits 1.
+    GrpcCheck,
 }
 
 #[derive(Parser)]
@@ -52,6 +58,22 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async {
+        if let Mode::GrpcCheck = args.mode {
+            let endpoint =
+                tonic::transport::Endpoint::from_shared(format!("http://{}", args.listen))?
+                    .connect_timeout(std::time::Duration::from_secs(5))
+                    .timeout(std::time::Duration::from_secs(5));
+            let channel = endpoint.connect().await?;
+            let status =
+                weft_test_support::grpc::check(&channel, weft_test_support::grpc::SERVING).await?;
+            println!("{status}");
+            return Ok(());
+        }
+        if let Mode::Grpc = args.mode {
+            let _server = weft_test_support::grpc::start_on(args.listen).await?;
+            println!("listening {}", args.listen);
+            std::future::pending::<()>().await;
+        }
         let listener = tokio::net::TcpListener::bind(args.listen).await?;
         // The harness reads the bound address from this line.
         println!("listening {}", listener.local_addr()?);
@@ -74,6 +96,7 @@ fn main() -> anyhow::Result<()> {
             Mode::Banner => {
                 weft_test_support::tcp::serve(listener, Some(b"220 weft-test ready\r\n")).await
             }
+            Mode::Grpc | Mode::GrpcCheck => {}
         }
         Ok(())
     })
