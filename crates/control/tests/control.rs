@@ -18,6 +18,7 @@ use weft_test_support::{DestinationsFile, workspace_binary};
 const DESTINATIONS: &str = r#"
 destinations:
   "web.demo:8080":
+    addresses: ["10.96.0.10:8080"]
     endpoints:
       - addr: 127.0.0.1:18081
         identity: web.demo
@@ -110,6 +111,32 @@ async fn get_streams_the_file_and_its_edits() -> anyhow::Result<()> {
     let err = client.get(get("no-port.demo")).await.expect_err("refused");
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert!(err.message().contains("host:port"), "{}", err.message());
+    Ok(())
+}
+
+/// A redirected connection's original destination may be a service's own
+/// address (a virtual IP): answered with the service's endpoints, and an
+/// endpoint's address with that endpoint alone.
+#[tokio::test]
+async fn an_address_is_answered_with_the_service_or_endpoint_it_belongs_to() -> anyhow::Result<()> {
+    let (_file, _ca, control) = with_destinations().await?;
+    let mut client = DestinationClient::new(control.channel().await?);
+    let mut state: BTreeMap<SocketAddr, WeightedAddr> = BTreeMap::new();
+    let mut vip = client.get(get("10.96.0.10:8080")).await?.into_inner();
+    apply_update(&mut state, &next(&mut vip).await?);
+    assert_eq!(
+        state.keys().copied().collect::<Vec<_>>(),
+        [addr(18081), addr(18082)]
+    );
+    let mut state: BTreeMap<SocketAddr, WeightedAddr> = BTreeMap::new();
+    let mut one = client.get(get("127.0.0.1:18082")).await?.into_inner();
+    apply_update(&mut state, &next(&mut one).await?);
+    assert_eq!(state.keys().copied().collect::<Vec<_>>(), [addr(18082)]);
+    let id = state[&addr(18082)]
+        .tls_identity
+        .as_ref()
+        .and_then(|t| t.server_name.as_ref());
+    assert_eq!(id.map(|n| n.name.as_str()), Some("web.demo"));
     Ok(())
 }
 

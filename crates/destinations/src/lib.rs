@@ -37,6 +37,9 @@ pub struct Destinations {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Destination {
     pub endpoints: Vec<EndpointSpec>,
+    /// The service's own addresses (a virtual IP, a Kubernetes ClusterIP):
+    /// a connection to one of them is routed as to this destination.
+    pub addresses: Vec<SocketAddr>,
     /// Connections are relayed as bytes, never parsed as HTTP.
     pub opaque: bool,
     /// Timeout, breaker and routes.
@@ -77,6 +80,8 @@ struct FileModel {
 struct DestinationModel {
     #[serde(default)]
     endpoints: Vec<EndpointModel>,
+    #[serde(default)]
+    addresses: Vec<String>,
     #[serde(default)]
     opaque: bool,
     #[serde(default)]
@@ -122,6 +127,8 @@ impl Destinations {
         }
         let model: FileModel = serde_saphyr::from_str(text).map_err(|e| invalid(e.to_string()))?;
         let mut by_authority = HashMap::new();
+        // Which destination each service address belongs to.
+        let mut owners: HashMap<SocketAddr, Authority> = HashMap::new();
         for (name, dest) in model.destinations {
             let authority: Authority = name.parse().map_err(|_| {
                 invalid(format!(
@@ -161,8 +168,23 @@ impl Destinations {
                 dest.routes,
             )
             .map_err(invalid)?;
+            let mut addresses = Vec::with_capacity(dest.addresses.len());
+            for a in &dest.addresses {
+                let addr: SocketAddr = a.parse().map_err(|_| {
+                    invalid(format!(
+                        "destination {name:?}: address {a:?} is not an IP:port"
+                    ))
+                })?;
+                if let Some(other) = owners.insert(addr, authority.clone()) {
+                    return Err(invalid(format!(
+                        "address {addr} is listed by both {other} and {authority}"
+                    )));
+                }
+                addresses.push(addr);
+            }
             let destination = Destination {
                 endpoints,
+                addresses,
                 opaque: dest.opaque,
                 policy,
             };
@@ -268,6 +290,34 @@ destinations:
             Some("svc.demo")
         );
         assert!(!d.by_authority[&a].opaque);
+    }
+
+    #[test]
+    fn service_addresses_belong_to_one_destination() {
+        let d = parse(
+            "destinations:\n  \"api.demo:80\":\n    addresses: [\"10.96.0.10:80\"]\n    endpoints: [{addr: \"10.0.0.5:8080\"}]\n",
+        )
+        .expect("valid");
+        let a: Authority = "api.demo:80".parse().expect("authority");
+        assert_eq!(
+            d.by_authority[&a].addresses,
+            vec!["10.96.0.10:80".parse::<SocketAddr>().expect("addr")]
+        );
+        let e = parse("destinations:\n  \"a:1\":\n    addresses: [\"10.96.0.10\"]\n")
+            .expect_err("no port");
+        assert!(
+            e.to_string()
+                .contains("address \"10.96.0.10\" is not an IP:port"),
+            "{e}"
+        );
+        let e = parse(
+            "destinations:\n  \"a:1\":\n    addresses: [\"10.96.0.10:80\"]\n  \"b:1\":\n    addresses: [\"10.96.0.10:80\"]\n",
+        )
+        .expect_err("shared");
+        assert!(
+            e.to_string().contains("10.96.0.10:80 is listed by both"),
+            "{e}"
+        );
     }
 
     #[test]

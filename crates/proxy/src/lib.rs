@@ -346,17 +346,30 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         registered = Some(tokio::spawn(registration.maintain(deregister.clone())));
     }
     ready.store(true, Ordering::Release);
-    if let Some(handed) = inherited {
-        // The old process drains once this one can do its work: listening
-        // and, with an identity, certified.
+    {
+        // Ready to do its work: listening and, with an identity, certified.
+        // Then the old process (after SIGUSR2) drains, and a supervisor
+        // speaking systemd's notify protocol learns of it (and, after an
+        // upgrade, of the new main pid).
         let tls = tls.clone();
         tokio::spawn(async move {
             while !tls.as_ref().is_none_or(|t| t.has_cert()) {
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             }
-            match handed.ready().await {
-                Ok(()) => tracing::info!("upgrade: ready; the old process drains"),
-                Err(e) => tracing::warn!(error = %e, "upgrade: cannot tell the old process"),
+            let upgraded = inherited.is_some();
+            if let Some(handed) = inherited {
+                match handed.ready().await {
+                    Ok(()) => tracing::info!("upgrade: ready; the old process drains"),
+                    Err(e) => tracing::warn!(error = %e, "upgrade: cannot tell the old process"),
+                }
+            }
+            let pid = std::process::id();
+            let mut states = vec![sd_notify::NotifyState::Ready];
+            if upgraded {
+                states.insert(0, sd_notify::NotifyState::MainPid(pid));
+            }
+            if let Err(e) = sd_notify::notify(&states) {
+                tracing::warn!(error = %e, "cannot notify the service manager (NOTIFY_SOCKET)");
             }
         });
     }

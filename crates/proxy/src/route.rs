@@ -352,6 +352,11 @@ impl Router {
             if **target.policy.load() != destination.policy {
                 target.policy.store(Arc::new(destination.policy.clone()));
             }
+            // A connection to one of the service's own addresses (its
+            // original destination) is routed as to the service.
+            for addr in &destination.addresses {
+                next.insert(Authority::from_socket_addr(*addr), target.clone());
+            }
             next.insert(authority.clone(), target);
         }
         self.discovered.store(Arc::new(next));

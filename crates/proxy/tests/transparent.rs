@@ -64,7 +64,8 @@ async fn redirected_connections_reach_their_original_destination() -> anyhow::Re
         "destinations:\n\
          \x20 \"10.99.0.1:80\":\n    endpoints:\n      - addr: 127.0.0.1:18080\n\
          \x20 \"10.99.0.2:25\":\n    endpoints:\n      - addr: 127.0.0.1:18025\n\
-         \x20 \"10.99.0.3:7\":\n    endpoints:\n      - addr: 127.0.0.1:18007\n",
+         \x20 \"10.99.0.3:7\":\n    endpoints:\n      - addr: 127.0.0.1:18007\n\
+         \x20 \"web.test:80\":\n    addresses: [\"10.99.0.9:80\"]\n    endpoints:\n      - addr: 127.0.0.1:18080\n",
     )?;
     let path = file.to_string_lossy().into_owned();
     let wrapper = ["ip", "netns", "exec", ns.name.as_str()];
@@ -92,6 +93,11 @@ async fn redirected_connections_reach_their_original_destination() -> anyhow::Re
     // An application that knows nothing of the proxy.
     assert_eq!(
         ns.exec(&["curl", "-sS", "--max-time", "5", "http://10.99.0.1/"])?,
+        "inside"
+    );
+    // A service's own address (a virtual IP) routes as the service.
+    assert_eq!(
+        ns.exec(&["curl", "-sS", "--max-time", "5", "http://10.99.0.9/"])?,
         "inside"
     );
     // HTTP/1.0 without Host: only the original destination says where.
@@ -138,11 +144,20 @@ async fn redirected_connections_reach_their_original_destination() -> anyhow::Re
         "{}",
         m.text
     );
+    assert_eq!(
+        m.sum(
+            "request_total",
+            &[("direction", "outbound"), ("authority", "web.test:80")]
+        ),
+        1.0,
+        "{}",
+        m.text
+    );
     assert!(
         m.sum(
             "tcp_open_total",
             &[("direction", "outbound"), ("peer", "src")]
-        ) >= 4.0,
+        ) >= 5.0,
         "{}",
         m.text
     );

@@ -263,3 +263,30 @@ async fn reuse_port_lets_a_second_proxy_share_the_ports_for_a_rolling_restart() 
     }
     Ok(())
 }
+
+/// systemd's notify protocol (`Type=notify`, `NotifyAccess=all`): ready
+/// once serving, and after SIGUSR2 the new process names itself the main
+/// process, so the supervisor follows the upgrade.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_manager_hears_ready_and_then_the_new_main_pid() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("notify.sock");
+    let socket = tokio::net::UnixDatagram::bind(&path)?;
+    let notify = path.to_string_lossy().into_owned();
+    let (_b, _f, mut proxy) = start(PROXY.as_ref(), &[("NOTIFY_SOCKET", &notify)]).await?;
+    let mut buf = vec![0u8; 4096];
+    let mut message = async || -> anyhow::Result<String> {
+        let n = tokio::time::timeout(Duration::from_secs(10), socket.recv(&mut buf)).await??;
+        Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+    };
+    assert_eq!(message().await?, "READY=1\n");
+
+    let old = proxy.pid().expect("running");
+    proxy.process.signal("USR2")?;
+    let said = message().await?;
+    let (pid, _) = new_pid(proxy.admin, old).await?;
+    let _new = KillOnDrop(pid);
+    assert_eq!(said, format!("MAINPID={pid}\nREADY=1\n"));
+    assert_eq!(proxy.wait(Duration::from_secs(15)).await?.code(), Some(0));
+    Ok(())
+}

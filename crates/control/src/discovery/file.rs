@@ -28,7 +28,15 @@ impl Snapshot {
             .iter()
             .map(|(a, d)| (a, endpoints(d), d.opaque))
             .collect();
-        let addresses = AddressIndex::build(services.iter().map(|(a, e, o)| (*a, e, *o)));
+        let mut addresses = AddressIndex::build(services.iter().map(|(a, e, o)| (*a, e, *o)));
+        // A service's own addresses answer with the whole service.
+        for (authority, d) in &destinations.by_authority {
+            if let Resolution::Known(service) = resolve(&destinations, authority) {
+                for addr in &d.addresses {
+                    addresses.insert_service(*addr, service.clone());
+                }
+            }
+        }
         Self {
             destinations,
             addresses,

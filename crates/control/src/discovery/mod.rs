@@ -83,7 +83,9 @@ impl Discovery {
 /// Every endpoint a backend knows, by address, so that an `IP:port`
 /// authority (a redirected connection's original destination) is answered
 /// with the endpoint that owns it: its identity, so the proxy uses mutual
-/// TLS, and its protocol. Built once per snapshot.
+/// TLS, and its protocol; and every service address (a virtual IP), which
+/// is answered with the service: its endpoints and policy. Built once per
+/// snapshot.
 #[derive(Debug, Default)]
 pub struct AddressIndex(HashMap<SocketAddr, Arc<Service>>);
 
@@ -108,6 +110,12 @@ impl AddressIndex {
             }
         }
         Self(index)
+    }
+
+    /// `addr` is a service's own address (a virtual IP): it answers with
+    /// the whole service, ahead of an endpoint at the same address.
+    pub fn insert_service(&mut self, addr: SocketAddr, service: Arc<Service>) {
+        self.0.insert(addr, service);
     }
 
     /// The endpoint `authority` names, if it is an `IP:port` in the index.
