@@ -481,3 +481,190 @@ async fn transparent_traffic_to_a_meshed_peer_is_mutual_tls() -> anyhow::Result<
     );
     Ok(())
 }
+
+/// Per-node mode (a DaemonSet's proxy): one proxy on `node` serves two
+/// workloads, `web` (10.98.4.5) and `batch` (10.98.4.6), each certified
+/// as itself. Outbound, each workload's requests reach the peer as mutual
+/// TLS from its own identity; inbound, the peer's proxy dialling each
+/// workload is answered with that workload's certificate (SNI). Metrics
+/// carry the `workload` label.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_proxy_per_node_serves_two_workloads_as_two_identities() -> anyhow::Result<()> {
+    use weft_test_support::DestinationsFile;
+    use weft_test_support::control::Control;
+    use weft_test_support::mesh::{MeshCa, meshed};
+
+    let node = Netns::new("node")?;
+    let peer = Netns::new("node-peer")?;
+    node.link(&peer, "10.98.3.1/24", "10.98.3.2/24")?;
+    // The workloads' addresses live on the node; the peer routes to them
+    // through it.
+    for ip in ["10.98.4.5/32", "10.98.4.6/32"] {
+        node.exec(&["ip", "addr", "add", ip, "dev", "lo"])?;
+    }
+    peer.exec(&["ip", "route", "add", "10.98.4.0/24", "via", "10.98.3.1"])?;
+    let net = 100 + (std::process::id() + 50) % 100;
+    node.link_root(&format!("10.96.{net}.1/30"), &format!("10.96.{net}.2/30"))?;
+    peer.link_root(&format!("10.96.{net}.5/30"), &format!("10.96.{net}.6/30"))?;
+
+    let ca = MeshCa::new()?;
+    let file = DestinationsFile::from_yaml(
+        "destinations:\n\
+         \x20 \"api.demo:8080\":\n    endpoints: [{addr: \"10.98.3.2:8080\", identity: api.demo}]\n\
+         \x20 \"web.node:8080\":\n    endpoints: [{addr: \"10.98.4.5:8080\", identity: web.demo}]\n\
+         \x20 \"batch.node:8080\":\n    endpoints: [{addr: \"10.98.4.6:8080\", identity: batch.demo}]\n",
+    )?;
+    let control = Control::start(
+        &workspace_binary("weft-control")?,
+        &ca,
+        &[
+            "--destinations",
+            &file.path_str(),
+            "--dns",
+            "false",
+            "--listen",
+            "0.0.0.0:0",
+        ],
+    )
+    .await?;
+    let port = control.grpc.port();
+
+    let backend = workspace_binary("weft-test-backend")?;
+    let backend = backend.to_string_lossy().into_owned();
+    let _api = peer.spawn(&[&backend, "--listen", "10.98.3.2:8080", "--name", "api"])?;
+    let _web = node.spawn(&[&backend, "--listen", "10.98.4.5:8080", "--name", "web"])?;
+    let _batch = node.spawn(&[&backend, "--listen", "10.98.4.6:8080", "--name", "batch"])?;
+
+    let dir = tempfile::tempdir()?;
+    let workloads = dir.path().join("workloads.yaml");
+    std::fs::write(
+        &workloads,
+        format!(
+            "workloads:\n\
+             \x20 - {{name: web, identity: web.demo, token_file: {}, addresses: [10.98.4.5]}}\n\
+             \x20 - {{name: batch, identity: batch.demo, token_file: {}, addresses: [10.98.4.6]}}\n",
+            ca.token_file("web.demo")?,
+            ca.token_file("batch.demo")?
+        ),
+    )?;
+    let proxy_bin = workspace_binary("weft-proxy")?;
+    let node_env = vec![
+        (
+            "WEFT_PROXY_CONTROL_ADDR".to_string(),
+            format!("10.96.{net}.2:{port}"),
+        ),
+        ("WEFT_PROXY_TRUST_ANCHORS".into(), ca.anchors()),
+        (
+            "WEFT_PROXY_WORKLOADS".into(),
+            workloads.to_string_lossy().into_owned(),
+        ),
+    ];
+    let mut peer_env = meshed(&ca, &control, "api.demo")?;
+    for (k, v) in peer_env.iter_mut() {
+        if k == "WEFT_PROXY_CONTROL_ADDR" {
+            *v = format!("10.96.{net}.6:{port}");
+        }
+    }
+    let mut proxies = Vec::new();
+    for (ns, mut env, outbound) in [
+        (&node, node_env, "0.0.0.0:4140"),
+        (&peer, peer_env, "127.0.0.1:4140"),
+    ] {
+        env.push(("WEFT_PROXY_OUTBOUND_LISTEN".into(), outbound.into()));
+        env.push(("WEFT_PROXY_INBOUND_LISTEN".into(), "0.0.0.0:4143".into()));
+        env.push(("WEFT_PROXY_ADMIN_LISTEN".into(), "0.0.0.0:4191".into()));
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let wrapper = ["ip", "netns", "exec", ns.name.as_str()];
+        proxies.push(Proxy::spawn(&wrapper, &proxy_bin, &env).await?);
+        wait_for(ns, "http://127.0.0.1:4191/ready").await?;
+    }
+    let weft = weft()?;
+    node.exec(&[&weft, "init", "--inbound-only"])?;
+    peer.exec(&[&weft, "init", "--inbound-only"])?;
+    wait_for(&peer, "http://10.98.3.2:8080/").await?;
+
+    // Outbound: each workload's client uses the node's proxy.
+    for (src, ns_name) in [("10.98.4.5", "web"), ("10.98.4.6", "batch")] {
+        let said = node.exec(&[
+            "curl",
+            "-fsS",
+            "--max-time",
+            "5",
+            "--interface",
+            src,
+            "-x",
+            "http://10.98.3.1:4140",
+            "http://api.demo:8080/",
+        ]);
+        assert_eq!(
+            said.as_deref().ok(),
+            Some("api"),
+            "{ns_name}: {said:?}\nnode:\n{}\npeer:\n{}",
+            proxies[0].log(),
+            proxies[1].log()
+        );
+    }
+    for client in ["web.demo", "batch.demo"] {
+        assert_one(
+            &peer,
+            "request_total",
+            &[
+                ("direction", "inbound"),
+                ("tls", "true"),
+                ("client_id", client),
+            ],
+        )?;
+    }
+    for workload in ["web", "batch"] {
+        assert_one(
+            &node,
+            "request_total",
+            &[("direction", "outbound"), ("workload", workload)],
+        )?;
+    }
+
+    // Inbound: the peer dials each workload, which must prove its own name.
+    for (name, body) in [("web.node:8080", "web"), ("batch.node:8080", "batch")] {
+        let said = peer.exec(&[
+            "curl",
+            "-fsS",
+            "--max-time",
+            "5",
+            "-x",
+            "http://127.0.0.1:4140",
+            &format!("http://{name}/"),
+        ]);
+        assert_eq!(
+            said.as_deref().ok(),
+            Some(body),
+            "{name}: {said:?}\nnode:\n{}\npeer:\n{}",
+            proxies[0].log(),
+            proxies[1].log()
+        );
+    }
+    for server in ["web.demo", "batch.demo"] {
+        assert_one(
+            &peer,
+            "response_total",
+            &[
+                ("direction", "outbound"),
+                ("tls", "true"),
+                ("server_id", server),
+                ("status_code", "200"),
+            ],
+        )?;
+    }
+    for workload in ["web", "batch"] {
+        assert_one(
+            &node,
+            "request_total",
+            &[
+                ("direction", "inbound"),
+                ("workload", workload),
+                ("tls", "true"),
+                ("client_id", "api.demo"),
+            ],
+        )?;
+    }
+    Ok(())
+}

@@ -27,6 +27,8 @@ pub struct Admin {
     pub config: Config,
     /// With an identity, the proxy is ready only once it is certified.
     pub tls: Option<Arc<crate::tls::Tls>>,
+    /// Per-node mode: ready once every workload is certified too.
+    pub workloads: Arc<crate::workload::Workloads>,
     pub process: ProcessInfo,
 }
 
@@ -114,7 +116,8 @@ impl Admin {
                 ),
             },
             "/ready" => {
-                let certified = self.tls.as_ref().is_none_or(|t| t.has_cert());
+                let certified =
+                    self.tls.as_ref().is_none_or(|t| t.has_cert()) && self.workloads.certified();
                 if !certified {
                     text(
                         StatusCode::SERVICE_UNAVAILABLE,

@@ -9,6 +9,9 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+mod workloads;
+pub use workloads::WorkloadConfig;
+
 pub const ENV_OUTBOUND_LISTEN: &str = "WEFT_PROXY_OUTBOUND_LISTEN";
 pub const ENV_INBOUND_LISTEN: &str = "WEFT_PROXY_INBOUND_LISTEN";
 pub const ENV_ADMIN_LISTEN: &str = "WEFT_PROXY_ADMIN_LISTEN";
@@ -43,6 +46,7 @@ pub const ENV_DISCOVERY_IDLE_TIMEOUT: &str = "WEFT_PROXY_DISCOVERY_IDLE_TIMEOUT"
 pub const ENV_DNS_TIMEOUT: &str = "WEFT_PROXY_DNS_TIMEOUT";
 pub const ENV_INBOUND_AUTHORITIES: &str = "WEFT_PROXY_INBOUND_AUTHORITIES";
 pub const ENV_METRICS_MAX_AUTHORITIES: &str = "WEFT_PROXY_METRICS_MAX_AUTHORITIES";
+pub const ENV_WORKLOADS: &str = "WEFT_PROXY_WORKLOADS";
 pub const ENV_UPGRADE_TIMEOUT: &str = "WEFT_PROXY_UPGRADE_TIMEOUT";
 pub const ENV_REUSE_PORT: &str = "WEFT_PROXY_REUSE_PORT";
 
@@ -84,6 +88,8 @@ pub struct Config {
     pub control: Option<ControlConfig>,
     /// This proxy's identity: name and token file together, or neither.
     pub identity: Option<IdentityConfig>,
+    /// Per-node mode: the local workloads, each with its own identity.
+    pub workloads: Vec<WorkloadConfig>,
     /// Register the local service in etcd under this authority.
     pub register: Option<RegisterConfig>,
     /// What a peer can make the proxy hold, and for how long.
@@ -332,6 +338,7 @@ impl Config {
                 .unwrap_or_default(),
             control: None,
             identity: None,
+            workloads: Vec::new(),
             register: None,
             limits: Limits::default(),
             inbound_authorities: Vec::new(),
@@ -383,6 +390,28 @@ impl Config {
         }
         config.control = p.control();
         config.identity = p.identity(config.control.is_some());
+        config.workloads = p
+            .optional(ENV_WORKLOADS, |s| workloads::load(std::path::Path::new(s)))
+            .unwrap_or_default();
+        if !config.workloads.is_empty() {
+            let value = p.vars.get(ENV_WORKLOADS).cloned().unwrap_or_default();
+            if !p.vars.contains_key(ENV_CONTROL_ADDR) {
+                p.errors.push(InvalidVar {
+                    name: ENV_WORKLOADS,
+                    value: value.clone(),
+                    reason: format!(
+                        "workloads are certified by the control plane: set {ENV_CONTROL_ADDR}"
+                    ),
+                });
+            }
+            if p.vars.contains_key(ENV_IDENTITY_NAME) {
+                p.errors.push(InvalidVar {
+                    name: ENV_WORKLOADS,
+                    value,
+                    reason: format!("set either {ENV_WORKLOADS} (per-node mode) or {ENV_IDENTITY_NAME}, not both"),
+                });
+            }
+        }
         if p.vars.contains_key(ENV_CONTROL_ADDR) && config.destinations.is_some() {
             p.errors.push(InvalidVar {
                 name: ENV_DESTINATIONS,

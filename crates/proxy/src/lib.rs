@@ -19,6 +19,7 @@ pub mod tap;
 pub mod tcp;
 pub mod tls;
 pub mod upgrade;
+pub mod workload;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -154,7 +155,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         )),
         _ => None,
     };
-    let control = match (&config.control, roots) {
+    let control = match (&config.control, roots.clone()) {
         (Some(c), Some(roots)) => Some(
             control::Control::new(
                 &c.addr,
@@ -214,10 +215,61 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         None,
         inbound_labels.clone(),
     );
-    for (direction, router) in [
-        (Direction::outbound, &outbound_router),
-        (Direction::inbound, &inbound_router),
-    ] {
+    // Per-node mode: each workload its own certificate, control channel
+    // (renewals are proved by the workload's certificate) and outbound
+    // router.
+    let mut workloads = Vec::new();
+    if let (Some(c), Some(roots)) = (&config.control, &roots) {
+        for w in &config.workloads {
+            let wtls = Arc::new(tls::Tls::new(w.identity.clone(), roots.clone()).map_err(
+                |source| RunError::Tls {
+                    var: config::ENV_WORKLOADS,
+                    source,
+                },
+            )?);
+            let wcontrol = control::Control::new(
+                &c.addr,
+                roots.clone(),
+                &c.name,
+                Some(wtls.cert()),
+                Some(w.identity.to_string()),
+            )
+            .map_err(|source| RunError::Control {
+                var: config::ENV_CONTROL_ADDR,
+                source,
+            })?;
+            tokio::spawn(identity::maintain(
+                wtls.clone(),
+                wcontrol.clone(),
+                w.token_file.clone(),
+                metrics.identity.clone(),
+            ));
+            let router = Router::new(
+                settings(Direction::outbound, Some(wtls.clone())),
+                config.dns_refresh,
+                Some(wcontrol),
+                outbound_labels.clone(),
+            );
+            let workload = Arc::new(workload::Workload {
+                name: w.name.as_str().into(),
+                tls: wtls,
+                router,
+            });
+            workloads.push((workload, w.addresses.clone()));
+        }
+    }
+    let workloads = Arc::new(workload::Workloads::new(workloads));
+    let mut routers = vec![
+        (Direction::outbound, outbound_router.clone()),
+        (Direction::inbound, inbound_router.clone()),
+    ];
+    routers.extend(
+        workloads
+            .iter()
+            .map(|w| (Direction::outbound, w.router.clone())),
+    );
+    for (direction, router) in &routers {
+        let direction = *direction;
         let router = Arc::downgrade(router);
         metrics.breakers.add(
             direction,
@@ -270,6 +322,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         ready: ready.clone(),
         config: config.clone(),
         tls: tls.clone(),
+        workloads: workloads.clone(),
         process,
     });
     let admin_shutdown = CancellationToken::new();
@@ -307,6 +360,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             },
             limits: limits.clone(),
             labels,
+            workloads: workloads.clone(),
         });
         let name = match direction {
             Direction::outbound => "outbound",
@@ -352,8 +406,9 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         // speaking systemd's notify protocol learns of it (and, after an
         // upgrade, of the new main pid).
         let tls = tls.clone();
+        let workloads = workloads.clone();
         tokio::spawn(async move {
-            while !tls.as_ref().is_none_or(|t| t.has_cert()) {
+            while !(tls.as_ref().is_none_or(|t| t.has_cert()) && workloads.certified()) {
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             }
             let upgraded = inherited.is_some();

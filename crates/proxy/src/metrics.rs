@@ -78,7 +78,11 @@ fn encode_route(
 ) -> Result<(), std::fmt::Error> {
     EncodeLabel::encode(&("direction", direction), encoder.encode_label())?;
     EncodeLabel::encode(&("authority", &*dst.authority), encoder.encode_label())?;
-    EncodeLabel::encode(&("route", &*dst.route), encoder.encode_label())
+    EncodeLabel::encode(&("route", &*dst.route), encoder.encode_label())?;
+    if let Some(w) = &dst.workload {
+        EncodeLabel::encode(&("workload", &**w), encoder.encode_label())?;
+    }
+    Ok(())
 }
 
 /// Where a request went, as route-level series say it: the authority the
@@ -88,6 +92,8 @@ fn encode_route(
 pub struct Dst {
     pub authority: Arc<str>,
     pub route: Arc<str>,
+    /// Per-node mode: the local workload the request is for or from.
+    pub workload: Option<Arc<str>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -501,6 +507,7 @@ mod tests {
                 dst: Dst {
                     authority: "a:1".into(),
                     route: "default".into(),
+                    workload: None,
                 },
                 tls: None,
             })

@@ -21,6 +21,7 @@ use crate::orig_dst::original_dst;
 use crate::route::{Router, Target};
 use crate::tcp;
 use crate::tls::Tls;
+use crate::workload::Workloads;
 
 /// A TLS client must finish its handshake within this long.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -46,6 +47,9 @@ pub struct Side {
     /// Inbound: this proxy's identity, to terminate mutual TLS addressed
     /// to it.
     pub tls: Option<Arc<Tls>>,
+    /// Per-node mode: the local workloads (outbound: whose router a
+    /// connection uses; inbound: whose certificate its SNI asks for).
+    pub workloads: Arc<Workloads>,
     pub limits: Arc<Limits>,
     /// The metric label of each inbound request's authority.
     pub labels: Arc<AuthorityLabels>,
@@ -75,12 +79,12 @@ impl Side {
             tracker.spawn(async move {
                 // The slot is held for as long as the connection is served.
                 let _slot = accepted.permit;
-                side.serve(accepted.stream, shutdown).await
+                side.serve(accepted.stream, accepted.peer, shutdown).await
             });
         }
     }
 
-    async fn serve(&self, stream: TcpStream, shutdown: CancellationToken) {
+    async fn serve(&self, stream: TcpStream, peer: SocketAddr, shutdown: CancellationToken) {
         let _ = stream.set_nodelay(true);
         let orig_dst = original_dst(&stream);
         let tls_slot = TlsSlot::default();
@@ -92,20 +96,27 @@ impl Side {
             tls_slot.clone(),
         );
 
+        // Outbound, the workload the client is (by its address); inbound,
+        // the one it dialled, until its TLS says otherwise.
+        let workload = match self.direction {
+            Direction::outbound => self.workloads.by_addr(peer.ip()),
+            Direction::inbound => orig_dst.and_then(|d| self.workloads.by_addr(d.ip())),
+        };
+        let router = match (self.direction, workload) {
+            (Direction::outbound, Some(w)) => &w.router,
+            _ => &self.router,
+        };
+        let mut workload = workload.map(|w| w.name.clone());
         let opaque_target: Option<Arc<Target>> = match self.direction {
             Direction::outbound => match orig_dst {
-                Some(dst) => self
-                    .router
-                    .resolve(&Authority::from_socket_addr(dst))
-                    .await
-                    .ok(),
+                Some(dst) => router.resolve(&Authority::from_socket_addr(dst)).await.ok(),
                 None => None,
             },
             // The address the client dialled, not 127.0.0.1 and its port:
             // a service bound only to loopback is not for other hosts.
             Direction::inbound => orig_dst
                 .or(self.inbound_forward)
-                .map(|addr| self.router.fixed(addr, None)),
+                .map(|addr| router.fixed(addr, None)),
         };
         let timeout = if opaque_target.is_some() {
             self.detect_timeout
@@ -121,9 +132,11 @@ impl Side {
                 }
             };
         tracing::trace!(?protocol, bytes = prefix.len(), "detected");
-        if let (Protocol::Tls, Direction::inbound, Some(tls)) =
-            (protocol, self.direction, &self.tls)
-        {
+        if let (Protocol::Tls, Direction::inbound, true) = (
+            protocol,
+            self.direction,
+            self.tls.is_some() || self.workloads.iter().next().is_some(),
+        ) {
             let sni = match read_client_hello(&mut io, &mut prefix).await {
                 Ok(sni) => sni,
                 Err(e) => {
@@ -131,10 +144,20 @@ impl Side {
                     return;
                 }
             };
-            // TLS addressed to this proxy's identity is a peer proxy's
-            // mutual TLS; anything else is the application's own TLS and is
-            // relayed untouched.
-            if sni.as_deref() == Some(tls.name.as_str()) {
+            // TLS addressed to this proxy's identity (or, per node, to a
+            // local workload's) is a peer proxy's mutual TLS; anything else
+            // is the application's own TLS and is relayed untouched.
+            let tls = match sni.as_deref() {
+                Some(name) if self.tls.as_ref().is_some_and(|t| t.name.as_str() == name) => {
+                    self.tls.clone()
+                }
+                Some(name) => self.workloads.by_identity(name).map(|w| {
+                    workload = Some(w.name.clone());
+                    w.tls.clone()
+                }),
+                None => None,
+            };
+            if let Some(tls) = tls {
                 let io = PrefixedIo::new(prefix.freeze(), io);
                 let accepted = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.accept(io)).await;
                 let (mut stream, client_id) = match accepted {
@@ -169,36 +192,43 @@ impl Side {
                     }
                 };
                 let io = PrefixedIo::new(inner.freeze(), stream);
-                return self
-                    .dispatch(io, protocol, opaque_target, orig_dst, client_tls, shutdown)
-                    .await;
+                let conn = Detected {
+                    protocol,
+                    opaque_target,
+                    orig_dst,
+                    client_tls,
+                    router: router.clone(),
+                    workload,
+                };
+                return self.dispatch(io, conn, shutdown).await;
             }
         }
         tls_slot.set(TlsLabel::Plain);
         let io = PrefixedIo::new(prefix.freeze(), io);
-        self.dispatch(
-            io,
+        let conn = Detected {
             protocol,
             opaque_target,
             orig_dst,
-            TlsLabel::Plain,
-            shutdown,
-        )
-        .await
+            client_tls: TlsLabel::Plain,
+            router: router.clone(),
+            workload,
+        };
+        self.dispatch(io, conn, shutdown).await
     }
 
     /// Hands a detected connection to the HTTP proxy or the opaque relay.
-    async fn dispatch<I>(
-        &self,
-        io: I,
-        protocol: Protocol,
-        opaque_target: Option<Arc<Target>>,
-        orig_dst: Option<SocketAddr>,
-        client_tls: TlsLabel,
-        shutdown: CancellationToken,
-    ) where
+    async fn dispatch<I>(&self, io: I, conn: Detected, shutdown: CancellationToken)
+    where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        let Detected {
+            protocol,
+            opaque_target,
+            orig_dst,
+            client_tls,
+            router,
+            workload,
+        } = conn;
         let version = match protocol {
             Protocol::Http1 => HttpVersion::Http1,
             Protocol::Http2 => HttpVersion::Http2,
@@ -223,7 +253,7 @@ impl Side {
         };
         let ctx = Arc::new(HttpContext {
             direction: self.direction,
-            router: self.router.clone(),
+            router,
             metrics: self.metrics.clone(),
             version,
             orig_dst,
@@ -235,9 +265,22 @@ impl Side {
             client_tls,
             limits: self.limits.clone(),
             labels: self.labels.clone(),
+            workload,
         });
         http::serve(io, ctx, shutdown).await;
     }
+}
+
+/// What the server learned about a connection before handing it on.
+struct Detected {
+    protocol: Protocol,
+    opaque_target: Option<Arc<Target>>,
+    orig_dst: Option<SocketAddr>,
+    client_tls: TlsLabel,
+    /// Outbound: the client's workload's router (per node), else the
+    /// proxy's.
+    router: Arc<Router>,
+    workload: Option<Arc<str>>,
 }
 
 /// Reads the rest of a TLS ClientHello into `buf`; returns its server name.

@@ -178,6 +178,7 @@ mod tests {
             dst: crate::metrics::Dst {
                 authority: "api:80".into(),
                 route: "default".into(),
+                workload: None,
             },
             status_code: Some(200),
             classification: Classification::success,

@@ -81,6 +81,9 @@ pub struct HttpContext {
     pub limits: Arc<Limits>,
     /// Inbound: the metric label of each request's authority.
     pub labels: Arc<AuthorityLabels>,
+    /// Per-node mode: the local workload this connection is from
+    /// (outbound) or for (inbound).
+    pub workload: Option<Arc<str>>,
 }
 
 /// Whether `addr` is the proxy's own listener `listen` (which may be bound
@@ -392,6 +395,7 @@ impl HttpContext {
                 let label = Dst {
                     authority,
                     route: default_route(),
+                    workload: self.workload.clone(),
                 };
                 return self.fail(tapped, label, e, grpc, start, self.tls_for(None));
             }
@@ -403,6 +407,7 @@ impl HttpContext {
         let label = Dst {
             authority: self.label_for(&target, authority.as_ref()),
             route: self.route_label(&target, route, &req, grpc),
+            workload: self.workload.clone(),
         };
         self.labels.count(&label.authority);
         self.metrics
