@@ -666,5 +666,69 @@ async fn one_proxy_per_node_serves_two_workloads_as_two_identities() -> anyhow::
             ],
         )?;
     }
+
+    // Failover: another node's proxy lists `web` too (same identity, same
+    // address). With the node's own proxy down, web's client is refused
+    // there and goes to the neighbour's, still as web.demo.
+    let node2 = Netns::new("node2")?;
+    node.link(&node2, "10.98.6.1/24", "10.98.6.2/24")?;
+    node2.link(&peer, "10.98.5.1/24", "10.98.5.2/24")?;
+    node2.exec(&["ip", "route", "add", "10.98.4.0/24", "via", "10.98.6.1"])?;
+    node2.exec(&["ip", "route", "add", "10.98.3.0/24", "via", "10.98.5.2"])?;
+    node2.link_root(&format!("10.96.{net}.9/30"), &format!("10.96.{net}.10/30"))?;
+    let web_only = dir.path().join("web-only.yaml");
+    std::fs::write(
+        &web_only,
+        format!(
+            "workloads:\n  - {{name: web, identity: web.demo, token_file: {}, addresses: [10.98.4.5]}}\n",
+            ca.token_file("web.demo")?
+        ),
+    )?;
+    let control_addr = format!("10.96.{net}.10:{port}");
+    let anchors = ca.anchors();
+    let web_only = web_only.to_string_lossy().into_owned();
+    let wrapper = ["ip", "netns", "exec", node2.name.as_str()];
+    let _neighbour = Proxy::spawn(
+        &wrapper,
+        &proxy_bin,
+        &[
+            ("WEFT_PROXY_CONTROL_ADDR", &control_addr),
+            ("WEFT_PROXY_TRUST_ANCHORS", &anchors),
+            ("WEFT_PROXY_WORKLOADS", &web_only),
+            ("WEFT_PROXY_OUTBOUND_LISTEN", "0.0.0.0:4140"),
+            ("WEFT_PROXY_INBOUND_LISTEN", "0.0.0.0:4143"),
+            ("WEFT_PROXY_ADMIN_LISTEN", "0.0.0.0:4191"),
+        ],
+    )
+    .await?;
+    wait_for(&node2, "http://127.0.0.1:4191/ready").await?;
+    proxies[0].terminate()?;
+    proxies[0].wait(Duration::from_secs(10)).await?;
+    let through = |proxy: &str| {
+        node.exec(&[
+            "curl",
+            "-fsS",
+            "--max-time",
+            "5",
+            "--interface",
+            "10.98.4.5",
+            "-x",
+            proxy,
+            "http://api.demo:8080/",
+        ])
+    };
+    let own = through("http://10.98.3.1:4140");
+    assert!(own.is_err(), "the node's proxy is down: {own:?}");
+    assert_eq!(through("http://10.98.6.2:4140")?, "api");
+    assert_count(
+        &peer,
+        "request_total",
+        &[
+            ("direction", "inbound"),
+            ("tls", "true"),
+            ("client_id", "web.demo"),
+        ],
+        2,
+    )?;
     Ok(())
 }
