@@ -147,18 +147,8 @@ fn capture(dir: &Path, secs: u64, rounds: u64) -> anyhow::Result<Vec<CaptureRow>
                     client.name.clone(),
                 ];
                 if *path == CapturePath::Transparent {
-                    run.prefix.extend(
-                        [
-                            "setpriv",
-                            "--reuid",
-                            "65534",
-                            "--regid",
-                            "65534",
-                            "--clear-groups",
-                            "--",
-                        ]
-                        .map(String::from),
-                    );
+                    run.prefix
+                        .extend(weft_test_support::netns::AS_NOBODY.map(String::from));
                 }
                 run.h1 = proto == Proto::H1;
                 (run.clients, run.rps) = (10, Some(100));

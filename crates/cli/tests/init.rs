@@ -8,7 +8,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use weft_test_support::netns::Netns;
+use weft_test_support::netns::{AS_NOBODY, Netns};
 use weft_test_support::proxy::Proxy;
 use weft_test_support::workspace_binary;
 
@@ -19,8 +19,9 @@ fn weft() -> anyhow::Result<String> {
 #[test]
 fn a_dry_run_prints_the_rules_and_needs_no_privilege() -> anyhow::Result<()> {
     // As nobody: a dry run must not touch (or need to read) anything.
-    let out = Command::new("setpriv")
-        .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+    let (setpriv, args) = AS_NOBODY.split_first().expect("a prefix");
+    let out = Command::new(setpriv)
+        .args(args)
         .arg(weft()?)
         .args([
             "init",
@@ -93,15 +94,7 @@ fn bad_input_and_missing_privilege_are_named() -> anyhow::Result<()> {
     assert!(!ok && err.contains("10.0.0.0/40"), "{err}");
     let (ok, err) = run(&[], &["--dry-run"], None)?;
     assert!(!ok && err.contains("--proxy-uid"), "{err}");
-    let nobody = [
-        "setpriv",
-        "--reuid",
-        "65534",
-        "--regid",
-        "65534",
-        "--clear-groups",
-    ];
-    let (ok, err) = run(&nobody, &["--proxy-uid", "1"], None)?;
+    let (ok, err) = run(&AS_NOBODY, &["--proxy-uid", "1"], None)?;
     assert!(
         !ok && err.contains("run it as root or with CAP_NET_ADMIN"),
         "{err}"
@@ -202,6 +195,60 @@ async fn wait_for(ns: &Netns, url: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A control plane in the test's own namespace, serving `file`, on every
+/// address (the namespaces reach it over their links to the root).
+async fn control_plane(
+    ca: &weft_test_support::mesh::MeshCa,
+    file: &weft_test_support::DestinationsFile,
+) -> anyhow::Result<weft_test_support::control::Control> {
+    weft_test_support::control::Control::start(
+        &workspace_binary("weft-control")?,
+        ca,
+        &[
+            "--destinations",
+            &file.path_str(),
+            "--dns",
+            "false",
+            "--listen",
+            "0.0.0.0:0",
+        ],
+    )
+    .await
+}
+
+/// A proxy in `ns` with `env`, its outbound listener on `outbound`, its
+/// inbound and admin ports on every address; once it is ready.
+async fn host_proxy(
+    ns: &Netns,
+    mut env: Vec<(String, String)>,
+    outbound: &str,
+) -> anyhow::Result<Proxy> {
+    env.push(("WEFT_PROXY_OUTBOUND_LISTEN".into(), outbound.into()));
+    env.push(("WEFT_PROXY_INBOUND_LISTEN".into(), "0.0.0.0:4143".into()));
+    env.push(("WEFT_PROXY_ADMIN_LISTEN".into(), "0.0.0.0:4191".into()));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let wrapper = ["ip", "netns", "exec", ns.name.as_str()];
+    let proxy = Proxy::spawn(&wrapper, &workspace_binary("weft-proxy")?, &env).await?;
+    wait_for(ns, "http://127.0.0.1:4191/ready").await?;
+    Ok(proxy)
+}
+
+/// `meshed`'s environment for `name`, with the control plane at `addr`.
+fn meshed_at(
+    ca: &weft_test_support::mesh::MeshCa,
+    control: &weft_test_support::control::Control,
+    name: &str,
+    addr: String,
+) -> anyhow::Result<Vec<(String, String)>> {
+    let mut env = weft_test_support::mesh::meshed(ca, control, name)?;
+    for (k, v) in env.iter_mut() {
+        if k == "WEFT_PROXY_CONTROL_ADDR" {
+            *v = addr.clone();
+        }
+    }
+    Ok(env)
+}
+
 /// Two hosts on a veth pair. On `app`, `weft init` captures traffic for a
 /// proxy running as uid 2102; the applications on both hosts know nothing
 /// of it: `app`'s client reaches `peer` through the outbound proxy, and
@@ -300,8 +347,7 @@ async fn an_unmodified_application_is_meshed_both_ways() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transparent_traffic_to_a_meshed_peer_is_mutual_tls() -> anyhow::Result<()> {
     use weft_test_support::DestinationsFile;
-    use weft_test_support::control::Control;
-    use weft_test_support::mesh::{MeshCa, meshed};
+    use weft_test_support::mesh::MeshCa;
 
     let app = Netns::new("mtls-app")?;
     let peer = Netns::new("mtls-peer")?;
@@ -322,19 +368,7 @@ async fn transparent_traffic_to_a_meshed_peer_is_mutual_tls() -> anyhow::Result<
          \x20 \"echo.demo:7\":\n    endpoints: [{addr: \"10.98.1.2:7\", identity: api.demo}]\n\
          \x20 \"smtp.demo:25\":\n    endpoints: [{addr: \"10.98.1.2:25\", identity: api.demo}]\n",
     )?;
-    let control = Control::start(
-        &workspace_binary("weft-control")?,
-        &ca,
-        &[
-            "--destinations",
-            &file.path_str(),
-            "--dns",
-            "false",
-            "--listen",
-            "0.0.0.0:0",
-        ],
-    )
-    .await?;
+    let control = control_plane(&ca, &file).await?;
     let port = control.grpc.port();
 
     let backend = workspace_binary("weft-test-backend")?;
@@ -344,25 +378,13 @@ async fn transparent_traffic_to_a_meshed_peer_is_mutual_tls() -> anyhow::Result<
     let _echo = peer.spawn(&[&backend, "--mode", "echo", "--listen", "10.98.1.2:7"])?;
     let _smtp = peer.spawn(&[&backend, "--mode", "banner", "--listen", "10.98.1.2:25"])?;
 
-    let proxy_bin = workspace_binary("weft-proxy")?;
     let mut proxies = Vec::new();
     for (ns, name, control_ip) in [
         (&app, "web.demo", format!("10.97.{net}.2:{port}")),
         (&peer, "api.demo", format!("10.97.{net}.6:{port}")),
     ] {
-        let mut env = meshed(&ca, &control, name)?;
-        for (k, v) in env.iter_mut() {
-            if k == "WEFT_PROXY_CONTROL_ADDR" {
-                *v = control_ip.clone();
-            }
-        }
-        env.push(("WEFT_PROXY_OUTBOUND_LISTEN".into(), "127.0.0.1:4140".into()));
-        env.push(("WEFT_PROXY_INBOUND_LISTEN".into(), "0.0.0.0:4143".into()));
-        env.push(("WEFT_PROXY_ADMIN_LISTEN".into(), "0.0.0.0:4191".into()));
-        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        let wrapper = ["ip", "netns", "exec", ns.name.as_str()];
-        proxies.push(Proxy::spawn(&wrapper, &proxy_bin, &env).await?);
-        wait_for(ns, "http://127.0.0.1:4191/ready").await?;
+        let env = meshed_at(&ca, &control, name, control_ip)?;
+        proxies.push(host_proxy(ns, env, "127.0.0.1:4140").await?);
     }
     let weft = weft()?;
     app.exec(&[&weft, "init", "--proxy-uid", "0"])?;
@@ -370,16 +392,8 @@ async fn transparent_traffic_to_a_meshed_peer_is_mutual_tls() -> anyhow::Result<
     wait_for(&peer, "http://10.98.1.2:8080/").await?;
 
     // An application that knows nothing of the mesh, dialling an address.
-    let nobody = [
-        "setpriv",
-        "--reuid",
-        "65534",
-        "--regid",
-        "65534",
-        "--clear-groups",
-    ];
     let as_nobody = |cmd: &[&str]| {
-        let mut args = nobody.to_vec();
+        let mut args = AS_NOBODY.to_vec();
         args.extend(cmd);
         app.exec(&args)
     };
@@ -491,8 +505,7 @@ async fn transparent_traffic_to_a_meshed_peer_is_mutual_tls() -> anyhow::Result<
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_proxy_per_node_serves_two_workloads_as_two_identities() -> anyhow::Result<()> {
     use weft_test_support::DestinationsFile;
-    use weft_test_support::control::Control;
-    use weft_test_support::mesh::{MeshCa, meshed};
+    use weft_test_support::mesh::MeshCa;
 
     let node = Netns::new("node")?;
     let peer = Netns::new("node-peer")?;
@@ -514,19 +527,7 @@ async fn one_proxy_per_node_serves_two_workloads_as_two_identities() -> anyhow::
          \x20 \"web.node:8080\":\n    endpoints: [{addr: \"10.98.4.5:8080\", identity: web.demo}]\n\
          \x20 \"batch.node:8080\":\n    endpoints: [{addr: \"10.98.4.6:8080\", identity: batch.demo}]\n",
     )?;
-    let control = Control::start(
-        &workspace_binary("weft-control")?,
-        &ca,
-        &[
-            "--destinations",
-            &file.path_str(),
-            "--dns",
-            "false",
-            "--listen",
-            "0.0.0.0:0",
-        ],
-    )
-    .await?;
+    let control = control_plane(&ca, &file).await?;
     let port = control.grpc.port();
 
     let backend = workspace_binary("weft-test-backend")?;
@@ -547,7 +548,6 @@ async fn one_proxy_per_node_serves_two_workloads_as_two_identities() -> anyhow::
             ca.token_file("batch.demo")?
         ),
     )?;
-    let proxy_bin = workspace_binary("weft-proxy")?;
     let node_env = vec![
         (
             "WEFT_PROXY_CONTROL_ADDR".to_string(),
@@ -559,25 +559,11 @@ async fn one_proxy_per_node_serves_two_workloads_as_two_identities() -> anyhow::
             workloads.to_string_lossy().into_owned(),
         ),
     ];
-    let mut peer_env = meshed(&ca, &control, "api.demo")?;
-    for (k, v) in peer_env.iter_mut() {
-        if k == "WEFT_PROXY_CONTROL_ADDR" {
-            *v = format!("10.96.{net}.6:{port}");
-        }
-    }
-    let mut proxies = Vec::new();
-    for (ns, mut env, outbound) in [
-        (&node, node_env, "0.0.0.0:4140"),
-        (&peer, peer_env, "127.0.0.1:4140"),
-    ] {
-        env.push(("WEFT_PROXY_OUTBOUND_LISTEN".into(), outbound.into()));
-        env.push(("WEFT_PROXY_INBOUND_LISTEN".into(), "0.0.0.0:4143".into()));
-        env.push(("WEFT_PROXY_ADMIN_LISTEN".into(), "0.0.0.0:4191".into()));
-        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        let wrapper = ["ip", "netns", "exec", ns.name.as_str()];
-        proxies.push(Proxy::spawn(&wrapper, &proxy_bin, &env).await?);
-        wait_for(ns, "http://127.0.0.1:4191/ready").await?;
-    }
+    let peer_env = meshed_at(&ca, &control, "api.demo", format!("10.96.{net}.6:{port}"))?;
+    let mut proxies = [
+        host_proxy(&node, node_env, "0.0.0.0:4140").await?,
+        host_proxy(&peer, peer_env, "127.0.0.1:4140").await?,
+    ];
     let weft = weft()?;
     node.exec(&[&weft, "init", "--inbound-only"])?;
     peer.exec(&[&weft, "init", "--inbound-only"])?;
@@ -684,24 +670,18 @@ async fn one_proxy_per_node_serves_two_workloads_as_two_identities() -> anyhow::
             ca.token_file("web.demo")?
         ),
     )?;
-    let control_addr = format!("10.96.{net}.10:{port}");
-    let anchors = ca.anchors();
-    let web_only = web_only.to_string_lossy().into_owned();
-    let wrapper = ["ip", "netns", "exec", node2.name.as_str()];
-    let _neighbour = Proxy::spawn(
-        &wrapper,
-        &proxy_bin,
-        &[
-            ("WEFT_PROXY_CONTROL_ADDR", &control_addr),
-            ("WEFT_PROXY_TRUST_ANCHORS", &anchors),
-            ("WEFT_PROXY_WORKLOADS", &web_only),
-            ("WEFT_PROXY_OUTBOUND_LISTEN", "0.0.0.0:4140"),
-            ("WEFT_PROXY_INBOUND_LISTEN", "0.0.0.0:4143"),
-            ("WEFT_PROXY_ADMIN_LISTEN", "0.0.0.0:4191"),
-        ],
-    )
-    .await?;
-    wait_for(&node2, "http://127.0.0.1:4191/ready").await?;
+    let neighbour_env = vec![
+        (
+            "WEFT_PROXY_CONTROL_ADDR".to_string(),
+            format!("10.96.{net}.10:{port}"),
+        ),
+        ("WEFT_PROXY_TRUST_ANCHORS".into(), ca.anchors()),
+        (
+            "WEFT_PROXY_WORKLOADS".into(),
+            web_only.to_string_lossy().into_owned(),
+        ),
+    ];
+    let _neighbour = host_proxy(&node2, neighbour_env, "0.0.0.0:4140").await?;
     proxies[0].terminate()?;
     proxies[0].wait(Duration::from_secs(10)).await?;
     let through = |proxy: &str| {

@@ -5,6 +5,19 @@
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 
+/// The command prefix that runs what follows as `nobody` (uid and gid
+/// 65534, no groups): an application that is not the proxy's user, so
+/// `weft init`'s capture applies to it.
+pub const AS_NOBODY: [&str; 7] = [
+    "setpriv",
+    "--reuid",
+    "65534",
+    "--regid",
+    "65534",
+    "--clear-groups",
+    "--",
+];
+
 /// Runs `cmd`, failing with its output unless it succeeded.
 pub fn run(cmd: &mut Command) -> anyhow::Result<Output> {
     let out = cmd.output()?;
