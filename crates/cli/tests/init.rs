@@ -607,6 +607,27 @@ async fn one_proxy_per_node_serves_two_workloads_as_two_identities() -> anyhow::
             "request_total",
             &[("direction", "outbound"), ("workload", workload)],
         )?;
+        // Its connections too: from it, and to the peer as it.
+        assert_one(
+            &node,
+            "tcp_open_total",
+            &[
+                ("direction", "outbound"),
+                ("peer", "src"),
+                ("workload", workload),
+            ],
+        )?;
+        assert_one(
+            &node,
+            "tcp_open_total",
+            &[
+                ("direction", "outbound"),
+                ("peer", "dst"),
+                ("workload", workload),
+                ("tls", "true"),
+                ("server_id", "api.demo"),
+            ],
+        )?;
     }
 
     // Inbound: the peer dials each workload, which must prove its own name.

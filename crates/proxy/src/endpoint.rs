@@ -83,6 +83,8 @@ pub struct EndpointSettings {
     /// reached over mutual TLS.
     pub tls: Option<Arc<Tls>>,
     pub limits: Arc<crate::config::Limits>,
+    /// Per-node mode: the workload whose router this is, for metrics.
+    pub workload: Option<Arc<str>>,
 }
 
 /// Connects to one fixed address, over mutual TLS when the endpoint is
@@ -94,6 +96,7 @@ pub struct Connector {
     metrics: TcpMetrics,
     direction: Direction,
     tls: Option<(Arc<Tls>, Name)>,
+    workload: Option<Arc<str>>,
 }
 
 impl Connector {
@@ -117,7 +120,14 @@ impl Connector {
             },
             None => TlsLabel::Plain,
         };
-        let io = CountingIo::new(stream, &self.metrics, self.direction, Peer::dst, tls_label);
+        let io = CountingIo::new(
+            stream,
+            &self.metrics,
+            self.direction,
+            Peer::dst,
+            tls_label,
+            self.workload.clone(),
+        );
         let Some((tls, identity)) = &self.tls else {
             return Ok(UpstreamIo::Plain(io));
         };
@@ -220,6 +230,7 @@ impl Endpoint {
                 metrics: settings.tcp_metrics.clone(),
                 direction: settings.direction,
                 tls,
+                workload: settings.workload.clone(),
             },
             http1: Mutex::new(Vec::new()),
             http2: ArcSwapOption::empty(),

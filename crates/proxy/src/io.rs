@@ -74,14 +74,15 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for PrefixedIo<T> {
     }
 }
 
-/// What a connection's TLS turned out to be, decided by the server after
-/// it already read bytes (detection, the handshake): set once.
+/// What a connection's TLS turned out to be (and, per node, which
+/// workload it is for), decided by the server after it already read bytes
+/// (detection, the handshake): set once.
 #[derive(Clone, Debug, Default)]
-pub struct TlsSlot(Arc<OnceLock<TlsLabel>>);
+pub struct TlsSlot(Arc<OnceLock<(TlsLabel, Option<Arc<str>>)>>);
 
 impl TlsSlot {
-    pub fn set(&self, tls: TlsLabel) {
-        let _ = self.0.set(tls);
+    pub fn set(&self, tls: TlsLabel, workload: Option<Arc<str>>) {
+        let _ = self.0.set((tls, workload));
     }
 }
 
@@ -116,9 +117,10 @@ impl<T> CountingIo<T> {
         direction: Direction,
         peer: Peer,
         tls: TlsLabel,
+        workload: Option<Arc<str>>,
     ) -> Self {
         let slot = TlsSlot::default();
-        slot.set(tls);
+        slot.set(tls, workload);
         Self::deferred(inner, metrics, direction, peer, slot)
     }
 
@@ -146,17 +148,18 @@ impl<T> CountingIo<T> {
     /// The counters, once the TLS label is known.
     fn resolve(&mut self) -> Option<&Counters> {
         if self.counters.is_none() {
-            let tls = self.slot.0.get()?.clone();
-            self.open_with(tls);
+            let (tls, workload) = self.slot.0.get()?.clone();
+            self.open_with(tls, workload);
         }
         self.counters.as_ref()
     }
 
-    fn open_with(&mut self, tls: TlsLabel) {
+    fn open_with(&mut self, tls: TlsLabel, workload: Option<Arc<str>>) {
         let labels = TcpLabels {
             direction: self.direction,
             peer: self.peer,
             tls,
+            workload,
         };
         let m = &self.metrics;
         m.open_total.get_or_create(&labels).inc();
@@ -196,7 +199,7 @@ impl<T> Drop for CountingIo<T> {
         // A connection that ended before its TLS was known (failed
         // detection or handshake) is counted as plaintext.
         if self.resolve().is_none() {
-            self.open_with(TlsLabel::Plain);
+            self.open_with(TlsLabel::Plain, None);
         }
         if let Some(c) = &self.counters {
             c.open.dec();

@@ -181,12 +181,13 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     }
 
     let limits = Arc::new(config.limits.clone());
-    let settings = |direction, tls: Option<Arc<tls::Tls>>| EndpointSettings {
+    let settings = |direction, tls: Option<Arc<tls::Tls>>, workload| EndpointSettings {
         connect_timeout: config.connect_timeout,
         tcp_metrics: metrics.tcp.clone(),
         direction,
         tls,
         limits: limits.clone(),
+        workload,
     };
     let max_authorities = config.limits.metrics_max_authorities;
     let outbound_labels = Arc::new(metrics::AuthorityLabels::new(
@@ -204,13 +205,13 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     // Outbound connections to meshed endpoints are mutual TLS; inbound ones
     // go to the local application, in plaintext.
     let outbound_router = Router::new(
-        settings(Direction::outbound, tls.clone()),
+        settings(Direction::outbound, tls.clone(), None),
         config.dns_refresh,
         control.clone(),
         outbound_labels.clone(),
     );
     let inbound_router = Router::new(
-        settings(Direction::inbound, None),
+        settings(Direction::inbound, None, None),
         config.dns_refresh,
         None,
         inbound_labels.clone(),
@@ -245,7 +246,11 @@ pub async fn run(config: Config) -> Result<(), RunError> {
                 metrics.identity.clone(),
             ));
             let router = Router::new(
-                settings(Direction::outbound, Some(wtls.clone())),
+                settings(
+                    Direction::outbound,
+                    Some(wtls.clone()),
+                    Some(w.name.as_str().into()),
+                ),
                 config.dns_refresh,
                 Some(wcontrol),
                 outbound_labels.clone(),

@@ -249,12 +249,17 @@ pub struct TcpLabels {
     pub direction: Direction,
     pub peer: Peer,
     pub tls: TlsLabel,
+    /// Per-node mode: the local workload the connection is from or for.
+    pub workload: Option<Arc<str>>,
 }
 
 impl EncodeLabelSet for TcpLabels {
     fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
         EncodeLabel::encode(&("direction", self.direction), encoder.encode_label())?;
         EncodeLabel::encode(&("peer", self.peer), encoder.encode_label())?;
+        if let Some(w) = &self.workload {
+            EncodeLabel::encode(&("workload", &**w), encoder.encode_label())?;
+        }
         // `client_id` names who connected to us; `server_id` whom we dialled.
         let side = match self.peer {
             Peer::src => Direction::inbound,

@@ -177,7 +177,7 @@ impl Side {
                     },
                     None => TlsLabel::Plain,
                 };
-                tls_slot.set(client_tls.clone());
+                tls_slot.set(client_tls.clone(), workload.clone());
                 let (inner, protocol) = match read_prefix(
                     &mut stream,
                     timeout,
@@ -203,7 +203,7 @@ impl Side {
                 return self.dispatch(io, conn, shutdown).await;
             }
         }
-        tls_slot.set(TlsLabel::Plain);
+        tls_slot.set(TlsLabel::Plain, workload.clone());
         let io = PrefixedIo::new(prefix.freeze(), io);
         let conn = Detected {
             protocol,
