@@ -4,7 +4,7 @@
 
 use std::fmt::Write as _;
 use std::io::Write as _;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::process::{Command, Stdio};
 
 use anyhow::Context;
@@ -36,7 +36,7 @@ pub(crate) struct Args {
     #[arg(long, env = "WEFT_INIT_SKIP_OUTBOUND_PORTS", value_delimiter = ',', value_parser = parse_ports)]
     skip_outbound_ports: Vec<Ports>,
     /// Destination networks of outbound connections left alone (e.g.
-    /// 169.254.169.254/32 for a cloud metadata service).
+    /// 169.254.169.254/32 for a cloud metadata service; IPv4 or IPv6).
     #[arg(long, env = "WEFT_INIT_SKIP_OUTBOUND_CIDRS", value_delimiter = ',', value_parser = parse_cidr)]
     skip_outbound_cidrs: Vec<Cidr>,
     /// Capture only connections to this host.
@@ -49,6 +49,11 @@ pub(crate) struct Args {
     /// legacy or nft.
     #[arg(long, env = "WEFT_INIT_IPTABLES", default_value = "auto")]
     iptables: Mode,
+    /// Capture IPv6 too (ip6tables): when the namespace has IPv6 and
+    /// ip6tables is installed (auto), always (on: an error if it cannot),
+    /// or never (off). The proxy must then listen on IPv6 as well.
+    #[arg(long, env = "WEFT_INIT_IPV6", default_value = "auto")]
+    ipv6: Ipv6,
     /// Print the rules and the back end, change nothing.
     #[arg(long, env = "WEFT_INIT_DRY_RUN")]
     dry_run: bool,
@@ -62,6 +67,20 @@ enum Mode {
     Auto,
     Legacy,
     Nft,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Ipv6 {
+    Auto,
+    On,
+    Off,
+}
+
+/// An address family's rules.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Family {
+    V4,
+    V6,
 }
 
 /// A port or an inclusive range of them.
@@ -98,9 +117,18 @@ fn parse_ports(s: &str) -> Result<Ports, String> {
     }
 }
 
-/// An IPv4 network in CIDR notation (a bare address is a /32).
+/// A network in CIDR notation (a bare address is a /32 or /128).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Cidr(Ipv4Addr, u8);
+pub(crate) struct Cidr(IpAddr, u8);
+
+impl Cidr {
+    fn family(&self) -> Family {
+        match self.0 {
+            IpAddr::V4(_) => Family::V4,
+            IpAddr::V6(_) => Family::V6,
+        }
+    }
+}
 
 impl std::fmt::Display for Cidr {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -109,42 +137,85 @@ impl std::fmt::Display for Cidr {
 }
 
 fn parse_cidr(s: &str) -> Result<Cidr, String> {
-    let bad = || format!("{s:?} is not an IPv4 network such as 10.0.0.0/8");
-    let (addr, len) = s.trim().split_once('/').unwrap_or((s.trim(), "32"));
-    let addr: Ipv4Addr = addr.parse().map_err(|_| bad())?;
-    let len: u8 = len.parse().map_err(|_| bad())?;
-    if len > 32 {
+    let bad = || format!("{s:?} is not a network such as 10.0.0.0/8 or fd00::/8");
+    let (addr, len) = match s.trim().split_once('/') {
+        Some((a, l)) => (a, Some(l)),
+        None => (s.trim(), None),
+    };
+    let addr: IpAddr = addr.parse().map_err(|_| bad())?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let len: u8 = match len {
+        Some(l) => l.parse().map_err(|_| bad())?,
+        None => max,
+    };
+    if len > max {
         return Err(bad());
     }
     Ok(Cidr(addr, len))
 }
 
-/// The iptables programs of one back end.
-struct Backend {
-    name: &'static str,
+/// The programs of one back end for one address family.
+struct Tables {
     iptables: &'static str,
     save: &'static str,
     restore: &'static str,
 }
 
+/// The iptables programs of one back end.
+struct Backend {
+    name: &'static str,
+    v4: Tables,
+    v6: Tables,
+}
+
+impl Backend {
+    fn tables(&self, family: Family) -> &Tables {
+        match family {
+            Family::V4 => &self.v4,
+            Family::V6 => &self.v6,
+        }
+    }
+}
+
 const LEGACY: Backend = Backend {
     name: "legacy",
-    iptables: "iptables-legacy",
-    save: "iptables-legacy-save",
-    restore: "iptables-legacy-restore",
+    v4: Tables {
+        iptables: "iptables-legacy",
+        save: "iptables-legacy-save",
+        restore: "iptables-legacy-restore",
+    },
+    v6: Tables {
+        iptables: "ip6tables-legacy",
+        save: "ip6tables-legacy-save",
+        restore: "ip6tables-legacy-restore",
+    },
 };
 const NFT: Backend = Backend {
     name: "nft",
-    iptables: "iptables-nft",
-    save: "iptables-nft-save",
-    restore: "iptables-nft-restore",
+    v4: Tables {
+        iptables: "iptables-nft",
+        save: "iptables-nft-save",
+        restore: "iptables-nft-restore",
+    },
+    v6: Tables {
+        iptables: "ip6tables-nft",
+        save: "ip6tables-nft-save",
+        restore: "ip6tables-nft-restore",
+    },
 };
 /// Whatever `iptables` on the PATH is, on hosts with neither suffixed name.
 const PLAIN: Backend = Backend {
     name: "iptables",
-    iptables: "iptables",
-    save: "iptables-save",
-    restore: "iptables-restore",
+    v4: Tables {
+        iptables: "iptables",
+        save: "iptables-save",
+        restore: "iptables-restore",
+    },
+    v6: Tables {
+        iptables: "ip6tables",
+        save: "ip6tables-save",
+        restore: "ip6tables-restore",
+    },
 };
 
 fn installed(program: &str) -> bool {
@@ -157,7 +228,10 @@ fn installed(program: &str) -> bool {
 /// Rules a back end holds (lines starting `-A`), or `None` when it cannot
 /// be read (not installed, no permission, kernel module missing).
 fn rule_count(b: &Backend) -> Option<usize> {
-    let out = Command::new(b.save).stderr(Stdio::null()).output().ok()?;
+    let out = Command::new(b.v4.save)
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
     out.status.success().then(|| {
         String::from_utf8_lossy(&out.stdout)
             .lines()
@@ -173,10 +247,10 @@ fn rule_count(b: &Backend) -> Option<usize> {
 fn choose(mode: Mode) -> anyhow::Result<&'static Backend> {
     let need = |b: &'static Backend| -> anyhow::Result<&'static Backend> {
         anyhow::ensure!(
-            installed(b.iptables) && installed(b.restore),
+            installed(b.v4.iptables) && installed(b.v4.restore),
             "{} and {} are not on the PATH (Debian: apt install iptables)",
-            b.iptables,
-            b.restore
+            b.v4.iptables,
+            b.v4.restore
         );
         Ok(b)
     };
@@ -184,15 +258,17 @@ fn choose(mode: Mode) -> anyhow::Result<&'static Backend> {
         Mode::Legacy => need(&LEGACY),
         Mode::Nft => need(&NFT),
         Mode::Auto => {
-            let legacy = installed(LEGACY.restore)
+            let legacy = installed(LEGACY.v4.restore)
                 .then(|| rule_count(&LEGACY))
                 .flatten();
-            let nft = installed(NFT.restore).then(|| rule_count(&NFT)).flatten();
+            let nft = installed(NFT.v4.restore)
+                .then(|| rule_count(&NFT))
+                .flatten();
             match (legacy, nft) {
                 (Some(l), Some(n)) if l > n => Ok(&LEGACY),
                 (_, Some(_)) => Ok(&NFT),
                 (Some(_), None) => Ok(&LEGACY),
-                (None, None) if installed(PLAIN.restore) => Ok(&PLAIN),
+                (None, None) if installed(PLAIN.v4.restore) => Ok(&PLAIN),
                 (None, None) => anyhow::bail!(
                     "iptables is not installed (no iptables-nft, iptables-legacy or iptables on the PATH; Debian: apt install iptables)"
                 ),
@@ -220,7 +296,7 @@ fn privileges() -> Option<(u32, bool)> {
 /// The `iptables-restore --noflush` input that installs the capture.
 /// Declaring a chain flushes it, so applying it again yields the same
 /// rules; the jumps into the chains are added only where missing.
-fn ruleset(args: &Args, jumps: &[(&str, &str)]) -> anyhow::Result<String> {
+fn ruleset(args: &Args, family: Family, jumps: &[(&str, &str)]) -> anyhow::Result<String> {
     let mut r = String::from("*nat\n");
     let inbound = !args.outbound_only;
     let outbound = !args.inbound_only;
@@ -252,7 +328,11 @@ fn ruleset(args: &Args, jumps: &[(&str, &str)]) -> anyhow::Result<String> {
         )?;
         writeln!(r, "-A {CHAIN_OUT} -m owner --uid-owner {uid} -j RETURN")?;
         writeln!(r, "-A {CHAIN_OUT} -o lo -j RETURN")?;
-        for c in &args.skip_outbound_cidrs {
+        for c in args
+            .skip_outbound_cidrs
+            .iter()
+            .filter(|c| c.family() == family)
+        {
             writeln!(r, "-A {CHAIN_OUT} -d {c} -j RETURN")?;
         }
         for p in &args.skip_outbound_ports {
@@ -272,7 +352,7 @@ fn ruleset(args: &Args, jumps: &[(&str, &str)]) -> anyhow::Result<String> {
 }
 
 /// Whether `builtin` already jumps to `chain`.
-fn has_jump(b: &Backend, builtin: &str, chain: &str) -> bool {
+fn has_jump(b: &Tables, builtin: &str, chain: &str) -> bool {
     Command::new(b.iptables)
         .args(["-w", "-t", "nat", "-C", builtin, "-j", chain])
         .stdout(Stdio::null())
@@ -281,7 +361,7 @@ fn has_jump(b: &Backend, builtin: &str, chain: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-fn iptables(b: &Backend, args: &[&str]) -> anyhow::Result<std::process::Output> {
+fn iptables(b: &Tables, args: &[&str]) -> anyhow::Result<std::process::Output> {
     Command::new(b.iptables)
         .arg("-w")
         .args(args)
@@ -290,7 +370,7 @@ fn iptables(b: &Backend, args: &[&str]) -> anyhow::Result<std::process::Output> 
 }
 
 /// [`iptables`], failing with its error unless it succeeded.
-fn iptables_ok(b: &Backend, args: &[&str]) -> anyhow::Result<()> {
+fn iptables_ok(b: &Tables, args: &[&str]) -> anyhow::Result<()> {
     let out = iptables(b, args)?;
     anyhow::ensure!(
         out.status.success(),
@@ -303,7 +383,7 @@ fn iptables_ok(b: &Backend, args: &[&str]) -> anyhow::Result<()> {
 }
 
 /// Deletes every jump from `builtin` to `chain`, then the chain.
-fn remove_chain(b: &Backend, builtin: &str, chain: &str) -> anyhow::Result<bool> {
+fn remove_chain(b: &Tables, builtin: &str, chain: &str) -> anyhow::Result<bool> {
     let mut removed = false;
     while has_jump(b, builtin, chain) {
         iptables_ok(b, &["-t", "nat", "-D", builtin, "-j", chain])?;
@@ -328,15 +408,81 @@ fn ensure_privileged() -> anyhow::Result<()> {
     }
 }
 
+/// Whether IPv6 rules go in too: `--ipv6`, and for `auto` whether the
+/// namespace has IPv6 and the back end has ip6tables.
+fn families(args: &Args, b: &Backend) -> anyhow::Result<Vec<Family>> {
+    let possible = installed(b.v6.iptables)
+        && installed(b.v6.restore)
+        && std::fs::read_to_string("/proc/net/if_inet6").is_ok_and(|s| !s.trim().is_empty());
+    match args.ipv6 {
+        Ipv6::Off => Ok(vec![Family::V4]),
+        Ipv6::Auto if !possible => Ok(vec![Family::V4]),
+        Ipv6::On if !possible => anyhow::bail!(
+            "--ipv6 on: this namespace has no IPv6 (/proc/net/if_inet6 is empty) or {} is not on the PATH",
+            b.v6.restore
+        ),
+        _ => Ok(vec![Family::V4, Family::V6]),
+    }
+}
+
+/// Installs the rules of one family; says what it captured.
+fn install(args: &Args, t: &Tables, family: Family) -> anyhow::Result<()> {
+    let jumps: Vec<(&str, &str)> = wanted_jumps(args)
+        .into_iter()
+        .filter(|(builtin, chain)| !has_jump(t, builtin, chain))
+        .collect();
+    let rules = ruleset(args, family, &jumps)?;
+    let mut child = Command::new(t.restore)
+        .args(["-w", "--noflush"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {}", t.restore))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(rules.as_bytes())
+            .with_context(|| format!("writing the rules to {}", t.restore))?;
+    }
+    let out = child
+        .wait_with_output()
+        .with_context(|| format!("running {}", t.restore))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{} refused the rules: {}\nthe rules were:\n{rules}",
+        t.restore,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    // A direction captured before and not now: its chain goes.
+    if args.outbound_only {
+        remove_chain(t, "PREROUTING", CHAIN_IN)?;
+    }
+    if args.inbound_only {
+        remove_chain(t, "OUTPUT", CHAIN_OUT)?;
+    }
+    Ok(())
+}
+
 pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     if args.dry_run && !args.remove {
         // A dry run must work anywhere, even with no iptables at all.
-        let backend = choose(args.iptables).map_or("none found", |b| b.name);
+        let backend = choose(args.iptables).ok();
+        let families = match backend {
+            Some(b) => families(&args, b)?,
+            None if args.ipv6 == Ipv6::On => vec![Family::V4, Family::V6],
+            None => vec![Family::V4],
+        };
         let jumps = wanted_jumps(&args);
-        print!(
-            "# iptables back end: {backend}\n{}",
-            ruleset(&args, &jumps)?
+        println!(
+            "# iptables back end: {}",
+            backend.map_or("none found", |b| b.name)
         );
+        for family in families {
+            if family == Family::V6 {
+                println!("# ip6tables");
+            }
+            print!("{}", ruleset(&args, family, &jumps)?);
+        }
         return Ok(());
     }
     ensure_privileged()?;
@@ -349,11 +495,19 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
             }
             return Ok(());
         }
-        let a = remove_chain(b, "PREROUTING", CHAIN_IN)?;
-        let c = remove_chain(b, "OUTPUT", CHAIN_OUT)?;
+        let mut removed = false;
+        for family in [Family::V4, Family::V6] {
+            let t = b.tables(family);
+            // No ip6tables (or no IPv6): nothing of ours can be there.
+            if family == Family::V6 && !installed(t.iptables) {
+                continue;
+            }
+            removed |= remove_chain(t, "PREROUTING", CHAIN_IN)?;
+            removed |= remove_chain(t, "OUTPUT", CHAIN_OUT)?;
+        }
         println!(
             "weft init: {} ({})",
-            if a || c {
+            if removed {
                 "removed weft's capture rules"
             } else {
                 "no weft rules were installed"
@@ -362,38 +516,9 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let jumps: Vec<(&str, &str)> = wanted_jumps(&args)
-        .into_iter()
-        .filter(|(builtin, chain)| !has_jump(b, builtin, chain))
-        .collect();
-    let rules = ruleset(&args, &jumps)?;
-    let mut child = Command::new(b.restore)
-        .args(["-w", "--noflush"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("running {}", b.restore))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(rules.as_bytes())
-            .with_context(|| format!("writing the rules to {}", b.restore))?;
-    }
-    let out = child
-        .wait_with_output()
-        .with_context(|| format!("running {}", b.restore))?;
-    anyhow::ensure!(
-        out.status.success(),
-        "{} refused the rules: {}\nthe rules were:\n{rules}",
-        b.restore,
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    // A direction captured before and not now: its chain goes.
-    if args.outbound_only {
-        remove_chain(b, "PREROUTING", CHAIN_IN)?;
-    }
-    if args.inbound_only {
-        remove_chain(b, "OUTPUT", CHAIN_OUT)?;
+    let families = families(&args, b)?;
+    for family in &families {
+        install(&args, b.tables(*family), *family)?;
     }
     let mut what = Vec::new();
     if !args.outbound_only {
@@ -405,7 +530,16 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
             args.outbound_port
         ));
     }
-    println!("weft init: capturing {} ({})", what.join(" and "), b.name);
+    println!(
+        "weft init: capturing {} ({}, {})",
+        what.join(" and "),
+        b.name,
+        if families.contains(&Family::V6) {
+            "IPv4 and IPv6"
+        } else {
+            "IPv4"
+        }
+    );
     Ok(())
 }
 
@@ -445,6 +579,14 @@ mod tests {
             Ok("10.1.2.3/32".into())
         );
         assert!(parse_cidr("10.0.0.0/33").is_err());
-        assert!(parse_cidr("::1/128").is_err());
+        assert_eq!(
+            parse_cidr("fd00::/8").map(|c| (c.to_string(), c.family())),
+            Ok(("fd00::/8".into(), Family::V6))
+        );
+        assert_eq!(
+            parse_cidr("::1").map(|c| c.to_string()),
+            Ok("::1/128".into())
+        );
+        assert!(parse_cidr("fd00::/129").is_err());
     }
 }

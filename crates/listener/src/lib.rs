@@ -30,18 +30,24 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 /// user may bind the same address and the kernel spreads new connections
 /// over both (connections still queued on a socket when its process
 /// closes it are reset; handing the socket over does not have that gap).
+///
+/// An IPv6 listener takes IPv6 only (`IPV6_V6ONLY`), so `[::]:4143` and
+/// `0.0.0.0:4143` can be bound side by side, one per family, whatever the
+/// host's `bindv6only`.
 pub fn bind_with(addr: SocketAddr, reuse_port: bool) -> io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    if reuse_port {
-        socket.set_reuseport(true)?;
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
     }
-    socket.bind(addr)?;
-    socket.listen(BACKLOG)
+    socket.set_reuse_address(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG as i32)?;
+    TcpListener::from_std(socket.into())
 }
 
 const BACKOFF_MIN: Duration = Duration::from_millis(5);

@@ -58,7 +58,11 @@ pub const MAX_DETECT_TIMEOUT: Duration = Duration::from_millis(300);
 #[derive(Clone, Debug, Serialize)]
 pub struct Config {
     pub outbound_listen: SocketAddr,
+    /// More outbound listeners (`[::1]:4140` beside `127.0.0.1:4140`, for
+    /// IPv6 traffic redirected by `weft init`).
+    pub outbound_listen_also: Vec<SocketAddr>,
     pub inbound_listen: SocketAddr,
+    pub inbound_listen_also: Vec<SocketAddr>,
     pub admin_listen: SocketAddr,
     /// Static destinations, when no control plane is configured.
     pub destinations: Option<PathBuf>,
@@ -286,13 +290,17 @@ impl Config {
             errors: Vec::new(),
         };
         let default_addr: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 0));
+        let (outbound_listen, outbound_listen_also) = p
+            .parse(ENV_OUTBOUND_LISTEN, "127.0.0.1:4140", parse_addrs)
+            .unwrap_or((default_addr, Vec::new()));
+        let (inbound_listen, inbound_listen_also) = p
+            .parse(ENV_INBOUND_LISTEN, "0.0.0.0:4143", parse_addrs)
+            .unwrap_or((default_addr, Vec::new()));
         let mut config = Config {
-            outbound_listen: p
-                .parse(ENV_OUTBOUND_LISTEN, "127.0.0.1:4140", parse_addr)
-                .unwrap_or(default_addr),
-            inbound_listen: p
-                .parse(ENV_INBOUND_LISTEN, "0.0.0.0:4143", parse_addr)
-                .unwrap_or(default_addr),
+            outbound_listen,
+            outbound_listen_also,
+            inbound_listen,
+            inbound_listen_also,
             admin_listen: p
                 .parse(ENV_ADMIN_LISTEN, "127.0.0.1:4191", parse_addr)
                 .unwrap_or(default_addr),
@@ -688,6 +696,24 @@ fn parse_addr(s: &str) -> Result<SocketAddr, String> {
         .map_err(|e| format!("not an IP:port socket address ({e})"))
 }
 
+/// One listening address or several, comma-separated (at most 4; say
+/// `127.0.0.1:4140,[::1]:4140` for both address families).
+fn parse_addrs(s: &str) -> Result<(SocketAddr, Vec<SocketAddr>), String> {
+    let addrs = s
+        .split(',')
+        .map(|a| parse_addr(a.trim()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut unique = addrs.clone();
+    unique.sort();
+    unique.dedup();
+    match addrs.split_first() {
+        None => Err("must name an address".into()),
+        Some(_) if addrs.len() > 4 => Err("at most 4 addresses".into()),
+        Some(_) if unique.len() < addrs.len() => Err("an address is listed twice".into()),
+        Some((first, rest)) => Ok((*first, rest.to_vec())),
+    }
+}
+
 fn parse_bool(s: &str) -> Result<bool, String> {
     match s {
         "true" | "1" | "yes" => Ok(true),
@@ -783,6 +809,29 @@ mod tests {
             ENV_INBOUND_AUTHORITIES,
         ] {
             assert!(text.contains(name), "{text}");
+        }
+    }
+
+    #[test]
+    fn a_listener_per_address_family() {
+        let c = Config::from_vars(vars(&[(ENV_OUTBOUND_LISTEN, "127.0.0.1:4140, [::1]:4140")]))
+            .expect("valid");
+        assert_eq!(c.outbound_listen.to_string(), "127.0.0.1:4140");
+        assert_eq!(
+            c.outbound_listen_also,
+            ["[::1]:4140".parse().expect("addr")]
+        );
+        for (bad, why) in [
+            ("127.0.0.1:4140,127.0.0.1:4140", "listed twice"),
+            ("127.0.0.1:4140,", "not an IP:port"),
+            ("[::1]:1,[::1]:2,[::1]:3,[::1]:4,[::1]:5", "at most 4"),
+        ] {
+            let err = Config::from_vars(vars(&[(ENV_INBOUND_LISTEN, bad)])).expect_err(bad);
+            let text = err.to_string();
+            assert!(
+                text.contains(ENV_INBOUND_LISTEN) && text.contains(why),
+                "{text}"
+            );
         }
     }
 

@@ -97,12 +97,23 @@ fn listen(
     inherited: &mut Option<upgrade::Inherited>,
     reuse_port: bool,
 ) -> Result<TcpListener, RunError> {
+    listen_named(which, which, addr, inherited, reuse_port)
+}
+
+/// [`listen`] for the listener `name` of a side (`which`) with several.
+fn listen_named(
+    name: &str,
+    which: &'static str,
+    addr: SocketAddr,
+    inherited: &mut Option<upgrade::Inherited>,
+    reuse_port: bool,
+) -> Result<TcpListener, RunError> {
     let bind_error = |source| RunError::Bind {
         which,
         addr,
         source,
     };
-    if let Some(listener) = inherited.as_mut().and_then(|i| i.take(which, addr)) {
+    if let Some(listener) = inherited.as_mut().and_then(|i| i.take(name, addr)) {
         return TcpListener::from_std(listener).map_err(bind_error);
     }
     weft_listener::bind_with(addr, reuse_port).map_err(bind_error)
@@ -296,15 +307,40 @@ pub async fn run(config: Config) -> Result<(), RunError> {
 
     let reuse = config.reuse_port;
     let admin_listener = listen("admin", config.admin_listen, &mut inherited, false)?;
-    let outbound_listener = listen("outbound", config.outbound_listen, &mut inherited, reuse)?;
-    let inbound_listener = listen("inbound", config.inbound_listen, &mut inherited, reuse)?;
+    // Each side's listeners, the first named as the side, the others
+    // numbered (the names say which socket is which in an upgrade).
+    let mut side_listeners = |side: &'static str, first: SocketAddr, also: &[SocketAddr]| {
+        std::iter::once(first)
+            .chain(also.iter().copied())
+            .enumerate()
+            .map(|(i, addr)| {
+                let name = match i {
+                    0 => side.to_string(),
+                    _ => format!("{side} {i}"),
+                };
+                let l = listen_named(&name, side, addr, &mut inherited, reuse)?;
+                Ok((name, l))
+            })
+            .collect::<Result<Vec<_>, RunError>>()
+    };
+    let outbound_listeners = side_listeners(
+        "outbound",
+        config.outbound_listen,
+        &config.outbound_listen_also,
+    )?;
+    let inbound_listeners = side_listeners(
+        "inbound",
+        config.inbound_listen,
+        &config.inbound_listen_also,
+    )?;
     // Kept to hand over on SIGUSR2 (the accept loops own the originals).
     let mut sockets = Vec::new();
-    for (name, l) in [
-        ("outbound", &outbound_listener),
-        ("inbound", &inbound_listener),
-        ("admin", &admin_listener),
-    ] {
+    for (name, l) in outbound_listeners
+        .iter()
+        .chain(inbound_listeners.iter())
+        .map(|(n, l)| (n.clone(), l))
+        .chain([("admin".to_string(), &admin_listener)])
+    {
         use std::os::fd::AsFd;
         match l.as_fd().try_clone_to_owned() {
             Ok(fd) => sockets.push((name, fd)),
@@ -313,12 +349,21 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             }
         }
     }
-    let inbound_addr = inbound_listener.local_addr();
+    let inbound_addr = inbound_listeners[0].1.local_addr();
     let addr = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    let also = |ls: &[(String, TcpListener)]| {
+        ls.iter()
+            .skip(1)
+            .map(|(_, l)| addr(l))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
     tracing::info!(
-        outbound = %addr(&outbound_listener),
-        inbound = %addr(&inbound_listener),
+        outbound = %addr(&outbound_listeners[0].1),
+        inbound = %addr(&inbound_listeners[0].1),
         admin = %addr(&admin_listener),
+        outbound_also = %also(&outbound_listeners),
+        inbound_also = %also(&inbound_listeners),
         "listening"
     );
 
@@ -333,27 +378,30 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let admin_shutdown = CancellationToken::new();
     let admin_thread = spawn_admin(admin, admin_listener, admin_shutdown.clone())?;
 
-    for (direction, router, listener, labels) in [
+    for (direction, router, listeners, labels) in [
         (
             Direction::outbound,
             outbound_router,
-            outbound_listener,
+            outbound_listeners,
             outbound_labels,
         ),
         (
             Direction::inbound,
             inbound_router,
-            inbound_listener,
+            inbound_listeners,
             inbound_labels,
         ),
     ] {
-        let listen_addr = listener.local_addr().map_err(|source| RunError::Bind {
-            which: "local address",
-            addr: config.outbound_listen,
-            source,
-        })?;
+        let mut addrs = Vec::with_capacity(listeners.len());
+        for (_, l) in &listeners {
+            addrs.push(l.local_addr().map_err(|source| RunError::Bind {
+                which: "local address",
+                addr: config.outbound_listen,
+                source,
+            })?);
+        }
         let side = Arc::new(Side {
-            listen_addr,
+            listen_addrs: http::ListenAddrs::new(addrs),
             direction,
             router,
             metrics: metrics.clone(),
@@ -371,8 +419,14 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             Direction::outbound => "outbound",
             Direction::inbound => "inbound",
         };
-        let listener = weft_listener::Listener::new(listener, name, config.limits.max_connections);
-        tokio::spawn(side.accept_loop(listener, shutdown.clone(), tracker.clone()));
+        for (_, listener) in listeners {
+            let listener =
+                weft_listener::Listener::new(listener, name, config.limits.max_connections);
+            tokio::spawn(
+                side.clone()
+                    .accept_loop(listener, shutdown.clone(), tracker.clone()),
+            );
+        }
     }
     let deregister = CancellationToken::new();
     let mut registered = None;
@@ -452,7 +506,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
                 tracing::info!("SIGUSR2: starting the new process");
                 let fds: Vec<_> = sockets.iter().map(|(n, fd)| {
                     use std::os::fd::AsFd;
-                    (*n, fd.as_fd())
+                    (n.as_str(), fd.as_fd())
                 }).collect();
                 // A signal to stop wins over an upgrade in progress (which
                 // then stops the new process).

@@ -11,8 +11,8 @@ SIGTERM/SIGINT drain and exit; SIGUSR2 starts the binary again from its
 path, hands it the listeners and drains once it is ready.
 
 
-  WEFT_PROXY_OUTBOUND_LISTEN   outbound listener (default 127.0.0.1:4140)
-  WEFT_PROXY_INBOUND_LISTEN    inbound listener (default 0.0.0.0:4143)
+  WEFT_PROXY_OUTBOUND_LISTEN   outbound listener(s), comma-separated (default 127.0.0.1:4140)
+  WEFT_PROXY_INBOUND_LISTEN    inbound listener(s), comma-separated (default 0.0.0.0:4143)
   WEFT_PROXY_ADMIN_LISTEN      admin: /metrics /ready /live /env.json (default 127.0.0.1:4191)
   WEFT_PROXY_DESTINATIONS      YAML file of static destinations (followed for changes)
   WEFT_PROXY_INBOUND_FORWARD   where inbound traffic goes without an original destination

@@ -14,7 +14,7 @@ use tokio_util::task::TaskTracker;
 use weft_detect::{Authority, ClientHello, Detection, MAX_PREFIX, Protocol, client_hello, detect};
 
 use crate::config::Limits;
-use crate::http::{self, HttpContext, HttpVersion};
+use crate::http::{self, HttpContext, HttpVersion, ListenAddrs};
 use crate::io::{CountingIo, PrefixedIo, TlsSlot};
 use crate::metrics::{AuthorityLabels, Direction, DirectionLabels, Metrics, Peer, TlsLabel};
 use crate::orig_dst::original_dst;
@@ -43,7 +43,7 @@ pub struct Side {
     /// is not available.
     pub inbound_forward: Option<SocketAddr>,
     /// This side's listening address, to refuse routing loops.
-    pub listen_addr: SocketAddr,
+    pub listen_addrs: ListenAddrs,
     /// Inbound: this proxy's identity, to terminate mutual TLS addressed
     /// to it.
     pub tls: Option<Arc<Tls>>,
@@ -233,11 +233,9 @@ impl Side {
             Protocol::Http1 => HttpVersion::Http1,
             Protocol::Http2 => HttpVersion::Http2,
             Protocol::Tls | Protocol::Opaque => {
-                let looped = opaque_target.as_ref().is_some_and(|t| {
-                    t.endpoints()
-                        .iter()
-                        .any(|a| http::is_own_listener(self.listen_addr, *a))
-                });
+                let looped = opaque_target
+                    .as_ref()
+                    .is_some_and(|t| t.endpoints().iter().any(|a| self.listen_addrs.contains(*a)));
                 if looped {
                     tracing::info!(direction = ?self.direction, "opaque connection would loop back to this proxy; closing");
                     return;
@@ -261,7 +259,7 @@ impl Side {
                 Direction::inbound => opaque_target,
                 Direction::outbound => None,
             },
-            listen_addr: self.listen_addr,
+            listen_addrs: self.listen_addrs.clone(),
             client_tls,
             limits: self.limits.clone(),
             labels: self.labels.clone(),

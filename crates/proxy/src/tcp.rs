@@ -32,7 +32,7 @@ pub enum ConnectFailed {
 /// connections too.
 pub async fn connect(
     target: &Target,
-    own: Option<SocketAddr>,
+    own: Option<&crate::http::ListenAddrs>,
 ) -> Result<(Arc<Endpoint>, Pending, UpstreamIo), ConnectFailed> {
     let attempts = CONNECT_ATTEMPTS.min(target.len().max(1));
     let mut failed = Vec::new();
@@ -41,7 +41,7 @@ pub async fn connect(
         let Some((endpoint, load)) = target.pick_excluding(&failed) else {
             return Err(ConnectFailed::NoEndpoints);
         };
-        if own.is_some_and(|own| crate::http::is_own_listener(own, endpoint.addr)) {
+        if own.is_some_and(|own| own.contains(endpoint.addr)) {
             return Err(ConnectFailed::Loop(endpoint.addr));
         }
         let mut pending = load.start();

@@ -75,7 +75,8 @@ impl Netns {
     }
 
     /// A veth pair between this namespace and `other`, with `here` and
-    /// `there` (CIDR notation, e.g. 10.98.0.1/24) on its two ends.
+    /// `there` (CIDR notation, e.g. 10.98.0.1/24; several comma-separated,
+    /// IPv6 too) on its two ends.
     pub fn link(&self, other: &Netns, here: &str, there: &str) -> anyhow::Result<()> {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let (a, b) = (format!("wa{n}"), format!("wb{n}"));
@@ -92,10 +93,23 @@ impl Netns {
             "netns",
             &other.name,
         ])?;
-        self.exec(&["ip", "addr", "add", here, "dev", &a])?;
+        self.add_addrs(&a, here)?;
         self.exec(&["ip", "link", "set", &a, "up"])?;
-        other.exec(&["ip", "addr", "add", there, "dev", &b])?;
+        other.add_addrs(&b, there)?;
         other.exec(&["ip", "link", "set", &b, "up"])?;
+        Ok(())
+    }
+
+    /// `cidrs` (comma-separated, IPv4 or IPv6) on `dev`; IPv6 ones usable
+    /// at once (no duplicate address detection).
+    fn add_addrs(&self, dev: &str, cidrs: &str) -> anyhow::Result<()> {
+        for cidr in cidrs.split(',').map(str::trim) {
+            let mut args = vec!["ip", "addr", "add", cidr, "dev", dev];
+            if cidr.contains(':') {
+                args.push("nodad");
+            }
+            self.exec(&args)?;
+        }
         Ok(())
     }
 
@@ -119,7 +133,16 @@ impl Netns {
     /// The namespace's nat table as `iptables-save` prints it, without
     /// the comment and counter lines that change from run to run.
     pub fn nat_rules(&self) -> anyhow::Result<String> {
-        let out = self.exec(&["iptables-save", "-t", "nat"])?;
+        self.saved("iptables-save")
+    }
+
+    /// The same for IPv6 (`ip6tables-save`).
+    pub fn nat_rules_v6(&self) -> anyhow::Result<String> {
+        self.saved("ip6tables-save")
+    }
+
+    fn saved(&self, save: &str) -> anyhow::Result<String> {
+        let out = self.exec(&[save, "-t", "nat"])?;
         Ok(out
             .lines()
             .filter(|l| !l.starts_with('#'))

@@ -74,8 +74,8 @@ pub struct HttpContext {
     pub orig_dst: Option<SocketAddr>,
     /// Inbound: where the local application listens.
     pub inbound_target: Option<Arc<Target>>,
-    /// The listener this connection arrived on: never a valid upstream.
-    pub listen_addr: SocketAddr,
+    /// This side's listeners: never a valid upstream.
+    pub listen_addrs: ListenAddrs,
     /// Inbound: whether the client connected over mutual TLS, and as whom.
     pub client_tls: TlsLabel,
     pub limits: Arc<Limits>,
@@ -84,6 +84,22 @@ pub struct HttpContext {
     /// Per-node mode: the local workload this connection is from
     /// (outbound) or for (inbound).
     pub workload: Option<Arc<str>>,
+}
+
+/// The addresses one side of the proxy listens on (one per address
+/// family, say): never a valid upstream.
+#[derive(Clone, Debug)]
+pub struct ListenAddrs(Arc<[SocketAddr]>);
+
+impl ListenAddrs {
+    pub fn new(addrs: Vec<SocketAddr>) -> Self {
+        Self(addrs.into())
+    }
+
+    /// Whether `addr` is one of them (see [`is_own_listener`]).
+    pub fn contains(&self, addr: SocketAddr) -> bool {
+        self.0.iter().any(|l| is_own_listener(*l, addr))
+    }
 }
 
 /// Whether `addr` is the proxy's own listener `listen` (which may be bound
@@ -658,7 +674,7 @@ impl HttpContext {
                     kind: FailKind::Final,
                 });
             };
-            if is_own_listener(self.listen_addr, endpoint.addr) {
+            if self.listen_addrs.contains(endpoint.addr) {
                 return Err(Failed {
                     error: ProxyError::Loop(endpoint.addr),
                     endpoint: Some(endpoint),
@@ -960,7 +976,7 @@ impl HttpContext {
         tapped: Option<Box<crate::tap::Tapped>>,
     ) -> Response<ProxyBody> {
         let (endpoint, pending, upstream) =
-            match crate::tcp::connect(target, Some(self.listen_addr)).await {
+            match crate::tcp::connect(target, Some(&self.listen_addrs)).await {
                 Ok(c) => c,
                 Err(failed) => {
                     let (e, endpoint) = match failed {
