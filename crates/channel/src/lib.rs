@@ -108,6 +108,11 @@ impl CurrentCert {
         self.0.load().is_some()
     }
 
+    /// The certificate installed now.
+    pub fn current(&self) -> Option<Arc<CertifiedKey>> {
+        self.0.load_full()
+    }
+
     /// The leaf's expiry, if a certificate is installed.
     pub fn not_after(&self) -> Option<std::time::SystemTime> {
         let key = self.0.load_full()?;
@@ -150,8 +155,16 @@ pub fn certified_key(
     key: &weft_identity::KeyPair,
     chain: Vec<CertificateDer<'static>>,
 ) -> Result<CertifiedKey, rustls::Error> {
+    certified_key_der(key.serialize_der(), chain)
+}
+
+/// [`certified_key`] from the key's PKCS#8 DER.
+pub fn certified_key_der(
+    pkcs8: Vec<u8>,
+    chain: Vec<CertificateDer<'static>>,
+) -> Result<CertifiedKey, rustls::Error> {
     use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
-    let private = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+    let private = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pkcs8));
     let signing = provider().key_provider.load_private_key(private)?;
     Ok(CertifiedKey::new(chain, signing))
 }

@@ -398,8 +398,11 @@ impl Config {
         }
         config.control = p.control();
         config.identity = p.identity(config.control.is_some());
+        let p_upgrading = p.vars.contains_key(crate::upgrade::ENV_UPGRADE_FROM);
         config.workloads = p
-            .optional(ENV_WORKLOADS, |s| workloads::load(std::path::Path::new(s)))
+            .optional(ENV_WORKLOADS, |s| {
+                workloads::load(std::path::Path::new(s), p_upgrading)
+            })
             .unwrap_or_default();
         if !config.workloads.is_empty() {
             let value = p.vars.get(ENV_WORKLOADS).cloned().unwrap_or_default();
@@ -587,7 +590,13 @@ impl Parser {
             s.parse::<weft_identity::Name>()
                 .map_err(|e| e.reason.to_string())
         });
+        // Taking over from a process (SIGUSR2), the certificate comes with
+        // the sockets: the token file may be long gone.
+        let upgrading = self.vars.contains_key(crate::upgrade::ENV_UPGRADE_FROM);
         let token_file = self.optional(ENV_IDENTITY_TOKEN_FILE, |s| {
+            if upgrading {
+                return Ok(PathBuf::from(s));
+            }
             std::fs::read_to_string(s)
                 .map_err(|e| format!("cannot read the token: {e}"))
                 .and_then(|t| {

@@ -50,10 +50,19 @@ pub async fn maintain(
     metrics: IdentityMetrics,
 ) {
     let mut retry = RETRY_MIN;
+    // A certificate handed over by an upgrade is renewed when its own
+    // would have been, not at once.
+    if let Some(not_after) = tls.cert().not_after() {
+        let left = not_after
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO);
+        tracing::info!(identity = %tls.name, expires = %humantime::format_rfc3339_seconds(not_after), "certificate handed over");
+        tokio::time::sleep(left.mul_f64(RENEW_AT)).await;
+    }
     loop {
         match certify(&tls, &control, &token_file).await {
-            Ok((key, not_after)) => {
-                tls.set_cert(key);
+            Ok((key, pkcs8, not_after)) => {
+                tls.set_cert(key, pkcs8);
                 metrics.refreshed(not_after);
                 retry = RETRY_MIN;
                 let left = not_after
@@ -77,7 +86,7 @@ async fn certify(
     tls: &Tls,
     control: &Control,
     token_file: &PathBuf,
-) -> Result<(CertifiedKey, SystemTime), CertifyError> {
+) -> Result<(CertifiedKey, Vec<u8>, SystemTime), CertifyError> {
     // A proxy that holds a valid certificate proves its identity with it
     // (the control channel presents it); the token is for the first one,
     // and for a proxy whose certificate lapsed.
@@ -138,7 +147,8 @@ async fn certify(
         .not_after;
     let mut chain = vec![leaf];
     chain.extend(intermediates);
+    let pkcs8 = key.serialize_der();
     let key = weft_channel::certified_key(&key, chain)
         .map_err(|e| CertifyError::Invalid(e.to_string()))?;
-    Ok((key, not_after))
+    Ok((key, pkcs8, not_after))
 }

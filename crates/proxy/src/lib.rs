@@ -119,6 +119,31 @@ fn listen_named(
     weft_listener::bind_with(addr, reuse_port).map_err(bind_error)
 }
 
+/// Installs the certificate the replaced process held for `tls`'s
+/// identity, so this one is ready without its token or the control plane.
+fn inherit_certificate(inherited: &mut Option<upgrade::Inherited>, tls: &tls::Tls) {
+    let Some(held) = inherited
+        .as_mut()
+        .and_then(|i| i.take_certificate(tls.name.as_str()))
+    else {
+        return;
+    };
+    if let Err(e) = tls.install_held(held) {
+        tracing::warn!(identity = %tls.name, error = %e, "upgrade: the handed-over certificate is not usable; certifying afresh");
+    }
+}
+
+/// Every certificate this process holds, to hand over on SIGUSR2.
+fn held_certificates(
+    tls: &Option<Arc<tls::Tls>>,
+    workloads: &workload::Workloads,
+) -> Vec<tls::HeldCert> {
+    tls.iter()
+        .chain(workloads.iter().map(|w| &w.tls))
+        .filter_map(|t| t.held())
+        .collect()
+}
+
 /// Why the proxy stops.
 enum Stop {
     Signal,
@@ -166,6 +191,9 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         )),
         _ => None,
     };
+    if let Some(tls) = &tls {
+        inherit_certificate(&mut inherited, tls);
+    }
     let control = match (&config.control, roots.clone()) {
         (Some(c), Some(roots)) => Some(
             control::Control::new(
@@ -239,6 +267,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
                     source,
                 },
             )?);
+            inherit_certificate(&mut inherited, &wtls);
             let wcontrol = control::Control::new(
                 &c.addr,
                 roots.clone(),
@@ -511,7 +540,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
                 // A signal to stop wins over an upgrade in progress (which
                 // then stops the new process).
                 let outcome = tokio::select! {
-                    r = upgrader.hand_over(&fds) => r,
+                    r = upgrader.hand_over(&fds, held_certificates(&tls, &workloads)) => r,
                     _ = sigterm.recv() => { tracing::info!("SIGTERM during upgrade: draining"); break Stop::Signal; }
                     _ = sigint.recv() => { tracing::info!("SIGINT during upgrade: draining"); break Stop::Signal; }
                 };

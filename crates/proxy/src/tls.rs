@@ -13,6 +13,58 @@ use weft_channel::CurrentCert;
 pub use weft_channel::{identity_of, provider};
 use weft_identity::Name;
 
+/// A certificate with its key, as an upgrade hands it over (DER).
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
+pub struct HeldCert {
+    pub name: String,
+    #[serde(with = "b64")]
+    pub pkcs8: Vec<u8>,
+    #[serde(with = "b64_list")]
+    pub chain: Vec<Vec<u8>>,
+}
+
+impl std::fmt::Debug for HeldCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("HeldCert")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+mod b64 {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::STANDARD;
+
+    pub(super) fn serialize<S: serde::Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&STANDARD.encode(v))
+    }
+
+    pub(super) fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text: String = serde::Deserialize::deserialize(d)?;
+        STANDARD.decode(text).map_err(serde::de::Error::custom)
+    }
+}
+
+mod b64_list {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::STANDARD;
+
+    pub(super) fn serialize<S: serde::Serializer>(v: &[Vec<u8>], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(v.iter().map(|c| STANDARD.encode(c)))
+    }
+
+    pub(super) fn deserialize<'de, D: serde::Deserializer<'de>>(
+        d: D,
+    ) -> Result<Vec<Vec<u8>>, D::Error> {
+        let texts: Vec<String> = serde::Deserialize::deserialize(d)?;
+        texts
+            .into_iter()
+            .map(|t| STANDARD.decode(t).map_err(serde::de::Error::custom))
+            .collect()
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("TLS configuration: {0}")]
@@ -26,6 +78,9 @@ pub enum TlsError {
 pub struct Tls {
     pub name: Name,
     current: Arc<CurrentCert>,
+    /// The current certificate's key (PKCS#8), kept only to hand it to
+    /// the process an upgrade starts.
+    key: std::sync::Mutex<Option<Vec<u8>>>,
     pub roots: Arc<RootCertStore>,
     client: Arc<ClientConfig>,
     server: Arc<ServerConfig>,
@@ -60,15 +115,54 @@ impl Tls {
         Ok(Self {
             name,
             current,
+            key: Default::default(),
             roots,
             client: Arc::new(client),
             server: Arc::new(server),
         })
     }
 
-    /// Installs a renewed certificate; new handshakes use it at once.
-    pub fn set_cert(&self, key: CertifiedKey) {
+    /// Installs a renewed certificate (`pkcs8`: its key); new handshakes
+    /// use it at once.
+    pub fn set_cert(&self, key: CertifiedKey, pkcs8: Vec<u8>) {
+        if let Ok(mut k) = self.key.lock() {
+            *k = Some(pkcs8);
+        }
         self.current.set(key);
+    }
+
+    /// The certificate held now with its key, for an upgrade's new
+    /// process: it serves at once, with no token and no control plane.
+    pub fn held(&self) -> Option<HeldCert> {
+        let pkcs8 = self.key.lock().ok()?.clone()?;
+        let current = self.current.current()?;
+        Some(HeldCert {
+            name: self.name.to_string(),
+            pkcs8,
+            chain: current.cert.iter().map(|c| c.to_vec()).collect(),
+        })
+    }
+
+    /// Installs a certificate handed over by the process this one
+    /// replaces, if it is for this identity and still valid.
+    pub fn install_held(&self, held: HeldCert) -> Result<(), String> {
+        if held.name != self.name.as_str() {
+            return Err(format!("it is for {}, not {}", held.name, self.name));
+        }
+        let chain: Vec<rustls_pki_types::CertificateDer<'static>> = held
+            .chain
+            .into_iter()
+            .map(rustls_pki_types::CertificateDer::from)
+            .collect();
+        let leaf = chain.first().ok_or("an empty chain")?;
+        let not_after = weft_identity::CertInfo::parse(leaf)?.not_after;
+        if not_after <= std::time::SystemTime::now() {
+            return Err("it has expired".into());
+        }
+        let key = weft_channel::certified_key_der(held.pkcs8.clone(), chain)
+            .map_err(|e| e.to_string())?;
+        self.set_cert(key, held.pkcs8);
+        Ok(())
     }
 
     pub fn has_cert(&self) -> bool {

@@ -26,11 +26,17 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Interest};
 use tokio::net::{UnixListener, UnixStream};
 
+use crate::tls::HeldCert;
+
 /// Set by the old process for the new one: where to fetch the sockets.
 pub const ENV_UPGRADE_FROM: &str = "WEFT_PROXY_UPGRADE_FROM";
 
+/// The largest hand-over message: listener names and every certificate
+/// chain with its key (a few KiB each).
+const MAX_HEADER: usize = 1 << 20;
+
 /// At most this many sockets change hands.
-const MAX_SOCKETS: usize = 8;
+const MAX_SOCKETS: usize = 16;
 const READY: &str = "ready";
 
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +81,10 @@ pub enum UpgradeError {
 struct Header {
     pid: u32,
     listeners: Vec<String>,
+    /// The certificates held now, with their keys: the new process serves
+    /// at once, needing neither its token nor the control plane.
+    #[serde(default)]
+    certificates: Vec<HeldCert>,
 }
 
 /// The old process's side.
@@ -92,11 +102,13 @@ impl Upgrader {
         Ok(Self { exe, timeout })
     }
 
-    /// Starts the new process, hands it `listeners` and waits until it is
-    /// ready. Returns its pid; on error the new process has been stopped.
+    /// Starts the new process, hands it `listeners` and `certificates`
+    /// and waits until it is ready. Returns its pid; on error the new
+    /// process has been stopped.
     pub async fn hand_over(
         &self,
         listeners: &[(&str, BorrowedFd<'_>)],
+        certificates: Vec<HeldCert>,
     ) -> Result<u32, UpgradeError> {
         let dir = PrivateDir::create()?;
         let path = dir.0.join("handover.sock");
@@ -117,8 +129,8 @@ impl Upgrader {
         let pid = child.pid();
         tracing::info!(pid, exe = %self.exe.display(), "upgrade: started the new process");
         let exchange = async {
-            let stream = accept_from(&server, pid).await?;
-            send(&stream, listeners).await?;
+            let mut stream = accept_from(&server, pid).await?;
+            send(&mut stream, listeners, certificates).await?;
             wait_ready(stream).await
         };
         let outcome = tokio::select! {
@@ -227,14 +239,25 @@ async fn accept_from(server: &UnixListener, pid: u32) -> io::Result<UnixStream> 
     }
 }
 
-async fn send(stream: &UnixStream, listeners: &[(&str, BorrowedFd<'_>)]) -> io::Result<()> {
+/// The header's length (4 bytes, big-endian) carries the descriptors;
+/// the header follows.
+async fn send(
+    stream: &mut UnixStream,
+    listeners: &[(&str, BorrowedFd<'_>)],
+    certificates: Vec<HeldCert>,
+) -> io::Result<()> {
     let header = Header {
         pid: std::process::id(),
         listeners: listeners.iter().map(|(n, _)| n.to_string()).collect(),
+        certificates,
     };
     let body = serde_json::to_vec(&header).map_err(io::Error::other)?;
+    if body.len() > MAX_HEADER {
+        return Err(io::Error::other("the hand-over message is too large"));
+    }
+    let len = (body.len() as u32).to_be_bytes();
     let fds: Vec<BorrowedFd<'_>> = listeners.iter().map(|(_, fd)| *fd).collect();
-    loop {
+    let sent = loop {
         stream.writable().await?;
         let sent = stream.try_io(Interest::WRITABLE, || {
             let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_SOCKETS))];
@@ -243,19 +266,21 @@ async fn send(stream: &UnixStream, listeners: &[(&str, BorrowedFd<'_>)]) -> io::
                 return Err(io::Error::other("too many sockets to hand over"));
             }
             Ok(rustix::net::sendmsg(
-                stream,
-                &[io::IoSlice::new(&body)],
+                &*stream,
+                &[io::IoSlice::new(&len)],
                 &mut control,
                 SendFlags::NOSIGNAL,
             )?)
         });
         match sent {
-            Ok(n) if n == body.len() => return Ok(()),
-            Ok(_) => return Err(io::Error::other("the hand-over message was cut short")),
+            Ok(n) => break n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
         }
-    }
+    };
+    stream.write_all(&len[sent..]).await?;
+    stream.write_all(&body).await?;
+    stream.flush().await
 }
 
 async fn wait_ready(stream: UnixStream) -> io::Result<()> {
@@ -276,6 +301,7 @@ async fn wait_ready(stream: UnixStream) -> io::Result<()> {
 pub struct Inherited {
     from_pid: u32,
     listeners: HashMap<String, std::net::TcpListener>,
+    certificates: Vec<HeldCert>,
     stream: UnixStream,
 }
 
@@ -290,8 +316,8 @@ impl Inherited {
             path: path.clone(),
             source,
         };
-        let stream = UnixStream::connect(&path).await.map_err(fail)?;
-        let (header, fds) = tokio::time::timeout(Duration::from_secs(10), receive(&stream))
+        let mut stream = UnixStream::connect(&path).await.map_err(fail)?;
+        let (header, fds) = tokio::time::timeout(Duration::from_secs(10), receive(&mut stream))
             .await
             .map_err(|_| fail(io::ErrorKind::TimedOut.into()))?
             .map_err(fail)?;
@@ -311,6 +337,7 @@ impl Inherited {
         Ok(Some(Self {
             from_pid: header.pid,
             listeners,
+            certificates: header.certificates,
             stream,
         }))
     }
@@ -334,6 +361,12 @@ impl Inherited {
         }
     }
 
+    /// The certificate the old process held for `identity`, if any.
+    pub fn take_certificate(&mut self, identity: &str) -> Option<HeldCert> {
+        let i = self.certificates.iter().position(|c| c.name == identity)?;
+        Some(self.certificates.swap_remove(i))
+    }
+
     /// Tells the old process to stop accepting and drain.
     pub async fn ready(mut self) -> io::Result<()> {
         self.stream
@@ -343,16 +376,17 @@ impl Inherited {
     }
 }
 
-async fn receive(stream: &UnixStream) -> io::Result<(Header, Vec<OwnedFd>)> {
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
+async fn receive(stream: &mut UnixStream) -> io::Result<(Header, Vec<OwnedFd>)> {
+    use tokio::io::AsyncReadExt;
+    let mut len = [0u8; 4];
+    let (got, fds) = loop {
         stream.readable().await?;
         let got = stream.try_io(Interest::READABLE, || {
             let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_SOCKETS))];
             let mut control = RecvAncillaryBuffer::new(&mut space);
             let msg = rustix::net::recvmsg(
-                stream,
-                &mut [io::IoSliceMut::new(&mut buf)],
+                &*stream,
+                &mut [io::IoSliceMut::new(&mut len)],
                 &mut control,
                 RecvFlags::CMSG_CLOEXEC,
             )?;
@@ -371,13 +405,22 @@ async fn receive(stream: &UnixStream) -> io::Result<(Header, Vec<OwnedFd>)> {
                     "the old process closed the hand-over socket",
                 ));
             }
-            Ok((n, fds)) => {
-                let header: Header = serde_json::from_slice(&buf[..n])
-                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-                return Ok((header, fds));
-            }
+            Ok(r) => break r,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
         }
+    };
+    stream.read_exact(&mut len[got..]).await?;
+    let n = u32::from_be_bytes(len) as usize;
+    if n > MAX_HEADER {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("a hand-over message of {n} bytes"),
+        ));
     }
+    let mut body = vec![0u8; n];
+    stream.read_exact(&mut body).await?;
+    let header: Header =
+        serde_json::from_slice(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    Ok((header, fds))
 }

@@ -290,3 +290,42 @@ async fn a_service_manager_hears_ready_and_then_the_new_main_pid() -> anyhow::Re
     assert_eq!(proxy.wait(Duration::from_secs(15)).await?.code(), Some(0));
     Ok(())
 }
+
+/// The certificate travels with the listeners: the new process is ready at
+/// once, though the token file was deleted (as the README allows once a
+/// proxy is certified) and the control plane is down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_certificate_is_handed_over_so_neither_token_nor_control_plane_is_needed()
+-> anyhow::Result<()> {
+    use weft_test_support::control::Control;
+    use weft_test_support::mesh::{MeshCa, meshed};
+    let ca = MeshCa::new()?;
+    let file = DestinationsFile::from_yaml("destinations: {}\n")?;
+    let control = Control::start(
+        &weft_test_support::workspace_binary("weft-control")?,
+        &ca,
+        &["--destinations", &file.path_str()],
+    )
+    .await?;
+    let env = meshed(&ca, &control, "api.demo")?;
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let mut proxy = Proxy::start(PROXY.as_ref(), &env).await?;
+    let token = env
+        .iter()
+        .find(|(k, _)| *k == "WEFT_PROXY_IDENTITY_TOKEN_FILE")
+        .map(|(_, v)| *v)
+        .expect("a token file");
+    std::fs::remove_file(token)?;
+    drop(control);
+
+    let old = proxy.pid().expect("running");
+    proxy.process.signal("USR2")?;
+    let new = new_pid(proxy.admin, old).await;
+    let (pid, _) = new.map_err(|e| anyhow::anyhow!("{e}:\n{}", proxy.log()))?;
+    let _new = KillOnDrop(pid);
+    assert_eq!(get_text(proxy.admin, "/ready").await?, "ready\n");
+    assert_eq!(proxy.wait(Duration::from_secs(15)).await?.code(), Some(0));
+    let log = proxy.log();
+    assert!(log.contains("certificate handed over"), "{log}");
+    Ok(())
+}

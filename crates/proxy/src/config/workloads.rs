@@ -35,13 +35,14 @@ struct WorkloadModel {
 }
 
 /// The workloads file at `path`, checked whole: every error names the
-/// workload and key.
-pub(super) fn load(path: &Path) -> Result<Vec<WorkloadConfig>, String> {
+/// workload and key. Token files must be readable, unless `upgrading`
+/// (the certificates come from the process being replaced).
+pub(super) fn load(path: &Path, upgrading: bool) -> Result<Vec<WorkloadConfig>, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read it: {e}"))?;
-    parse(&text)
+    parse(&text, upgrading)
 }
 
-fn parse(text: &str) -> Result<Vec<WorkloadConfig>, String> {
+fn parse(text: &str, upgrading: bool) -> Result<Vec<WorkloadConfig>, String> {
     let model: FileModel =
         serde_saphyr::from_str(text).map_err(|e| format!("not a workloads file: {e}"))?;
     if model.workloads.is_empty() {
@@ -59,10 +60,12 @@ fn parse(text: &str) -> Result<Vec<WorkloadConfig>, String> {
             .identity
             .parse()
             .map_err(|e: weft_identity::NameError| format!("{at}.identity: {}", e.reason))?;
-        let token = std::fs::read_to_string(&w.token_file)
-            .map_err(|e| format!("{at}.token_file {:?}: cannot read it: {e}", w.token_file))?;
-        if token.trim().is_empty() {
-            return Err(format!("{at}.token_file {:?}: empty", w.token_file));
+        if !upgrading {
+            let token = std::fs::read_to_string(&w.token_file)
+                .map_err(|e| format!("{at}.token_file {:?}: cannot read it: {e}", w.token_file))?;
+            if token.trim().is_empty() {
+                return Err(format!("{at}.token_file {:?}: empty", w.token_file));
+            }
         }
         if w.addresses.is_empty() {
             return Err(format!(
@@ -101,9 +104,12 @@ mod tests {
         let token = dir.path().join("t");
         std::fs::write(&token, "weft1.x").expect("token");
         let t = token.display();
-        let ok = parse(&format!(
-            "workloads:\n  - {{name: web, identity: web.demo, token_file: {t}, addresses: [10.0.0.5]}}\n  - {{name: batch, identity: batch.demo, token_file: {t}, addresses: [10.0.0.6, \"fd00::6\"]}}\n"
-        ))
+        let ok = parse(
+            &format!(
+                "workloads:\n  - {{name: web, identity: web.demo, token_file: {t}, addresses: [10.0.0.5]}}\n  - {{name: batch, identity: batch.demo, token_file: {t}, addresses: [10.0.0.6, \"fd00::6\"]}}\n"
+            ),
+            false,
+        )
         .expect("valid");
         assert_eq!(ok.len(), 2);
         assert_eq!(ok[1].identity.as_str(), "batch.demo");
@@ -132,8 +138,12 @@ mod tests {
                 "name must be set and unique".into(),
             ),
         ] {
-            let err = parse(&text).expect_err(&text);
+            let err = parse(&text, false).expect_err(&text);
             assert!(err.contains(&want), "{err} (wanted {want})");
         }
+        // Taking over from an upgraded process, the certificates come with
+        // the sockets: a token file may be gone.
+        let gone = "workloads:\n  - {name: web, identity: web.demo, token_file: /nonexistent, addresses: [10.0.0.5]}\n";
+        assert_eq!(parse(gone, true).expect("upgrading").len(), 1);
     }
 }
