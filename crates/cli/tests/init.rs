@@ -619,14 +619,14 @@ async fn transparent_traffic_to_a_meshed_peer_is_mutual_tls() -> anyhow::Result<
     Ok(())
 }
 
-/// Per-node mode (a DaemonSet's proxy): one proxy on `node` serves two
-/// workloads, `web` (10.98.4.5) and `batch` (10.98.4.6), each certified
-/// as itself. Outbound, each workload's requests reach the peer as mutual
+/// Per-node mode (a DaemonSet's proxy): one proxy on `node` serves
+/// workloads `web` (10.98.4.5), `batch` (10.98.4.6) and `cron` (the
+/// node's own address, run as uid 2301), each certified as itself. Outbound, each workload's requests reach the peer as mutual
 /// TLS from its own identity; inbound, the peer's proxy dialling each
 /// workload is answered with that workload's certificate (SNI). Metrics
 /// carry the `workload` label.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_proxy_per_node_serves_two_workloads_as_two_identities() -> anyhow::Result<()> {
+async fn one_proxy_per_node_serves_each_workload_as_its_own_identity() -> anyhow::Result<()> {
     use weft_test_support::DestinationsFile;
     use weft_test_support::mesh::MeshCa;
 
@@ -666,9 +666,11 @@ async fn one_proxy_per_node_serves_two_workloads_as_two_identities() -> anyhow::
         format!(
             "workloads:\n\
              \x20 - {{name: web, identity: web.demo, token_file: {}, addresses: [10.98.4.5]}}\n\
-             \x20 - {{name: batch, identity: batch.demo, token_file: {}, addresses: [10.98.4.6]}}\n",
+             \x20 - {{name: batch, identity: batch.demo, token_file: {}, addresses: [10.98.4.6]}}\n\
+             \x20 - {{name: cron, identity: cron.demo, token_file: {}, uids: [2301]}}\n",
             ca.token_file("web.demo")?,
-            ca.token_file("batch.demo")?
+            ca.token_file("batch.demo")?,
+            ca.token_file("cron.demo")?
         ),
     )?;
     let node_env = vec![
@@ -713,7 +715,27 @@ async fn one_proxy_per_node_serves_two_workloads_as_two_identities() -> anyhow::
             proxies[1].log()
         );
     }
-    for client in ["web.demo", "batch.demo"] {
+    // A workload that shares the node's address, told apart by the user
+    // that runs it.
+    let mut as_cron = vec![
+        "setpriv",
+        "--reuid",
+        "2301",
+        "--regid",
+        "2301",
+        "--clear-groups",
+    ];
+    as_cron.extend([
+        "curl",
+        "-fsS",
+        "--max-time",
+        "5",
+        "-x",
+        "http://10.98.3.1:4140",
+        "http://api.demo:8080/",
+    ]);
+    assert_eq!(node.exec(&as_cron)?, "api");
+    for client in ["web.demo", "batch.demo", "cron.demo"] {
         assert_one(
             &peer,
             "request_total",

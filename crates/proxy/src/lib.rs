@@ -13,6 +13,7 @@ pub mod identity;
 pub mod io;
 pub mod metrics;
 pub mod orig_dst;
+pub mod owner;
 pub mod route;
 pub mod server;
 pub mod tap;
@@ -300,7 +301,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
                 tls: wtls,
                 router,
             });
-            workloads.push((workload, w.addresses.clone()));
+            workloads.push((workload, w.addresses.clone(), w.uids.clone()));
         }
     }
     let workloads = Arc::new(workload::Workloads::new(workloads));

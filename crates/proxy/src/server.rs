@@ -99,7 +99,7 @@ impl Side {
         // Outbound, the workload the client is (by its address); inbound,
         // the one it dialled, until its TLS says otherwise.
         let workload = match self.direction {
-            Direction::outbound => self.workloads.by_addr(peer.ip()),
+            Direction::outbound => self.workloads.of_client(peer).await,
             Direction::inbound => orig_dst.and_then(|d| self.workloads.by_addr(d.ip())),
         };
         let router = match (self.direction, workload) {

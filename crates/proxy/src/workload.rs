@@ -1,6 +1,7 @@
 //! Per-node mode: one proxy serving several local workloads, each with its
 //! own identity. An outbound connection belongs to the workload whose
-//! address it comes from and is sent with that workload's certificate (its
+//! address it comes from (or whose user owns the client's socket) and is
+//! sent with that workload's certificate (its
 //! own router: its connections are authenticated as it, so they are never
 //! shared with another workload); inbound mutual TLS is terminated with the
 //! certificate its SNI names.
@@ -27,18 +28,42 @@ pub struct Workload {
 pub struct Workloads {
     all: Vec<Arc<Workload>>,
     by_addr: HashMap<IpAddr, Arc<Workload>>,
+    by_uid: HashMap<u32, Arc<Workload>>,
 }
 
 impl Workloads {
-    pub fn new(workloads: impl IntoIterator<Item = (Arc<Workload>, Vec<IpAddr>)>) -> Self {
+    /// From each workload with its addresses and uids.
+    pub fn new(
+        workloads: impl IntoIterator<Item = (Arc<Workload>, Vec<IpAddr>, Vec<u32>)>,
+    ) -> Self {
         let mut this = Self::default();
-        for (w, addrs) in workloads {
+        for (w, addrs, uids) in workloads {
             for a in addrs {
                 this.by_addr.insert(a, w.clone());
+            }
+            for u in uids {
+                this.by_uid.insert(u, w.clone());
             }
             this.all.push(w);
         }
         this
+    }
+
+    /// The workload an outbound connection from `client` comes from: by
+    /// its address, else (when workloads are told apart by user) by the
+    /// uid owning the client's socket, looked up off the runtime's thread.
+    pub async fn of_client(&self, client: std::net::SocketAddr) -> Option<&Arc<Workload>> {
+        if let Some(w) = self.by_addr(client.ip()) {
+            return Some(w);
+        }
+        if self.by_uid.is_empty() {
+            return None;
+        }
+        let uid = tokio::task::spawn_blocking(move || crate::owner::owner_uid(client))
+            .await
+            .ok()
+            .flatten()?;
+        self.by_uid.get(&uid)
     }
 
     /// The workload a connection from (or to) `ip` belongs to.

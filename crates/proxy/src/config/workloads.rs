@@ -17,6 +17,9 @@ pub struct WorkloadConfig {
     pub identity: Name,
     pub token_file: PathBuf,
     pub addresses: Vec<IpAddr>,
+    /// Local users whose connections are this workload's (on a host where
+    /// workloads share an address).
+    pub uids: Vec<u32>,
 }
 
 #[derive(Deserialize)]
@@ -31,7 +34,10 @@ struct WorkloadModel {
     name: String,
     identity: String,
     token_file: String,
+    #[serde(default)]
     addresses: Vec<String>,
+    #[serde(default)]
+    uids: Vec<u32>,
 }
 
 /// The workloads file at `path`, checked whole: every error names the
@@ -50,6 +56,7 @@ fn parse(text: &str, upgrading: bool) -> Result<Vec<WorkloadConfig>, String> {
     }
     let mut names = HashSet::new();
     let mut owners: std::collections::HashMap<IpAddr, String> = Default::default();
+    let mut uid_owners: std::collections::HashMap<u32, String> = Default::default();
     let mut out = Vec::with_capacity(model.workloads.len());
     for (i, w) in model.workloads.into_iter().enumerate() {
         let at = format!("workloads[{i}] ({:?})", w.name);
@@ -67,10 +74,17 @@ fn parse(text: &str, upgrading: bool) -> Result<Vec<WorkloadConfig>, String> {
                 return Err(format!("{at}.token_file {:?}: empty", w.token_file));
             }
         }
-        if w.addresses.is_empty() {
+        if w.addresses.is_empty() && w.uids.is_empty() {
             return Err(format!(
-                "{at}.addresses: at least one (the address its connections come from)"
+                "{at}: list its addresses (where its connections come from) or its uids (the local users that run it)"
             ));
+        }
+        for uid in &w.uids {
+            if let Some(other) = uid_owners.insert(*uid, w.name.clone()) {
+                return Err(format!(
+                    "{at}.uids: {uid} belongs to workload {other:?} already"
+                ));
+            }
         }
         let mut addresses = Vec::with_capacity(w.addresses.len());
         for a in &w.addresses {
@@ -89,6 +103,7 @@ fn parse(text: &str, upgrading: bool) -> Result<Vec<WorkloadConfig>, String> {
             identity,
             token_file: PathBuf::from(w.token_file),
             addresses,
+            uids: w.uids,
         });
     }
     Ok(out)
@@ -141,6 +156,27 @@ mod tests {
             let err = parse(&text, false).expect_err(&text);
             assert!(err.contains(&want), "{err} (wanted {want})");
         }
+        let uids = parse(
+            &format!("workloads:\n  - {{name: cron, identity: cron.demo, token_file: {t}, uids: [2301]}}\n"),
+            false,
+        )
+        .expect("uids alone");
+        assert_eq!(
+            (uids[0].uids.as_slice(), uids[0].addresses.len()),
+            (&[2301][..], 0)
+        );
+        let err = parse(
+            &format!("workloads:\n  - {{name: a, identity: a.demo, token_file: {t}}}\n"),
+            false,
+        )
+        .expect_err("neither");
+        assert!(err.contains("addresses") && err.contains("uids"), "{err}");
+        let err = parse(
+            &format!("workloads:\n  - {{name: a, identity: a.demo, token_file: {t}, uids: [7]}}\n  - {{name: b, identity: b.demo, token_file: {t}, uids: [7]}}\n"),
+            false,
+        )
+        .expect_err("shared uid");
+        assert!(err.contains("7 belongs to workload \"a\""), "{err}");
         // Taking over from an upgraded process, the certificates come with
         // the sockets: a token file may be gone.
         let gone = "workloads:\n  - {name: web, identity: web.demo, token_file: /nonexistent, addresses: [10.0.0.5]}\n";
