@@ -10,6 +10,7 @@ pub mod control;
 pub mod dns;
 pub mod etcd;
 pub mod grpc;
+pub mod kube_api;
 pub mod load;
 pub mod mesh;
 pub mod metrics;
