@@ -52,6 +52,31 @@ pub struct Config {
     #[arg(long, env = "WEFT_CONTROL_ETCD_PREFIX", default_value = weft_registry::DEFAULT_PREFIX)]
     pub etcd_prefix: String,
 
+    /// Follow a Kubernetes cluster's Services and EndpointSlices (in-cluster
+    /// configuration, else KUBECONFIG or --kubeconfig). Asked after the
+    /// destinations file and before etcd and DNS.
+    #[arg(long, env = "WEFT_CONTROL_KUBERNETES")]
+    pub kubernetes: bool,
+
+    /// The kubeconfig file to reach the cluster with (implies --kubernetes).
+    #[arg(long, env = "WEFT_CONTROL_KUBECONFIG", value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// The cluster's DNS domain: Services answer as
+    /// `<svc>.<ns>.svc.<cluster domain>:<port>`.
+    #[arg(
+        long,
+        env = "WEFT_CONTROL_CLUSTER_DOMAIN",
+        default_value = "cluster.local"
+    )]
+    pub cluster_domain: String,
+
+    /// The mesh's trust domain (`weft identity init --trust-domain`): a
+    /// meshed pod's identity is
+    /// `<serviceaccount>.<namespace>.serviceaccount.identity.<trust domain>`.
+    #[arg(long, env = "WEFT_CONTROL_TRUST_DOMAIN", default_value = "weft.local")]
+    pub trust_domain: String,
+
     /// Answer names no other backend knows from DNS (A/AAAA; SRV for names
     /// starting with `_`).
     #[arg(long, env = "WEFT_CONTROL_DNS", default_value_t = true, action = clap::ArgAction::Set)]

@@ -39,6 +39,8 @@ pub enum RunError {
     Dns(#[from] discovery::dns::DnsError),
     #[error("gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
+    #[error("--kubernetes: {0}")]
+    Kubernetes(String),
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, RunError> {
@@ -51,12 +53,42 @@ const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10
 /// `Certify` calls and health checks.
 const EXTRA_STREAMS: u32 = 16;
 
+/// The cluster's client: from `kubeconfig`, else in-cluster configuration
+/// or KUBECONFIG.
+async fn kubernetes_client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client, RunError> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| RunError::Kubernetes(format!("{}: {e}", path.display())))?;
+            kube::Config::from_custom_kubeconfig(file, &Default::default())
+                .await
+                .map_err(|e| RunError::Kubernetes(format!("{}: {e}", path.display())))?
+        }
+        None => kube::Config::infer().await.map_err(|e| {
+            RunError::Kubernetes(format!(
+                "no cluster configuration (in-cluster or KUBECONFIG): {e}"
+            ))
+        })?,
+    };
+    kube::Client::try_from(config).map_err(|e| RunError::Kubernetes(e.to_string()))
+}
+
 /// Serves until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
     let metrics = metrics::Metrics::new();
     let mut backends: Vec<Arc<dyn discovery::Backend>> = Vec::new();
     if let Some(path) = &config.destinations {
         backends.push(discovery::file::FileBackend::start(path.clone())?);
+    }
+    if config.kubernetes || config.kubeconfig.is_some() {
+        let client = kubernetes_client(config.kubeconfig.as_deref()).await?;
+        backends.push(discovery::kubernetes::KubernetesBackend::start(
+            client,
+            discovery::kubernetes::Naming {
+                cluster_domain: config.cluster_domain.clone(),
+                trust_domain: config.trust_domain.clone(),
+            },
+        ));
     }
     if !config.etcd.is_empty() {
         backends.push(discovery::etcd::EtcdBackend::start(

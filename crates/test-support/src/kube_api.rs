@@ -152,6 +152,19 @@ impl ApiServer {
         })
     }
 
+    /// Writes a kubeconfig for this server at `path` (what `--kubeconfig`
+    /// and KUBECONFIG take).
+    pub fn write_kubeconfig(&self, path: &std::path::Path) -> anyhow::Result<()> {
+        std::fs::write(
+            path,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: double\n  cluster:\n    server: {}\nusers:\n- name: weft\n  user: {{}}\ncontexts:\n- name: double\n  context:\n    cluster: double\n    user: weft\ncurrent-context: double\n",
+                self.url()
+            ),
+        )?;
+        Ok(())
+    }
+
     /// The base URL clients are configured with.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)

@@ -4,7 +4,7 @@
 //! watch, and says [`Resolution::Unknown`] for names it does not know.
 //! [`Discovery`] asks its backends in order and the first that knows a name
 //! wins, so a file entry can override etcd, and DNS only answers for names
-//! nobody else knows. Kubernetes EndpointSlices will be one more backend.
+//! nobody else knows; Kubernetes (Services and EndpointSlices) is one more.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -18,6 +18,7 @@ use weft_identity::Name;
 pub mod dns;
 pub mod etcd;
 pub mod file;
+pub mod kubernetes;
 
 /// One endpoint of a service.
 #[derive(Clone, Debug, PartialEq, Eq)]

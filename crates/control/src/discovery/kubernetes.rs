@@ -1,0 +1,371 @@
+//! Kubernetes as a discovery backend: Services, their EndpointSlices and
+//! the Pods behind them, followed with kube-rs watchers (a list, then a
+//! watch that resumes; a relist when the server says 410 Gone). No polling.
+//!
+//! A Service `web` in namespace `demo` with port 80 is answered for
+//! `web.demo.svc.<cluster domain>:80` and the short forms a pod's resolver
+//! would expand (`web.demo.svc:80`, `web.demo:80`), with the endpoints its
+//! EndpointSlices list for that port: the ready ones, or, while none is
+//! ready, the serving ones (still answering, though terminating), as
+//! kube-proxy does. An endpoint whose pod runs weft's proxy is meshed: its
+//! identity is its ServiceAccount's,
+//! `<sa>.<namespace>.serviceaccount.identity.<trust domain>`. Cluster IPs
+//! answer as their Service and pod IPs as their endpoint (transparent
+//! traffic).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU32;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use futures_util::{FutureExt, StreamExt};
+use k8s_openapi::api::core::v1::{Pod, Service as KService};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+use tokio::sync::watch;
+use weft_detect::Authority;
+use weft_identity::Name;
+
+use super::{AddressIndex, Backend, Endpoint, Resolution, Service, Watches};
+
+/// The label an EndpointSlice names its Service by.
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// The container injection adds: a pod running it is meshed.
+pub const PROXY_CONTAINER: &str = "weft-proxy";
+
+/// How the backend names things.
+#[derive(Clone, Debug)]
+pub struct Naming {
+    /// `cluster.local` unless the cluster says otherwise.
+    pub cluster_domain: String,
+    /// The mesh's trust domain, the last labels of every identity.
+    pub trust_domain: String,
+}
+
+/// The objects the watchers hold, by namespace and name.
+#[derive(Default)]
+struct Objects {
+    services: HashMap<(String, String), KService>,
+    slices: HashMap<(String, String), EndpointSlice>,
+    pods: HashMap<(String, String), Pod>,
+}
+
+/// What the objects mean, rebuilt after each batch of changes.
+#[derive(Default)]
+struct Snapshot {
+    by_authority: HashMap<Authority, Arc<Service>>,
+    addresses: AddressIndex,
+}
+
+impl Snapshot {
+    fn resolve(&self, authority: &Authority) -> Resolution {
+        match self.by_authority.get(authority) {
+            Some(s) => Resolution::Known(s.clone()),
+            None => self.addresses.resolve(authority),
+        }
+    }
+}
+
+pub struct KubernetesBackend {
+    /// Replaced whole by the one task that follows the cluster.
+    snapshot: ArcSwap<Snapshot>,
+    watches: Watches,
+}
+
+impl Backend for KubernetesBackend {
+    fn name(&self) -> &'static str {
+        "kubernetes"
+    }
+
+    fn watch(&self, authority: &Authority) -> watch::Receiver<Resolution> {
+        let snapshot = self.snapshot.load_full();
+        self.watches
+            .subscribe(authority, || snapshot.resolve(authority))
+    }
+}
+
+impl KubernetesBackend {
+    /// Follows the cluster `client` talks to. Until the first lists
+    /// arrive it knows no names; API errors (403, an unreachable server)
+    /// are logged and retried with backoff.
+    pub fn start(client: kube::Client, naming: Naming) -> Arc<Self> {
+        let this = Arc::new(Self {
+            snapshot: ArcSwap::from_pointee(Snapshot::default()),
+            watches: Watches::default(),
+        });
+        tokio::spawn(follow(Arc::downgrade(&this), client, naming));
+        this
+    }
+
+    fn publish(&self, snapshot: Snapshot) {
+        let snapshot = Arc::new(snapshot);
+        self.snapshot.store(snapshot.clone());
+        self.watches.update_all(|a| snapshot.resolve(a));
+    }
+}
+
+/// One watcher's event, tagged with its resource.
+enum Change {
+    Service(Box<Event<KService>>),
+    Slice(Box<Event<EndpointSlice>>),
+    Pod(Box<Event<Pod>>),
+}
+
+async fn follow(this: Weak<KubernetesBackend>, client: kube::Client, naming: Naming) {
+    let config = watcher::Config::default();
+    let services = watcher::watcher(kube::Api::<KService>::all(client.clone()), config.clone())
+        .default_backoff()
+        .map(|e| e.map(|e| Change::Service(Box::new(e))))
+        .boxed();
+    let slices = watcher::watcher(
+        kube::Api::<EndpointSlice>::all(client.clone()),
+        config.clone(),
+    )
+    .default_backoff()
+    .map(|e| e.map(|e| Change::Slice(Box::new(e))))
+    .boxed();
+    let pods = watcher::watcher(kube::Api::<Pod>::all(client), config)
+        .default_backoff()
+        .map(|e| e.map(|e| Change::Pod(Box::new(e))))
+        .boxed();
+    let mut changes =
+        futures_util::stream::select(services, futures_util::stream::select(slices, pods));
+    let mut objects = Objects::default();
+    // Objects of a relist in progress, per resource.
+    let mut relisting = Objects::default();
+    let errors = weft_listener::Throttle::new(Duration::from_secs(10));
+    while let Some(first) = changes.next().await {
+        // Take every change already waiting, then rebuild once.
+        let mut batch = vec![first];
+        while let Some(Some(more)) = changes.next().now_or_never() {
+            batch.push(more);
+            if batch.len() >= 4096 {
+                break;
+            }
+        }
+        let mut changed = false;
+        for change in batch {
+            match change {
+                Ok(c) => changed |= apply(&mut objects, &mut relisting, c),
+                Err(e) => {
+                    if let Some(suppressed) = errors.allow() {
+                        tracing::warn!(error = %e, suppressed, "kubernetes watch failed; retrying");
+                    }
+                }
+            }
+        }
+        if !changed {
+            continue;
+        }
+        let Some(backend) = this.upgrade() else {
+            return;
+        };
+        backend.publish(build(&objects, &naming));
+    }
+}
+
+fn key(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (String, String) {
+    (
+        meta.namespace.clone().unwrap_or_default(),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
+/// Applies one watcher event; whether the objects changed.
+fn apply(objects: &mut Objects, relisting: &mut Objects, change: Change) -> bool {
+    macro_rules! on {
+        ($event:expr, $field:ident) => {
+            match $event {
+                Event::Init => {
+                    relisting.$field.clear();
+                    false
+                }
+                Event::InitApply(o) => {
+                    relisting.$field.insert(key(&o.metadata), o);
+                    false
+                }
+                Event::InitDone => {
+                    objects.$field = std::mem::take(&mut relisting.$field);
+                    true
+                }
+                Event::Apply(o) => {
+                    objects.$field.insert(key(&o.metadata), o);
+                    true
+                }
+                Event::Delete(o) => objects.$field.remove(&key(&o.metadata)).is_some(),
+            }
+        };
+    }
+    match change {
+        Change::Service(e) => on!(*e, services),
+        Change::Slice(e) => on!(*e, slices),
+        Change::Pod(e) => on!(*e, pods),
+    }
+}
+
+/// The identity of the pod `namespace/name`, when it runs weft's proxy.
+fn identity(objects: &Objects, namespace: &str, pod: &str, naming: &Naming) -> Option<Name> {
+    let pod = objects
+        .pods
+        .get(&(namespace.to_string(), pod.to_string()))?;
+    let spec = pod.spec.as_ref()?;
+    let meshed = spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+        .any(|c| c.name == PROXY_CONTAINER);
+    if !meshed {
+        return None;
+    }
+    let sa = spec.service_account_name.as_deref().unwrap_or("default");
+    format!(
+        "{sa}.{namespace}.serviceaccount.identity.{}",
+        naming.trust_domain
+    )
+    .parse()
+    .ok()
+}
+
+fn build(objects: &Objects, naming: &Naming) -> Snapshot {
+    // Slices by the Service they belong to.
+    let mut slices: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
+    for ((ns, _), slice) in &objects.slices {
+        if let Some(service) = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_NAME_LABEL))
+        {
+            slices
+                .entry((ns.as_str(), service.as_str()))
+                .or_default()
+                .push(slice);
+        }
+    }
+    let mut by_authority = HashMap::new();
+    let mut services = Vec::new();
+    let mut cluster_ips = Vec::new();
+    for ((ns, name), svc) in &objects.services {
+        let Some(spec) = &svc.spec else { continue };
+        for port in spec.ports.iter().flatten() {
+            if port.protocol.as_deref().is_some_and(|p| p != "TCP") {
+                continue;
+            }
+            let Ok(service_port) = u16::try_from(port.port) else {
+                continue;
+            };
+            let endpoints = endpoints(
+                objects,
+                slices
+                    .get(&(ns.as_str(), name.as_str()))
+                    .map(Vec::as_slice)
+                    .unwrap_or_default(),
+                ns,
+                port.name.as_deref(),
+                naming,
+            );
+            let service = Arc::new(Service {
+                endpoints,
+                opaque: false,
+                policy: Default::default(),
+            });
+            let domain = &naming.cluster_domain;
+            for host in [
+                format!("{name}.{ns}.svc.{domain}"),
+                format!("{name}.{ns}.svc"),
+                format!("{name}.{ns}"),
+            ] {
+                if let Ok(a) = format!("{host}:{service_port}").parse::<Authority>() {
+                    by_authority.insert(a, service.clone());
+                }
+            }
+            for ip in spec
+                .cluster_ips
+                .iter()
+                .flatten()
+                .chain(spec.cluster_ip.iter())
+            {
+                if let Ok(ip) = ip.parse::<IpAddr>() {
+                    cluster_ips.push((SocketAddr::new(ip, service_port), service.clone()));
+                }
+            }
+            services.push(service);
+        }
+    }
+    // Pod IPs answer as their endpoint; cluster IPs as their Service.
+    let placeholder: Authority = match "kubernetes.invalid:1".parse() {
+        Ok(a) => a,
+        Err(_) => return Snapshot::default(),
+    };
+    let mut addresses = AddressIndex::build(
+        services
+            .iter()
+            .map(|s| (&placeholder, &s.endpoints, s.opaque)),
+    );
+    for (addr, service) in cluster_ips {
+        addresses.insert_service(addr, service);
+    }
+    Snapshot {
+        by_authority,
+        addresses,
+    }
+}
+
+/// A Service port's endpoints across its slices: the ready ones, else
+/// (none ready) the serving ones.
+fn endpoints(
+    objects: &Objects,
+    slices: &[&EndpointSlice],
+    namespace: &str,
+    port_name: Option<&str>,
+    naming: &Naming,
+) -> BTreeMap<SocketAddr, Endpoint> {
+    let mut ready = BTreeMap::new();
+    let mut serving = BTreeMap::new();
+    for slice in slices {
+        // The slice's port of the same name (an unnamed Service port
+        // matches the unnamed slice port).
+        let Some(target) = slice.ports.iter().flatten().find_map(|p| {
+            (p.name.as_deref().unwrap_or("") == port_name.unwrap_or(""))
+                .then_some(p.port)
+                .flatten()
+        }) else {
+            continue;
+        };
+        let Ok(target) = u16::try_from(target) else {
+            continue;
+        };
+        for ep in slice.endpoints.iter().flatten() {
+            let conditions = ep.conditions.as_ref();
+            // Unset conditions mean true, as the API documents.
+            let is_ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+            let is_serving = conditions.and_then(|c| c.serving).unwrap_or(is_ready);
+            let identity = ep
+                .target_ref
+                .as_ref()
+                .filter(|r| r.kind.as_deref() == Some("Pod"))
+                .and_then(|r| r.name.as_deref())
+                .and_then(|pod| identity(objects, namespace, pod, naming));
+            for ip in &ep.addresses {
+                let Ok(ip) = ip.parse::<IpAddr>() else {
+                    continue;
+                };
+                let addr = SocketAddr::new(ip, target);
+                let endpoint = Endpoint {
+                    addr,
+                    weight: NonZeroU32::MIN,
+                    identity: identity.clone(),
+                };
+                if is_ready {
+                    ready.insert(addr, endpoint);
+                } else if is_serving {
+                    serving.insert(addr, endpoint);
+                }
+            }
+        }
+    }
+    if ready.is_empty() { serving } else { ready }
+}

@@ -1,0 +1,289 @@
+//! weft-control following a Kubernetes cluster: the API server is the
+//! double in test-support (no real one runs here), speaking the list/watch
+//! protocol the real one does; the objects are k8s-openapi types.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{
+    Container, ObjectReference, Pod, PodSpec, Service, ServicePort, ServiceSpec,
+};
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use linkerd2_proxy_api::destination::destination_client::DestinationClient;
+use linkerd2_proxy_api::destination::{GetDestination, Update, WeightedAddr, update};
+use tonic::Streaming;
+use weft_control::destination::apply_update;
+use weft_test_support::control::Control;
+use weft_test_support::kube_api::ApiServer;
+use weft_test_support::mesh::MeshCa;
+use weft_test_support::workspace_binary;
+
+fn meta(name: &str) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.into()),
+        namespace: Some("demo".into()),
+        ..Default::default()
+    }
+}
+
+fn service(name: &str, cluster_ip: &str) -> Service {
+    Service {
+        metadata: meta(name),
+        spec: Some(ServiceSpec {
+            cluster_ip: Some(cluster_ip.into()),
+            cluster_ips: Some(vec![cluster_ip.into()]),
+            ports: Some(vec![ServicePort {
+                name: Some("http".into()),
+                port: 80,
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// A pod running `serviceaccount`, meshed (with weft's proxy) or not.
+fn pod(name: &str, serviceaccount: &str, meshed: bool) -> Pod {
+    let mut containers = vec![Container {
+        name: "app".into(),
+        ..Default::default()
+    }];
+    if meshed {
+        containers.push(Container {
+            name: "weft-proxy".into(),
+            ..Default::default()
+        });
+    }
+    Pod {
+        metadata: meta(name),
+        spec: Some(PodSpec {
+            service_account_name: Some(serviceaccount.into()),
+            containers,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// One endpoint: its pod, address and readiness (ready, serving).
+struct Ep<'a>(&'a str, &'a str, bool, bool);
+
+fn slice(name: &str, service: &str, endpoints: &[Ep<'_>]) -> EndpointSlice {
+    let mut m = meta(name);
+    m.labels = Some(BTreeMap::from([(
+        "kubernetes.io/service-name".to_string(),
+        service.to_string(),
+    )]));
+    EndpointSlice {
+        metadata: m,
+        address_type: "IPv4".into(),
+        endpoints: Some(
+            endpoints
+                .iter()
+                .map(|Ep(pod, ip, ready, serving)| Endpoint {
+                    addresses: vec![ip.to_string()],
+                    conditions: Some(EndpointConditions {
+                        ready: Some(*ready),
+                        serving: Some(*serving),
+                        terminating: Some(!*ready),
+                    }),
+                    target_ref: Some(ObjectReference {
+                        kind: Some("Pod".into()),
+                        name: Some(pod.to_string()),
+                        namespace: Some("demo".into()),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })
+                .collect(),
+        ),
+        ports: Some(vec![EndpointPort {
+            name: Some("http".into()),
+            port: Some(8080),
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }]),
+    }
+}
+
+fn get(path: &str) -> GetDestination {
+    GetDestination {
+        scheme: "k8s".into(),
+        path: path.into(),
+        ..Default::default()
+    }
+}
+
+/// Follows `stream` until `want` holds of the endpoints (address →
+/// identity), or fails after 10 s.
+async fn until(
+    stream: &mut Streaming<Update>,
+    state: &mut BTreeMap<SocketAddr, WeightedAddr>,
+    want: impl Fn(&BTreeMap<SocketAddr, Option<String>>) -> bool,
+) -> anyhow::Result<BTreeMap<SocketAddr, Option<String>>> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let view: BTreeMap<SocketAddr, Option<String>> = state
+            .iter()
+            .map(|(a, w)| {
+                let id = w
+                    .tls_identity
+                    .as_ref()
+                    .and_then(|t| t.server_name.as_ref())
+                    .map(|n| n.name.clone());
+                (*a, id)
+            })
+            .collect();
+        if want(&view) {
+            return Ok(view);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        let update = tokio::time::timeout(left, stream.message())
+            .await
+            .map_err(|_| anyhow::anyhow!("not converged; last {view:?}"))??
+            .ok_or_else(|| anyhow::anyhow!("stream ended"))?;
+        if let Some(update::Update::NoEndpoints(_)) = &update.update {
+            state.clear();
+        }
+        apply_update(state, &update);
+    }
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().expect("address")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_and_endpoint_slices_are_served_with_serviceaccount_identities()
+-> anyhow::Result<()> {
+    let api = ApiServer::start().await?;
+    api.apply(&service("web", "10.96.0.10"))?;
+    api.apply(&pod("web-1", "web", true))?;
+    api.apply(&pod("web-2", "web", true))?;
+    api.apply(&pod("legacy-1", "default", false))?;
+    api.apply(&slice(
+        "web-abc",
+        "web",
+        &[
+            Ep("web-1", "10.0.0.1", true, true),
+            Ep("web-2", "10.0.0.2", true, true),
+            Ep("legacy-1", "10.0.0.3", true, true),
+        ],
+    ))?;
+    let dir = tempfile::tempdir()?;
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig)?;
+    let ca = MeshCa::new()?;
+    let control = Control::start(
+        &workspace_binary("weft-control")?,
+        &ca,
+        &[
+            "--kubeconfig",
+            &kubeconfig.to_string_lossy(),
+            "--dns",
+            "false",
+        ],
+    )
+    .await?;
+    let mut client = DestinationClient::new(control.channel().await?);
+
+    let id = "web.demo.serviceaccount.identity.weft.local";
+    let mut state = BTreeMap::new();
+    let mut web = client
+        .get(get("web.demo.svc.cluster.local:80"))
+        .await?
+        .into_inner();
+    let view = until(&mut web, &mut state, |v| v.len() == 3).await?;
+    assert_eq!(view[&addr("10.0.0.1:8080")].as_deref(), Some(id));
+    assert_eq!(view[&addr("10.0.0.2:8080")].as_deref(), Some(id));
+    // Not running weft's proxy: plaintext, no identity.
+    assert_eq!(view[&addr("10.0.0.3:8080")], None);
+
+    // The short forms a pod would use, and the cluster IP, are the same
+    // Service; a pod IP is its endpoint.
+    for name in ["web.demo.svc:80", "web.demo:80", "10.96.0.10:80"] {
+        let mut s = BTreeMap::new();
+        let mut stream = client.get(get(name)).await?.into_inner();
+        until(&mut stream, &mut s, |v| v.len() == 3).await?;
+    }
+    let mut one = BTreeMap::new();
+    let mut pod_ip = client.get(get("10.0.0.2:8080")).await?.into_inner();
+    let v = until(&mut pod_ip, &mut one, |v| v.len() == 1).await?;
+    assert_eq!(v[&addr("10.0.0.2:8080")].as_deref(), Some(id));
+
+    // An endpoint that stops being ready leaves; one terminating but
+    // still serving is used only while nothing is ready.
+    api.apply(&slice(
+        "web-abc",
+        "web",
+        &[
+            Ep("web-1", "10.0.0.1", true, true),
+            Ep("web-2", "10.0.0.2", false, true),
+            Ep("legacy-1", "10.0.0.3", false, false),
+        ],
+    ))?;
+    until(&mut web, &mut state, |v| {
+        v.keys().copied().collect::<Vec<_>>() == [addr("10.0.0.1:8080")]
+    })
+    .await?;
+    api.apply(&slice(
+        "web-abc",
+        "web",
+        &[
+            Ep("web-1", "10.0.0.1", false, false),
+            Ep("web-2", "10.0.0.2", false, true),
+        ],
+    ))?;
+    until(&mut web, &mut state, |v| {
+        v.keys().copied().collect::<Vec<_>>() == [addr("10.0.0.2:8080")]
+    })
+    .await?;
+
+    // A thousand updates in a burst (a rollout of a big service): the
+    // stream converges on the last.
+    let started = Instant::now();
+    for i in 0..1000u32 {
+        let ip = format!("10.1.{}.{}", i / 250, i % 250 + 1);
+        api.apply(&slice("web-abc", "web", &[Ep("web-1", &ip, true, true)]))?;
+    }
+    let last = addr("10.1.3.250:8080");
+    until(&mut web, &mut state, |v| {
+        v.keys().copied().collect::<Vec<_>>() == [last]
+    })
+    .await?;
+    println!(
+        "1000 EndpointSlice updates converged in {:?}",
+        started.elapsed()
+    );
+
+    // After a compaction the backend lists again and nothing is lost.
+    api.compact();
+    api.apply(&slice(
+        "web-abc",
+        "web",
+        &[Ep("web-2", "10.0.0.2", true, true)],
+    ))?;
+    until(&mut web, &mut state, |v| {
+        v.keys().copied().collect::<Vec<_>>() == [addr("10.0.0.2:8080")]
+    })
+    .await?;
+
+    // The Service goes: the name is no longer known.
+    api.delete::<Service>("demo", "web")?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let update = tokio::time::timeout(left, web.message())
+            .await??
+            .ok_or_else(|| anyhow::anyhow!("stream ended"))?;
+        if let Some(update::Update::NoEndpoints(n)) = update.update {
+            assert!(!n.exists, "the Service is gone");
+            break;
+        }
+    }
+    Ok(())
+}
