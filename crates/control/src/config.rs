@@ -77,6 +77,23 @@ pub struct Config {
     #[arg(long, env = "WEFT_CONTROL_TRUST_DOMAIN", default_value = "weft.local")]
     pub trust_domain: String,
 
+    /// The order backends are asked in (those enabled): a name the first
+    /// knows is its, unless --discovery-overlap merge.
+    #[arg(
+        long,
+        env = "WEFT_CONTROL_DISCOVERY_ORDER",
+        value_delimiter = ',',
+        default_value = "file,kubernetes,etcd,dns",
+        value_parser = parse_backend
+    )]
+    pub discovery_order: Vec<String>,
+
+    /// A name several backends know: `shadow` (the first answers alone) or
+    /// `merge` (every one's endpoints: a Kubernetes Service and the hosts
+    /// registered in etcd under the same name as one service).
+    #[arg(long, env = "WEFT_CONTROL_DISCOVERY_OVERLAP", default_value = "shadow")]
+    pub discovery_overlap: Overlap,
+
     /// Answer names no other backend knows from DNS (A/AAAA; SRV for names
     /// starting with `_`).
     #[arg(long, env = "WEFT_CONTROL_DNS", default_value_t = true, action = clap::ArgAction::Set)]
@@ -107,6 +124,31 @@ pub struct Config {
     /// tracing filter.
     #[arg(long, env = "WEFT_CONTROL_LOG", default_value = "info")]
     pub log: String,
+}
+
+/// What a name several backends know means (see `discovery::Overlap`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Overlap {
+    Shadow,
+    Merge,
+}
+
+impl From<Overlap> for crate::discovery::Overlap {
+    fn from(o: Overlap) -> Self {
+        match o {
+            Overlap::Shadow => Self::Shadow,
+            Overlap::Merge => Self::Merge,
+        }
+    }
+}
+
+fn parse_backend(s: &str) -> Result<String, String> {
+    match s.trim() {
+        b @ ("file" | "kubernetes" | "etcd" | "dns") => Ok(b.to_string()),
+        other => Err(format!(
+            "{other:?} is not a discovery backend (file, kubernetes, etcd, dns)"
+        )),
+    }
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {

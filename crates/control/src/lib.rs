@@ -102,7 +102,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
             config.dns_refresh,
         )?);
     }
-    let discovery = discovery::Discovery::new(backends);
+    // The order asked for; backends not enabled are skipped.
+    backends.sort_by_key(|b| {
+        config
+            .discovery_order
+            .iter()
+            .position(|n| n.as_str() == b.name())
+            .unwrap_or(usize::MAX)
+    });
+    let discovery = discovery::Discovery::with_overlap(backends, config.discovery_overlap.into());
     let dir = weft_identity::CaDir::new(&config.identity_dir);
     let spent = config
         .spent_tokens

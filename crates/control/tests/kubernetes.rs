@@ -210,6 +210,18 @@ async fn services_and_endpoint_slices_are_served_with_serviceaccount_identities(
         let mut stream = client.get(get(name)).await?.into_inner();
         until(&mut stream, &mut s, |v| v.len() == 3).await?;
     }
+    // Listed: a name the cluster does not have is unknown (not pending).
+    let mut nowhere = client
+        .get(get("nowhere.demo.svc.cluster.local:80"))
+        .await?
+        .into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(5), nowhere.message())
+        .await??
+        .and_then(|u| u.update);
+    assert!(
+        matches!(first, Some(update::Update::NoEndpoints(ref n)) if !n.exists),
+        "{first:?}"
+    );
     let mut one = BTreeMap::new();
     let mut pod_ip = client.get(get("10.0.0.2:8080")).await?.into_inner();
     let v = until(&mut pod_ip, &mut one, |v| v.len() == 1).await?;
@@ -284,6 +296,69 @@ async fn services_and_endpoint_slices_are_served_with_serviceaccount_identities(
             assert!(!n.exists, "the Service is gone");
             break;
         }
+    }
+    Ok(())
+}
+
+/// One discovery scope: a Kubernetes Service and hosts outside the cluster
+/// listed under the same name are one service when asked to merge, and the
+/// first backend in the order answers alone otherwise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_and_host_endpoints_merge_or_shadow_as_configured() -> anyhow::Result<()> {
+    let api = ApiServer::start().await?;
+    api.apply(&service("web", "10.96.0.10"))?;
+    api.apply(&pod("web-1", "web", true))?;
+    api.apply(&slice(
+        "web-abc",
+        "web",
+        &[Ep("web-1", "10.0.0.1", true, true)],
+    ))?;
+    let dir = tempfile::tempdir()?;
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig)?;
+    let kubeconfig = kubeconfig.to_string_lossy().into_owned();
+    // A host (a VM, say) serving the same service outside the cluster.
+    let file = weft_test_support::DestinationsFile::from_yaml(
+        "destinations:\n  \"web.demo.svc.cluster.local:80\":\n    endpoints: [{addr: \"192.168.1.5:8080\", identity: web.hosts.weft.local}]\n",
+    )?;
+    let path = file.path_str();
+    let ca = MeshCa::new()?;
+    for (extra, want) in [
+        (
+            ["--discovery-overlap", "merge"],
+            vec!["10.0.0.1:8080", "192.168.1.5:8080"],
+        ),
+        (
+            ["--discovery-order", "kubernetes,file"],
+            vec!["10.0.0.1:8080"],
+        ),
+        (
+            ["--discovery-order", "file,kubernetes"],
+            vec!["192.168.1.5:8080"],
+        ),
+    ] {
+        let mut args = vec![
+            "--kubeconfig",
+            &kubeconfig,
+            "--destinations",
+            &path,
+            "--dns",
+            "false",
+        ];
+        args.extend(extra);
+        let control = Control::start(&workspace_binary("weft-control")?, &ca, &args).await?;
+        let mut client = DestinationClient::new(control.channel().await?);
+        let mut state = BTreeMap::new();
+        let mut web = client
+            .get(get("web.demo.svc.cluster.local:80"))
+            .await?
+            .into_inner();
+        let want: Vec<SocketAddr> = want.into_iter().map(addr).collect();
+        until(&mut web, &mut state, |v| {
+            v.keys().copied().collect::<Vec<_>>() == want
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{extra:?}: {e}"))?;
     }
     Ok(())
 }

@@ -72,8 +72,15 @@ impl Snapshot {
 pub struct KubernetesBackend {
     /// Replaced whole by the one task that follows the cluster.
     snapshot: ArcSwap<Snapshot>,
+    /// Until the first complete listing (or [`SYNC_GRACE`]), names the
+    /// cluster does not know are `Pending`, not `Unknown`: a lower backend
+    /// (DNS) must not answer for a Service merely not listed yet.
+    syncing: std::sync::atomic::AtomicBool,
     watches: Watches,
 }
+
+/// How long an unreachable cluster may hold other backends' answers back.
+const SYNC_GRACE: Duration = Duration::from_secs(10);
 
 impl Backend for KubernetesBackend {
     fn name(&self) -> &'static str {
@@ -83,7 +90,7 @@ impl Backend for KubernetesBackend {
     fn watch(&self, authority: &Authority) -> watch::Receiver<Resolution> {
         let snapshot = self.snapshot.load_full();
         self.watches
-            .subscribe(authority, || snapshot.resolve(authority))
+            .subscribe(authority, || self.resolve(&snapshot, authority))
     }
 }
 
@@ -94,16 +101,51 @@ impl KubernetesBackend {
     pub fn start(client: kube::Client, naming: Naming) -> Arc<Self> {
         let this = Arc::new(Self {
             snapshot: ArcSwap::from_pointee(Snapshot::default()),
+            syncing: std::sync::atomic::AtomicBool::new(true),
             watches: Watches::default(),
         });
         tokio::spawn(follow(Arc::downgrade(&this), client, naming));
+        let weak = Arc::downgrade(&this);
+        tokio::spawn(async move {
+            tokio::time::sleep(SYNC_GRACE).await;
+            if let Some(this) = weak.upgrade()
+                && this.syncing.load(std::sync::atomic::Ordering::Acquire)
+            {
+                tracing::warn!(after = ?SYNC_GRACE, "the Kubernetes API has not been listed yet; other backends answer meanwhile");
+                this.synced();
+            }
+        });
         this
     }
 
-    fn publish(&self, snapshot: Snapshot) {
+    fn resolve(&self, snapshot: &Snapshot, authority: &Authority) -> Resolution {
+        match snapshot.resolve(authority) {
+            Resolution::Unknown if self.syncing.load(std::sync::atomic::Ordering::Acquire) => {
+                Resolution::Pending
+            }
+            r => r,
+        }
+    }
+
+    /// The first listing is in (or the grace is over): unknown is unknown.
+    fn synced(&self) {
+        if self
+            .syncing
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
+        {
+            let snapshot = self.snapshot.load_full();
+            self.watches.update_all(|a| self.resolve(&snapshot, a));
+        }
+    }
+
+    fn publish(&self, snapshot: Snapshot, complete: bool) {
         let snapshot = Arc::new(snapshot);
         self.snapshot.store(snapshot.clone());
-        self.watches.update_all(|a| snapshot.resolve(a));
+        if complete {
+            self.syncing
+                .store(false, std::sync::atomic::Ordering::Release);
+        }
+        self.watches.update_all(|a| self.resolve(&snapshot, a));
     }
 }
 
@@ -136,6 +178,8 @@ async fn follow(this: Weak<KubernetesBackend>, client: kube::Client, naming: Nam
     let mut objects = Objects::default();
     // Objects of a relist in progress, per resource.
     let mut relisting = Objects::default();
+    // Which resources have been listed whole at least once.
+    let mut listed = [false; 3];
     let errors = weft_listener::Throttle::new(Duration::from_secs(10));
     while let Some(first) = changes.next().await {
         // Take every change already waiting, then rebuild once.
@@ -149,7 +193,17 @@ async fn follow(this: Weak<KubernetesBackend>, client: kube::Client, naming: Nam
         let mut changed = false;
         for change in batch {
             match change {
-                Ok(c) => changed |= apply(&mut objects, &mut relisting, c),
+                Ok(c) => {
+                    let which = match &c {
+                        Change::Service(e) => (0, matches!(**e, Event::InitDone)),
+                        Change::Slice(e) => (1, matches!(**e, Event::InitDone)),
+                        Change::Pod(e) => (2, matches!(**e, Event::InitDone)),
+                    };
+                    if which.1 {
+                        listed[which.0] = true;
+                    }
+                    changed |= apply(&mut objects, &mut relisting, c);
+                }
                 Err(e) => {
                     if let Some(suppressed) = errors.allow() {
                         tracing::warn!(error = %e, suppressed, "kubernetes watch failed; retrying");
@@ -163,7 +217,7 @@ async fn follow(this: Weak<KubernetesBackend>, client: kube::Client, naming: Nam
         let Some(backend) = this.upgrade() else {
             return;
         };
-        backend.publish(build(&objects, &naming));
+        backend.publish(build(&objects, &naming), listed.iter().all(|l| *l));
     }
 }
 

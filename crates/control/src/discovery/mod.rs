@@ -59,16 +59,34 @@ pub trait Backend: Send + Sync + 'static {
     fn watch(&self, authority: &Authority) -> watch::Receiver<Resolution>;
 }
 
+/// What a name several backends know means.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Overlap {
+    /// The first backend that knows it answers alone.
+    #[default]
+    Shadow,
+    /// Every backend that knows it contributes endpoints (the first one's
+    /// policy and protocol; an address listed twice is the first one's):
+    /// a Kubernetes Service and the hosts behind etcd as one service.
+    Merge,
+}
+
 /// Every backend, in priority order.
 #[derive(Clone)]
 pub struct Discovery {
     backends: Arc<[Arc<dyn Backend>]>,
+    overlap: Overlap,
 }
 
 impl Discovery {
     pub fn new(backends: Vec<Arc<dyn Backend>>) -> Self {
+        Self::with_overlap(backends, Overlap::Shadow)
+    }
+
+    pub fn with_overlap(backends: Vec<Arc<dyn Backend>>, overlap: Overlap) -> Self {
         Self {
             backends: backends.into(),
+            overlap,
         }
     }
 
@@ -77,6 +95,7 @@ impl Discovery {
             backends: self.backends.clone(),
             authority: authority.clone(),
             sources: self.backends.iter().map(|_| None).collect(),
+            overlap: self.overlap,
         }
     }
 }
@@ -138,16 +157,24 @@ pub struct Watch {
     backends: Arc<[Arc<dyn Backend>]>,
     authority: Authority,
     sources: Vec<Option<watch::Receiver<Resolution>>>,
+    overlap: Overlap,
 }
 
 impl Watch {
-    /// The first backend's answer that knows the name, and which backend
-    /// gave it; `Pending` while a backend before it is still finding out.
+    /// The first backend's answer that knows the name (merged with the
+    /// later ones' under [`Overlap::Merge`]), and which backend gave it;
+    /// `Pending` while a backend before it is still finding out.
     pub fn current(&mut self) -> (Option<&'static str>, Resolution) {
         let mut answer = (None, Resolution::Unknown);
-        let mut answered = false;
         for (backend, source) in self.backends.iter().zip(self.sources.iter_mut()) {
-            if answered {
+            let settled = match answer.1 {
+                Resolution::Unknown => false,
+                // Nothing after a backend still finding out may answer
+                // before it does.
+                Resolution::Pending => true,
+                Resolution::Known(_) => self.overlap == Overlap::Shadow,
+            };
+            if settled {
                 // Dropping the receiver tells the backend nobody here
                 // needs the name any more.
                 *source = None;
@@ -155,9 +182,18 @@ impl Watch {
             }
             let rx = source.get_or_insert_with(|| backend.watch(&self.authority));
             let r = rx.borrow_and_update().clone();
-            if r != Resolution::Unknown {
-                answer = (Some(backend.name()), r);
-                answered = true;
+            match (&mut answer.1, r) {
+                (_, Resolution::Unknown) => {}
+                // A later backend still finding out does not hold back
+                // what an earlier one knows.
+                (Resolution::Known(_), Resolution::Pending) => {}
+                (Resolution::Known(first), Resolution::Known(more)) => {
+                    let merged = Arc::make_mut(first);
+                    for (addr, e) in &more.endpoints {
+                        merged.endpoints.entry(*addr).or_insert_with(|| e.clone());
+                    }
+                }
+                (_, r) => answer = (Some(backend.name()), r),
             }
         }
         answer
@@ -351,5 +387,58 @@ mod tests {
         assert!(w.changed().await);
         assert_eq!(w.current(), (Some("scripted"), known()));
         assert!(!low.watches.is_followed(&a));
+    }
+
+    fn with_endpoint(addr: &str, identity: Option<&str>) -> Resolution {
+        let addr: SocketAddr = addr.parse().expect("addr");
+        Resolution::Known(Arc::new(Service {
+            endpoints: BTreeMap::from([(
+                addr,
+                Endpoint {
+                    addr,
+                    weight: NonZeroU32::MIN,
+                    identity: identity.map(|i| i.parse().expect("name")),
+                },
+            )]),
+            ..Default::default()
+        }))
+    }
+
+    #[tokio::test]
+    async fn merged_names_take_endpoints_from_every_backend_that_knows_them() {
+        let kubernetes = Arc::new(Scripted::default());
+        let etcd = Arc::new(Scripted::default());
+        let a: Authority = "api.demo:80".parse().expect("authority");
+        kubernetes.set(&a, with_endpoint("10.0.0.1:8080", Some("api.demo")));
+        etcd.set(&a, with_endpoint("192.168.1.5:8080", None));
+        let endpoints = |r: Resolution| match r {
+            Resolution::Known(s) => s
+                .endpoints
+                .keys()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>(),
+            other => panic!("{other:?}"),
+        };
+
+        // Shadowed: the first backend alone.
+        let shadow = Discovery::new(vec![kubernetes.clone(), etcd.clone()]);
+        assert_eq!(endpoints(shadow.watch(&a).current().1), ["10.0.0.1:8080"]);
+
+        // Merged: both, and a change in either reaches the stream.
+        let merge = Discovery::with_overlap(vec![kubernetes.clone(), etcd.clone()], Overlap::Merge);
+        let mut w = merge.watch(&a);
+        assert_eq!(
+            endpoints(w.current().1),
+            ["10.0.0.1:8080", "192.168.1.5:8080"]
+        );
+        etcd.set(&a, with_endpoint("192.168.1.6:8080", None));
+        assert!(w.changed().await);
+        assert_eq!(
+            endpoints(w.current().1),
+            ["10.0.0.1:8080", "192.168.1.6:8080"]
+        );
+        kubernetes.set(&a, Resolution::Unknown);
+        assert!(w.changed().await);
+        assert_eq!(endpoints(w.current().1), ["192.168.1.6:8080"]);
     }
 }
