@@ -31,6 +31,8 @@ pub struct IdentityService {
     spent: SpentTokens,
     leaf_lifetime: Duration,
     metrics: Metrics,
+    /// With Kubernetes: ServiceAccount tokens, checked by TokenReview.
+    reviewer: Option<crate::token_review::TokenReviewer>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +87,12 @@ impl IdentityService {
         }
     }
 
+    /// ServiceAccount tokens are accepted too, checked by `reviewer`.
+    pub fn with_reviewer(mut self, reviewer: crate::token_review::TokenReviewer) -> Self {
+        self.reviewer = Some(reviewer);
+        self
+    }
+
     /// Loads the issuer and token key from `dir` and follows issuer
     /// rotations: a new issuer is used for the next CSR. `spent` is where
     /// used single-use tokens are remembered.
@@ -107,6 +115,7 @@ impl IdentityService {
             spent,
             leaf_lifetime,
             metrics,
+            reviewer: None,
         })
     }
 
@@ -249,7 +258,7 @@ impl Identity for IdentityService {
         let peer = peer.map_or_else(|| "unknown".to_string(), |p| p.addr.to_string());
         let req = request.into_inner();
         // The token itself is never logged: it is a credential.
-        let result = self.certify(&req, caller.as_ref());
+        let result = self.certify(&req, caller.as_ref()).await;
         match &result {
             Ok((_, proof)) => {
                 tracing::info!(identity = %req.identity, %peer, proof, "certified");
@@ -271,7 +280,7 @@ impl Identity for IdentityService {
 impl IdentityService {
     /// Signs `req` if the caller proved `req.identity`; returns how it
     /// proved it.
-    fn certify(
+    async fn certify(
         &self,
         req: &CertifyRequest,
         caller: Option<&Name>,
@@ -281,9 +290,24 @@ impl IdentityService {
             .parse()
             .map_err(|e: weft_identity::NameError| Status::invalid_argument(e.to_string()))?;
         let now = SystemTime::now();
+        let serviceaccount = self.reviewer.as_ref().filter(|_| {
+            caller != Some(&name) && !req.token.is_empty() && !req.token.starts_with(b"weft1.")
+        });
         let grant = if caller == Some(&name) {
             // Renewal: the connection's client certificate, verified by
             // the handshake, already names this identity.
+            None
+        } else if let Some(reviewer) = serviceaccount {
+            let token = std::str::from_utf8(&req.token)
+                .map_err(|_| Status::invalid_argument("the token is not UTF-8 text"))?;
+            reviewer.review(token, &name).await.map_err(|e| match e {
+                crate::token_review::ReviewError::Unavailable(_) => {
+                    Status::unavailable(e.to_string())
+                }
+                _ => Status::permission_denied(format!(
+                    "ServiceAccount token refused for {name}: {e}"
+                )),
+            })?;
             None
         } else {
             Some(self.authorize_token(req, &name, caller, now)?)
@@ -301,6 +325,7 @@ impl IdentityService {
                 _ => Status::invalid_argument(e.to_string()),
             })?;
         let proof = match grant {
+            None if serviceaccount.is_some() => "serviceaccount token",
             None => "certificate",
             Some(Grant { once: None, .. }) => "token",
             Some(Grant {

@@ -19,6 +19,7 @@ pub mod identity;
 pub mod metrics;
 pub mod outbound;
 pub mod spent;
+pub mod token_review;
 
 pub use config::Config;
 
@@ -80,10 +81,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     if let Some(path) = &config.destinations {
         backends.push(discovery::file::FileBackend::start(path.clone())?);
     }
-    if config.kubernetes || config.kubeconfig.is_some() {
-        let client = kubernetes_client(config.kubeconfig.as_deref()).await?;
+    let kubernetes = if config.kubernetes || config.kubeconfig.is_some() {
+        Some(kubernetes_client(config.kubeconfig.as_deref()).await?)
+    } else {
+        None
+    };
+    if let Some(client) = &kubernetes {
         backends.push(discovery::kubernetes::KubernetesBackend::start(
-            client,
+            client.clone(),
             discovery::kubernetes::Naming {
                 cluster_domain: config.cluster_domain.clone(),
                 trust_domain: config.trust_domain.clone(),
@@ -116,8 +121,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         .spent_tokens
         .clone()
         .unwrap_or_else(|| config.identity_dir.join("spent-tokens"));
-    let identity =
+    let mut identity =
         identity::IdentityService::load(dir.clone(), config.leaf_lifetime, spent, metrics.clone())?;
+    if let Some(client) = kubernetes {
+        identity = identity.with_reviewer(token_review::TokenReviewer::new(
+            client,
+            config.trust_domain.clone(),
+        ));
+    }
     let view = identity.view(&dir);
     let own_cert = identity.serve_cert(config.name.clone())?;
     let tls =

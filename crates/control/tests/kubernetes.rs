@@ -362,3 +362,74 @@ async fn kubernetes_and_host_endpoints_merge_or_shadow_as_configured() -> anyhow
     }
     Ok(())
 }
+
+/// A pod proves its ServiceAccount with a projected token (audience
+/// `weft`), checked by TokenReview; it gets exactly that ServiceAccount's
+/// identity, and nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serviceaccount_tokens_certify_exactly_their_serviceaccount() -> anyhow::Result<()> {
+    use linkerd2_proxy_api::identity::CertifyRequest;
+    use linkerd2_proxy_api::identity::identity_client::IdentityClient;
+
+    let api = ApiServer::start().await?;
+    api.accept_token("sa-token-web", "system:serviceaccount:demo:web", &["weft"]);
+    api.accept_token(
+        "sa-token-other-audience",
+        "system:serviceaccount:demo:web",
+        &["vault"],
+    );
+    let dir = tempfile::tempdir()?;
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig)?;
+    let ca = MeshCa::new()?;
+    let control = Control::start(
+        &workspace_binary("weft-control")?,
+        &ca,
+        &[
+            "--kubeconfig",
+            &kubeconfig.to_string_lossy(),
+            "--dns",
+            "false",
+        ],
+    )
+    .await?;
+    let mut client = IdentityClient::new(control.channel().await?);
+    let web = "web.demo.serviceaccount.identity.weft.local";
+    let request = |identity: &str, token: &str| -> anyhow::Result<CertifyRequest> {
+        let (_key, csr) = weft_identity::new_csr(&identity.parse()?)?;
+        Ok(CertifyRequest {
+            identity: identity.into(),
+            token: token.as_bytes().to_vec(),
+            certificate_signing_request: csr,
+        })
+    };
+
+    let rsp = client
+        .certify(request(web, "sa-token-web")?)
+        .await?
+        .into_inner();
+    let leaf = weft_identity::CertInfo::parse(&rsp.leaf_certificate).map_err(anyhow::Error::msg)?;
+    assert_eq!(leaf.dns_names, [web]);
+
+    for (identity, token, reason) in [
+        (
+            "api.demo.serviceaccount.identity.weft.local",
+            "sa-token-web",
+            "not api.demo",
+        ),
+        (web, "forged", "not valid"),
+        (web, "sa-token-other-audience", "not valid"),
+    ] {
+        let err = client
+            .certify(request(identity, token)?)
+            .await
+            .expect_err(token);
+        assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+        assert!(err.message().contains(reason), "{token}: {}", err.message());
+    }
+    // weft's own bootstrap tokens keep working for hosts.
+    let host = "db.hosts.weft.local";
+    let token = ca.token(host, Duration::from_secs(600))?;
+    client.certify(request(host, &token)?).await?;
+    Ok(())
+}
