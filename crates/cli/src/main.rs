@@ -9,6 +9,7 @@ mod fetch;
 mod golden;
 mod identity;
 mod init;
+mod inject;
 mod routes;
 mod source;
 mod stat;
@@ -55,6 +56,9 @@ enum Command {
     /// (iptables, in chains WEFT_PREROUTING and WEFT_OUTPUT); --remove
     /// takes them out.
     Init(init::Args),
+    /// Add weft's capture step and proxy (a native sidecar) to the
+    /// Kubernetes workloads in a file (or stdin) that ask for it.
+    Inject(inject::Args),
     /// Manage the mesh's certificate authority and bootstrap tokens.
     #[command(subcommand)]
     Identity(identity::Command),
@@ -66,6 +70,7 @@ fn main() -> ExitCode {
     let command = match cli.command {
         Command::Identity(c) => return exit(identity::run(c)),
         Command::Init(args) => return exit(init::run(args)),
+        Command::Inject(args) => return exit(inject::run(args)),
         other => other,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -87,7 +92,7 @@ fn main() -> ExitCode {
             Command::Check(args) => check::run(args).await,
             Command::Endpoints(args) => endpoints::run(args).await,
             Command::Routes(args) => routes::run(args).await,
-            Command::Identity(_) | Command::Init(_) => Ok(()),
+            Command::Identity(_) | Command::Init(_) | Command::Inject(_) => Ok(()),
         }
     });
     // Background tasks (traffic, servers) must not hold the exit.
