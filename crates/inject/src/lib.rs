@@ -257,6 +257,7 @@ pub fn inject_template(
         // before the application, stopped after it, never holding a Job.
         "restartPolicy": "Always",
         "env": [
+            env_from("WEFT_POD_NAME", "metadata.name"),
             env_from("WEFT_POD_NAMESPACE", "metadata.namespace"),
             env_from("WEFT_POD_SERVICE_ACCOUNT", "spec.serviceAccountName"),
             env_from("WEFT_POD_IP", "status.podIP"),
