@@ -94,6 +94,37 @@ pub struct Config {
     #[arg(long, env = "WEFT_CONTROL_DISCOVERY_OVERLAP", default_value = "shadow")]
     pub discovery_overlap: Overlap,
 
+    /// Serve the pod injection webhook (`POST /inject`, HTTPS) here, e.g.
+    /// 0.0.0.0:8443; needs --webhook-cert and --webhook-key.
+    #[arg(long, env = "WEFT_CONTROL_WEBHOOK_LISTEN", requires_all = ["webhook_cert", "webhook_key"])]
+    pub webhook_listen: Option<SocketAddr>,
+
+    /// The webhook's certificate chain (PEM), for the name the cluster
+    /// calls it by (the MutatingWebhookConfiguration's caBundle signs it).
+    #[arg(long, env = "WEFT_CONTROL_WEBHOOK_CERT", value_name = "FILE")]
+    pub webhook_cert: Option<PathBuf>,
+
+    /// The webhook certificate's private key (PEM).
+    #[arg(long, env = "WEFT_CONTROL_WEBHOOK_KEY", value_name = "FILE")]
+    pub webhook_key: Option<PathBuf>,
+
+    /// The images injected pods run: `<registry>/weft-proxy:<version>` and
+    /// `<registry>/weft:<version>`.
+    #[arg(
+        long,
+        env = "WEFT_CONTROL_INJECT_REGISTRY",
+        default_value = "ghcr.io/weft"
+    )]
+    pub inject_registry: String,
+
+    #[arg(long, env = "WEFT_CONTROL_INJECT_VERSION", default_value = env!("CARGO_PKG_VERSION"))]
+    pub inject_version: String,
+
+    /// The namespace the control plane runs in (where injected proxies
+    /// find it).
+    #[arg(long, env = "WEFT_CONTROL_NAMESPACE", default_value = "weft")]
+    pub namespace: String,
+
     /// Answer names no other backend knows from DNS (A/AAAA; SRV for names
     /// starting with `_`).
     #[arg(long, env = "WEFT_CONTROL_DNS", default_value_t = true, action = clap::ArgAction::Set)]

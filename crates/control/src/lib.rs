@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod outbound;
 pub mod spent;
 pub mod token_review;
+pub mod webhook;
 
 pub use config::Config;
 
@@ -42,6 +43,8 @@ pub enum RunError {
     Serve(#[from] tonic::transport::Error),
     #[error("--kubernetes: {0}")]
     Kubernetes(String),
+    #[error(transparent)]
+    Webhook(#[from] webhook::WebhookError),
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, RunError> {
@@ -154,6 +157,22 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         Some(view),
         shutdown.clone(),
     ));
+    if let (Some(addr), Some(cert), Some(key)) = (
+        config.webhook_listen,
+        &config.webhook_cert,
+        &config.webhook_key,
+    ) {
+        let tls = webhook::tls_config(cert, key)?;
+        let listener = webhook::bind(addr)?;
+        let mut settings = weft_inject::Settings::new(
+            &config.inject_registry,
+            &config.inject_version,
+            &config.namespace,
+        );
+        settings.trust_domain = config.trust_domain.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(webhook::serve(listener, tls, Arc::new(settings), shutdown));
+    }
 
     let incoming = weft_channel::incoming(
         weft_listener::Listener::new(grpc, "control", config.max_connections as usize),
