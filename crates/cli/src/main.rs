@@ -10,6 +10,7 @@ mod golden;
 mod identity;
 mod init;
 mod inject;
+mod install;
 mod routes;
 mod source;
 mod stat;
@@ -59,6 +60,10 @@ enum Command {
     /// Add weft's capture step and proxy (a native sidecar) to the
     /// Kubernetes workloads in a file (or stdin) that ask for it.
     Inject(inject::Args),
+    /// Print the manifest that installs weft on a Kubernetes cluster
+    /// (control plane, RBAC, identity, injection webhook), for
+    /// `kubectl apply -f -`.
+    Install(install::Args),
     /// Manage the mesh's certificate authority and bootstrap tokens.
     #[command(subcommand)]
     Identity(identity::Command),
@@ -71,6 +76,7 @@ fn main() -> ExitCode {
         Command::Identity(c) => return exit(identity::run(c)),
         Command::Init(args) => return exit(init::run(args)),
         Command::Inject(args) => return exit(inject::run(args)),
+        Command::Install(args) => return exit(install::run(args)),
         other => other,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -92,7 +98,9 @@ fn main() -> ExitCode {
             Command::Check(args) => check::run(args).await,
             Command::Endpoints(args) => endpoints::run(args).await,
             Command::Routes(args) => routes::run(args).await,
-            Command::Identity(_) | Command::Init(_) | Command::Inject(_) => Ok(()),
+            Command::Identity(_) | Command::Init(_) | Command::Inject(_) | Command::Install(_) => {
+                Ok(())
+            }
         }
     });
     // Background tasks (traffic, servers) must not hold the exit.

@@ -5,10 +5,10 @@
 //! must never stop pods from starting (unless the cluster's webhook
 //! configuration says `failurePolicy: Fail`).
 //!
-//! `POST /inject?all=true` injects every pod that does not say
-//! `weft.io/inject: disabled` (the webhook configuration sends there the
-//! pods of namespaces labelled for injection); `POST /inject` only those
-//! annotated `weft.io/inject: enabled`.
+//! `POST /inject-all` (or `/inject?all=true`) injects every pod that does
+//! not say `weft.io/inject: disabled` (the webhook configuration sends
+//! there the pods of namespaces labelled for injection); `POST /inject`
+//! only those annotated `weft.io/inject: enabled`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -125,16 +125,19 @@ fn json_response(status: StatusCode, body: &Value) -> Response<Full<Bytes>> {
 }
 
 async fn handle(req: Request<Incoming>, settings: &Settings) -> Response<Full<Bytes>> {
-    if req.uri().path() != "/inject" || req.method() != Method::POST {
-        return json_response(
-            StatusCode::NOT_FOUND,
-            &json!({"error": "POST /inject takes AdmissionReviews"}),
-        );
-    }
-    let all = req
-        .uri()
-        .query()
-        .is_some_and(|q| q.split('&').any(|kv| kv == "all=true"));
+    let all = match (req.method(), req.uri().path()) {
+        (&Method::POST, "/inject") => req
+            .uri()
+            .query()
+            .is_some_and(|q| q.split('&').any(|kv| kv == "all=true")),
+        (&Method::POST, "/inject-all") => true,
+        _ => {
+            return json_response(
+                StatusCode::NOT_FOUND,
+                &json!({"error": "POST /inject or /inject-all takes AdmissionReviews"}),
+            );
+        }
+    };
     let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
         Ok(b) => b.to_bytes(),
         Err(e) => {
