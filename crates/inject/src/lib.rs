@@ -21,6 +21,9 @@ pub const PROXY_CONTAINER: &str = "weft-proxy";
 pub const INIT_CONTAINER: &str = "weft-init";
 const TOKEN_VOLUME: &str = "weft-token";
 const ANCHORS_VOLUME: &str = "weft-trust-anchors";
+/// A writable /run for iptables' lock file, the root filesystem being
+/// read-only.
+const INIT_RUN_VOLUME: &str = "weft-init-run";
 /// The uid the proxy runs as: its own traffic is not captured.
 pub const PROXY_UID: i64 = 2102;
 
@@ -231,6 +234,7 @@ pub fn inject_template(
             "capabilities": {"drop": ["ALL"], "add": ["NET_ADMIN", "NET_RAW"]},
         },
         "resources": {"requests": {"cpu": "10m", "memory": "10Mi"}, "limits": {"memory": "50Mi"}},
+        "volumeMounts": [{"name": INIT_RUN_VOLUME, "mountPath": "/run"}],
     });
     let mut limits = Map::new();
     if let Some(cpu) = cpu_limit {
@@ -318,8 +322,9 @@ pub fn inject_template(
         .unwrap_or_default();
     volumes.retain(|v| {
         let n = v["name"].as_str();
-        n != Some(TOKEN_VOLUME) && n != Some(ANCHORS_VOLUME)
+        n != Some(TOKEN_VOLUME) && n != Some(ANCHORS_VOLUME) && n != Some(INIT_RUN_VOLUME)
     });
+    volumes.push(json!({"name": INIT_RUN_VOLUME, "emptyDir": {}}));
     volumes.push(json!({
         "name": TOKEN_VOLUME,
         "projected": {"sources": [{"serviceAccountToken": {
