@@ -247,21 +247,58 @@ async fn control_plane(
     .await
 }
 
-/// A proxy in `ns` with `env`, its outbound listener on `outbound`, its
-/// inbound and admin ports on every address; once it is ready.
+/// The user the proxy runs as in the tests that capture outbound traffic
+/// (`weft init --proxy-uid 2102`).
+const PROXY_UID: &str = "2102";
+
+/// A proxy in `ns`, as `uid` (root when `None`), listening outbound on
+/// 127.0.0.1:4140 and inbound and admin on every address unless `env`
+/// says otherwise; once it is ready.
 async fn host_proxy(
     ns: &Netns,
-    mut env: Vec<(String, String)>,
-    outbound: &str,
+    uid: Option<&str>,
+    env: Vec<(String, String)>,
 ) -> anyhow::Result<Proxy> {
-    env.push(("WEFT_PROXY_OUTBOUND_LISTEN".into(), outbound.into()));
-    env.push(("WEFT_PROXY_INBOUND_LISTEN".into(), "0.0.0.0:4143".into()));
-    env.push(("WEFT_PROXY_ADMIN_LISTEN".into(), "0.0.0.0:4191".into()));
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let wrapper = ["ip", "netns", "exec", ns.name.as_str()];
-    let proxy = Proxy::spawn(&wrapper, &workspace_binary("weft-proxy")?, &env).await?;
+    let mut all: Vec<(String, String)> = [
+        ("WEFT_PROXY_OUTBOUND_LISTEN", "127.0.0.1:4140"),
+        ("WEFT_PROXY_INBOUND_LISTEN", "0.0.0.0:4143"),
+        ("WEFT_PROXY_ADMIN_LISTEN", "0.0.0.0:4191"),
+    ]
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .into();
+    // Later entries win.
+    all.extend(env);
+    let all: Vec<(&str, &str)> = all.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let mut wrapper = vec!["ip", "netns", "exec", ns.name.as_str()];
+    if let Some(uid) = uid {
+        wrapper.extend(["setpriv", "--reuid", uid, "--regid", uid, "--clear-groups"]);
+    }
+    let proxy = Proxy::spawn(&wrapper, &workspace_binary("weft-proxy")?, &all).await?;
     wait_for(ns, "http://127.0.0.1:4191/ready").await?;
     Ok(proxy)
+}
+
+/// A per-node proxy's environment: the control plane at `control`, the
+/// workloads in `workloads`, an outbound listener the node's workloads
+/// (other addresses) can reach.
+fn per_node(
+    ca: &weft_test_support::mesh::MeshCa,
+    control: String,
+    workloads: &std::path::Path,
+) -> Vec<(String, String)> {
+    env(&[
+        ("WEFT_PROXY_CONTROL_ADDR", &control),
+        ("WEFT_PROXY_TRUST_ANCHORS", &ca.anchors()),
+        ("WEFT_PROXY_WORKLOADS", &workloads.to_string_lossy()),
+        ("WEFT_PROXY_OUTBOUND_LISTEN", "0.0.0.0:4140"),
+    ])
+}
+
+fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 /// `meshed`'s environment for `name`, with the control plane at `addr`.
@@ -309,26 +346,15 @@ async fn ipv6_traffic_is_captured_and_meshed_both_ways() -> anyhow::Result<()> {
         "local6",
     ])?;
 
-    let mut wrapper = vec!["ip", "netns", "exec", app.name.as_str()];
-    wrapper.extend([
-        "setpriv",
-        "--reuid",
-        "2102",
-        "--regid",
-        "2102",
-        "--clear-groups",
-    ]);
-    let _proxy = Proxy::spawn(
-        &wrapper,
-        &workspace_binary("weft-proxy")?,
-        &[
+    let _proxy = host_proxy(
+        &app,
+        Some(PROXY_UID),
+        env(&[
             ("WEFT_PROXY_OUTBOUND_LISTEN", "127.0.0.1:4140,[::1]:4140"),
             ("WEFT_PROXY_INBOUND_LISTEN", "0.0.0.0:4143,[::]:4143"),
-            ("WEFT_PROXY_ADMIN_LISTEN", "0.0.0.0:4191"),
-        ],
+        ]),
     )
     .await?;
-    wait_for(&app, "http://127.0.0.1:4191/ready").await?;
     let said = app.exec(&[&weft()?, "init", "--proxy-uid", "2102"])?;
     assert!(said.contains("IPv4 and IPv6"), "{said}");
     wait_for(&peer, "http://[fd00:98::2]:8080/").await?;
@@ -339,9 +365,9 @@ async fn ipv6_traffic_is_captured_and_meshed_both_ways() -> anyhow::Result<()> {
     let mut warm = vec![
         "setpriv",
         "--reuid",
-        "2102",
+        PROXY_UID,
         "--regid",
-        "2102",
+        PROXY_UID,
         "--clear-groups",
     ];
     warm.extend(["curl", "-fsS", "--max-time", "5", "-o", "/dev/null"]);
@@ -389,30 +415,7 @@ async fn an_unmodified_application_is_meshed_both_ways() -> anyhow::Result<()> {
     let _local = app.spawn(&[&backend, "--listen", "0.0.0.0:9000", "--name", "local"])?;
     let _private = app.spawn(&[&backend, "--listen", "127.0.0.1:9001", "--name", "private"])?;
 
-    let wrapper = [
-        "ip",
-        "netns",
-        "exec",
-        app.name.as_str(),
-        "setpriv",
-        "--reuid",
-        "2102",
-        "--regid",
-        "2102",
-        "--clear-groups",
-    ];
-    let proxy_bin = workspace_binary("weft-proxy")?;
-    let _proxy = Proxy::spawn(
-        &wrapper,
-        &proxy_bin,
-        &[
-            ("WEFT_PROXY_OUTBOUND_LISTEN", "127.0.0.1:4140"),
-            ("WEFT_PROXY_INBOUND_LISTEN", "0.0.0.0:4143"),
-            ("WEFT_PROXY_ADMIN_LISTEN", "0.0.0.0:4191"),
-        ],
-    )
-    .await?;
-    wait_for(&app, "http://127.0.0.1:4191/ready").await?;
+    let _proxy = host_proxy(&app, Some(PROXY_UID), Vec::new()).await?;
     app.exec(&[&weft()?, "init", "--proxy-uid", "2102"])?;
     wait_for(&peer, "http://10.98.0.2:8080/").await?;
     wait_for(&app, "http://127.0.0.1:9000/").await?;
@@ -507,7 +510,7 @@ async fn transparent_traffic_to_a_meshed_peer_is_mutual_tls() -> anyhow::Result<
         (&peer, "api.demo", format!("10.97.{net}.6:{port}")),
     ] {
         let env = meshed_at(&ca, &control, name, control_ip)?;
-        proxies.push(host_proxy(ns, env, "127.0.0.1:4140").await?);
+        proxies.push(host_proxy(ns, None, env).await?);
     }
     let weft = weft()?;
     app.exec(&[&weft, "init", "--proxy-uid", "0"])?;
@@ -673,21 +676,11 @@ async fn one_proxy_per_node_serves_each_workload_as_its_own_identity() -> anyhow
             ca.token_file("cron.demo")?
         ),
     )?;
-    let node_env = vec![
-        (
-            "WEFT_PROXY_CONTROL_ADDR".to_string(),
-            format!("10.96.{net}.2:{port}"),
-        ),
-        ("WEFT_PROXY_TRUST_ANCHORS".into(), ca.anchors()),
-        (
-            "WEFT_PROXY_WORKLOADS".into(),
-            workloads.to_string_lossy().into_owned(),
-        ),
-    ];
+    let node_env = per_node(&ca, format!("10.96.{net}.2:{port}"), &workloads);
     let peer_env = meshed_at(&ca, &control, "api.demo", format!("10.96.{net}.6:{port}"))?;
     let mut proxies = [
-        host_proxy(&node, node_env, "0.0.0.0:4140").await?,
-        host_proxy(&peer, peer_env, "127.0.0.1:4140").await?,
+        host_proxy(&node, None, node_env).await?,
+        host_proxy(&peer, None, peer_env).await?,
     ];
     let weft = weft()?;
     node.exec(&[&weft, "init", "--inbound-only"])?;
@@ -836,18 +829,8 @@ async fn one_proxy_per_node_serves_each_workload_as_its_own_identity() -> anyhow
             ca.token_file("web.demo")?
         ),
     )?;
-    let neighbour_env = vec![
-        (
-            "WEFT_PROXY_CONTROL_ADDR".to_string(),
-            format!("10.96.{net}.10:{port}"),
-        ),
-        ("WEFT_PROXY_TRUST_ANCHORS".into(), ca.anchors()),
-        (
-            "WEFT_PROXY_WORKLOADS".into(),
-            web_only.to_string_lossy().into_owned(),
-        ),
-    ];
-    let _neighbour = host_proxy(&node2, neighbour_env, "0.0.0.0:4140").await?;
+    let neighbour_env = per_node(&ca, format!("10.96.{net}.10:{port}"), &web_only);
+    let _neighbour = host_proxy(&node2, None, neighbour_env).await?;
     proxies[0].terminate()?;
     proxies[0].wait(Duration::from_secs(10)).await?;
     let through = |proxy: &str| {

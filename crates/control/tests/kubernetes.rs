@@ -110,6 +110,28 @@ fn slice(name: &str, service: &str, endpoints: &[Ep<'_>]) -> EndpointSlice {
     }
 }
 
+/// A kubeconfig for the double, and weft-control started against it.
+struct Cluster {
+    dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    fn new(api: &ApiServer) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        api.write_kubeconfig(&dir.path().join("kubeconfig"))?;
+        Ok(Self { dir })
+    }
+
+    /// weft-control following the cluster, DNS off, with `extra` flags.
+    async fn control(&self, ca: &MeshCa, extra: &[&str]) -> anyhow::Result<Control> {
+        let kubeconfig = self.dir.path().join("kubeconfig");
+        let kubeconfig = kubeconfig.to_string_lossy();
+        let mut args = vec!["--kubeconfig", &kubeconfig, "--dns", "false"];
+        args.extend_from_slice(extra);
+        Control::start(&workspace_binary("weft-control")?, ca, &args).await
+    }
+}
+
 fn get(path: &str) -> GetDestination {
     GetDestination {
         scheme: "k8s".into(),
@@ -174,21 +196,9 @@ async fn services_and_endpoint_slices_are_served_with_serviceaccount_identities(
             Ep("legacy-1", "10.0.0.3", true, true),
         ],
     ))?;
-    let dir = tempfile::tempdir()?;
-    let kubeconfig = dir.path().join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig)?;
     let ca = MeshCa::new()?;
-    let control = Control::start(
-        &workspace_binary("weft-control")?,
-        &ca,
-        &[
-            "--kubeconfig",
-            &kubeconfig.to_string_lossy(),
-            "--dns",
-            "false",
-        ],
-    )
-    .await?;
+    let cluster = Cluster::new(&api)?;
+    let control = cluster.control(&ca, &[]).await?;
     let mut client = DestinationClient::new(control.channel().await?);
 
     let id = "web.demo.serviceaccount.identity.weft.local";
@@ -313,10 +323,7 @@ async fn kubernetes_and_host_endpoints_merge_or_shadow_as_configured() -> anyhow
         "web",
         &[Ep("web-1", "10.0.0.1", true, true)],
     ))?;
-    let dir = tempfile::tempdir()?;
-    let kubeconfig = dir.path().join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig)?;
-    let kubeconfig = kubeconfig.to_string_lossy().into_owned();
+    let cluster = Cluster::new(&api)?;
     // A host (a VM, say) serving the same service outside the cluster.
     let file = weft_test_support::DestinationsFile::from_yaml(
         "destinations:\n  \"web.demo.svc.cluster.local:80\":\n    endpoints: [{addr: \"192.168.1.5:8080\", identity: web.hosts.weft.local}]\n",
@@ -337,16 +344,9 @@ async fn kubernetes_and_host_endpoints_merge_or_shadow_as_configured() -> anyhow
             vec!["192.168.1.5:8080"],
         ),
     ] {
-        let mut args = vec![
-            "--kubeconfig",
-            &kubeconfig,
-            "--destinations",
-            &path,
-            "--dns",
-            "false",
-        ];
+        let mut args = vec!["--destinations", path.as_str()];
         args.extend(extra);
-        let control = Control::start(&workspace_binary("weft-control")?, &ca, &args).await?;
+        let control = cluster.control(&ca, &args).await?;
         let mut client = DestinationClient::new(control.channel().await?);
         let mut state = BTreeMap::new();
         let mut web = client
@@ -378,21 +378,9 @@ async fn serviceaccount_tokens_certify_exactly_their_serviceaccount() -> anyhow:
         "system:serviceaccount:demo:web",
         &["vault"],
     );
-    let dir = tempfile::tempdir()?;
-    let kubeconfig = dir.path().join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig)?;
     let ca = MeshCa::new()?;
-    let control = Control::start(
-        &workspace_binary("weft-control")?,
-        &ca,
-        &[
-            "--kubeconfig",
-            &kubeconfig.to_string_lossy(),
-            "--dns",
-            "false",
-        ],
-    )
-    .await?;
+    let cluster = Cluster::new(&api)?;
+    let control = cluster.control(&ca, &[]).await?;
     let mut client = IdentityClient::new(control.channel().await?);
     let web = "web.demo.serviceaccount.identity.weft.local";
     let request = |identity: &str, token: &str| -> anyhow::Result<CertifyRequest> {

@@ -126,13 +126,13 @@ where
         service_fn(move |req| {
             let ctx = ctx.clone();
             let active = activity.begin();
-            let draining = draining.clone();
+            // Decided as the request arrives (one atomic load, no clone per
+            // request); a drain that starts mid-request closes the
+            // connection at the next one, or when it idles.
+            let close = version == HttpVersion::Http1 && draining.is_cancelled();
             async move {
                 let mut rsp = ctx.handle(req).await;
-                if version == HttpVersion::Http1
-                    && draining.is_cancelled()
-                    && rsp.status() != http::StatusCode::SWITCHING_PROTOCOLS
-                {
+                if close && rsp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
                     // Draining: the client learns not to reuse the
                     // connection from the response itself, and hyper closes
                     // it once written. Closing it idle instead would race
