@@ -44,7 +44,59 @@ pub(crate) struct Args {
 }
 
 const CONTROL_PORT: u16 = 8086;
-const ADMIN_PORT: u16 = 9990;
+pub(crate) const ADMIN_PORT: u16 = 9990;
+
+/// The names of the objects `weft install` makes, which `weft check
+/// --kubernetes` looks for.
+pub(crate) mod names {
+    /// The ServiceAccount, Deployment, Service and pods' label.
+    pub(crate) const CONTROL: &str = "weft-control";
+    pub(crate) const WEBHOOK_SERVICE: &str = "weft-webhook";
+    pub(crate) const WEBHOOK_TLS: &str = "weft-webhook-tls";
+    pub(crate) const TRUST_ANCHORS: &str = "weft-trust-anchors";
+    pub(crate) const IDENTITY: &str = "weft-identity";
+    /// The label every control-plane object carries.
+    pub(crate) const NAME_LABEL: &str = "app.kubernetes.io/name";
+
+    /// Cluster-scoped objects carry the namespace, so that installs in two
+    /// namespaces do not collide.
+    pub(crate) fn cluster_role(ns: &str) -> String {
+        format!("weft-control-{ns}")
+    }
+
+    pub(crate) fn webhook_configuration(ns: &str) -> String {
+        format!("weft-inject-{ns}")
+    }
+}
+
+/// What weft-control may do, and nothing else: (API group, resources,
+/// verbs).
+pub(crate) const CONTROL_RULES: &[(&str, &[&str], &[&str])] = &[
+    ("", &["services", "pods"], &["get", "list", "watch"]),
+    (
+        "discovery.k8s.io",
+        &["endpointslices"],
+        &["get", "list", "watch"],
+    ),
+    ("authentication.k8s.io", &["tokenreviews"], &["create"]),
+];
+
+/// What installing creates: (API group, resource, namespaced).
+pub(crate) const CREATES: &[(&str, &str, bool)] = &[
+    ("", "namespaces", false),
+    ("", "serviceaccounts", true),
+    ("rbac.authorization.k8s.io", "clusterroles", false),
+    ("rbac.authorization.k8s.io", "clusterrolebindings", false),
+    ("", "configmaps", true),
+    ("", "secrets", true),
+    ("apps", "deployments", true),
+    ("", "services", true),
+    (
+        "admissionregistration.k8s.io",
+        "mutatingwebhookconfigurations",
+        false,
+    ),
+];
 const WEBHOOK_PORT: u16 = 8443;
 
 pub(crate) fn run(args: Args) -> anyhow::Result<()> {
@@ -102,8 +154,7 @@ fn manifests(args: &Args, ca: &CaDir) -> anyhow::Result<Vec<Value>> {
         .context("signing the webhook's certificate")?;
     let webhook_chain = format!("{}{}", to_pem(&leaf.der), to_pem(issuer.cert()));
 
-    let labels =
-        json!({"app.kubernetes.io/name": "weft-control", "app.kubernetes.io/part-of": "weft"});
+    let labels = json!({names::NAME_LABEL: names::CONTROL, "app.kubernetes.io/part-of": "weft"});
     let meta = |name: &str| json!({"name": name, "namespace": ns, "labels": labels});
     let image = |bin: &str| format!("{}/{bin}:{}", args.registry, args.version);
     let probe = |path: &str| json!({"httpGet": {"path": path, "port": ADMIN_PORT}, "periodSeconds": 5, "failureThreshold": 3});
@@ -112,7 +163,7 @@ fn manifests(args: &Args, ca: &CaDir) -> anyhow::Result<Vec<Value>> {
             "name": name,
             "admissionReviewVersions": ["v1"],
             "clientConfig": {
-                "service": {"name": "weft-webhook", "namespace": ns, "path": path, "port": 443},
+                "service": {"name": names::WEBHOOK_SERVICE, "namespace": ns, "path": path, "port": 443},
                 "caBundle": b64(&anchors),
             },
             "rules": [{
@@ -137,34 +188,32 @@ fn manifests(args: &Args, ca: &CaDir) -> anyhow::Result<Vec<Value>> {
             "kind": "Namespace",
             "metadata": {"name": ns, "labels": {"weft.io/inject": "disabled", "app.kubernetes.io/part-of": "weft"}},
         }),
-        json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta("weft-control")}),
+        json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta(names::CONTROL)}),
         json!({
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "ClusterRole",
-            "metadata": {"name": format!("weft-control-{ns}"), "labels": labels},
-            "rules": [
-                {"apiGroups": [""], "resources": ["services", "pods"], "verbs": ["get", "list", "watch"]},
-                {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]},
-                {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
-            ],
+            "metadata": {"name": names::cluster_role(ns), "labels": labels},
+            "rules": CONTROL_RULES.iter().map(|(group, resources, verbs)| json!({
+                "apiGroups": [group], "resources": resources, "verbs": verbs,
+            })).collect::<Vec<_>>(),
         }),
         json!({
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "ClusterRoleBinding",
-            "metadata": {"name": format!("weft-control-{ns}"), "labels": labels},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": format!("weft-control-{ns}")},
-            "subjects": [{"kind": "ServiceAccount", "name": "weft-control", "namespace": ns}],
+            "metadata": {"name": names::cluster_role(ns), "labels": labels},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": names::cluster_role(ns)},
+            "subjects": [{"kind": "ServiceAccount", "name": names::CONTROL, "namespace": ns}],
         }),
         json!({
             "apiVersion": "v1",
             "kind": "ConfigMap",
-            "metadata": meta("weft-trust-anchors"),
+            "metadata": meta(names::TRUST_ANCHORS),
             "data": {"ca.crt": anchors},
         }),
         json!({
             "apiVersion": "v1",
             "kind": "Secret",
-            "metadata": meta("weft-identity"),
+            "metadata": meta(names::IDENTITY),
             "type": "Opaque",
             "data": {
                 "ca.crt": b64(&anchors),
@@ -176,21 +225,21 @@ fn manifests(args: &Args, ca: &CaDir) -> anyhow::Result<Vec<Value>> {
         json!({
             "apiVersion": "v1",
             "kind": "Secret",
-            "metadata": meta("weft-webhook-tls"),
+            "metadata": meta(names::WEBHOOK_TLS),
             "type": "kubernetes.io/tls",
             "data": {"tls.crt": b64(&webhook_chain), "tls.key": b64(&key.serialize_pem())},
         }),
         json!({
             "apiVersion": "apps/v1",
             "kind": "Deployment",
-            "metadata": meta("weft-control"),
+            "metadata": meta(names::CONTROL),
             "spec": {
                 "replicas": 2,
-                "selector": {"matchLabels": {"app.kubernetes.io/name": "weft-control"}},
+                "selector": {"matchLabels": {names::NAME_LABEL: names::CONTROL}},
                 "template": {
                     "metadata": {"labels": labels},
                     "spec": {
-                        "serviceAccountName": "weft-control",
+                        "serviceAccountName": names::CONTROL,
                         "securityContext": {"runAsNonRoot": true, "runAsUser": 2103, "runAsGroup": 2103, "seccompProfile": {"type": "RuntimeDefault"}},
                         "containers": [{
                             "name": "weft-control",
@@ -233,8 +282,8 @@ fn manifests(args: &Args, ca: &CaDir) -> anyhow::Result<Vec<Value>> {
                             ],
                         }],
                         "volumes": [
-                            {"name": "identity", "secret": {"secretName": "weft-identity", "defaultMode": 0o400}},
-                            {"name": "webhook-tls", "secret": {"secretName": "weft-webhook-tls", "defaultMode": 0o400}},
+                            {"name": "identity", "secret": {"secretName": names::IDENTITY, "defaultMode": 0o400}},
+                            {"name": "webhook-tls", "secret": {"secretName": names::WEBHOOK_TLS, "defaultMode": 0o400}},
                             {"name": "spent", "emptyDir": {}},
                         ],
                     },
@@ -244,25 +293,25 @@ fn manifests(args: &Args, ca: &CaDir) -> anyhow::Result<Vec<Value>> {
         json!({
             "apiVersion": "v1",
             "kind": "Service",
-            "metadata": meta("weft-control"),
+            "metadata": meta(names::CONTROL),
             "spec": {
-                "selector": {"app.kubernetes.io/name": "weft-control"},
+                "selector": {names::NAME_LABEL: names::CONTROL},
                 "ports": [{"name": "grpc", "port": CONTROL_PORT, "targetPort": "grpc", "protocol": "TCP"}],
             },
         }),
         json!({
             "apiVersion": "v1",
             "kind": "Service",
-            "metadata": meta("weft-webhook"),
+            "metadata": meta(names::WEBHOOK_SERVICE),
             "spec": {
-                "selector": {"app.kubernetes.io/name": "weft-control"},
+                "selector": {names::NAME_LABEL: names::CONTROL},
                 "ports": [{"name": "https", "port": 443, "targetPort": "webhook", "protocol": "TCP"}],
             },
         }),
         json!({
             "apiVersion": "admissionregistration.k8s.io/v1",
             "kind": "MutatingWebhookConfiguration",
-            "metadata": {"name": format!("weft-inject-{ns}"), "labels": labels},
+            "metadata": {"name": names::webhook_configuration(ns), "labels": labels},
             "webhooks": [
                 // Namespaces labelled weft.io/inject=enabled: every pod
                 // that does not say disabled.
@@ -280,4 +329,42 @@ fn manifests(args: &Args, ca: &CaDir) -> anyhow::Result<Vec<Value>> {
             ],
         }),
     ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `weft check --kubernetes --pre` asks for permission to create what
+    /// CREATES lists: it must be everything the manifest holds.
+    #[test]
+    fn creates_lists_every_kind_installed() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let args = Args {
+            namespace: "weft".into(),
+            identity_dir: dir.path().join("ca"),
+            generate_ca: true,
+            anchor_key_out: Some(dir.path().join("anchor.key")),
+            trust_domain: "weft.local".parse()?,
+            registry: "r".into(),
+            version: "v".into(),
+        };
+        let ca = CaDir::with_anchor_key(&args.identity_dir, dir.path().join("anchor.key"));
+        ca.init(&args.trust_domain, false)?;
+        for doc in manifests(&args, &ca)? {
+            let kind = doc["kind"].as_str().unwrap_or_default();
+            let group = doc["apiVersion"]
+                .as_str()
+                .unwrap_or_default()
+                .rsplit_once('/')
+                .map_or("", |(g, _)| g);
+            let namespaced = doc["metadata"]["namespace"].is_string();
+            let plural = format!("{}s", kind.to_lowercase());
+            assert!(
+                CREATES.contains(&(group, plural.as_str(), namespaced)),
+                "{kind} ({group}, {plural}, namespaced {namespaced}) is not in CREATES"
+            );
+        }
+        Ok(())
+    }
 }

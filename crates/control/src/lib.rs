@@ -59,7 +59,9 @@ const EXTRA_STREAMS: u32 = 16;
 
 /// The cluster's client: from `kubeconfig`, else in-cluster configuration
 /// or KUBECONFIG.
-async fn kubernetes_client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client, RunError> {
+pub async fn kubernetes_client(
+    kubeconfig: Option<&std::path::Path>,
+) -> Result<kube::Client, RunError> {
     let config = match kubeconfig {
         Some(path) => {
             let file = kube::config::Kubeconfig::read_from(path)

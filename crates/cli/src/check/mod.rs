@@ -4,7 +4,10 @@
 //! (trust anchor and issuer valid, far enough from expiry, the issuer
 //! chaining to an anchor) and every proxy in the targets file (ready,
 //! certified, clock close enough to this machine's that certificates mean
-//! the same thing to both).
+//! the same thing to both). With `--kubernetes`, checks a cluster instead
+//! (see [`kubernetes`]).
+
+mod kubernetes;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -38,6 +41,22 @@ pub(crate) struct Args {
     control_admin: Option<String>,
     #[command(flatten)]
     tls: crate::control::TlsArgs,
+    /// Check weft on a Kubernetes cluster (API, weft-control's RBAC, the
+    /// webhook and its certificate, the control-plane pods, trust anchors)
+    /// instead of the proxies in a targets file.
+    #[arg(long)]
+    kubernetes: bool,
+    /// With --kubernetes: before installing, check that the cluster and
+    /// this user can take `weft install`'s output.
+    #[arg(long, requires = "kubernetes")]
+    pre: bool,
+    /// With --kubernetes: the cluster's kubeconfig [default: KUBECONFIG,
+    /// else ~/.kube/config, else in-cluster]
+    #[arg(long, value_name = "FILE", requires = "kubernetes")]
+    kubeconfig: Option<PathBuf>,
+    /// With --kubernetes: the namespace weft is installed in.
+    #[arg(long, default_value = "weft", requires = "kubernetes")]
+    namespace: String,
     #[arg(short = 'o', long, value_enum, default_value = "table")]
     output: Output,
 }
@@ -129,14 +148,32 @@ fn control_addrs(args: &Args, listed: &[Target]) -> (String, String) {
 }
 
 pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
-    let path = args.targets.clone().unwrap_or_else(targets::default_path);
     let mut report = Report::default();
+    if args.kubernetes {
+        kubernetes::run(
+            &mut report,
+            kubernetes::Options {
+                kubeconfig: args.kubeconfig.as_deref(),
+                namespace: &args.namespace,
+                pre: args.pre,
+            },
+        )
+        .await;
+    } else {
+        mesh(&args, &mut report).await;
+    }
+    conclude(&report, args.output)
+}
+
+/// The control plane, its identity and the proxies in the targets file.
+async fn mesh(args: &Args, report: &mut Report) {
+    let path = args.targets.clone().unwrap_or_else(targets::default_path);
     let loaded = targets::load(&path);
     let listed = loaded.as_ref().map_or(&[][..], Vec::as_slice);
-    let (grpc, admin) = control_addrs(&args, listed);
+    let (grpc, admin) = control_addrs(args, listed);
     let anchors = args.tls.anchors(listed);
     let control_up = control(
-        &mut report,
+        report,
         &grpc,
         &admin,
         anchors.as_deref(),
@@ -144,7 +181,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     )
     .await;
     if control_up {
-        identity(&mut report, &admin).await;
+        identity(report, &admin).await;
     }
     if let Err(e) = &loaded {
         report.push(
@@ -167,16 +204,19 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     for (name, result) in checks {
         report.push("proxies", name, result);
     }
+}
+
+fn conclude(report: &Report, output: Output) -> anyhow::Result<()> {
     let failed = report.0.iter().filter(|c| c.status == Status::Fail).count();
     let warned = report.0.iter().filter(|c| c.status == Status::Warn).count();
-    match args.output {
+    match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&report.0)?),
         Output::Table => print_report(&report.0),
     }
     if failed > 0 {
         anyhow::bail!("{failed} checks failed, {warned} warnings");
     }
-    if args.output == Output::Table {
+    if output == Output::Table {
         println!(
             "\nall checks passed{}",
             if warned > 0 {
@@ -287,7 +327,7 @@ async fn identity(report: &mut Report, admin: &str) {
         }
     };
     let now = SystemTime::now();
-    let anchors = match certs(&json.anchors_pem) {
+    let anchors = match certs("the control plane's anchors", &json.anchors_pem) {
         Ok(a) if !a.is_empty() => a,
         Ok(_) => {
             report.push(
@@ -316,7 +356,7 @@ async fn identity(report: &mut Report, admin: &str) {
         let name = format!("trust anchor {}", info.subject);
         report.push(S, name, validity(info, now, ANCHOR_WARN, "make a new CA with `weft identity init --force` and give its ca.crt to every proxy (WEFT_PROXY_TRUST_ANCHORS) before the old one expires"));
     }
-    let issuer = match certs(&json.issuer_pem).map(|mut v| v.pop()) {
+    let issuer = match certs("the control plane's issuer", &json.issuer_pem).map(|mut v| v.pop()) {
         Ok(Some(i)) => i,
         Ok(None) | Err(_) => {
             report.push(
@@ -368,10 +408,10 @@ async fn identity(report: &mut Report, admin: &str) {
     }
 }
 
-fn certs(pem: &str) -> Result<Vec<(Vec<u8>, CertInfo)>, String> {
-    let ders =
-        weft_identity::parse_pem_certs(std::path::Path::new("(from the control plane)"), pem)
-            .map_err(|e| e.to_string())?;
+/// The certificates in `pem`, read from `what` (named in errors).
+fn certs(what: &str, pem: &str) -> Result<Vec<(Vec<u8>, CertInfo)>, String> {
+    let ders = weft_identity::parse_pem_certs(std::path::Path::new(what), pem)
+        .map_err(|e| e.to_string())?;
     ders.into_iter()
         .map(|d| {
             let info = CertInfo::parse(&d)?;
