@@ -1,6 +1,6 @@
 //! The Kubernetes API server double, driven by the real client (kube-rs):
 //! lists, watches that resume, relists after compaction (410 Gone), 403
-//! for a forbidden resource, and TokenReviews.
+//! for a forbidden resource, TokenReviews, and SubjectAccessReviews by RBAC.
 
 use std::time::Duration;
 
@@ -167,6 +167,83 @@ async fn token_reviews_authenticate_only_known_tokens_for_their_audience() -> an
             Some(false),
             "{token} {audience}"
         );
+    }
+    Ok(())
+}
+
+/// SubjectAccessReviews are answered from the RBAC objects the double
+/// holds, as the API server's RBAC authorizer would: cluster-wide grants by
+/// ClusterRoleBinding, namespaced ones by RoleBinding (to a Role or a
+/// ClusterRole), resourceNames narrowing a rule, nothing else allowed.
+#[tokio::test]
+async fn access_reviews_follow_rbac_objects() -> anyhow::Result<()> {
+    use k8s_openapi::api::authorization::v1::{
+        ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
+    };
+    use serde_json::json;
+    let api = ApiServer::start().await?;
+    for doc in [
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+               "metadata": {"name": "reader"},
+               "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]}]}),
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+               "metadata": {"name": "reader"},
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "reader"},
+               "subjects": [{"kind": "ServiceAccount", "name": "a", "namespace": "one"}]}),
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+               "metadata": {"name": "cm", "namespace": "two"},
+               "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"], "resourceNames": ["only"]}]}),
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+               "metadata": {"name": "cm", "namespace": "two"},
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "cm"},
+               "subjects": [{"kind": "Group", "name": "devs"}]}),
+    ] {
+        api.apply_value(doc)?;
+    }
+    let reviews: Api<SubjectAccessReview> = Api::all(client(&api)?);
+    let ask = |user: &str, group: &str, verb: &str, resource: &str, ns: &str, name: &str| {
+        SubjectAccessReview {
+            spec: SubjectAccessReviewSpec {
+                user: Some(user.into()),
+                groups: Some(vec![group.into()]),
+                resource_attributes: Some(ResourceAttributes {
+                    verb: Some(verb.into()),
+                    resource: Some(resource.into()),
+                    group: Some(String::new()),
+                    namespace: (!ns.is_empty()).then(|| ns.into()),
+                    name: (!name.is_empty()).then(|| name.into()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    };
+    let sa = "system:serviceaccount:one:a";
+    for (review, want) in [
+        (ask(sa, "", "list", "pods", "", ""), true),
+        (ask(sa, "", "get", "pods", "any", ""), true),
+        (ask(sa, "", "watch", "pods", "", ""), false),
+        (ask(sa, "", "get", "services", "", ""), false),
+        (
+            ask("system:serviceaccount:two:a", "", "get", "pods", "", ""),
+            false,
+        ),
+        (ask("bob", "devs", "get", "configmaps", "two", "only"), true),
+        (
+            ask("bob", "devs", "get", "configmaps", "two", "other"),
+            false,
+        ),
+        (
+            ask("bob", "devs", "get", "configmaps", "three", "only"),
+            false,
+        ),
+        (ask("bob", "ops", "get", "configmaps", "two", "only"), false),
+    ] {
+        let attrs = format!("{:?}", review.spec);
+        let answer = reviews.create(&PostParams::default(), &review).await?;
+        let allowed = answer.status.map(|s| s.allowed);
+        assert_eq!(allowed, Some(want), "{attrs}");
     }
     Ok(())
 }
