@@ -14,6 +14,8 @@ use serde::Deserialize;
 use tokio::sync::watch;
 
 mod policy;
+mod servers;
+pub use servers::{DETECT_TIMEOUT, ServerSpec};
 pub use policy::{
     Budget, Hedge, Policy, Retry, RetryOn, Route, RouteBackend, RouteMatch, grpc_status_name,
 };
@@ -27,10 +29,13 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
 /// (an editor, a config tool) is not caught half-way.
 const SETTLE: Duration = Duration::from_millis(50);
 
-/// The endpoints of every statically known authority.
+/// The endpoints of every statically known authority, and the inbound
+/// policy of every listed server.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Destinations {
     pub by_authority: HashMap<Authority, Destination>,
+    /// By lower-cased identity.
+    pub servers: HashMap<String, ServerSpec>,
 }
 
 /// One service: its endpoints and how to talk to them.
@@ -73,6 +78,8 @@ struct FileModel {
     // Required: a file without it is far more likely half-written than
     // meant to be empty, so "no destinations" must be said explicitly.
     destinations: HashMap<String, DestinationModel>,
+    #[serde(default)]
+    servers: HashMap<String, servers::ServerModel>,
 }
 
 #[derive(Deserialize)]
@@ -197,7 +204,11 @@ impl Destinations {
                 )));
             }
         }
-        Ok(Self { by_authority })
+        let servers = servers::build(model.servers).map_err(invalid)?;
+        Ok(Self {
+            by_authority,
+            servers,
+        })
     }
 }
 
