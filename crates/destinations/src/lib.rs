@@ -15,10 +15,10 @@ use tokio::sync::watch;
 
 mod policy;
 mod servers;
-pub use servers::{DETECT_TIMEOUT, ServerSpec};
 pub use policy::{
     Budget, Hedge, Policy, Retry, RetryOn, Route, RouteBackend, RouteMatch, grpc_status_name,
 };
+pub use servers::{DETECT_TIMEOUT, ServerSpec};
 use weft_detect::Authority;
 use weft_identity::Name;
 

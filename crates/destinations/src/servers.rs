@@ -151,7 +151,9 @@ fn networks(at: &str, list: &[String]) -> Result<Vec<ipnet::IpNet>, String> {
         .map(|n| {
             n.parse::<ipnet::IpNet>()
                 .or_else(|_| n.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
-                .map_err(|_| format!("{at}: {n:?} is not a network (10.0.0.0/8, fd00::/8 or an address)"))
+                .map_err(|_| {
+                    format!("{at}: {n:?} is not a network (10.0.0.0/8, fd00::/8 or an address)")
+                })
         })
         .collect()
 }
@@ -175,7 +177,11 @@ fn clients(at: &str, c: &ClientsModel) -> Result<(Vec<Network>, Authn), String> 
             })
             .collect()
     };
-    let authn = match (c.unauthenticated, c.identities.is_empty(), c.networks.is_empty()) {
+    let authn = match (
+        c.unauthenticated,
+        c.identities.is_empty(),
+        c.networks.is_empty(),
+    ) {
         (true, false, _) => {
             return Err(format!(
                 "{at}: unauthenticated: true admits clients without identities; drop identities, or unauthenticated"
@@ -231,7 +237,11 @@ fn route(at: &str, r: &RouteModel, grpc_port: bool) -> Result<RouteSpec, String>
                 PathMatch::Exact(format!("/{svc}/{method}"))
             }
             None if !g.is_empty() => PathMatch::Prefix(format!("/{g}/")),
-            _ => return Err(format!("{at}.grpc: {g:?} is not pkg.Service or pkg.Service/Method")),
+            _ => {
+                return Err(format!(
+                    "{at}.grpc: {g:?} is not pkg.Service or pkg.Service/Method"
+                ));
+            }
         },
         _ => {
             return Err(format!(
@@ -240,10 +250,14 @@ fn route(at: &str, r: &RouteModel, grpc_port: bool) -> Result<RouteSpec, String>
         }
     };
     if grpc_port && r.grpc.is_none() {
-        return Err(format!("{at}: a grpc port's routes are grpc: pkg.Service[/Method]"));
+        return Err(format!(
+            "{at}: a grpc port's routes are grpc: pkg.Service[/Method]"
+        ));
     }
     if r.grpc.is_some() && !r.methods.is_empty() {
-        return Err(format!("{at}: gRPC routes have no methods (every call is a POST)"));
+        return Err(format!(
+            "{at}: gRPC routes have no methods (every call is a POST)"
+        ));
     }
     let methods = r
         .methods
@@ -257,12 +271,17 @@ fn route(at: &str, r: &RouteModel, grpc_port: bool) -> Result<RouteSpec, String>
 }
 
 fn rps(at: &str, n: u32) -> Result<NonZeroU32, String> {
-    NonZeroU32::new(n).ok_or_else(|| format!("{at}: 0 requests per second admits nothing; use default: deny to refuse"))
+    NonZeroU32::new(n).ok_or_else(|| {
+        format!("{at}: 0 requests per second admits nothing; use default: deny to refuse")
+    })
 }
 
 fn rate_limit(at: &str, r: &RateLimitModel) -> Result<RateLimit, String> {
     Ok(RateLimit {
-        total: r.total_rps.map(|n| rps(&format!("{at}.total_rps"), n)).transpose()?,
+        total: r
+            .total_rps
+            .map(|n| rps(&format!("{at}.total_rps"), n))
+            .transpose()?,
         per_client: r
             .per_client_rps
             .map(|n| rps(&format!("{at}.per_client_rps"), n))
@@ -299,11 +318,17 @@ fn port(at: &str, server: &str, number: u16, p: &PortModel) -> Result<PortSpec, 
     for (i, a) in p.authorizations.iter().enumerate() {
         let at = format!("{at}.authorizations[{i}]");
         if a.name.is_empty() || !seen.insert(a.name.as_str()) {
-            return Err(format!("{at}.name: {:?} must be non-empty and unique on the port", a.name));
+            return Err(format!(
+                "{at}.name: {:?} must be non-empty and unique on the port",
+                a.name
+            ));
         }
         let (networks, authn) = clients(&format!("{at}.clients"), &a.clients)?;
         if !a.routes.is_empty() && !protocol.is_http() {
-            return Err(format!("{at}.routes: a {} port has no HTTP routes", p.protocol.as_deref().unwrap_or("detect")));
+            return Err(format!(
+                "{at}.routes: a {} port has no HTTP routes",
+                p.protocol.as_deref().unwrap_or("detect")
+            ));
         }
         let routes = a
             .routes
@@ -325,7 +350,9 @@ fn port(at: &str, server: &str, number: u16, p: &PortModel) -> Result<PortSpec, 
             if protocol.is_http() {
                 rate_limit(&format!("{at}.rate_limit"), r)
             } else {
-                Err(format!("{at}.rate_limit: rate limits apply to HTTP requests; this port is not HTTP"))
+                Err(format!(
+                    "{at}.rate_limit: rate limits apply to HTTP requests; this port is not HTTP"
+                ))
             }
         })
         .transpose()?;
@@ -366,7 +393,10 @@ pub(crate) fn build(
             ports.insert(n, port(&at, id.as_str(), n, p)?);
         }
         if servers
-            .insert(id.as_str().to_ascii_lowercase(), ServerSpec { default, ports })
+            .insert(
+                id.as_str().to_ascii_lowercase(),
+                ServerSpec { default, ports },
+            )
             .is_some()
         {
             return Err(format!("{at}: listed twice (names are case-insensitive)"));
@@ -418,11 +448,18 @@ mod tests {
             Err(e) => panic!("{e}"),
         };
         let api = &d.servers["api.demo"];
-        assert_eq!(api.default, Some(weft_authz::DefaultPolicy::AllowAuthenticated));
+        assert_eq!(
+            api.default,
+            Some(weft_authz::DefaultPolicy::AllowAuthenticated)
+        );
         let p = &api.ports[&8080];
         assert_eq!(p.name, "api.demo:8080");
         assert_eq!(p.authorizations.len(), 2);
-        assert!(p.rate_limit.as_ref().is_some_and(|r| r.overrides.len() == 1));
+        assert!(
+            p.rate_limit
+                .as_ref()
+                .is_some_and(|r| r.overrides.len() == 1)
+        );
         assert_eq!(api.ports[&9000].protocol, weft_authz::Protocol::Grpc);
     }
 
@@ -457,8 +494,14 @@ mod tests {
                 "  \"api.demo\": {ports: {\"80\": {protocol: grpc, authorizations: [{name: a, clients: {unauthenticated: true}, routes: [{path: /x}]}]}}}\n",
                 "routes[0]: a grpc port's routes are grpc:",
             ),
-            ("  \"api.demo\": {ports: {\"0\": {}}}\n", "ports.\"0\": not a port number"),
-            ("  \"api.demo\": {default: open}\n", "servers.\"api.demo\".default: \"open\" is not a default policy"),
+            (
+                "  \"api.demo\": {ports: {\"0\": {}}}\n",
+                "ports.\"0\": not a port number",
+            ),
+            (
+                "  \"api.demo\": {default: open}\n",
+                "servers.\"api.demo\".default: \"open\" is not a default policy",
+            ),
         ] {
             let err = parse(yaml).err().unwrap_or_default();
             assert!(err.contains(want), "{yaml}\n got: {err}\nwant: {want}");

@@ -49,6 +49,9 @@ pub const ENV_METRICS_MAX_AUTHORITIES: &str = "WEFT_PROXY_METRICS_MAX_AUTHORITIE
 pub const ENV_WORKLOADS: &str = "WEFT_PROXY_WORKLOADS";
 pub const ENV_UPGRADE_TIMEOUT: &str = "WEFT_PROXY_UPGRADE_TIMEOUT";
 pub const ENV_REUSE_PORT: &str = "WEFT_PROXY_REUSE_PORT";
+pub const ENV_INBOUND_SERVER: &str = "WEFT_PROXY_INBOUND_SERVER";
+pub const ENV_INBOUND_DEFAULT_POLICY: &str = "WEFT_PROXY_INBOUND_DEFAULT_POLICY";
+pub const ENV_RATE_LIMIT_CLIENTS: &str = "WEFT_PROXY_RATE_LIMIT_CLIENTS";
 
 /// The longest the proxy may wait for a silent client before treating the
 /// connection as server-speaks-first: beyond this, protocols like SMTP and
@@ -101,6 +104,12 @@ pub struct Config {
     /// Inbound authorities that get metric series of their own (besides the
     /// proxy's identity and registered service); the rest are `other`.
     pub inbound_authorities: Vec<AuthorityPattern>,
+    /// The server whose inbound policy applies (an entry of the policy's
+    /// `servers`); default: this proxy's identity.
+    pub inbound_server: Option<String>,
+    /// Who may reach a port no policy lists.
+    #[serde(serialize_with = "serialize_display")]
+    pub inbound_default_policy: weft_authz::DefaultPolicy,
 }
 
 /// Bounds and timeouts on everything a remote peer can make the proxy hold.
@@ -157,6 +166,9 @@ pub struct Limits {
     /// Distinct authorities with metric series of their own, per direction;
     /// the rest are counted as `authority="other"`.
     pub metrics_max_authorities: usize,
+    /// Clients with a rate-limit bucket of their own, per rate-limited
+    /// port; the least recently seen is forgotten beyond it.
+    pub rate_limit_clients: usize,
 }
 
 impl Default for Limits {
@@ -176,6 +188,7 @@ impl Default for Limits {
             discovery_idle_timeout: Duration::from_secs(600),
             dns_timeout: Duration::from_secs(2),
             metrics_max_authorities: 1_000,
+            rate_limit_clients: 10_000,
         }
     }
 }
@@ -350,6 +363,14 @@ impl Config {
             register: None,
             limits: Limits::default(),
             inbound_authorities: Vec::new(),
+            inbound_server: p.optional(ENV_INBOUND_SERVER, |s| {
+                s.parse::<weft_identity::Name>()
+                    .map(|n| n.as_str().to_string())
+                    .map_err(|e| e.reason.to_string())
+            }),
+            inbound_default_policy: p
+                .parse(ENV_INBOUND_DEFAULT_POLICY, "allow-all", |s| s.parse())
+                .unwrap_or_default(),
         };
         config.limits = p.limits();
         config.inbound_authorities = p
@@ -518,7 +539,15 @@ impl Parser {
             1,
             1_000_000,
         );
+        let rate_limit_clients = count(
+            self,
+            ENV_RATE_LIMIT_CLIENTS,
+            d.rate_limit_clients,
+            1,
+            10_000_000,
+        );
         Limits {
+            rate_limit_clients,
             header_read_timeout,
             http2_idle_timeout,
             http2_keepalive_interval,

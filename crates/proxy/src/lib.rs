@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod authz;
 pub mod config;
 pub mod control;
 pub use weft_destinations as destinations;
@@ -327,11 +328,21 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             }),
         );
     }
+    let server_id: Option<Arc<str>> = config
+        .inbound_server
+        .as_deref()
+        .or(config.identity.as_ref().map(|i| i.name.as_str()))
+        .map(Into::into);
+    let authz = authz::Authz::new(
+        config.inbound_default_policy,
+        config.limits.rate_limit_clients,
+    );
     if let Some(path) = &config.destinations {
         let rx = destinations::watch(path.clone()).map_err(|source| RunError::Destinations {
             var: config::ENV_DESTINATIONS,
             source,
         })?;
+        authz.follow(rx.clone());
         outbound_router.follow(rx);
     }
 
@@ -444,6 +455,8 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             limits: limits.clone(),
             labels,
             workloads: workloads.clone(),
+            authz: authz.clone(),
+            server_id: server_id.clone(),
         });
         let name = match direction {
             Direction::outbound => "outbound",

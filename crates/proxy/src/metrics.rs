@@ -10,6 +10,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+pub mod authz;
 pub mod breaker;
 mod process;
 
@@ -292,6 +293,8 @@ pub struct Metrics {
     pub retries: Family<RetryLabels, Counter>,
     /// Second tries sent because the first was slow.
     pub hedges: Family<RetryLabels, Counter>,
+    /// Inbound policy decisions.
+    pub authz: authz::AuthzMetrics,
     /// Where the breaker state of endpoints is read from at scrape time.
     pub breakers: breaker::BreakerSources,
     /// Live per-request events; not exported, streamed from `/tap`.
@@ -404,10 +407,13 @@ impl Metrics {
             "Second tries sent because the first had not answered in time",
             hedges.clone(),
         );
+        let authz = authz::AuthzMetrics::default();
+        authz.register(&mut registry);
         registry.register_collector(Box::new(process::ProcessCollector::new()));
         let breakers = breaker::BreakerSources::default();
         registry.register_collector(Box::new(breaker::BreakerCollector(breakers.clone())));
         Self {
+            authz,
             retries,
             hedges,
             breakers,

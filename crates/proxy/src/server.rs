@@ -13,6 +13,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use weft_detect::{Authority, ClientHello, Detection, MAX_PREFIX, Protocol, client_hello, detect};
 
+use crate::authz::Authz;
+use crate::authz::InboundConn;
 use crate::config::Limits;
 use crate::http::{self, HttpContext, HttpVersion, ListenAddrs};
 use crate::io::{CountingIo, PrefixedIo, TlsSlot};
@@ -53,6 +55,10 @@ pub struct Side {
     pub limits: Arc<Limits>,
     /// The metric label of each inbound request's authority.
     pub labels: Arc<AuthorityLabels>,
+    /// Inbound: who may reach which port and route.
+    pub authz: Arc<Authz>,
+    /// Inbound: whose policy applies when no local workload's does.
+    pub server_id: Option<Arc<str>>,
 }
 
 impl Side {
@@ -106,6 +112,14 @@ impl Side {
             (Direction::outbound, Some(w)) => &w.router,
             _ => &self.router,
         };
+        // Inbound, the identity served (whose policy applies): the local
+        // workload's the client dialled, else this proxy's, until the
+        // client's TLS names one.
+        let mut server_id: Option<Arc<str>> = match (self.direction, workload) {
+            (Direction::inbound, Some(w)) => Some(w.tls.name.as_str().into()),
+            (Direction::inbound, None) => self.server_id.clone(),
+            (Direction::outbound, _) => None,
+        };
         let mut workload = workload.map(|w| w.name.clone());
         let opaque_target: Option<Arc<Target>> = match self.direction {
             Direction::outbound => match orig_dst {
@@ -153,6 +167,7 @@ impl Side {
                 }
                 Some(name) => self.workloads.by_identity(name).map(|w| {
                     workload = Some(w.name.clone());
+                    server_id = Some(w.tls.name.as_str().into());
                     w.tls.clone()
                 }),
                 None => None,
@@ -199,6 +214,8 @@ impl Side {
                     client_tls,
                     router: router.clone(),
                     workload,
+                    peer,
+                    server_id,
                 };
                 return self.dispatch(io, conn, shutdown).await;
             }
@@ -212,6 +229,8 @@ impl Side {
             client_tls: TlsLabel::Plain,
             router: router.clone(),
             workload,
+            peer,
+            server_id,
         };
         self.dispatch(io, conn, shutdown).await
     }
@@ -228,11 +247,43 @@ impl Side {
             client_tls,
             router,
             workload,
+            peer,
+            server_id,
         } = conn;
+        // Inbound: the port whose policy applies is the application's.
+        let inbound = (self.direction == Direction::inbound).then(|| {
+            let target_addr = orig_dst
+                .or(self.inbound_forward)
+                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+            InboundConn {
+                authz: self.authz.clone(),
+                server_id,
+                target_addr,
+                client: peer,
+            }
+        });
+        // A port declared opaque (or TLS) is relayed as bytes whatever its
+        // first bytes look like.
+        let declared_opaque = inbound.as_ref().is_some_and(|c| {
+            matches!(
+                c.server().protocol,
+                weft_authz::Protocol::Opaque | weft_authz::Protocol::Tls
+            )
+        });
+        let protocol = if declared_opaque {
+            Protocol::Opaque
+        } else {
+            protocol
+        };
         let version = match protocol {
             Protocol::Http1 => HttpVersion::Http1,
             Protocol::Http2 => HttpVersion::Http2,
             Protocol::Tls | Protocol::Opaque => {
+                if let Some(conn) = &inbound
+                    && !conn.authorize_connection(&self.metrics, &client_tls)
+                {
+                    return;
+                }
                 let looped = opaque_target
                     .as_ref()
                     .is_some_and(|t| t.endpoints().iter().any(|a| self.listen_addrs.contains(*a)));
@@ -264,6 +315,7 @@ impl Side {
             limits: self.limits.clone(),
             labels: self.labels.clone(),
             workload,
+            inbound,
         });
         http::serve(io, ctx, shutdown).await;
     }
@@ -279,6 +331,10 @@ struct Detected {
     /// proxy's.
     router: Arc<Router>,
     workload: Option<Arc<str>>,
+    /// The client's address.
+    peer: SocketAddr,
+    /// Inbound: the identity whose policy applies.
+    server_id: Option<Arc<str>>,
 }
 
 /// Reads the rest of a TLS ClientHello into `buf`; returns its server name.

@@ -1,7 +1,7 @@
 //! HTTP clients that talk to a proxy the way applications do: HTTP/1.1 in
 //! absolute form (explicit proxy), HTTP/2 with `:authority`.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -11,6 +11,24 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
+/// A TCP connection to `addr`, from the source address `from` (any
+/// address on loopback, 127.0.0.0/8, is this host's) or the default.
+pub async fn connect_from(from: Option<IpAddr>, addr: SocketAddr) -> anyhow::Result<TcpStream> {
+    let stream = match from {
+        None => TcpStream::connect(addr).await?,
+        Some(ip) => {
+            let socket = match ip {
+                IpAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+                IpAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+            };
+            socket.bind(SocketAddr::new(ip, 0))?;
+            socket.connect(addr).await?
+        }
+    };
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
 /// An HTTP/1.1 connection to `addr`.
 pub async fn http1<B>(addr: SocketAddr) -> anyhow::Result<http1::SendRequest<B>>
 where
@@ -18,8 +36,20 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let stream = TcpStream::connect(addr).await?;
-    stream.set_nodelay(true)?;
+    http1_from(None, addr).await
+}
+
+/// An HTTP/1.1 connection to `addr` from the source address `from`.
+pub async fn http1_from<B>(
+    from: Option<IpAddr>,
+    addr: SocketAddr,
+) -> anyhow::Result<http1::SendRequest<B>>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stream = connect_from(from, addr).await?;
     let (send, conn) = http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(async move {
         let _ = conn.with_upgrades().await;

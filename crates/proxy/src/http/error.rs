@@ -69,6 +69,8 @@ pub enum ProxyError {
     Timeout(std::time::Duration),
     #[error("no route of {0} matches the request")]
     NoRoute(String),
+    #[error(transparent)]
+    Denied(#[from] weft_authz::Denied),
     #[error(
         "{addr} is at capacity: {in_flight} requests in flight and none finished within {waited:?}"
     )]
@@ -95,6 +97,9 @@ impl ProxyError {
             Self::ResponseTimeout { .. } | Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::NoRoute(_) => StatusCode::NOT_FOUND,
             Self::Loop(_) => StatusCode::LOOP_DETECTED,
+            Self::Denied(weft_authz::Denied::NoRoute { .. }) => StatusCode::NOT_FOUND,
+            Self::Denied(weft_authz::Denied::Unauthorized { .. }) => StatusCode::FORBIDDEN,
+            Self::Denied(weft_authz::Denied::RateLimited { .. }) => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -113,6 +118,9 @@ impl ProxyError {
             Self::Upstream { .. } => "upstream",
             Self::NoInboundTarget => "no_target",
             Self::Loop(_) => "loop",
+            Self::Denied(weft_authz::Denied::NoRoute { .. }) => "route_not_found",
+            Self::Denied(weft_authz::Denied::Unauthorized { .. }) => "unauthorized",
+            Self::Denied(weft_authz::Denied::RateLimited { .. }) => "rate_limited",
         }
     }
 
@@ -123,6 +131,9 @@ impl ProxyError {
         match self {
             Self::ResponseTimeout { .. } | Self::Timeout(_) => 4, // DEADLINE_EXCEEDED
             Self::NoRoute(_) => 12,                               // UNIMPLEMENTED
+            Self::Denied(weft_authz::Denied::NoRoute { .. }) => 5, // NOT_FOUND
+            Self::Denied(weft_authz::Denied::Unauthorized { .. }) => 7, // PERMISSION_DENIED
+            Self::Denied(weft_authz::Denied::RateLimited { .. }) => 8, // RESOURCE_EXHAUSTED
             _ if self.status() == StatusCode::BAD_REQUEST => 13,
             _ => 14,
         }
@@ -171,6 +182,12 @@ impl ProxyError {
             rsp
         };
         rsp.headers_mut().insert(PROXY_ERROR_HEADER, header);
+        if let Self::Denied(weft_authz::Denied::RateLimited { retry_after, .. }) = self {
+            // Whole seconds, rounded up: never sooner than a token is free.
+            let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+            rsp.headers_mut()
+                .insert(http::header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        }
         rsp
     }
 }

@@ -84,6 +84,8 @@ pub struct HttpContext {
     /// Per-node mode: the local workload this connection is from
     /// (outbound) or for (inbound).
     pub workload: Option<Arc<str>>,
+    /// Inbound: what the policy decisions on this connection need.
+    pub inbound: Option<crate::authz::InboundConn>,
 }
 
 /// The addresses one side of the proxy listens on (one per address
@@ -438,6 +440,26 @@ impl HttpContext {
             })
             .inc();
         cancelled.counted = Some((label.clone(), grpc));
+
+        // Decided per request, so a policy change applies to the next one
+        // on a connection already open.
+        if let Some(conn) = &self.inbound
+            && let Err(denied) = conn.authorize_request(
+                &self.metrics,
+                &self.client_tls,
+                req.method(),
+                req.uri().path(),
+            )
+        {
+            return self.fail(
+                tapped,
+                label,
+                denied.into(),
+                grpc,
+                start,
+                self.tls_for(None),
+            );
+        }
 
         if req.method() == Method::CONNECT && self.version == HttpVersion::Http1 {
             return Box::pin(self.tunnel(req, &target, label, start, tapped)).await;
