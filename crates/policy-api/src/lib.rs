@@ -14,6 +14,7 @@
 pub mod client;
 mod decode;
 mod encode;
+pub mod inbound;
 pub mod server;
 pub mod wire;
 
