@@ -129,7 +129,7 @@ fn messages_follow_the_documented_shapes() -> anyhow::Result<()> {
     let nets: Vec<String> = default
         .networks
         .iter()
-        .filter_map(|n| n.net.clone())
+        .filter_map(|n| n.net)
         .filter_map(|n| ipnet::IpNet::try_from(n).ok())
         .map(|n| n.to_string())
         .collect();
