@@ -46,6 +46,20 @@ impl DefaultPolicy {
         }
     }
 
+    /// The policy of a port it covers: named `default:<policy>`,
+    /// detecting HTTP for up to `detect_timeout`.
+    pub fn port_spec(self, detect_timeout: std::time::Duration) -> PortSpec {
+        PortSpec {
+            name: format!("default:{self}"),
+            protocol: Protocol::Detect {
+                timeout: detect_timeout,
+            },
+            default: self,
+            authorizations: Vec::new(),
+            rate_limit: None,
+        }
+    }
+
     /// The authorization it stands for, if any.
     pub fn authorization(self) -> Option<Authorization> {
         let authn = match self {

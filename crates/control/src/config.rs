@@ -43,6 +43,15 @@ pub struct Config {
     #[arg(long, env = "WEFT_CONTROL_DESTINATIONS")]
     pub destinations: Option<PathBuf>,
 
+    /// Who may reach a workload's port that no `servers:` entry of the
+    /// destinations file lists: deny, allow-authenticated or allow-all.
+    #[arg(
+        long,
+        env = "WEFT_CONTROL_DEFAULT_INBOUND_POLICY",
+        default_value = "allow-all"
+    )]
+    pub default_inbound_policy: weft_authz::DefaultPolicy,
+
     /// etcd v3 endpoints (comma-separated URLs), followed for instances
     /// registered under the prefix. Asked after the destinations file.
     #[arg(long, env = "WEFT_CONTROL_ETCD", value_delimiter = ',')]

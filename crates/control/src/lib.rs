@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use linkerd2_proxy_api::destination::destination_server::DestinationServer;
 use linkerd2_proxy_api::identity::identity_server::IdentityServer;
+use linkerd2_proxy_api::inbound::inbound_server_policies_server::InboundServerPoliciesServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use weft_policy_api::server::OutboundPoliciesServer;
@@ -16,6 +17,7 @@ pub mod config;
 pub mod destination;
 pub mod discovery;
 pub mod identity;
+pub mod inbound;
 pub mod metrics;
 pub mod outbound;
 pub mod spent;
@@ -83,8 +85,11 @@ pub async fn kubernetes_client(
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
     let metrics = metrics::Metrics::new();
     let mut backends: Vec<Arc<dyn discovery::Backend>> = Vec::new();
+    let mut file = None;
     if let Some(path) = &config.destinations {
-        backends.push(discovery::file::FileBackend::start(path.clone())?);
+        let backend = discovery::file::FileBackend::start(path.clone())?;
+        file = Some(backend.file());
+        backends.push(backend);
     }
     let kubernetes = if config.kubernetes || config.kubeconfig.is_some() {
         Some(kubernetes_client(config.kubeconfig.as_deref()).await?)
@@ -202,7 +207,19 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
             ),
         ))
         .add_service(OutboundPoliciesServer::new(
-            outbound::OutboundPolicyService::new(discovery, metrics, config.max_names_per_client),
+            outbound::OutboundPolicyService::new(
+                discovery,
+                metrics.clone(),
+                config.max_names_per_client,
+            ),
+        ))
+        .add_service(InboundServerPoliciesServer::new(
+            inbound::InboundPolicyService::new(
+                file,
+                config.default_inbound_policy,
+                metrics,
+                config.max_names_per_client,
+            ),
         ))
         .add_service(IdentityServer::new(identity));
     router

@@ -1,19 +1,22 @@
 //! The inbound policy in force: for each identity this proxy serves as and
-//! each port, the compiled `weft_authz::Server` deciding who gets in. Read
-//! once per request (an atomic load and a lookup), replaced whole when the
-//! policy changes, so new requests see a change at once and requests in
-//! flight are never cut. A port whose policy did not change keeps its
-//! `Server`, and with it its rate-limit buckets.
+//! each port, the compiled `weft_authz::Server` deciding who gets in, from
+//! the destinations file (static mode) or the control plane's
+//! `InboundServerPolicies` (one `WatchPort` per port in use). Read once per
+//! request (an atomic load and a lookup), replaced whole when the policy
+//! changes, so new requests see a change at once and requests in flight
+//! are never cut. A port whose policy did not change keeps its `Server`,
+//! and with it its rate-limit buckets.
 
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
-use weft_authz::{Client, DefaultPolicy, Denied, PortSpec, Protocol, Server};
+use weft_authz::{Client, DefaultPolicy, Denied, PortSpec, Server};
 use weft_destinations::{DETECT_TIMEOUT, Destinations, ServerSpec};
 
+use crate::control::Control;
 use crate::metrics::authz::{AuthzLabels, RateLimitLabels};
 use crate::metrics::{Metrics, TlsLabel};
 
@@ -27,10 +30,25 @@ struct Ports {
 
 pub struct Authz {
     servers: ArcSwap<HashMap<String, Ports>>,
-    /// For identities no policy lists (and proxies without identity).
+    /// For identities no policy lists (and proxies without identity), and
+    /// while the control plane has not answered.
     mesh_default: Arc<Server>,
     limit_clients: NonZeroUsize,
+    /// With a control plane: the ports followed by `WatchPort`, bounded
+    /// (a client can dial any port of a transparently meshed host), the
+    /// least recently used dropped first (its stream ends with it).
+    control: Option<(Control, Mutex<Watched>)>,
 }
+
+type PortRx = watch::Receiver<Option<Arc<Server>>>;
+/// Followed ports by (identity, port).
+type Watched = lru::LruCache<(Arc<str>, u16), PortRx>;
+
+/// Most ports followed at once per proxy.
+const MAX_WATCHED_PORTS: usize = 256;
+/// How long a connection to a port not followed yet waits for the control
+/// plane's first answer before the mesh-wide default applies.
+const FIRST_ANSWER: std::time::Duration = std::time::Duration::from_secs(1);
 
 fn compiled(spec: &PortSpec, limit_clients: NonZeroUsize) -> Arc<Server> {
     match weft_authz::compile(spec, limit_clients) {
@@ -39,46 +57,123 @@ fn compiled(spec: &PortSpec, limit_clients: NonZeroUsize) -> Arc<Server> {
         // them); should one still fail, refusing is the safe answer.
         Err(e) => {
             tracing::warn!(server = %spec.name, error = %e, "inbound policy does not compile; denying");
-            default_server(DefaultPolicy::Deny, limit_clients)
+            Arc::new(deny_all(&spec.name))
         }
+    }
+}
+
+/// A server that admits no one: what a policy this proxy cannot enforce
+/// becomes.
+pub fn deny_all(name: &str) -> Server {
+    Server {
+        name: name.into(),
+        protocol: weft_authz::Protocol::Detect {
+            timeout: DETECT_TIMEOUT,
+        },
+        authorizations: Vec::new(),
+        routes: Vec::new(),
+        limiter: None,
     }
 }
 
 /// The server standing for a default policy.
 fn default_server(policy: DefaultPolicy, limit_clients: NonZeroUsize) -> Arc<Server> {
-    let spec = PortSpec {
-        name: format!("default:{policy}"),
-        protocol: Protocol::Detect {
-            timeout: DETECT_TIMEOUT,
-        },
-        default: policy,
-        authorizations: Vec::new(),
-        rate_limit: None,
-    };
-    match weft_authz::compile(&spec, limit_clients) {
-        Ok(s) => Arc::new(s),
-        Err(_) => Arc::new(Server {
-            name: spec.name.into(),
-            protocol: spec.protocol,
-            authorizations: Vec::new(),
-            routes: Vec::new(),
-            limiter: None,
-        }),
+    compiled(&policy.port_spec(DETECT_TIMEOUT), limit_clients)
+}
+
+/// One port's policy, as a connection holds it: read again for every
+/// request, so changes apply to requests on open connections too.
+pub enum Port {
+    Static {
+        authz: Arc<Authz>,
+        identity: Option<Arc<str>>,
+        port: u16,
+    },
+    Watched {
+        rx: PortRx,
+        fallback: Arc<Server>,
+    },
+}
+
+impl Port {
+    pub fn current(&self) -> Arc<Server> {
+        match self {
+            Self::Static {
+                authz,
+                identity,
+                port,
+            } => authz.static_server(identity.as_deref(), *port),
+            Self::Watched { rx, fallback } => {
+                rx.borrow().clone().unwrap_or_else(|| fallback.clone())
+            }
+        }
     }
 }
 
 impl Authz {
-    pub fn new(mesh_default: DefaultPolicy, limit_clients: usize) -> Arc<Self> {
+    /// `control`: inbound policy comes from its `InboundServerPolicies`,
+    /// else from the destinations file ([`Authz::follow`]).
+    pub fn new(
+        mesh_default: DefaultPolicy,
+        limit_clients: usize,
+        control: Option<Control>,
+    ) -> Arc<Self> {
         let limit_clients = NonZeroUsize::new(limit_clients).unwrap_or(NonZeroUsize::MIN);
+        let watched = NonZeroUsize::new(MAX_WATCHED_PORTS).unwrap_or(NonZeroUsize::MIN);
         Arc::new(Self {
             servers: ArcSwap::from_pointee(HashMap::new()),
             mesh_default: default_server(mesh_default, limit_clients),
             limit_clients,
+            control: control.map(|c| (c, Mutex::new(lru::LruCache::new(watched)))),
         })
     }
 
-    /// The policy of `port` for a client reaching `identity`.
-    pub fn server(&self, identity: Option<&str>, port: u16) -> Arc<Server> {
+    /// The policy of `port` for clients reaching `identity`; with a
+    /// control plane, followed from the first connection to it on (which
+    /// waits up to a second for the first answer).
+    pub async fn port(self: &Arc<Self>, identity: Option<Arc<str>>, port: u16) -> Port {
+        let (Some((control, watched)), Some(id)) = (&self.control, &identity) else {
+            return Port::Static {
+                authz: self.clone(),
+                identity,
+                port,
+            };
+        };
+        let mut rx = {
+            let mut watched = match watched.lock() {
+                Ok(w) => w,
+                Err(p) => p.into_inner(),
+            };
+            let key = (id.clone(), port);
+            match watched.get(&key) {
+                Some(rx) => rx.clone(),
+                None => {
+                    let (tx, rx) = watch::channel(None);
+                    tokio::spawn(control.clone().follow_port(
+                        id.clone(),
+                        port,
+                        tx,
+                        self.limit_clients,
+                    ));
+                    watched.put(key, rx.clone());
+                    rx
+                }
+            }
+        };
+        if rx.borrow().is_none() {
+            let answered = tokio::time::timeout(FIRST_ANSWER, rx.wait_for(Option::is_some)).await;
+            if !matches!(answered, Ok(Ok(_))) {
+                tracing::warn!(identity = %id, port, default = %self.mesh_default.name, "no inbound policy from the control plane yet; the mesh-wide default applies");
+            }
+        }
+        Port::Watched {
+            rx,
+            fallback: self.mesh_default.clone(),
+        }
+    }
+
+    /// Static mode's policy of `port` for a client reaching `identity`.
+    fn static_server(&self, identity: Option<&str>, port: u16) -> Arc<Server> {
         let servers = self.servers.load();
         let Some(ports) = identity.and_then(|id| servers.get(&id.to_ascii_lowercase())) else {
             return self.mesh_default.clone();
@@ -139,13 +234,10 @@ impl Authz {
     }
 }
 
-/// What an inbound connection's policy decisions need: whose policy, which
-/// port, and who the client is.
+/// What an inbound connection's policy decisions need: its port's policy,
+/// the application's address, and who the client is.
 pub struct InboundConn {
-    pub authz: Arc<Authz>,
-    /// The identity served.
-    pub server_id: Option<Arc<str>>,
-    /// The application's address: its port selects the policy.
+    pub port: Port,
     pub target_addr: std::net::SocketAddr,
     pub client: std::net::SocketAddr,
 }
@@ -153,8 +245,7 @@ pub struct InboundConn {
 impl InboundConn {
     /// The policy in force now.
     pub fn server(&self) -> Arc<Server> {
-        self.authz
-            .server(self.server_id.as_deref(), self.target_addr.port())
+        self.port.current()
     }
 
     fn client<'a>(&self, tls: &'a TlsLabel) -> Client<'a> {

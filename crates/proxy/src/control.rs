@@ -198,6 +198,75 @@ impl Control {
     }
 }
 
+impl Control {
+    /// Follows the inbound policy of `identity`'s `port` until every
+    /// receiver of `tx` is gone. A policy that does not decode denies
+    /// everything on the port (enforcing part of an authorization policy
+    /// is not enforcing it); a failed stream keeps the last policy.
+    pub(crate) async fn follow_port(
+        self,
+        identity: Arc<str>,
+        port: u16,
+        tx: tokio::sync::watch::Sender<Option<Arc<weft_authz::Server>>>,
+        limit_clients: std::num::NonZeroUsize,
+    ) {
+        use linkerd2_proxy_api::inbound::PortSpec;
+        use linkerd2_proxy_api::inbound::inbound_server_policies_client::InboundServerPoliciesClient;
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let mut client = InboundServerPoliciesClient::new(self.channel.clone());
+            let request = PortSpec {
+                workload: identity.to_string(),
+                port: u32::from(port),
+            };
+            let stream = tokio::select! {
+                _ = tx.closed() => return,
+                r = client.watch_port(request) => r,
+            };
+            match stream {
+                Ok(rsp) => {
+                    let mut stream = rsp.into_inner();
+                    loop {
+                        let msg = tokio::select! {
+                            _ = tx.closed() => return,
+                            m = stream.message() => m,
+                        };
+                        let server = match msg {
+                            Ok(Some(m)) => m,
+                            Ok(None) => {
+                                tracing::info!(%identity, port, "inbound policy stream ended; reconnecting");
+                                break;
+                            }
+                            Err(status) => {
+                                tracing::info!(%identity, port, error = %status.message(), "inbound policy stream failed; keeping the last policy");
+                                break;
+                            }
+                        };
+                        backoff = BACKOFF_MIN;
+                        let server = match weft_policy_api::inbound::decode(server, limit_clients) {
+                            Ok(s) => s,
+                            Err(e) => {
+                                tracing::warn!(%identity, port, error = %e, "inbound policy refused; denying every client on the port");
+                                crate::authz::deny_all(&e.server)
+                            }
+                        };
+                        tx.send_replace(Some(Arc::new(server)));
+                    }
+                }
+                Err(status) => {
+                    tracing::debug!(%identity, port, error = %status.message(), "inbound policy unavailable");
+                }
+            }
+            let jitter = backoff.mul_f64(fastrand::f64() * 0.5);
+            tokio::select! {
+                _ = tx.closed() => return,
+                _ = tokio::time::sleep(backoff + jitter) => {}
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+}
+
 /// Applies one update; returns whether the service is known (`None` when
 /// the update does not say).
 fn apply(

@@ -336,6 +336,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let authz = authz::Authz::new(
         config.inbound_default_policy,
         config.limits.rate_limit_clients,
+        control.clone(),
     );
     if let Some(path) = &config.destinations {
         let rx = destinations::watch(path.clone()).map_err(|source| RunError::Destinations {

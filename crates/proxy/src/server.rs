@@ -251,17 +251,19 @@ impl Side {
             server_id,
         } = conn;
         // Inbound: the port whose policy applies is the application's.
-        let inbound = (self.direction == Direction::inbound).then(|| {
-            let target_addr = orig_dst
-                .or(self.inbound_forward)
-                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
-            InboundConn {
-                authz: self.authz.clone(),
-                server_id,
-                target_addr,
-                client: peer,
+        let inbound = match self.direction {
+            Direction::inbound => {
+                let target_addr = orig_dst
+                    .or(self.inbound_forward)
+                    .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+                Some(InboundConn {
+                    port: self.authz.port(server_id, target_addr.port()).await,
+                    target_addr,
+                    client: peer,
+                })
             }
-        });
+            Direction::outbound => None,
+        };
         // A port declared opaque (or TLS) is relayed as bytes whatever its
         // first bytes look like.
         let declared_opaque = inbound.as_ref().is_some_and(|c| {

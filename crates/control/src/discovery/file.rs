@@ -13,6 +13,8 @@ use super::{AddressIndex, Backend, Endpoint, Resolution, Service, Watches};
 pub struct FileBackend {
     current: Mutex<Arc<Snapshot>>,
     watches: Watches,
+    /// The file as last read, for what else it holds (inbound policy).
+    file: watch::Receiver<Arc<Destinations>>,
 }
 
 /// One version of the file, with its endpoints indexed by address.
@@ -55,9 +57,11 @@ impl FileBackend {
     /// Loads the file (failing if it is bad) and follows its changes.
     pub fn start(path: PathBuf) -> Result<Arc<Self>, DestinationsError> {
         let mut rx = weft_destinations::watch(path)?;
+        let first = rx.borrow_and_update().clone();
         let this = Arc::new(Self {
-            current: Mutex::new(Arc::new(Snapshot::new(rx.borrow_and_update().clone()))),
+            current: Mutex::new(Arc::new(Snapshot::new(first))),
             watches: Watches::default(),
+            file: rx.clone(),
         });
         let weak = Arc::downgrade(&this);
         tokio::spawn(async move {
@@ -71,6 +75,13 @@ impl FileBackend {
             }
         });
         Ok(this)
+    }
+}
+
+impl FileBackend {
+    /// Follows the file itself.
+    pub fn file(&self) -> watch::Receiver<Arc<Destinations>> {
+        self.file.clone()
     }
 }
 
