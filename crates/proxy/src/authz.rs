@@ -30,6 +30,9 @@ struct Ports {
 
 pub struct Authz {
     servers: ArcSwap<HashMap<String, Ports>>,
+    /// Bumped on every static policy change, so open opaque connections
+    /// are checked again.
+    generation: watch::Sender<u64>,
     /// For identities no policy lists (and proxies without identity), and
     /// while the control plane has not answered.
     mesh_default: Arc<Server>,
@@ -88,6 +91,7 @@ pub enum Port {
         authz: Arc<Authz>,
         identity: Option<Arc<str>>,
         port: u16,
+        generation: watch::Receiver<u64>,
     },
     Watched {
         rx: PortRx,
@@ -102,10 +106,23 @@ impl Port {
                 authz,
                 identity,
                 port,
+                ..
             } => authz.static_server(identity.as_deref(), *port),
             Self::Watched { rx, fallback } => {
                 rx.borrow().clone().unwrap_or_else(|| fallback.clone())
             }
+        }
+    }
+
+    /// Waits until the policy may have changed; never returns once it
+    /// can no longer change.
+    async fn changed(&mut self) {
+        let changed = match self {
+            Self::Static { generation, .. } => generation.changed().await,
+            Self::Watched { rx, .. } => rx.changed().await,
+        };
+        if changed.is_err() {
+            std::future::pending::<()>().await;
         }
     }
 }
@@ -122,6 +139,7 @@ impl Authz {
         let watched = NonZeroUsize::new(MAX_WATCHED_PORTS).unwrap_or(NonZeroUsize::MIN);
         Arc::new(Self {
             servers: ArcSwap::from_pointee(HashMap::new()),
+            generation: watch::channel(0).0,
             mesh_default: default_server(mesh_default, limit_clients),
             limit_clients,
             control: control.map(|c| (c, Mutex::new(lru::LruCache::new(watched)))),
@@ -137,6 +155,7 @@ impl Authz {
                 authz: self.clone(),
                 identity,
                 port,
+                generation: self.generation.subscribe(),
             };
         };
         let mut rx = {
@@ -217,6 +236,7 @@ impl Authz {
             );
         }
         self.servers.store(Arc::new(next));
+        self.generation.send_modify(|g| *g += 1);
     }
 
     /// Static mode: follows the destinations file's `servers:`.
@@ -294,6 +314,35 @@ impl InboundConn {
                     .inc();
                 tracing::debug!(client = %self.client, %denied, "connection refused");
                 false
+            }
+        }
+    }
+
+    /// Runs `relay` (an authorized opaque connection) until it ends or a
+    /// policy change no longer admits the client: then the connection is
+    /// closed, as Linkerd's proxy does, and counted.
+    pub async fn while_authorized<F: std::future::Future<Output = ()>>(
+        mut self,
+        relay: F,
+        metrics: &Metrics,
+        tls: &TlsLabel,
+    ) {
+        tokio::pin!(relay);
+        loop {
+            tokio::select! {
+                _ = &mut relay => return,
+                _ = self.port.changed() => {
+                    let server = self.server();
+                    if server.authorize_connection(&self.client(tls)).is_err() {
+                        metrics
+                            .authz
+                            .tcp_terminate
+                            .get_or_create(&self.labels(&server, None, None, tls))
+                            .inc();
+                        tracing::info!(client = %self.client, server = %server.name, "connection closed: the policy no longer admits its client");
+                        return;
+                    }
+                }
             }
         }
     }

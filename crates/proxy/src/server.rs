@@ -286,6 +286,7 @@ impl Side {
                 {
                     return;
                 }
+                let idle = self.limits.tcp_idle_timeout;
                 let looped = opaque_target
                     .as_ref()
                     .is_some_and(|t| t.endpoints().iter().any(|a| self.listen_addrs.contains(*a)));
@@ -294,7 +295,17 @@ impl Side {
                     return;
                 }
                 match opaque_target {
-                    Some(t) => tcp::relay(io, t, self.limits.tcp_idle_timeout).await,
+                    Some(t) => match inbound {
+                        Some(conn) => {
+                            conn.while_authorized(
+                                tcp::relay(io, t, idle),
+                                &self.metrics,
+                                &client_tls,
+                            )
+                            .await
+                        }
+                        None => tcp::relay(io, t, idle).await,
+                    },
                     None => {
                         tracing::debug!(direction = ?self.direction, ?protocol, "opaque connection without a destination; closing")
                     }

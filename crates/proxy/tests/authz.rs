@@ -168,24 +168,28 @@ async fn routes_are_authorized_per_request_and_edits_apply_within_a_second() -> 
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_opaque_port_refuses_at_connect_by_source_network() -> anyhow::Result<()> {
-    let echo = weft_test_support::tcp::echo().await?;
-    let file = DestinationsFile::from_yaml(&format!(
+fn opaque_policy(port: u16, network: &str) -> String {
+    format!(
         r#"destinations: {{}}
 servers:
   "api.demo":
     ports:
-      "{}":
+      "{port}":
         protocol: opaque
         default: deny
         authorizations:
           - name: trusted-host
-            clients: {{networks: [127.0.0.2/32]}}
-"#,
-        echo.addr.port()
-    ))?;
+            clients: {{networks: [{network}]}}
+"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_opaque_port_refuses_at_connect_and_closes_on_revocation() -> anyhow::Result<()> {
+    let echo = weft_test_support::tcp::echo().await?;
+    let file = DestinationsFile::from_yaml(&opaque_policy(echo.addr.port(), "127.0.0.2/32"))?;
     let proxy = inbound_proxy(&file, echo.addr, &[]).await?;
+    let mut kept = None;
     for (from, allowed) in [("127.0.0.2", true), ("127.0.0.3", false)] {
         let mut stream = client::connect_from(ip(from), proxy.inbound).await?;
         // Sent first, as a client of an opaque protocol may.
@@ -199,10 +203,21 @@ servers:
                 &buf, b"GET / HTTP/1.1\r\n\r\n",
                 "echoed as bytes, not parsed"
             );
+            kept = Some(stream);
         } else {
             assert!(read.is_err(), "{from} was let in");
         }
     }
+    // Revoked: the open connection is closed within a second.
+    let mut stream = kept.ok_or_else(|| anyhow::anyhow!("no allowed connection"))?;
+    file.write_yaml(&opaque_policy(echo.addr.port(), "127.0.0.9/32"))?;
+    let revoked = Instant::now();
+    let mut buf = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut buf)).await?;
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    println!("revoked connection closed after {:?}", revoked.elapsed());
+    assert!(revoked.elapsed() < Duration::from_secs(1));
+
     let m = scrape(proxy.admin).await?;
     assert_eq!(
         m.sum(
@@ -212,6 +227,7 @@ servers:
         1.0
     );
     assert_eq!(m.sum("inbound_tcp_authz_deny_total", &[]), 1.0);
+    assert_eq!(m.sum("inbound_tcp_authz_terminate_total", &[]), 1.0);
     Ok(())
 }
 

@@ -94,6 +94,7 @@ pub struct AuthzMetrics {
     pub http_route_not_found: Family<AuthzLabels, Counter>,
     pub tcp_allow: Family<AuthzLabels, Counter>,
     pub tcp_deny: Family<AuthzLabels, Counter>,
+    pub tcp_terminate: Family<AuthzLabels, Counter>,
     pub rate_limited: Family<RateLimitLabels, Counter>,
 }
 
@@ -123,6 +124,11 @@ impl AuthzMetrics {
             "inbound_tcp_authz_deny",
             "Inbound non-HTTP connections closed because no authorization admitted the client",
             self.tcp_deny.clone(),
+        );
+        registry.register(
+            "inbound_tcp_authz_terminate",
+            "Inbound non-HTTP connections closed because a policy change no longer admitted the client",
+            self.tcp_terminate.clone(),
         );
         registry.register(
             "inbound_http_local_ratelimit_rate_limited",
