@@ -114,6 +114,7 @@ enum Key {
 /// A [`RateLimit`] in force, with its buckets.
 #[derive(Debug)]
 pub struct Limiter {
+    spec: RateLimit,
     total: Option<Bucket>,
     per_client: Option<(NonZeroU32, Mutex<lru::LruCache<Key, Gcra>>)>,
     /// By lower-cased identity: the index of its override's bucket.
@@ -136,6 +137,7 @@ impl Limiter {
             }
         }
         Self {
+            spec: spec.clone(),
             total: spec.total.map(Bucket::new),
             per_client: spec
                 .per_client
@@ -143,6 +145,11 @@ impl Limiter {
             overrides,
             override_buckets,
         }
+    }
+
+    /// The limit it enforces.
+    pub fn spec(&self) -> &RateLimit {
+        &self.spec
     }
 
     /// How many clients have a bucket now.

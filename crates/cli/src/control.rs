@@ -48,6 +48,19 @@ pub(crate) struct ControlArgs {
 }
 
 impl ControlArgs {
+    /// The control plane's admin address: from the targets file, else the
+    /// default.
+    pub(crate) fn admin(&self) -> String {
+        let path = self
+            .targets
+            .clone()
+            .unwrap_or_else(crate::targets::default_path);
+        let listed = crate::targets::load(&path).unwrap_or_default();
+        crate::targets::control_of(&listed)
+            .1
+            .unwrap_or_else(|| crate::targets::DEFAULT_CONTROL_ADMIN.into())
+    }
+
     /// A channel to the control plane, connected now.
     pub(crate) async fn channel(&self) -> anyhow::Result<tonic::transport::Channel> {
         // No targets file is fine here: the flags or defaults may be right.

@@ -18,6 +18,10 @@ pub(crate) struct Golden {
     pub p99_ms: f64,
     /// Share of the responses that travelled over mutual TLS.
     pub mtls_share: f64,
+    /// Refused by the server's inbound policy (403, and 404 for no route).
+    pub denied: u64,
+    /// Refused by its rate limit (429).
+    pub rate_limited: u64,
 }
 
 /// Value at quantile `q` of a cumulative histogram, interpolating linearly
@@ -59,6 +63,8 @@ struct Acc {
     total: f64,
     ok: f64,
     tls: f64,
+    denied: f64,
+    limited: f64,
     buckets: Vec<(f64, f64)>,
 }
 
@@ -75,6 +81,12 @@ pub(crate) fn aggregate(w: &Window, key: impl Fn(&Labels) -> Option<String>) -> 
         }
         if s.labels.get("tls").map(String::as_str) == Some("true") {
             acc.tls += s.value;
+        }
+        // The proxy names its own refusals in `error`.
+        match s.labels.get("error").map(String::as_str) {
+            Some("unauthorized" | "route_not_found") => acc.denied += s.value,
+            Some("rate_limited") => acc.limited += s.value,
+            _ => {}
         }
     }
     for s in &w.latency {
@@ -103,6 +115,8 @@ pub(crate) fn aggregate(w: &Window, key: impl Fn(&Labels) -> Option<String>) -> 
                 p95_ms: quantile(&a.buckets, 0.95),
                 p99_ms: quantile(&a.buckets, 0.99),
                 mtls_share: a.tls / a.total,
+                denied: a.denied.round() as u64,
+                rate_limited: a.limited.round() as u64,
             }
         })
         .collect();
@@ -119,12 +133,12 @@ pub(crate) fn table(header: &str, rows: &[Golden]) -> String {
         .max()
         .unwrap_or(20);
     let mut out = format!(
-        "{:<width$} {:>9} {:>8} {:>9} {:>9} {:>9} {:>6} {:>9}\n",
-        header, "SUCCESS", "RPS", "P50", "P95", "P99", "MTLS", "REQUESTS"
+        "{:<width$} {:>9} {:>8} {:>9} {:>9} {:>9} {:>6} {:>9} {:>7} {:>7}\n",
+        header, "SUCCESS", "RPS", "P50", "P95", "P99", "MTLS", "REQUESTS", "DENIED", "LIMITED"
     );
     for r in rows {
         out.push_str(&format!(
-            "{:<width$} {:>8.2}% {:>8.1} {:>7.1}ms {:>7.1}ms {:>7.1}ms {:>5.0}% {:>9}\n",
+            "{:<width$} {:>8.2}% {:>8.1} {:>7.1}ms {:>7.1}ms {:>7.1}ms {:>5.0}% {:>9} {:>7} {:>7}\n",
             r.name,
             r.success_rate * 100.0,
             r.rps,
@@ -133,6 +147,8 @@ pub(crate) fn table(header: &str, rows: &[Golden]) -> String {
             r.p99_ms,
             r.mtls_share * 100.0,
             r.requests,
+            r.denied,
+            r.rate_limited,
         ));
     }
     out
@@ -185,6 +201,22 @@ mod tests {
                     10.0,
                 ),
                 series(&[("a", "y"), ("classification", "success")], 5.0),
+                series(
+                    &[
+                        ("a", "y"),
+                        ("classification", "failure"),
+                        ("error", "unauthorized"),
+                    ],
+                    3.0,
+                ),
+                series(
+                    &[
+                        ("a", "y"),
+                        ("classification", "failure"),
+                        ("error", "rate_limited"),
+                    ],
+                    2.0,
+                ),
             ],
             latency: vec![
                 series(&[("a", "x"), ("le", "1")], 50.0),
@@ -201,5 +233,9 @@ mod tests {
         assert!((x.mtls_share - 0.9).abs() < 1e-9);
         assert!((x.p50_ms - 1.0).abs() < 1e-9);
         assert!(rows[1].p99_ms.is_nan());
+        assert_eq!(
+            (rows[1].denied, rows[1].rate_limited, rows[0].denied),
+            (3, 2, 0)
+        );
     }
 }

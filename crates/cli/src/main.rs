@@ -1,5 +1,6 @@
 //! `weft`: the operator's CLI.
 
+mod authz;
 mod check;
 mod control;
 mod demo;
@@ -49,6 +50,9 @@ enum Command {
     /// Show what discovery says about a service now (the control plane's
     /// Destination view).
     Endpoints(endpoints::Args),
+    /// Show who may reach a workload's ports and routes (inbound policy as
+    /// proxies get it from the control plane), with rate limits.
+    Authz(authz::Args),
     /// Show a service's traffic policy as proxies get it from the control
     /// plane: routes in match order, backends and weights, timeout,
     /// retries, hedging, breaker.
@@ -98,6 +102,7 @@ fn main() -> ExitCode {
             Command::Check(args) => check::run(args).await,
             Command::Endpoints(args) => endpoints::run(args).await,
             Command::Routes(args) => routes::run(args).await,
+            Command::Authz(args) => authz::run(args).await,
             Command::Identity(_) | Command::Init(_) | Command::Inject(_) | Command::Install(_) => {
                 Ok(())
             }

@@ -1,4 +1,6 @@
-//! The admin port: `/ready`, `/live`, `/metrics` and `/identity`.
+//! The admin port: `/ready`, `/live`, `/metrics`, `/identity` and
+//! `/servers` (which workloads' ports have inbound policy, for `weft authz`
+//! and `weft check`).
 
 use std::convert::Infallible;
 
@@ -11,8 +13,52 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use weft_authz::DefaultPolicy;
+use weft_destinations::Destinations;
+
 use crate::identity::IdentityView;
 use crate::metrics::Metrics;
+
+/// What the admin port serves from.
+#[derive(Clone)]
+pub struct Admin {
+    pub metrics: Metrics,
+    pub identity: Option<IdentityView>,
+    /// The destinations file, for its `servers:`.
+    pub file: Option<watch::Receiver<Arc<Destinations>>>,
+    pub default_inbound: DefaultPolicy,
+}
+
+/// `/servers`: every server with inbound policy, its ports, and the
+/// defaults for the rest.
+fn servers(admin: &Admin) -> String {
+    let mut servers: Vec<serde_json::Value> = admin
+        .file
+        .as_ref()
+        .map(|f| {
+            f.borrow()
+                .servers
+                .iter()
+                .map(|(identity, spec)| {
+                    serde_json::json!({
+                        "identity": identity,
+                        "default": spec.default.unwrap_or(admin.default_inbound).as_str(),
+                        "ports": spec.ports.keys().collect::<Vec<_>>(),
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    servers.sort_by(|a, b| a["identity"].as_str().cmp(&b["identity"].as_str()));
+    serde_json::json!({
+        "default": admin.default_inbound.as_str(),
+        "servers": servers,
+    })
+    .to_string()
+}
 
 fn reply(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
     let mut rsp = Response::new(Full::new(Bytes::from(body)));
@@ -24,11 +70,9 @@ fn reply(status: StatusCode, content_type: &'static str, body: String) -> Respon
     rsp
 }
 
-fn handle(
-    metrics: &Metrics,
-    identity: Option<&IdentityView>,
-    req: &Request<Incoming>,
-) -> Response<Full<Bytes>> {
+fn handle(admin: &Admin, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let metrics = &admin.metrics;
+    let identity = admin.identity.as_ref();
     const PLAIN: &str = "text/plain; charset=utf-8";
     match req.uri().path() {
         // The gRPC listener is bound before the admin one, so answering at
@@ -56,20 +100,16 @@ fn handle(
                 "this control plane runs without --identity-dir\n".into(),
             ),
         },
+        "/servers" => reply(StatusCode::OK, "application/json", servers(admin)),
         _ => reply(
             StatusCode::NOT_FOUND,
             PLAIN,
-            "not found; try /ready, /live, /metrics or /identity\n".into(),
+            "not found; try /ready, /live, /metrics, /identity or /servers\n".into(),
         ),
     }
 }
 
-pub async fn serve(
-    listener: TcpListener,
-    metrics: Metrics,
-    identity: Option<IdentityView>,
-    shutdown: CancellationToken,
-) {
+pub async fn serve(listener: TcpListener, admin: Admin, shutdown: CancellationToken) {
     loop {
         let stream = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -82,11 +122,10 @@ pub async fn serve(
                 }
             },
         };
-        let metrics = metrics.clone();
-        let identity = identity.clone();
+        let admin = admin.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
-                let rsp = handle(&metrics, identity.as_ref(), &req);
+                let rsp = handle(&admin, &req);
                 async move { Ok::<_, Infallible>(rsp) }
             });
             let _ = hyper::server::conn::http1::Builder::new()

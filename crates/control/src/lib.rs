@@ -160,8 +160,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     );
     tokio::spawn(admin::serve(
         admin,
-        metrics.clone(),
-        Some(view),
+        admin::Admin {
+            metrics: metrics.clone(),
+            identity: Some(view),
+            file: file.clone(),
+            default_inbound: config.default_inbound_policy,
+        },
         shutdown.clone(),
     ));
     if let (Some(addr), Some(cert), Some(key)) = (

@@ -122,12 +122,24 @@ impl Conn {
         authority: &str,
         path: &str,
     ) -> anyhow::Result<(http::StatusCode, http::HeaderMap, String)> {
+        let req = match self {
+            Self::Http1(_) => get(authority, path)?,
+            Self::Http2(_) => get_h2(authority, path)?,
+        };
+        self.send(req).await
+    }
+
+    /// Sends `req` and reads the whole response.
+    pub async fn send(
+        &mut self,
+        req: Request<Full<Bytes>>,
+    ) -> anyhow::Result<(http::StatusCode, http::HeaderMap, String)> {
         let rsp = match self {
             Self::Http1(send) => {
                 send.ready().await?;
-                send.send_request(get(authority, path)?).await?
+                send.send_request(req).await?
             }
-            Self::Http2(send) => send.send_request(get_h2(authority, path)?).await?,
+            Self::Http2(send) => send.send_request(req).await?,
         };
         text(rsp).await
     }

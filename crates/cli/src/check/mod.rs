@@ -182,6 +182,9 @@ async fn mesh(args: &Args, report: &mut Report) {
     .await;
     if control_up {
         identity(report, &admin).await;
+        if let Some(anchors) = &anchors {
+            inbound(report, &grpc, &admin, anchors, &args.tls.control_name).await;
+        }
     }
     if let Err(e) = &loaded {
         report.push(
@@ -409,6 +412,70 @@ async fn identity(report: &mut Report, admin: &str) {
 }
 
 /// The certificates in `pem`, read from `what` (named in errors).
+/// Every port with inbound policy: one that admits no client at all is
+/// almost always a mistake (every request to it is refused).
+async fn inbound(
+    report: &mut Report,
+    grpc: &str,
+    admin: &str,
+    anchors: &std::path::Path,
+    name: &weft_identity::Name,
+) {
+    const S: &str = "inbound policy";
+    let fetched = match crate::control::connect(grpc, anchors, name).await {
+        Ok(channel) => crate::authz::fetch(channel, admin, None, &[]).await,
+        Err(e) => Err(e),
+    };
+    let (default, policies) = match fetched {
+        Ok(p) => p,
+        Err(e) => {
+            report.push(
+                S,
+                "servers",
+                warn(
+                    format!("cannot read inbound policy: {e:#}"),
+                    "upgrade weft-control to match this CLI",
+                ),
+            );
+            return;
+        }
+    };
+    if policies.is_empty() {
+        report.push(
+            S,
+            "servers",
+            Ok(format!(
+                "no server lists inbound policy; every port: {default}"
+            )),
+        );
+    }
+    for p in &policies {
+        let authorizations: std::collections::BTreeSet<&str> = p
+            .server
+            .authorizations
+            .iter()
+            .chain(p.server.routes.iter().flat_map(|r| r.authorizations.iter()))
+            .map(|a| &*a.name)
+            .collect();
+        let result = if crate::authz::admits_no_one(&p.server) {
+            warn(
+                "admits no client: every request and connection to it is refused",
+                format!(
+                    "add an authorization under servers.\"{}\".ports.\"{}\" in the destinations file, or give the port a default other than deny (`weft authz {}` shows what it allows)",
+                    p.identity, p.port, p.identity
+                ),
+            )
+        } else {
+            Ok(format!(
+                "{} authorizations on {} routes",
+                authorizations.len(),
+                p.server.routes.len().max(1)
+            ))
+        };
+        report.push(S, format!("{}:{}", p.identity, p.port), result);
+    }
+}
+
 fn certs(what: &str, pem: &str) -> Result<Vec<(Vec<u8>, CertInfo)>, String> {
     let ders = weft_identity::parse_pem_certs(std::path::Path::new(what), pem)
         .map_err(|e| e.to_string())?;
