@@ -35,6 +35,8 @@ struct Options {
     only_policy: bool,
     /// `hosts`: only the capture paths and the upgrade under load.
     only_hosts: bool,
+    /// `authz`: only the inbound policy's cost.
+    only_authz: bool,
     duration: u64,
     rounds: u64,
     watchers: usize,
@@ -48,6 +50,7 @@ fn options(args: &[String]) -> anyhow::Result<Options> {
         only_fan_out: false,
         only_policy: false,
         only_hosts: false,
+        only_authz: false,
         duration: 12,
         rounds: 3,
         watchers: 1000,
@@ -93,8 +96,9 @@ fn options(args: &[String]) -> anyhow::Result<Options> {
                 Some("fan-out") => o.only_fan_out = true,
                 Some("policy") => o.only_policy = true,
                 Some("hosts") => o.only_hosts = true,
+                Some("authz") => o.only_authz = true,
                 other => {
-                    bail!("--only {other:?}: the partial runs are fan-out, policy and hosts")
+                    bail!("--only {other:?}: the partial runs are fan-out, policy, authz and hosts")
                 }
             },
             "--out" => o.out = PathBuf::from(it.next().context("--out needs a path")?),
@@ -486,8 +490,12 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     crate::build_release()?;
     let dir = std::env::temp_dir().join(format!("weft-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    if opts.only_policy {
-        let rows = crate::policy::run(&dir, opts.duration)?;
+    if opts.only_policy || opts.only_authz {
+        let rows = if opts.only_authz {
+            crate::policy::run_authz(&dir, opts.duration)?
+        } else {
+            crate::policy::run(&dir, opts.duration)?
+        };
         print!("{}", policy_table(&rows));
         println!("{}", serde_json::to_string_pretty(&rows)?);
         let _ = std::fs::remove_dir_all(&dir);

@@ -279,5 +279,75 @@ pub(crate) fn run(dir: &Path, secs: u64) -> anyhow::Result<Vec<PolicyRow>> {
     for ((variant, _), rounds) in variants.iter().zip(by_variant) {
         rows.push(combine("d: policy cost (h2c max)", variant, rounds));
     }
+    rows.extend(inbound_authz(dir, &one, round)?);
     Ok(rows)
+}
+
+/// Scenario (e) alone.
+pub(crate) fn run_authz(dir: &Path, secs: u64) -> anyhow::Result<Vec<PolicyRow>> {
+    let one = backend("one", &[])?;
+    let round = Drive {
+        proto: Proto::H2c,
+        mode: Mode::Max,
+        secs: (secs / 2).max(2),
+    };
+    inbound_authz(dir, &one, round)
+}
+
+/// An inbound proxy in front of `app`, serving as `api.bench`, with the
+/// inbound policy `servers` (YAML at the file's top level).
+fn inbound_proxy(dir: &Path, app: SocketAddr, servers: &str) -> anyhow::Result<(Proc, SocketAddr)> {
+    let file = dir.join(format!("authz-{}.yaml", unique_suffix()));
+    std::fs::write(&file, format!("destinations: {{}}\n{servers}"))?;
+    let bin = target_dir()?.join("release/weft-proxy");
+    let (p, _, inbound) = start_proxy(
+        &bin,
+        &[
+            ("WEFT_PROXY_DESTINATIONS", file.display().to_string()),
+            ("WEFT_PROXY_INBOUND_FORWARD", app.to_string()),
+            ("WEFT_PROXY_INBOUND_SERVER", "api.bench".to_string()),
+        ],
+    )?;
+    Ok((p, inbound))
+}
+
+/// (e) The inbound policy's own cost: flat out over h2c to the inbound
+/// side, the mesh-wide default (allow-all: a decision per request all the
+/// same) vs 20 authorizations with routes, the one that admits the
+/// benchmark's plaintext client last, and a rate limit high enough never
+/// to refuse (so every request takes a token from the total and from its
+/// client's bucket).
+fn inbound_authz(dir: &Path, app: &(Proc, SocketAddr), round: Drive) -> anyhow::Result<Vec<PolicyRow>> {
+    let mut servers = format!(
+        "servers:\n  \"api.bench\":\n    ports:\n      \"{}\":\n        default: deny\n        rate_limit: {{total_rps: 10000000, per_client_rps: 10000000}}\n        authorizations:\n",
+        app.1.port()
+    );
+    for i in 0..19 {
+        servers.push_str(&format!(
+            "          - {{name: svc-{i}, clients: {{identities: [\"svc-{i}.bench\", \"*.team-{i}.bench\"]}}, routes: [{{path_prefix: /api/{i}/, methods: [GET, POST]}}]}}\n"
+        ));
+    }
+    servers.push_str("          - {name: local, clients: {networks: [127.0.0.0/8]}, routes: [{path_prefix: /}]}\n");
+    let variants = [
+        ("default allow-all", inbound_proxy(dir, app.1, "")?),
+        ("20 authorizations + rate limit", inbound_proxy(dir, app.1, &servers)?),
+    ];
+    let mut by_variant: Vec<Vec<PolicyRow>> = variants.iter().map(|_| Vec::new()).collect();
+    for _ in 0..ROUNDS {
+        for ((variant, (p, inbound)), acc) in variants.iter().zip(&mut by_variant) {
+            acc.push(measure(
+                "e: inbound authz cost (h2c max)",
+                *variant,
+                dir,
+                (p, *inbound),
+                round,
+                || {},
+            )?);
+        }
+    }
+    Ok(variants
+        .iter()
+        .zip(by_variant)
+        .map(|((variant, _), rounds)| combine("e: inbound authz cost (h2c max)", variant, rounds))
+        .collect())
 }
