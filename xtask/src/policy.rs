@@ -317,7 +317,11 @@ fn inbound_proxy(dir: &Path, app: SocketAddr, servers: &str) -> anyhow::Result<(
 /// benchmark's plaintext client last, and a rate limit high enough never
 /// to refuse (so every request takes a token from the total and from its
 /// client's bucket).
-fn inbound_authz(dir: &Path, app: &(Proc, SocketAddr), round: Drive) -> anyhow::Result<Vec<PolicyRow>> {
+fn inbound_authz(
+    dir: &Path,
+    app: &(Proc, SocketAddr),
+    round: Drive,
+) -> anyhow::Result<Vec<PolicyRow>> {
     let mut servers = format!(
         "servers:\n  \"api.bench\":\n    ports:\n      \"{}\":\n        default: deny\n        rate_limit: {{total_rps: 10000000, per_client_rps: 10000000}}\n        authorizations:\n",
         app.1.port()
@@ -330,7 +334,10 @@ fn inbound_authz(dir: &Path, app: &(Proc, SocketAddr), round: Drive) -> anyhow::
     servers.push_str("          - {name: local, clients: {networks: [127.0.0.0/8]}, routes: [{path_prefix: /}]}\n");
     let variants = [
         ("default allow-all", inbound_proxy(dir, app.1, "")?),
-        ("20 authorizations + rate limit", inbound_proxy(dir, app.1, &servers)?),
+        (
+            "20 authorizations + rate limit",
+            inbound_proxy(dir, app.1, &servers)?,
+        ),
     ];
     let mut by_variant: Vec<Vec<PolicyRow>> = variants.iter().map(|_| Vec::new()).collect();
     for _ in 0..ROUNDS {
