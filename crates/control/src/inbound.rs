@@ -56,8 +56,10 @@ fn workload(w: &str) -> Result<String, Status> {
             "workload {w:?} names a Kubernetes pod; weft-control serves inbound policy by the identity a workload serves as (its proxy's identity name, e.g. api.demo)"
         )));
     }
-    w.parse::<weft_identity::Name>()
-        .map(|n| n.as_str().to_ascii_lowercase())
+    // Names are case-insensitive; the file's are kept lower-cased.
+    w.to_ascii_lowercase()
+        .parse::<weft_identity::Name>()
+        .map(|n| n.as_str().to_string())
         .map_err(|e| {
             Status::invalid_argument(format!(
                 "workload {w:?} is not an identity name: {}",
@@ -191,16 +193,19 @@ mod tests {
     #[test]
     fn workloads_are_identities() {
         assert_eq!(workload("API.demo").ok().as_deref(), Some("api.demo"));
-        for bad in [
-            "default:web-abc",
-            "{\"ns\":\"default\",\"pod\":\"web\"}",
-            "not a name",
+        for (bad, says) in [
+            ("default:web-abc", "names a Kubernetes pod"),
+            (
+                "{\"ns\":\"default\",\"pod\":\"web\"}",
+                "names a Kubernetes pod",
+            ),
+            ("not a name", "is not an identity name"),
         ] {
             let e = workload(bad)
                 .err()
                 .map(|s| s.message().to_string())
                 .unwrap_or_default();
-            assert!(e.contains(bad.trim()), "{e}");
+            assert!(e.contains(&format!("{bad:?}")) && e.contains(says), "{e}");
         }
     }
 }
