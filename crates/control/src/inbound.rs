@@ -2,12 +2,12 @@
 //! of one workload, from the destinations file's `servers:`.
 //!
 //! A workload is named by the identity it serves as (`api.demo`, what weft
-//! proxies send). Linkerd's Kubernetes forms (`ns:pod`, `{"ns":..,"pod":..}`)
-//! are refused with a message saying so: they name pods, and pods'
-//! policies come from a cluster's policy resources, which weft does not
-//! read yet. A port the file does not list gets the server's `default`,
-//! else the mesh-wide `--default-inbound-policy`. `WatchPort` sends the
-//! policy at once and again whenever it changes, never the same twice.
+//! proxies send), or, with `--kubernetes`, as Linkerd's proxies name it: a
+//! pod (`ns:pod`, or `{"ns":"..","pod":".."}`), which serves as its
+//! ServiceAccount's identity. A port the file does not list gets the
+//! server's `default`, else the mesh-wide `--default-inbound-policy`.
+//! `WatchPort` sends the policy at once and again whenever it changes,
+//! never the same twice.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -24,9 +24,14 @@ use weft_destinations::{DETECT_TIMEOUT, Destinations, ServerSpec};
 use crate::clients::{ClientSlot, Clients};
 use crate::metrics::{Metrics, OpenStream};
 
+/// What a pod serves as: `(namespace, pod) -> identity`.
+pub type PodIdentity = Arc<dyn Fn(&str, &str) -> Option<String> + Send + Sync>;
+
 pub struct InboundPolicyService {
     /// The destinations file, when there is one.
     file: Option<watch::Receiver<Arc<Destinations>>>,
+    /// With Kubernetes: pods' identities.
+    pods: Option<PodIdentity>,
     default: DefaultPolicy,
     metrics: Metrics,
     clients: Arc<Clients>,
@@ -35,12 +40,14 @@ pub struct InboundPolicyService {
 impl InboundPolicyService {
     pub fn new(
         file: Option<watch::Receiver<Arc<Destinations>>>,
+        pods: Option<PodIdentity>,
         default: DefaultPolicy,
         metrics: Metrics,
         max_per_client: u32,
     ) -> Self {
         Self {
             file,
+            pods,
             default,
             metrics,
             clients: Clients::new(max_per_client),
@@ -48,13 +55,48 @@ impl InboundPolicyService {
     }
 }
 
+#[derive(serde::Deserialize)]
+struct PodRef {
+    ns: String,
+    pod: Option<String>,
+    external_workload: Option<String>,
+}
+
+/// The namespace and pod a Kubernetes-form workload names, if it is one.
+fn pod_ref(w: &str) -> Option<Result<(String, String), Status>> {
+    if w.starts_with('{') {
+        let parsed = serde_json::from_str::<PodRef>(w)
+            .map_err(|e| Status::invalid_argument(format!("workload {w:?}: {e}")))
+            .and_then(|r| match (r.pod, r.external_workload) {
+                (Some(pod), _) => Ok((r.ns, pod)),
+                (None, Some(_)) => Err(Status::invalid_argument(format!(
+                    "workload {w:?} is an ExternalWorkload, which weft does not follow; name it by its identity instead"
+                ))),
+                (None, None) => Err(Status::invalid_argument(format!(
+                    "workload {w:?} names no pod"
+                ))),
+            });
+        return Some(parsed);
+    }
+    let (ns, pod) = w.split_once(':')?;
+    Some(Ok((ns.to_string(), pod.to_string())))
+}
+
 /// The identity a `PortSpec.workload` names.
-fn workload(w: &str) -> Result<String, Status> {
+fn workload(w: &str, pods: Option<&PodIdentity>) -> Result<String, Status> {
     let w = w.trim();
-    if w.starts_with('{') || w.contains(':') {
-        return Err(Status::invalid_argument(format!(
-            "workload {w:?} names a Kubernetes pod; weft-control serves inbound policy by the identity a workload serves as (its proxy's identity name, e.g. api.demo)"
-        )));
+    if let Some(pod) = pod_ref(w) {
+        let (ns, name) = pod?;
+        let Some(pods) = pods else {
+            return Err(Status::invalid_argument(format!(
+                "workload {w:?} names a Kubernetes pod, and this weft-control does not follow a cluster (--kubernetes); name the workload by the identity it serves as, e.g. api.demo"
+            )));
+        };
+        return pods(&ns, &name).ok_or_else(|| {
+            Status::not_found(format!(
+                "no pod {ns}/{name} in the cluster (yet): its policy follows once it is listed"
+            ))
+        });
     }
     // Names are case-insensitive; the file's are kept lower-cased.
     w.to_ascii_lowercase()
@@ -105,7 +147,7 @@ impl InboundServerPolicies for InboundPolicyService {
     type WatchPortStream = ServerStream;
 
     async fn get_port(&self, request: Request<ApiPort>) -> Result<Response<Server>, Status> {
-        let identity = workload(&request.get_ref().workload)?;
+        let identity = workload(&request.get_ref().workload, self.pods.as_ref())?;
         let port = port(request.get_ref().port)?;
         let spec = match &self.file {
             Some(f) => spec(&f.borrow().servers, &identity, port, self.default),
@@ -119,7 +161,7 @@ impl InboundServerPolicies for InboundPolicyService {
         &self,
         request: Request<ApiPort>,
     ) -> Result<Response<Self::WatchPortStream>, Status> {
-        let identity = workload(&request.get_ref().workload)?;
+        let identity = workload(&request.get_ref().workload, self.pods.as_ref())?;
         let port = port(request.get_ref().port)?;
         let slot = self.clients.acquire_for(&request)?;
         Ok(Response::new(Box::pin(updates(
@@ -191,17 +233,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn workloads_are_identities() {
-        assert_eq!(workload("API.demo").ok().as_deref(), Some("api.demo"));
+    fn workloads_are_identities_or_pods() {
+        assert_eq!(workload("API.demo", None).ok().as_deref(), Some("api.demo"));
+        let pods: PodIdentity = Arc::new(|ns, pod| {
+            (ns == "demo" && pod == "web-1")
+                .then(|| "web.demo.serviceaccount.identity.weft.local".to_string())
+        });
+        for form in ["demo:web-1", "{\"ns\":\"demo\",\"pod\":\"web-1\"}"] {
+            assert_eq!(
+                workload(form, Some(&pods)).ok().as_deref(),
+                Some("web.demo.serviceaccount.identity.weft.local")
+            );
+        }
+        let missing = workload("demo:gone", Some(&pods)).err();
+        assert_eq!(missing.map(|s| s.code()), Some(tonic::Code::NotFound));
         for (bad, says) in [
-            ("default:web-abc", "names a Kubernetes pod"),
+            ("default:web-abc", "does not follow a cluster"),
             (
                 "{\"ns\":\"default\",\"pod\":\"web\"}",
-                "names a Kubernetes pod",
+                "does not follow a cluster",
+            ),
+            (
+                "{\"ns\":\"default\",\"external_workload\":\"vm\"}",
+                "is an ExternalWorkload",
             ),
             ("not a name", "is not an identity name"),
         ] {
-            let e = workload(bad)
+            let e = workload(bad, None)
                 .err()
                 .map(|s| s.message().to_string())
                 .unwrap_or_default();

@@ -96,14 +96,20 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     } else {
         None
     };
+    let mut pods: Option<inbound::PodIdentity> = None;
     if let Some(client) = &kubernetes {
-        backends.push(discovery::kubernetes::KubernetesBackend::start(
+        let backend = discovery::kubernetes::KubernetesBackend::start(
             client.clone(),
             discovery::kubernetes::Naming {
                 cluster_domain: config.cluster_domain.clone(),
                 trust_domain: config.trust_domain.clone(),
             },
-        ));
+        );
+        let weak = Arc::downgrade(&backend);
+        pods = Some(Arc::new(move |ns: &str, pod: &str| {
+            weak.upgrade()?.pod_identity(ns, pod)
+        }));
+        backends.push(backend);
     }
     if !config.etcd.is_empty() {
         backends.push(discovery::etcd::EtcdBackend::start(
@@ -220,6 +226,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         .add_service(InboundServerPoliciesServer::new(
             inbound::InboundPolicyService::new(
                 file,
+                pods,
                 config.default_inbound_policy,
                 metrics,
                 config.max_names_per_client,

@@ -421,3 +421,48 @@ async fn serviceaccount_tokens_certify_exactly_their_serviceaccount() -> anyhow:
     client.certify(request(host, &token)?).await?;
     Ok(())
 }
+
+/// A proxy in a pod names its workload as Linkerd's do (`ns:pod`, or
+/// JSON): weft-control answers with the policy of the identity the pod
+/// serves as, its ServiceAccount's.
+#[tokio::test]
+async fn inbound_policy_for_pods_is_their_serviceaccounts() -> anyhow::Result<()> {
+    use linkerd2_proxy_api::inbound::PortSpec;
+    use linkerd2_proxy_api::inbound::inbound_server_policies_client::InboundServerPoliciesClient;
+
+    let api = ApiServer::start().await?;
+    api.apply(&pod("web-1", "web", false))?;
+    let file = weft_test_support::DestinationsFile::from_yaml(
+        "destinations: {}\nservers:\n  \"web.demo.serviceaccount.identity.weft.local\":\n    ports:\n      \"8080\": {default: allow-authenticated}\n",
+    )?;
+    let ca = MeshCa::new()?;
+    let cluster = Cluster::new(&api)?;
+    let control = cluster
+        .control(&ca, &["--destinations", &file.path_str()])
+        .await?;
+    let mut client = InboundServerPoliciesClient::new(control.channel().await?);
+    let ask = |workload: &str| PortSpec {
+        workload: workload.into(),
+        port: 8080,
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for workload in ["demo:web-1", r#"{"ns":"demo","pod":"web-1"}"#] {
+        let server = loop {
+            match client.get_port(ask(workload)).await {
+                Ok(s) => break s.into_inner(),
+                // Until the pods are listed.
+                Err(s) if s.code() == tonic::Code::NotFound && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(s) => anyhow::bail!("{workload}: {s}"),
+            }
+        };
+        assert_eq!(
+            server.labels["name"],
+            "web.demo.serviceaccount.identity.weft.local:8080"
+        );
+    }
+    let missing = client.get_port(ask("demo:nobody")).await.err();
+    assert_eq!(missing.map(|s| s.code()), Some(tonic::Code::NotFound));
+    Ok(())
+}

@@ -4,7 +4,9 @@
 //! applied within a second without cutting requests in flight, an opaque
 //! port refusing at connect, per-client rate limits holding their rate
 //! while another client is unaffected, and a flood of distinct clients
-//! not growing the proxy beyond the limiter's bound.
+//! not growing the proxy beyond the limiter's bound, gRPC refusals as
+//! gRPC statuses, source networks between two hosts (network namespaces),
+//! and identities from the control plane between meshed proxies.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -303,6 +305,23 @@ servers:
     assert_eq!(limited_b, 0, "the other client was limited");
     assert!(ok_b >= 55, "{ok_b}");
 
+    // gRPC from the limited client, its bucket just spent: RESOURCE_EXHAUSTED.
+    let mut h2 = client::http2_from(ip("127.0.0.2"), proxy.inbound).await?;
+    let mut codes = Vec::new();
+    for _ in 0..5 {
+        let req = http::Request::post("http://api.demo:8080/demo.Echo/Say")
+            .header("content-type", "application/grpc")
+            .body(Full::new(Bytes::new()))?;
+        let rsp = h2.send_request(req).await?;
+        codes.push(
+            rsp.headers()
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
+        );
+    }
+    assert!(codes.contains(&Some("8".into())), "{codes:?}");
+
     // 100,000 distinct clients, one request each: the limiter keeps 1,000.
     let rss_before = proxy_rss(&proxy)?;
     let started = Instant::now();
@@ -483,6 +502,97 @@ async fn identities_are_authorized_from_the_control_plane() -> anyhow::Result<()
             "inbound_http_authz_deny_total",
             &[("client_id", "other.demo")]
         ) >= 1.0
+    );
+    assert_eq!(
+        m.sum("inbound_http_authz_deny_total", &[("tls", "no_identity")]),
+        1.0
+    );
+    Ok(())
+}
+
+/// Two hosts (network namespaces on a veth pair, each with an address in
+/// two networks): the server's policy admits clients from 10.97.0.0/24
+/// only, so the same client host is let in from one of its addresses and
+/// refused from the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_rules_admit_by_source_cidr_between_hosts() -> anyhow::Result<()> {
+    use weft_test_support::netns::Netns;
+    use weft_test_support::workspace_binary;
+
+    let client_host = Netns::new("authz-c")?;
+    let server_host = Netns::new("authz-s")?;
+    client_host.link(
+        &server_host,
+        "10.97.0.1/24,10.97.1.1/24",
+        "10.97.0.2/24,10.97.1.2/24",
+    )?;
+    let backend = workspace_binary("weft-test-backend")?;
+    let backend = backend.to_string_lossy().into_owned();
+    let _app = server_host.spawn(&[&backend, "--listen", "127.0.0.1:8080", "--name", "api"])?;
+    let file = DestinationsFile::from_yaml(
+        r#"destinations: {}
+servers:
+  "api.demo":
+    ports:
+      "8080":
+        default: deny
+        authorizations:
+          - name: office
+            clients: {networks: [10.97.0.0/24]}
+"#,
+    )?;
+    let path = file.path_str();
+    let wrapper = ["ip", "netns", "exec", server_host.name.as_str()];
+    let _proxy = Proxy::spawn(
+        &wrapper,
+        PROXY.as_ref(),
+        &[
+            ("WEFT_PROXY_DESTINATIONS", &path),
+            ("WEFT_PROXY_INBOUND_LISTEN", "0.0.0.0:4143"),
+            ("WEFT_PROXY_ADMIN_LISTEN", "127.0.0.1:4191"),
+            ("WEFT_PROXY_INBOUND_FORWARD", "127.0.0.1:8080"),
+            ("WEFT_PROXY_INBOUND_SERVER", "api.demo"),
+        ],
+    )
+    .await?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while server_host
+        .exec(&["curl", "-sf", "http://127.0.0.1:8080/"])
+        .is_err()
+        || server_host
+            .exec(&["curl", "-sf", "http://127.0.0.1:4191/ready"])
+            .is_err()
+    {
+        anyhow::ensure!(Instant::now() < deadline, "server host never ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = |from: &str, to: &str| {
+        client_host.exec(&[
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "5",
+            "--interface",
+            from,
+            &format!("http://{to}:4143/"),
+        ])
+    };
+    assert_eq!(status("10.97.0.1", "10.97.0.2")?, "200");
+    assert_eq!(status("10.97.1.1", "10.97.1.2")?, "403");
+    let metrics = server_host.exec(&["curl", "-s", "http://127.0.0.1:4191/metrics"])?;
+    let m = weft_test_support::metrics::Scrape::parse(metrics)?;
+    assert_eq!(
+        m.sum(
+            "inbound_http_authz_allow_total",
+            &[("authz_name", "office")]
+        ),
+        1.0,
+        "{}",
+        m.text
     );
     assert_eq!(
         m.sum("inbound_http_authz_deny_total", &[("tls", "no_identity")]),

@@ -64,8 +64,20 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let stream = TcpStream::connect(addr).await?;
-    stream.set_nodelay(true)?;
+    http2_from(None, addr).await
+}
+
+/// An HTTP/2 connection to `addr` from the source address `from`.
+pub async fn http2_from<B>(
+    from: Option<IpAddr>,
+    addr: SocketAddr,
+) -> anyhow::Result<http2::SendRequest<B>>
+where
+    B: hyper::body::Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stream = connect_from(from, addr).await?;
     let (send, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await?;
     tokio::spawn(async move {
         let _ = conn.await;

@@ -58,6 +58,9 @@ struct Objects {
 struct Snapshot {
     by_authority: HashMap<Authority, Arc<Service>>,
     addresses: AddressIndex,
+    /// Every pod's ServiceAccount identity, meshed or not (whatever proxy
+    /// it runs, it serves as that identity), by namespace and name.
+    pods: HashMap<(String, String), String>,
 }
 
 impl Snapshot {
@@ -116,6 +119,16 @@ impl KubernetesBackend {
             }
         });
         this
+    }
+
+    /// The identity the pod `namespace/name` serves as (its
+    /// ServiceAccount's), if the cluster has it.
+    pub fn pod_identity(&self, namespace: &str, name: &str) -> Option<String> {
+        self.snapshot
+            .load()
+            .pods
+            .get(&(namespace.to_string(), name.to_string()))
+            .cloned()
     }
 
     fn resolve(&self, snapshot: &Snapshot, authority: &Authority) -> Resolution {
@@ -362,9 +375,25 @@ fn build(objects: &Objects, naming: &Naming) -> Snapshot {
     for (addr, service) in cluster_ips {
         addresses.insert_service(addr, service);
     }
+    let pods = objects
+        .pods
+        .iter()
+        .map(|((ns, name), pod)| {
+            let sa = pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.service_account_name.as_deref())
+                .unwrap_or("default");
+            (
+                (ns.clone(), name.clone()),
+                format!("{sa}.{ns}.serviceaccount.identity.{}", naming.trust_domain),
+            )
+        })
+        .collect();
     Snapshot {
         by_authority,
         addresses,
+        pods,
     }
 }
 
