@@ -346,14 +346,16 @@ fn port(at: &str, server: &str, number: u16, p: &PortModel) -> Result<PortSpec, 
     let rate_limit = p
         .rate_limit
         .as_ref()
-        .map(|r| {
-            if protocol.is_http() {
-                rate_limit(&format!("{at}.rate_limit"), r)
-            } else {
-                Err(format!(
-                    "{at}.rate_limit: rate limits apply to HTTP requests; this port is not HTTP"
-                ))
-            }
+        .map(|r| match protocol {
+            // The API's gRPC protocol carries no rate limit: a proxy
+            // following the control plane would never see it.
+            Protocol::Grpc => Err(format!(
+                "{at}.rate_limit: the policy API carries no rate limit for grpc ports; declare the port http2 (gRPC is HTTP/2) or detect"
+            )),
+            ref p if p.is_http() => rate_limit(&format!("{at}.rate_limit"), r),
+            _ => Err(format!(
+                "{at}.rate_limit: rate limits apply to HTTP requests; this port is not HTTP"
+            )),
         })
         .transpose()?;
     let spec = PortSpec {
@@ -481,6 +483,10 @@ mod tests {
             (
                 "  \"api.demo\": {ports: {\"80\": {protocol: opaque, rate_limit: {total_rps: 5}}}}\n",
                 "ports.\"80\".rate_limit: rate limits apply to HTTP requests",
+            ),
+            (
+                "  \"api.demo\": {ports: {\"80\": {protocol: grpc, rate_limit: {total_rps: 5}}}}\n",
+                "carries no rate limit for grpc ports",
             ),
             (
                 "  \"api.demo\": {ports: {\"80\": {rate_limit: {per_client_rps: 0}}}}\n",
