@@ -49,6 +49,10 @@ pub const ENV_METRICS_MAX_AUTHORITIES: &str = "WEFT_PROXY_METRICS_MAX_AUTHORITIE
 pub const ENV_WORKLOADS: &str = "WEFT_PROXY_WORKLOADS";
 pub const ENV_UPGRADE_TIMEOUT: &str = "WEFT_PROXY_UPGRADE_TIMEOUT";
 pub const ENV_REUSE_PORT: &str = "WEFT_PROXY_REUSE_PORT";
+pub const ENV_TRACE_COLLECTOR: &str = "WEFT_PROXY_TRACE_COLLECTOR";
+pub const ENV_TRACE_SAMPLE: &str = "WEFT_PROXY_TRACE_SAMPLE";
+pub const ENV_TRACE_SLOW: &str = "WEFT_PROXY_TRACE_SLOW";
+pub const ENV_TRACE_QUEUE: &str = "WEFT_PROXY_TRACE_QUEUE";
 pub const ENV_INBOUND_SERVER: &str = "WEFT_PROXY_INBOUND_SERVER";
 pub const ENV_INBOUND_DEFAULT_POLICY: &str = "WEFT_PROXY_INBOUND_DEFAULT_POLICY";
 pub const ENV_RATE_LIMIT_CLIENTS: &str = "WEFT_PROXY_RATE_LIMIT_CLIENTS";
@@ -104,12 +108,28 @@ pub struct Config {
     /// Inbound authorities that get metric series of their own (besides the
     /// proxy's identity and registered service); the rest are `other`.
     pub inbound_authorities: Vec<AuthorityPattern>,
+    /// Tracing, when a collector is configured.
+    pub trace: Option<TraceConfig>,
     /// The server whose inbound policy applies (an entry of the policy's
     /// `servers`); default: this proxy's identity.
     pub inbound_server: Option<String>,
     /// Who may reach a port no policy lists.
     #[serde(serialize_with = "serialize_display")]
     pub inbound_default_policy: weft_authz::DefaultPolicy,
+}
+
+/// Where spans go and which are kept.
+#[derive(Clone, Debug, Serialize)]
+pub struct TraceConfig {
+    /// The OTLP/gRPC collector, `host:port`.
+    pub collector: String,
+    /// Head sampling probability for requests that bring no decision.
+    pub sample: f64,
+    /// Requests slower than this are always exported.
+    #[serde(with = "humantime_serde_compat")]
+    pub slow: Duration,
+    /// Spans waiting for export at most; more are dropped and counted.
+    pub queue: usize,
 }
 
 /// Bounds and timeouts on everything a remote peer can make the proxy hold.
@@ -363,6 +383,7 @@ impl Config {
             register: None,
             limits: Limits::default(),
             inbound_authorities: Vec::new(),
+            trace: None,
             inbound_server: p.optional(ENV_INBOUND_SERVER, |s| {
                 s.parse::<weft_identity::Name>()
                     .map(|n| n.as_str().to_string())
@@ -373,6 +394,7 @@ impl Config {
                 .unwrap_or_default(),
         };
         config.limits = p.limits();
+        config.trace = p.trace();
         config.inbound_authorities = p
             .optional(ENV_INBOUND_AUTHORITIES, |s| {
                 s.split(',')
@@ -563,6 +585,36 @@ impl Parser {
             dns_timeout,
             metrics_max_authorities,
         }
+    }
+
+    /// Tracing: all four variables are read only with a collector.
+    fn trace(&mut self) -> Option<TraceConfig> {
+        let collector = self.optional(ENV_TRACE_COLLECTOR, |s| {
+            s.parse::<weft_detect::Authority>()
+                .map(|a| a.to_string())
+                .map_err(|_| "must be host:port, such as 127.0.0.1:4317".to_string())
+        });
+        let sample = self
+            .parse(ENV_TRACE_SAMPLE, "0.01", |s| match s.parse::<f64>() {
+                Ok(p) if (0.0..=1.0).contains(&p) => Ok(p),
+                _ => Err("must be a probability from 0 to 1, such as 0.01".to_string()),
+            })
+            .unwrap_or(0.01);
+        let slow = self
+            .parse(ENV_TRACE_SLOW, "1s", parse_positive_duration)
+            .unwrap_or(Duration::from_secs(1));
+        let queue = self
+            .parse(ENV_TRACE_QUEUE, "2048", |s| match s.parse::<usize>() {
+                Ok(n) if (1..=1_000_000).contains(&n) => Ok(n),
+                _ => Err("must be a whole number from 1 to 1000000".to_string()),
+            })
+            .unwrap_or(2048);
+        Some(TraceConfig {
+            collector: collector?,
+            sample,
+            slow,
+            queue,
+        })
     }
 
     /// The control plane's address, the name it must prove and the trust

@@ -20,6 +20,7 @@ pub mod server;
 pub mod tap;
 pub mod tcp;
 pub mod tls;
+pub mod trace;
 pub mod upgrade;
 pub mod workload;
 
@@ -52,6 +53,8 @@ pub enum RunError {
         #[source]
         source: std::io::Error,
     },
+    #[error("WEFT_PROXY_TRACE_COLLECTOR: {0}")]
+    Trace(String),
     #[error("cannot install signal handler: {0}")]
     Signal(#[source] std::io::Error),
     #[error("cannot start the admin server's thread: {0}")]
@@ -328,6 +331,34 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             }),
         );
     }
+    let tracer = match &config.trace {
+        Some(t) => {
+            use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+            let attr = |k: &str, v: String| KeyValue {
+                key: k.into(),
+                value: Some(AnyValue {
+                    value: Some(any_value::Value::StringValue(v)),
+                }),
+                ..Default::default()
+            };
+            let name = config
+                .identity
+                .as_ref()
+                .map_or_else(|| "weft-proxy".to_string(), |i| i.name.to_string());
+            let queue = trace::spawn_exporter(
+                &t.collector,
+                t.queue,
+                vec![
+                    attr("service.name", name),
+                    attr("service.version", env!("CARGO_PKG_VERSION").into()),
+                ],
+                metrics.trace.clone(),
+            )
+            .map_err(|e| RunError::Trace(e.to_string()))?;
+            Some(trace::Tracer::new(t.sample, t.slow, queue))
+        }
+        None => None,
+    };
     let server_id: Option<Arc<str>> = config
         .inbound_server
         .as_deref()
@@ -458,6 +489,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             workloads: workloads.clone(),
             authz: authz.clone(),
             server_id: server_id.clone(),
+            tracer: tracer.clone(),
         });
         let name = match direction {
             Direction::outbound => "outbound",

@@ -295,6 +295,8 @@ pub struct Metrics {
     pub hedges: Family<RetryLabels, Counter>,
     /// Inbound policy decisions.
     pub authz: authz::AuthzMetrics,
+    /// Span export.
+    pub trace: crate::trace::TraceMetrics,
     /// Where the breaker state of endpoints is read from at scrape time.
     pub breakers: breaker::BreakerSources,
     /// Live per-request events; not exported, streamed from `/tap`.
@@ -409,11 +411,14 @@ impl Metrics {
         );
         let authz = authz::AuthzMetrics::default();
         authz.register(&mut registry);
+        let trace = crate::trace::TraceMetrics::default();
+        trace.register(&mut registry);
         registry.register_collector(Box::new(process::ProcessCollector::new()));
         let breakers = breaker::BreakerSources::default();
         registry.register_collector(Box::new(breaker::BreakerCollector(breakers.clone())));
         Self {
             authz,
+            trace,
             retries,
             hedges,
             breakers,

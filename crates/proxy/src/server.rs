@@ -59,6 +59,8 @@ pub struct Side {
     pub authz: Arc<Authz>,
     /// Inbound: whose policy applies when no local workload's does.
     pub server_id: Option<Arc<str>>,
+    /// When tracing is on.
+    pub tracer: Option<Arc<crate::trace::Tracer>>,
 }
 
 impl Side {
@@ -329,6 +331,7 @@ impl Side {
             labels: self.labels.clone(),
             workload,
             inbound,
+            tracer: self.tracer.clone(),
         });
         http::serve(io, ctx, shutdown).await;
     }

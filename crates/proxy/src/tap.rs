@@ -82,16 +82,16 @@ impl Tap {
 
     /// Starts an event for a request, if anyone is listening.
     #[inline]
-    pub fn start(&self, method: &Method, uri: &http::Uri, start: Instant) -> Option<Box<Tapped>> {
+    pub fn start(&self, method: &Method, uri: &http::Uri, start: Instant) -> Option<Tapped> {
         if self.inner.listeners.load(Ordering::Relaxed) == 0 {
             return None;
         }
-        Some(Box::new(Tapped {
+        Some(Tapped {
             tap: self.clone(),
             method: method.clone(),
             path: truncate(uri.path(), MAX_PATH).into(),
             start,
-        }))
+        })
     }
 
     pub fn listen(&self) -> Listener {
@@ -210,5 +210,48 @@ mod tests {
         }
         drop(listener);
         assert!(tap.start(&Method::GET, &uri, Instant::now()).is_none());
+    }
+}
+
+/// What watches one request to its end: the tap, while anyone listens,
+/// and its trace span, when tracing is on. Both learn the outcome from the
+/// labels it is counted with. One pointer, null when nothing watches: it
+/// travels with every response body.
+#[derive(Default)]
+pub struct Observed(Option<Box<Watchers>>);
+
+struct Watchers {
+    tap: Option<Tapped>,
+    span: Option<crate::trace::Span>,
+}
+
+impl Observed {
+    pub fn new(tap: Option<Tapped>, span: Option<crate::trace::Span>) -> Self {
+        if tap.is_none() && span.is_none() {
+            return Self(None);
+        }
+        Self(Some(Box::new(Watchers { tap, span })))
+    }
+
+    /// The endpoint that answered, after `retries` earlier tries.
+    pub fn upstream(
+        &mut self,
+        endpoint: std::net::SocketAddr,
+        retries: u32,
+        headers: &http::HeaderMap,
+    ) {
+        if let Some(s) = self.0.as_mut().and_then(|w| w.span.as_mut()) {
+            s.upstream(endpoint, retries, headers);
+        }
+    }
+
+    pub fn finish(self, labels: &ResponseLabels) {
+        let Some(w) = self.0 else { return };
+        if let Some(t) = w.tap {
+            t.finish(labels);
+        }
+        if let Some(s) = w.span {
+            s.finish(labels);
+        }
     }
 }

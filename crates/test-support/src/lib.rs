@@ -15,6 +15,7 @@ pub mod load;
 pub mod mesh;
 pub mod metrics;
 pub mod netns;
+pub mod otlp;
 pub mod process;
 pub mod prometheus;
 pub mod proxy;

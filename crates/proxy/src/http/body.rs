@@ -13,7 +13,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 
 use crate::metrics::{Classification, ResponseLabels};
-use crate::tap::Tapped;
+use crate::tap::Observed;
 
 pub enum ProxyBody {
     /// Streamed from upstream, classified when it ends.
@@ -142,7 +142,7 @@ pub struct Classify {
     grpc: bool,
     /// The endpoint slot and balancer load, released at end of stream.
     pending: Option<crate::endpoint::InFlight>,
-    tapped: Option<Box<Tapped>>,
+    tapped: Observed,
     recorded: bool,
 }
 
@@ -163,7 +163,7 @@ impl Classify {
         grpc: bool,
         response_headers: &HeaderMap,
         pending: Option<crate::endpoint::InFlight>,
-        tapped: Option<Box<Tapped>>,
+        tapped: Observed,
     ) -> Self {
         Self {
             family,
@@ -225,9 +225,7 @@ impl Classify {
         } else {
             Classification::failure
         };
-        if let Some(t) = self.tapped.take() {
-            t.finish(&labels);
-        }
+        std::mem::take(&mut self.tapped).finish(&labels);
         self.family.get_or_create(&labels).inc();
     }
 }

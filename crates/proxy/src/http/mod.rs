@@ -86,6 +86,8 @@ pub struct HttpContext {
     pub workload: Option<Arc<str>>,
     /// Inbound: what the policy decisions on this connection need.
     pub inbound: Option<crate::authz::InboundConn>,
+    /// When tracing is on.
+    pub tracer: Option<Arc<crate::trace::Tracer>>,
 }
 
 /// The addresses one side of the proxy listens on (one per address
@@ -393,7 +395,12 @@ impl HttpContext {
     ) -> Response<ProxyBody> {
         let start = Instant::now();
         let grpc = is_grpc(&req);
-        let tapped = self.metrics.tap.start(req.method(), req.uri(), start);
+        let span = self.tracer.as_ref().map(|t| {
+            let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+            t.start(req.headers_mut(), self.direction, &method, &path)
+        });
+        let mut tapped =
+            crate::tap::Observed::new(self.metrics.tap.start(req.method(), req.uri(), start), span);
         let routed = if req.version() <= Version::HTTP_11
             && req.headers().get_all(header::HOST).iter().nth(1).is_some()
         {
@@ -656,6 +663,7 @@ impl HttpContext {
             error: None,
             tls,
         };
+        tapped.upstream(endpoint.addr, retries, rsp.headers());
         let classify = Classify::new(
             self.metrics.response_total.clone(),
             labels,
@@ -995,7 +1003,7 @@ impl HttpContext {
         target: &Target,
         label: Dst,
         start: Instant,
-        tapped: Option<Box<crate::tap::Tapped>>,
+        tapped: crate::tap::Observed,
     ) -> Response<ProxyBody> {
         let (endpoint, pending, upstream) =
             match crate::tcp::connect(target, Some(&self.listen_addrs)).await {
@@ -1059,7 +1067,7 @@ impl HttpContext {
 
     fn fail(
         &self,
-        tapped: Option<Box<crate::tap::Tapped>>,
+        tapped: crate::tap::Observed,
         label: Dst,
         err: ProxyError,
         grpc: bool,
@@ -1103,10 +1111,8 @@ impl HttpContext {
 
     /// Counts a response the proxy answered itself (streamed responses are
     /// counted by their body when it ends), and publishes it to the tap.
-    fn count_response(&self, tapped: Option<Box<crate::tap::Tapped>>, labels: ResponseLabels) {
-        if let Some(t) = tapped {
-            t.finish(&labels);
-        }
+    fn count_response(&self, tapped: crate::tap::Observed, labels: ResponseLabels) {
+        tapped.finish(&labels);
         self.metrics.response_total.get_or_create(&labels).inc();
     }
 }
@@ -1124,7 +1130,7 @@ impl Drop for Cancelled<'_> {
             return;
         };
         self.ctx.count_response(
-            None,
+            crate::tap::Observed::default(),
             ResponseLabels {
                 direction: self.ctx.direction,
                 dst: label,

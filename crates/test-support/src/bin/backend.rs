@@ -15,6 +15,9 @@ enum Mode {
     Banner,
     /// gRPC: `grpc.health.v1.Health`, `weft.test.Echo` SERVING.
     Grpc,
+    /// An OTLP/gRPC trace receiver that counts the spans it is sent and
+    /// prints the count when asked on stdin (any line).
+    Otlp,
     /// Not a server: one gRPC `Health/Check` of `weft.test.Echo` at
     /// `--listen`, like an unmodified gRPC application calling a peer;
     /// prints the serving status and exits 0, or the error and exits 1.
@@ -69,6 +72,17 @@ fn main() -> anyhow::Result<()> {
             println!("{status}");
             return Ok(());
         }
+        if let Mode::Otlp = args.mode {
+            let receiver = weft_test_support::otlp::Receiver::start_on(args.listen, true).await?;
+            println!("listening {}", receiver.addr);
+            let count = receiver.counter();
+            std::thread::spawn(move || {
+                for _ in std::io::stdin().lines() {
+                    println!("spans {}", count.load(std::sync::atomic::Ordering::Relaxed));
+                }
+            });
+            std::future::pending::<()>().await;
+        }
         if let Mode::Grpc = args.mode {
             let _server = weft_test_support::grpc::start_on(args.listen).await?;
             println!("listening {}", args.listen);
@@ -96,7 +110,7 @@ fn main() -> anyhow::Result<()> {
             Mode::Banner => {
                 weft_test_support::tcp::serve(listener, Some(b"220 weft-test ready\r\n")).await
             }
-            Mode::Grpc | Mode::GrpcCheck => {}
+            Mode::Grpc | Mode::GrpcCheck | Mode::Otlp => {}
         }
         Ok(())
     })
