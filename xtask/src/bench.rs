@@ -37,6 +37,8 @@ struct Options {
     only_hosts: bool,
     /// `authz`: only the inbound policy's cost.
     only_authz: bool,
+    /// `trace`: only tracing's cost.
+    only_trace: bool,
     duration: u64,
     rounds: u64,
     watchers: usize,
@@ -51,6 +53,7 @@ fn options(args: &[String]) -> anyhow::Result<Options> {
         only_policy: false,
         only_hosts: false,
         only_authz: false,
+        only_trace: false,
         duration: 12,
         rounds: 3,
         watchers: 1000,
@@ -97,8 +100,11 @@ fn options(args: &[String]) -> anyhow::Result<Options> {
                 Some("policy") => o.only_policy = true,
                 Some("hosts") => o.only_hosts = true,
                 Some("authz") => o.only_authz = true,
+                Some("trace") => o.only_trace = true,
                 other => {
-                    bail!("--only {other:?}: the partial runs are fan-out, policy, authz and hosts")
+                    bail!(
+                        "--only {other:?}: the partial runs are fan-out, policy, authz, trace and hosts"
+                    )
                 }
             },
             "--out" => o.out = PathBuf::from(it.next().context("--out needs a path")?),
@@ -490,9 +496,11 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     crate::build_release()?;
     let dir = std::env::temp_dir().join(format!("weft-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    if opts.only_policy || opts.only_authz {
+    if opts.only_policy || opts.only_authz || opts.only_trace {
         let rows = if opts.only_authz {
             crate::policy::run_authz(&dir, opts.duration)?
+        } else if opts.only_trace {
+            crate::policy::run_trace(&dir, opts.duration)?
         } else {
             crate::policy::run(&dir, opts.duration)?
         };

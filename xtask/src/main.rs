@@ -10,7 +10,7 @@ use std::process::Command;
 
 use anyhow::{Context, bail};
 
-const USAGE: &str = "usage: cargo xtask <demo [weft demo flags] | bench [--duration SECS] [--rounds N] [--watchers N] [--services N] [--only fan-out|policy|authz|hosts] [--out FILE] [--strict]>";
+const USAGE: &str = "usage: cargo xtask <demo [weft demo flags] | bench [--duration SECS] [--rounds N] [--watchers N] [--services N] [--only fan-out|policy|authz|trace|hosts] [--out FILE] [--strict]>";
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);

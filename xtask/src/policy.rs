@@ -280,7 +280,64 @@ pub(crate) fn run(dir: &Path, secs: u64) -> anyhow::Result<Vec<PolicyRow>> {
         rows.push(combine("d: policy cost (h2c max)", variant, rounds));
     }
     rows.extend(inbound_authz(dir, &one, round)?);
+    rows.extend(run_trace(dir, secs)?);
     Ok(rows)
+}
+
+/// (f) Tracing's cost: flat out over h2c through an outbound proxy, with
+/// tracing off, and exporting to a real OTLP receiver at 0 %, 1 % and
+/// 100 % head sampling, interleaved round after round.
+pub(crate) fn run_trace(dir: &Path, secs: u64) -> anyhow::Result<Vec<PolicyRow>> {
+    let one = backend("one", &[])?;
+    let (_receiver, collector) = backend("otlp", &["--mode", "otlp"])?;
+    let round = Drive {
+        proto: Proto::H2c,
+        mode: Mode::Max,
+        secs: (secs / 2).max(2),
+    };
+    let traced = |sample: &str| -> anyhow::Result<(Proc, SocketAddr)> {
+        let list = format!("{{addr: {}}}", one.1);
+        let file = dir.join(format!("trace-{}.yaml", unique_suffix()));
+        std::fs::write(
+            &file,
+            format!("destinations:\n  \"{AUTHORITY}\":\n    endpoints: [{list}]\n"),
+        )?;
+        let bin = target_dir()?.join("release/weft-proxy");
+        let mut env = vec![("WEFT_PROXY_DESTINATIONS", file.display().to_string())];
+        if !sample.is_empty() {
+            env.push(("WEFT_PROXY_TRACE_COLLECTOR", collector.to_string()));
+            env.push(("WEFT_PROXY_TRACE_SAMPLE", sample.to_string()));
+            // Ample queue: the figure is the cost of tracing, not of
+            // dropping.
+            env.push(("WEFT_PROXY_TRACE_QUEUE", "100000".to_string()));
+        }
+        let (p, outbound, _) = start_proxy(&bin, &env)?;
+        Ok((p, outbound))
+    };
+    let variants = [
+        ("tracing off", traced("")?),
+        ("0% sampled", traced("0")?),
+        ("1% sampled", traced("0.01")?),
+        ("100% sampled", traced("1")?),
+    ];
+    let mut by_variant: Vec<Vec<PolicyRow>> = variants.iter().map(|_| Vec::new()).collect();
+    for _ in 0..ROUNDS {
+        for ((variant, (p, out)), acc) in variants.iter().zip(&mut by_variant) {
+            acc.push(measure(
+                "f: tracing cost (h2c max)",
+                *variant,
+                dir,
+                (p, *out),
+                round,
+                || {},
+            )?);
+        }
+    }
+    Ok(variants
+        .iter()
+        .zip(by_variant)
+        .map(|((variant, _), rounds)| combine("f: tracing cost (h2c max)", variant, rounds))
+        .collect())
 }
 
 /// Scenario (e) alone.

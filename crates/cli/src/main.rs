@@ -12,6 +12,7 @@ mod identity;
 mod init;
 mod inject;
 mod install;
+mod probe;
 mod routes;
 mod source;
 mod stat;
@@ -50,6 +51,9 @@ enum Command {
     /// Show what discovery says about a service now (the control plane's
     /// Destination view).
     Endpoints(endpoints::Args),
+    /// Check every configured service on a schedule, through the mesh and
+    /// directly, and serve the results (Prometheus and JSON).
+    Probe(probe::Args),
     /// Show who may reach a workload's ports and routes (inbound policy as
     /// proxies get it from the control plane), with rate limits.
     Authz(authz::Args),
@@ -103,6 +107,7 @@ fn main() -> ExitCode {
             Command::Endpoints(args) => endpoints::run(args).await,
             Command::Routes(args) => routes::run(args).await,
             Command::Authz(args) => authz::run(args).await,
+            Command::Probe(args) => probe::run(args).await,
             Command::Identity(_) | Command::Init(_) | Command::Inject(_) | Command::Install(_) => {
                 Ok(())
             }

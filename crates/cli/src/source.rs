@@ -36,7 +36,7 @@ impl Source {
         let path = self.targets.clone().unwrap_or_else(targets::default_path);
         Ok(targets::load(&path)?
             .into_iter()
-            .filter(|t| !t.is_control())
+            .filter(|t| t.is_proxy())
             .collect())
     }
 

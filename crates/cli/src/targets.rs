@@ -33,6 +33,19 @@ impl Target {
         self.labels.get("role").map(String::as_str) == Some("control")
     }
 
+    /// A proxy's admin endpoint (a group without a role is one).
+    pub(crate) fn is_proxy(&self) -> bool {
+        matches!(
+            self.labels.get("role").map(String::as_str),
+            None | Some("proxy")
+        )
+    }
+
+    /// `weft probe`'s endpoint (`role: probe`).
+    pub(crate) fn is_probe(&self) -> bool {
+        self.labels.get("role").map(String::as_str) == Some("probe")
+    }
+
     /// The service this proxy fronts, else its address.
     pub(crate) fn workload(&self) -> String {
         self.labels

@@ -109,7 +109,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let path = args.targets.clone().unwrap_or_else(targets::default_path);
     let proxies: Vec<Target> = targets::load(&path)?
         .into_iter()
-        .filter(|t| !t.is_control())
+        .filter(|t| t.is_proxy())
         .collect();
     anyhow::ensure!(!proxies.is_empty(), "{} lists no proxies", path.display());
     let (tx, mut rx) = mpsc::channel::<Msg>(4096);

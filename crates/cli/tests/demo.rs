@@ -43,10 +43,15 @@ async fn the_demo_mesh_works_and_the_cli_shows_it() -> anyhow::Result<()> {
     let targets = dir.path().join("targets.json");
     let t = targets.to_string_lossy().into_owned();
     let rps = RPS.to_string();
+    // Every request traced, to a real OTLP receiver.
+    let receiver = weft_test_support::otlp::Receiver::start().await?;
+    let collector = receiver.addr.to_string();
     let demo = Started::run(
         &workspace_binary("weft")?,
         &[
             "demo",
+            "--trace-collector",
+            &collector,
             "--duration",
             "12s",
             "--every",
@@ -108,6 +113,7 @@ async fn the_demo_mesh_works_and_the_cli_shows_it() -> anyhow::Result<()> {
     );
 
     let (stdout, _) = demo.finish().await?;
+    linked_trace(&receiver)?;
     assert!(
         stdout.contains("weft stat"),
         "it says where to look: {stdout}"
@@ -187,5 +193,67 @@ async fn the_demo_leaves_no_process_behind_whatever_stops_it() -> anyhow::Result
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+    Ok(())
+}
+
+/// One demo request is one trace: the traffic generator's proxy (client
+/// side) → web's inbound proxy → (web passes the context on) web's
+/// outbound proxy → api's inbound proxy, and web → health likewise, each
+/// span the child of the one before.
+fn linked_trace(receiver: &weft_test_support::otlp::Receiver) -> anyhow::Result<()> {
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+    use weft_test_support::otlp::Received;
+    let spans = receiver.spans();
+    let service = |r: &Received| {
+        r.resource
+            .as_ref()
+            .and_then(|res| res.attributes.iter().find(|a| a.key == "service.name"))
+            .and_then(|a| match a.value.as_ref()?.value.as_ref()? {
+                Value::StringValue(s) => Some(s.clone()),
+                _ => None,
+            })
+            .unwrap_or_default()
+    };
+    let address = |r: &Received| {
+        r.span
+            .attributes
+            .iter()
+            .find(|a| a.key == "server.address")
+            .and_then(|a| match a.value.as_ref()?.value.as_ref()? {
+                Value::StringValue(s) => Some(s.clone()),
+                _ => None,
+            })
+            .unwrap_or_default()
+    };
+    let kind = |r: &Received, k: SpanKind| r.span.kind == k as i32;
+    let child = |parent: &Received, svc: &str, k: SpanKind, to: &str| {
+        spans
+            .iter()
+            .find(|r| {
+                r.span.trace_id == parent.span.trace_id
+                    && r.span.parent_span_id == parent.span.span_id
+                    && service(r) == svc
+                    && kind(r, k)
+                    && (to.is_empty() || address(r) == to)
+            })
+            .cloned()
+    };
+    let complete = spans
+        .iter()
+        .filter(|r| service(r) == "traffic.demo" && kind(r, SpanKind::Client))
+        .find_map(|root| {
+            let web_in = child(root, "web.demo", SpanKind::Server, "")?;
+            let to_api = child(&web_in, "web.demo", SpanKind::Client, "api.demo:8080")?;
+            let api_in = child(&to_api, "api.demo", SpanKind::Server, "")?;
+            let to_health = child(&web_in, "web.demo", SpanKind::Client, "health.demo:9090")?;
+            let health_in = child(&to_health, "health.demo", SpanKind::Server, "")?;
+            Some([root.clone(), web_in, to_api, api_in, to_health, health_in])
+        });
+    anyhow::ensure!(
+        complete.is_some(),
+        "no complete trace among {} spans",
+        spans.len()
+    );
     Ok(())
 }

@@ -45,6 +45,11 @@ impl Started {
         Ok(run)
     }
 
+    /// What it said on stderr up to the marker.
+    pub fn said(&self) -> &str {
+        &self.said
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.child.id()
     }

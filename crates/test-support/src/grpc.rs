@@ -62,11 +62,21 @@ pub async fn channel_via(via: SocketAddr, authority: &str) -> anyhow::Result<Cha
 
 /// `Health/Check` for `service`.
 pub async fn check(channel: &Channel, service: &str) -> Result<i32, tonic::Status> {
+    check_with(channel, service, &http::HeaderMap::new()).await
+}
+
+/// The same, carrying `headers` as request metadata (a trace context, say,
+/// as an instrumented application passes it on).
+pub async fn check_with(
+    channel: &Channel,
+    service: &str,
+    headers: &http::HeaderMap,
+) -> Result<i32, tonic::Status> {
     let mut client = HealthClient::new(channel.clone());
-    let rsp = client
-        .check(HealthCheckRequest {
-            service: service.to_string(),
-        })
-        .await?;
+    let mut request = tonic::Request::new(HealthCheckRequest {
+        service: service.to_string(),
+    });
+    *request.metadata_mut() = tonic::metadata::MetadataMap::from_headers(headers.clone());
+    let rsp = client.check(request).await?;
     Ok(rsp.into_inner().status)
 }

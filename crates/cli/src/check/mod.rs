@@ -199,13 +199,16 @@ async fn mesh(args: &Args, report: &mut Report) {
             ),
         );
     }
-    let proxies: Vec<&Target> = listed.iter().filter(|t| !t.is_control()).collect();
+    let proxies: Vec<&Target> = listed.iter().filter(|t| t.is_proxy()).collect();
     if proxies.is_empty() && !listed.is_empty() {
         report.push("proxies", "targets", warn("the targets file lists no proxies", "add a group per proxy: {\"targets\": [\"<admin ip:port>\"], \"labels\": {\"workload\": ..}}"));
     }
     let checks = futures_util::future::join_all(proxies.iter().map(|t| proxy(t))).await;
     for (name, result) in checks {
         report.push("proxies", name, result);
+    }
+    for prober in listed.iter().filter(|t| t.is_probe()) {
+        probes(report, prober.admin).await;
     }
 }
 
@@ -412,6 +415,39 @@ async fn identity(report: &mut Report, admin: &str) {
 }
 
 /// The certificates in `pem`, read from `what` (named in errors).
+/// `weft probe`'s latest results: each service through the mesh and
+/// directly, so a mesh failure is told from the service's own.
+async fn probes(report: &mut Report, admin: SocketAddr) {
+    const S: &str = "probes";
+    let results = match fetch::get_ok(&format!("http://{admin}/probes.json")).await {
+        Ok(f) => serde_json::from_str::<Vec<crate::probe::Result_>>(&f.body)
+            .map_err(|e| anyhow::anyhow!("{admin}/probes.json: {e}")),
+        Err(e) => Err(e),
+    };
+    let results = match results {
+        Ok(r) => r,
+        Err(e) => {
+            report.push(
+                S,
+                format!("weft probe at {admin}"),
+                fail(
+                    format!("{e:#}"),
+                    "is `weft probe` running? (its --listen address is the target)",
+                ),
+            );
+            return;
+        }
+    };
+    for r in &results {
+        let result = match crate::probe::verdict(r) {
+            Ok(detail) => Ok(detail),
+            Err((true, detail, hint)) => fail(detail, hint),
+            Err((false, detail, hint)) => warn(detail, hint),
+        };
+        report.push(S, r.probe.clone(), result);
+    }
+}
+
 /// Every port with inbound policy: one that admits no client at all is
 /// almost always a mistake (every request to it is refused).
 async fn inbound(

@@ -47,9 +47,22 @@ pub(crate) struct Args {
     /// [default: the file other weft commands read]
     #[arg(long, env = "WEFT_TARGETS", value_name = "FILE")]
     targets: Option<PathBuf>,
+    /// Export the proxies' spans to this OTLP/gRPC collector (`host:port`).
+    #[arg(long, env = "WEFT_TRACE_COLLECTOR", value_name = "ADDR")]
+    trace_collector: Option<String>,
+    /// With --trace-collector: the share of requests traced.
+    #[arg(long, default_value_t = 1.0, value_parser = probability)]
+    trace_sample: f64,
     /// Print the final report as JSON instead.
     #[arg(short = 'o', long, value_enum, default_value = "table")]
     output: Output,
+}
+
+fn probability(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(p) if (0.0..=1.0).contains(&p) => Ok(p),
+        _ => Err(format!("{s:?} is not a probability from 0 to 1")),
+    }
 }
 
 /// A meshed workload: its proxy, and the labels Prometheus and the CLI
@@ -73,6 +86,8 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         every,
         targets: targets_path,
         output,
+        trace_collector,
+        trace_sample,
     } = args;
     anyhow::ensure!(rps > 0, "--rps must be at least 1");
     anyhow::ensure!(!every.is_zero(), "--every must be longer than 0s");
@@ -120,6 +135,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     .context("starting weft-control")?;
     let grpc_addr = control.grpc.to_string();
     let anchors = ca.anchors();
+    let trace_sample = trace_sample.to_string();
     let start_proxy =
         async |name: &'static str, forward: Option<SocketAddr>| -> anyhow::Result<Workload> {
             let token = ca.token_file(name)?;
@@ -133,6 +149,10 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
             ];
             if let Some(f) = &forward {
                 env.push(("WEFT_PROXY_INBOUND_FORWARD", f.as_str()));
+            }
+            if let Some(c) = &trace_collector {
+                env.push(("WEFT_PROXY_TRACE_COLLECTOR", c.as_str()));
+                env.push(("WEFT_PROXY_TRACE_SAMPLE", trace_sample.as_str()));
             }
             let proxy = Proxy::start(&proxy_bin, &env)
                 .await
@@ -183,7 +203,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     targets::write(&targets_path, &groups)?;
     let proxies: Vec<Target> = targets::from_groups(groups)?
         .into_iter()
-        .filter(|t| !t.is_control())
+        .filter(|t| t.is_proxy())
         .collect();
 
     print_guide(

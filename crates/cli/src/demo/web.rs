@@ -1,7 +1,9 @@
 //! The demo's front end: an HTTP/1.1 service that, for every request,
 //! calls the HTTP service `api.demo:8080` and the gRPC service
 //! `health.demo:9090` through its own proxy, the way a meshed application
-//! does, and fails (502) when either dependency fails.
+//! does, and fails (502) when either dependency fails. Like an
+//! instrumented application, it passes its request's trace context on to
+//! both calls, so a request's spans form one trace.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -77,11 +79,28 @@ fn reply(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     rsp
 }
 
+/// The headers that carry a trace context (W3C and B3).
+const TRACE_HEADERS: [&str; 7] = [
+    "traceparent",
+    "tracestate",
+    "b3",
+    "x-b3-traceid",
+    "x-b3-spanid",
+    "x-b3-parentspanid",
+    "x-b3-sampled",
+];
+
 async fn handle(deps: &Deps, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_string();
+    let mut context = http::HeaderMap::new();
+    for name in TRACE_HEADERS {
+        if let Some(v) = req.headers().get(name) {
+            context.insert(name, v.clone());
+        }
+    }
     let (api, health) = tokio::join!(
-        call_api(deps, &path),
-        grpc::check(&deps.health, grpc::SERVING)
+        call_api(deps, &path, &context),
+        grpc::check_with(&deps.health, grpc::SERVING, &context)
     );
     match (api, health) {
         (Ok(()), Ok(_)) => reply(StatusCode::OK, "web: api and health answered\n".into()),
@@ -93,7 +112,7 @@ async fn handle(deps: &Deps, req: Request<Incoming>) -> Response<Full<Bytes>> {
     }
 }
 
-async fn call_api(deps: &Deps, path: &str) -> anyhow::Result<()> {
+async fn call_api(deps: &Deps, path: &str, context: &http::HeaderMap) -> anyhow::Result<()> {
     let mut send = {
         let mut slot = deps.api.lock().await;
         match slot.as_ref().filter(|s| !s.is_closed()) {
@@ -105,7 +124,9 @@ async fn call_api(deps: &Deps, path: &str) -> anyhow::Result<()> {
             }
         }
     };
-    let rsp = send.send_request(client::get_h2(API, path)?).await?;
+    let mut req = client::get_h2(API, path)?;
+    req.headers_mut().extend(context.clone());
+    let rsp = send.send_request(req).await?;
     let (status, _, _) = client::text(rsp).await?;
     anyhow::ensure!(status.is_success(), "answered {status}");
     Ok(())

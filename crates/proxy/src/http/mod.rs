@@ -396,8 +396,10 @@ impl HttpContext {
         let start = Instant::now();
         let grpc = is_grpc(&req);
         let span = self.tracer.as_ref().map(|t| {
-            let (method, path) = (req.method().clone(), req.uri().path().to_owned());
-            t.start(req.headers_mut(), self.direction, &method, &path)
+            // Both clones are cheap: a standard method is a tag, a URI
+            // shares its bytes.
+            let (method, uri) = (req.method().clone(), req.uri().clone());
+            t.start(req.headers_mut(), self.direction, &method, &uri)
         });
         let mut tapped =
             crate::tap::Observed::new(self.metrics.tap.start(req.method(), req.uri(), start), span);

@@ -54,7 +54,7 @@ impl Tracer {
         headers: &mut http::HeaderMap,
         direction: Direction,
         method: &Method,
-        path: &str,
+        uri: &http::Uri,
     ) -> Span {
         let (incoming, decision) = Incoming::read(headers);
         let sampled = decision.unwrap_or_else(|| fastrand::f64() < self.sample);
@@ -64,10 +64,6 @@ impl Tracer {
         let format = incoming.map_or(Format::W3c, |c| c.format);
         context::write(headers, format, trace_id, span_id, parent, sampled);
         let request_bytes = content_length(headers);
-        let mut end = path.len().min(MAX_PATH);
-        while !path.is_char_boundary(end) {
-            end -= 1;
-        }
         Span {
             tracer: self.clone(),
             trace_id,
@@ -78,7 +74,9 @@ impl Tracer {
             start: SystemTime::now(),
             started: Instant::now(),
             method: method.clone(),
-            path: path[..end].into(),
+            // A reference-counted copy: the path is read only for spans
+            // that are kept.
+            uri: uri.clone(),
             endpoint: None,
             retries: 0,
             request_bytes,
@@ -107,7 +105,7 @@ pub struct Span {
     start: SystemTime,
     started: Instant,
     method: Method,
-    path: Box<str>,
+    uri: http::Uri,
     endpoint: Option<SocketAddr>,
     retries: u32,
     request_bytes: Option<u64>,
@@ -156,6 +154,11 @@ impl Span {
         if !(self.sampled || failed || elapsed >= self.tracer.slow) {
             return;
         }
+        let path = self.uri.path();
+        let mut end = path.len().min(MAX_PATH);
+        while !path.is_char_boundary(end) {
+            end -= 1;
+        }
         let route = &*labels.dst.route;
         let name = if route == "default" {
             format!("{} {}", self.method, labels.dst.authority)
@@ -164,7 +167,7 @@ impl Span {
         };
         let mut attributes = vec![
             text("http.request.method", self.method.as_str()),
-            text("url.path", &*self.path),
+            text("url.path", &path[..end]),
             text("server.address", &*labels.dst.authority),
             text("http.route", route),
             text(
