@@ -35,6 +35,8 @@ pub(crate) struct Row {
     pub edge: Edge,
     pub requests: u64,
     pub rps: f64,
+    /// Share of the responses classified a success.
+    pub success_rate: f64,
     /// Every request on this edge went over mutual TLS.
     pub secured: bool,
 }
@@ -54,7 +56,8 @@ pub(crate) fn edges(w: &crate::window::Window) -> Vec<Row> {
         .filter(|s| get(&s.labels, "direction") == Some("outbound"))
         .filter_map(|s| get(&s.labels, "identity").or(get(&s.labels, "workload")))
         .collect();
-    let mut acc: BTreeMap<Edge, (f64, f64)> = BTreeMap::new();
+    // (responses, over mutual TLS, successes)
+    let mut acc: BTreeMap<Edge, (f64, f64, f64)> = BTreeMap::new();
     for s in &w.responses {
         let l = &s.labels;
         let mutual = get(l, "tls") == Some("true");
@@ -92,12 +95,16 @@ pub(crate) fn edges(w: &crate::window::Window) -> Vec<Row> {
         if mutual {
             e.1 += s.value;
         }
+        if get(l, "classification") == Some("success") {
+            e.2 += s.value;
+        }
     }
     acc.into_iter()
-        .map(|(edge, (total, mutual))| Row {
+        .map(|(edge, (total, mutual, ok))| Row {
             edge,
             requests: total.round() as u64,
             rps: total / w.seconds,
+            success_rate: if total > 0.0 { ok / total } else { 1.0 },
             secured: mutual >= total,
         })
         .collect()

@@ -124,6 +124,16 @@ pub(crate) fn aggregate(w: &Window, key: impl Fn(&Labels) -> Option<String>) -> 
     out
 }
 
+/// Per service, as the receiving proxies measured it (inbound, by
+/// authority).
+pub(crate) fn by_service(w: &Window) -> Vec<Golden> {
+    aggregate(w, |l| {
+        (l.get("direction").map(String::as_str) == Some("inbound"))
+            .then(|| l.get("authority").cloned())
+            .flatten()
+    })
+}
+
 /// A table with `header` naming the first column.
 pub(crate) fn table(header: &str, rows: &[Golden]) -> String {
     let width = rows

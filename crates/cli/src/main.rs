@@ -3,6 +3,7 @@
 mod authz;
 mod check;
 mod control;
+mod dashboard;
 mod demo;
 mod edges;
 mod endpoints;
@@ -51,6 +52,9 @@ enum Command {
     /// Show what discovery says about a service now (the control plane's
     /// Destination view).
     Endpoints(endpoints::Args),
+    /// Serve a live web dashboard of the mesh: services, who calls whom,
+    /// check results.
+    Dashboard(dashboard::Args),
     /// Check every configured service on a schedule, through the mesh and
     /// directly, and serve the results (Prometheus and JSON).
     Probe(probe::Args),
@@ -108,6 +112,7 @@ fn main() -> ExitCode {
             Command::Routes(args) => routes::run(args).await,
             Command::Authz(args) => authz::run(args).await,
             Command::Probe(args) => probe::run(args).await,
+            Command::Dashboard(args) => dashboard::run(args).await,
             Command::Identity(_) | Command::Init(_) | Command::Inject(_) | Command::Install(_) => {
                 Ok(())
             }

@@ -165,6 +165,31 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     conclude(&report, args.output)
 }
 
+/// `weft check`'s results for the mesh in `targets` (the default file when
+/// `None`), as the JSON `-o json` prints: for the dashboard.
+pub(crate) async fn collect(targets: Option<PathBuf>) -> serde_json::Value {
+    let Ok(control_name) = weft_channel::DEFAULT_NAME.parse() else {
+        return serde_json::json!([]);
+    };
+    let args = Args {
+        targets,
+        control: None,
+        control_admin: None,
+        tls: crate::control::TlsArgs {
+            trust_anchors: None,
+            control_name,
+        },
+        kubernetes: false,
+        pre: false,
+        kubeconfig: None,
+        namespace: "weft".into(),
+        output: Output::Json,
+    };
+    let mut report = Report::default();
+    mesh(&args, &mut report).await;
+    serde_json::to_value(&report.0).unwrap_or_default()
+}
+
 /// The control plane, its identity and the proxies in the targets file.
 async fn mesh(args: &Args, report: &mut Report) {
     let path = args.targets.clone().unwrap_or_else(targets::default_path);

@@ -317,13 +317,8 @@ fn target_groups(workloads: &[Workload], control: &Control) -> Vec<Group> {
     groups
 }
 
-/// Per service, as the receiving proxies measured it.
 fn services(w: &Window) -> Vec<golden::Golden> {
-    golden::aggregate(w, |l| {
-        (l.get("direction").map(String::as_str) == Some("inbound"))
-            .then(|| l.get("authority").cloned())
-            .flatten()
-    })
+    golden::by_service(w)
 }
 
 fn summary(w: &Window) -> String {

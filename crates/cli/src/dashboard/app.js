@@ -1,0 +1,110 @@
+// The dashboard's client: renders each snapshot the server sends (first
+// from /api/snapshot, then live over server-sent events), no reloads.
+"use strict";
+
+const $ = (sel) => document.querySelector(sel);
+
+function el(tag, attrs, ...children) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) e.setAttribute(k, v);
+  for (const c of children) e.append(c);
+  return e;
+}
+
+function svg(tag, attrs, ...children) {
+  const e = document.createElementNS("http://www.w3.org/2000/svg", tag);
+  for (const [k, v] of Object.entries(attrs || {})) e.setAttribute(k, v);
+  for (const c of children) e.append(c);
+  return e;
+}
+
+function ms(v) { return Number.isFinite(v) ? v.toFixed(1) + " ms" : "–"; }
+function pct(v) { return Number.isFinite(v) ? (v * 100).toFixed(1) + "%" : "–"; }
+function rate(v) { return v >= 0.99 ? "ok" : v >= 0.9 ? "warn" : "fail"; }
+
+function services(rows) {
+  const body = $("#services tbody");
+  body.replaceChildren(...rows.map((r) => {
+    const tr = el("tr", { "data-service": r.name, "data-rps": r.rps.toFixed(3) });
+    tr.append(
+      el("th", { scope: "row" }, r.name),
+      el("td", { class: rate(r.success_rate) }, pct(r.success_rate)),
+      el("td", { class: "rps" }, r.rps.toFixed(1)),
+      el("td", {}, ms(r.p50_ms)),
+      el("td", {}, ms(r.p95_ms)),
+      el("td", {}, ms(r.p99_ms)),
+      el("td", {}, pct(r.mtls_share)),
+      el("td", {}, String(r.denied)),
+      el("td", {}, String(r.rate_limited)),
+    );
+    return tr;
+  }));
+  $("#no-services").hidden = rows.length > 0;
+}
+
+// Services on a circle, a line per edge labelled with its success rate.
+function topology(edges, rows) {
+  const names = new Set(rows.map((r) => r.name));
+  for (const e of edges) { names.add(e.src); names.add(e.dst); }
+  // A workload calling out is named without its port; one node per host.
+  const key = (n) => n.replace(/:\d+$/, "");
+  const nodes = [...new Set([...names].map(key))].sort();
+  const [w, h] = [800, 460];
+  const r = Math.min(w, h) / 2 - 60;
+  const pos = new Map(nodes.map((n, i) => {
+    const a = (2 * Math.PI * i) / Math.max(nodes.length, 1) - Math.PI / 2;
+    return [n, [w / 2 + r * Math.cos(a), h / 2 + r * Math.sin(a)]];
+  }));
+  const defs = svg("defs", {}, svg("marker", { id: "arrow", viewBox: "0 0 10 10", refX: "28", refY: "5", markerWidth: "7", markerHeight: "7", orient: "auto-start-reverse" }, svg("path", { d: "M 0 0 L 10 5 L 0 10 z", fill: "#4d4d57" })));
+  const lines = edges.map((e) => {
+    const [a, b] = [pos.get(key(e.src)), pos.get(key(e.dst))];
+    if (!a || !b) return svg("g");
+    const label = `${pct(e.success_rate)}${e.secured ? " · mTLS" : ""}`;
+    return svg("g", { class: "edge", "data-src": e.src, "data-dst": e.dst },
+      svg("line", { x1: a[0], y1: a[1], x2: b[0], y2: b[1], "marker-end": "url(#arrow)" }),
+      svg("text", { x: (a[0] + b[0]) / 2, y: (a[1] + b[1]) / 2 - 4 }, label),
+      svg("title", {}, `${e.src} → ${e.dst}: ${pct(e.success_rate)} success, ${e.rps.toFixed(1)} rps, client ${e.client_id || "unauthenticated"}, server ${e.server_id || "unauthenticated"}`));
+  });
+  const circles = nodes.map((n) => {
+    const [x, y] = pos.get(n);
+    return svg("g", { class: "node", "data-node": n }, svg("circle", { cx: x, cy: y, r: 22 }), svg("text", { x, y: y + 40 }, n));
+  });
+  $("#topology").replaceChildren(defs, ...lines, ...circles);
+  $("#edges tbody").replaceChildren(...edges.map((e) => el("tr", {},
+    el("td", {}, e.src), el("td", {}, e.dst),
+    el("td", { class: rate(e.success_rate) }, pct(e.success_rate)),
+    el("td", {}, e.rps.toFixed(1)),
+    el("td", {}, e.client_id || "–"), el("td", {}, e.server_id || "–"))));
+}
+
+function checks(list) {
+  $("#checks").replaceChildren(...list.map((c) => el("li", { class: c.status, "data-check": c.name },
+    el("span", { class: "badge" }, c.status === "ok" ? "ok" : c.status.toUpperCase()), ` ${c.section} · ${c.name}: ${c.detail}`,
+    ...(c.hint ? [el("br"), `→ ${c.hint}`] : []))));
+}
+
+function render(s) {
+  $("#window").textContent = s.window_seconds.toFixed(0);
+  $("#source").textContent = s.source;
+  services(s.services);
+  topology(s.edges, s.services);
+  if (s.checks) checks(s.checks);
+  $("#status").textContent = `live · updated ${new Date(s.at * 1000).toLocaleTimeString()}`;
+  document.body.dataset.updates = String(Number(document.body.dataset.updates || 0) + 1);
+}
+
+// `?updates=N` stops listening after N live updates: a page that is
+// never done loading cannot be captured by a headless browser.
+const limit = Number(new URLSearchParams(location.search).get("updates")) || Infinity;
+let live = 0;
+fetch("/api/snapshot").then((r) => r.json()).then(render).catch(() => {});
+const events = new EventSource("/events");
+events.onmessage = (m) => {
+  render(JSON.parse(m.data));
+  live += 1;
+  if (live >= limit) {
+    events.close();
+    $("#status").textContent += ` · paused after ${live} updates`;
+  }
+};
+events.onerror = () => { if (live < limit) $("#status").textContent = "reconnecting…"; };

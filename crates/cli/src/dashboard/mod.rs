@@ -1,0 +1,273 @@
+//! `weft dashboard`: the mesh in a browser, live. A page (embedded in the
+//! binary: it works offline) shows every service's golden metrics, a graph
+//! of who calls whom with each edge's success rate and identities, and
+//! `weft check`'s results; the server pushes a fresh snapshot every
+//! `--refresh` over server-sent events, from the same sources as `weft
+//! stat` (the proxies' admin ports, or Prometheus).
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::Context;
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::TokioIo;
+use tokio::sync::{Semaphore, watch};
+
+use crate::source::Source;
+use crate::window::{self, Window};
+
+const INDEX: &str = include_str!("index.html");
+const APP_JS: &str = include_str!("app.js");
+const APP_CSS: &str = include_str!("app.css");
+/// Browsers (tabs) connected at once; more are answered 503.
+const MAX_CLIENTS: usize = 64;
+/// The window each snapshot reports on, when scraping the proxies.
+const WINDOW: Duration = Duration::from_secs(10);
+/// Checks run less often than traffic refreshes: they dial every proxy.
+const CHECK_EVERY: Duration = Duration::from_secs(10);
+
+#[derive(clap::Args)]
+pub(crate) struct Args {
+    /// Where the dashboard is served.
+    #[arg(long, env = "WEFT_DASHBOARD_LISTEN", default_value = "127.0.0.1:50750")]
+    listen: SocketAddr,
+    /// How often the page is updated.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    refresh: Duration,
+    #[command(flatten)]
+    source: Source,
+}
+
+#[derive(serde::Serialize)]
+struct Snapshot {
+    /// Seconds since the epoch.
+    at: u64,
+    source: &'static str,
+    window_seconds: f64,
+    services: Vec<crate::golden::Golden>,
+    edges: Vec<crate::edges::Row>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    checks: Option<serde_json::Value>,
+}
+
+/// Rolling scrapes of the proxies: each refresh adds one, and the window
+/// runs from the oldest kept (up to [`WINDOW`] ago) to the newest.
+struct Rolling {
+    scrapes: VecDeque<(
+        Instant,
+        Vec<crate::targets::Target>,
+        Vec<Option<window::Snapshot>>,
+    )>,
+}
+
+impl Rolling {
+    async fn next(&mut self, source: &Source) -> anyhow::Result<Window> {
+        let targets = source.targets()?;
+        let now = Instant::now();
+        let snapshots = window::snapshots(&targets).await;
+        self.scrapes.push_back((now, targets, snapshots));
+        while self
+            .scrapes
+            .front()
+            .is_some_and(|(t, _, _)| now.duration_since(*t) > WINDOW)
+            && self.scrapes.len() > 2
+        {
+            self.scrapes.pop_front();
+        }
+        let (Some(first), Some(last)) = (self.scrapes.front(), self.scrapes.back()) else {
+            return Ok(Window::default());
+        };
+        // The same targets in both, or the window starts now.
+        if first
+            .1
+            .iter()
+            .map(|t| t.admin)
+            .ne(last.1.iter().map(|t| t.admin))
+        {
+            let last = self.scrapes.pop_back();
+            self.scrapes.clear();
+            self.scrapes.extend(last);
+            return Ok(Window::default());
+        }
+        Ok(Window::across(
+            &first.2,
+            &last.2,
+            last.0.duration_since(first.0),
+        ))
+    }
+}
+
+async fn collect(args: &Args, tx: watch::Sender<Arc<String>>) {
+    let mut rolling = Rolling {
+        scrapes: VecDeque::new(),
+    };
+    let mut tick = tokio::time::interval(args.refresh);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_check: Option<(Instant, serde_json::Value)> = None;
+    loop {
+        tick.tick().await;
+        let window = match &args.source.prometheus {
+            Some(url) => window::query_prometheus(url, Duration::from_secs(60)).await,
+            None => rolling.next(&args.source).await,
+        };
+        let window = match window {
+            Ok(w) => w,
+            Err(e) => {
+                tracing_free_warn(&format!("dashboard: no figures this round: {e:#}"));
+                continue;
+            }
+        };
+        if last_check
+            .as_ref()
+            .is_none_or(|(at, _)| at.elapsed() >= CHECK_EVERY)
+        {
+            let checks = crate::check::collect(args.source.targets.clone()).await;
+            last_check = Some((Instant::now(), checks));
+        }
+        let snapshot = Snapshot {
+            at: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            source: args.source.name(),
+            window_seconds: window.seconds,
+            services: crate::golden::by_service(&window),
+            edges: crate::edges::edges(&window),
+            checks: last_check.as_ref().map(|(_, c)| c.clone()),
+        };
+        match serde_json::to_string(&snapshot) {
+            Ok(json) => {
+                tx.send_replace(Arc::new(json));
+            }
+            Err(e) => tracing_free_warn(&format!("dashboard: {e}")),
+        }
+    }
+}
+
+/// The CLI logs to stderr without a tracing subscriber.
+fn tracing_free_warn(message: &str) {
+    eprintln!("{message}");
+}
+
+type Body = BoxBody<Bytes, Infallible>;
+
+fn reply(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
+    let mut rsp = Response::new(Full::new(body.into()).boxed());
+    *rsp.status_mut() = status;
+    let h = rsp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static(content_type),
+    );
+    h.insert(
+        header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-store"),
+    );
+    rsp
+}
+
+/// Server-sent events: the current snapshot, then every new one.
+fn events(
+    mut rx: watch::Receiver<Arc<String>>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) -> Response<Body> {
+    let stream = futures_util::stream::unfold(
+        (rx.clone(), permit, true),
+        |(mut rx, permit, first)| async move {
+            if !first && rx.changed().await.is_err() {
+                return None;
+            }
+            let data = rx.borrow_and_update().clone();
+            let frame = Frame::data(Bytes::from(format!("data: {data}\n\n")));
+            Some((Ok::<_, Infallible>(frame), (rx, permit, false)))
+        },
+    );
+    rx.mark_changed();
+    let mut rsp = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+    let h = rsp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(
+        header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-store"),
+    );
+    rsp
+}
+
+fn handle(
+    req: &Request<Incoming>,
+    rx: &watch::Receiver<Arc<String>>,
+    clients: &Arc<Semaphore>,
+) -> Response<Body> {
+    match req.uri().path() {
+        "/" | "/index.html" => reply(StatusCode::OK, "text/html; charset=utf-8", INDEX),
+        "/app.js" => reply(StatusCode::OK, "text/javascript; charset=utf-8", APP_JS),
+        "/app.css" => reply(StatusCode::OK, "text/css; charset=utf-8", APP_CSS),
+        "/api/snapshot" => reply(
+            StatusCode::OK,
+            "application/json",
+            rx.borrow().as_str().to_string(),
+        ),
+        "/events" => match clients.clone().try_acquire_owned() {
+            Ok(permit) => events(rx.clone(), permit),
+            Err(_) => reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain; charset=utf-8",
+                format!("more than {MAX_CLIENTS} pages are open\n"),
+            ),
+        },
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            "text/plain; charset=utf-8",
+            "not found\n",
+        ),
+    }
+}
+
+pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("--listen {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    let (tx, rx) = watch::channel(Arc::new(
+        serde_json::json!({"at": 0, "source": args.source.name(), "window_seconds": 0.0, "services": [], "edges": []})
+            .to_string(),
+    ));
+    eprintln!(
+        "weft dashboard: http://{addr}/ (from {}; Ctrl-C stops it)",
+        args.source.name()
+    );
+    let args = Arc::new(args);
+    let collector = args.clone();
+    tokio::spawn(async move { collect(&collector, tx).await });
+    let clients = Arc::new(Semaphore::new(MAX_CLIENTS));
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("dashboard: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let (rx, clients) = (rx.clone(), clients.clone());
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let rsp = handle(&req, &rx, &clients);
+                async move { Ok::<_, Infallible>(rsp) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
