@@ -104,6 +104,7 @@ async fn stat_and_edges_report_the_requests_sent() -> anyhow::Result<()> {
         "src": "web.demo", "dst": "api.demo:8080",
         "client_id": "web.demo", "server_id": "api.demo",
         "requests": sent, "secured": true,
+        "success_rate": ok as f64 / sent as f64,
     }]);
     let got: Vec<serde_json::Value> = rows
         .as_array()
