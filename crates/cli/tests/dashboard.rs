@@ -136,6 +136,13 @@ async fn the_dashboard_shows_the_mesh_live_in_a_browser() -> anyhow::Result<()> 
         dom.contains("100.0% · mTLS"),
         "the edge's success rate and mTLS: {dom}"
     );
+    // Per route: the api's requests, all on its default route.
+    assert_eq!(
+        attrs(&dom, "data-route-service"),
+        ["api.demo:8080"],
+        "{dom}"
+    );
+    assert_eq!(attrs(&dom, "data-route"), ["default"]);
     let checks = attrs(&dom, "data-check");
     assert!(checks.contains(&"ready") && checks.len() >= 5, "{checks:?}");
     assert!(dom.contains("live · updated"), "{dom}");

@@ -42,6 +42,38 @@ function services(rows) {
   $("#no-services").hidden = rows.length > 0;
 }
 
+// The per-route rows of the chosen service (all by default); clicking a
+// service's row chooses it.
+let chosen = new URLSearchParams(location.search).get("service") || "";
+let lastRoutes = [];
+
+function routes(rows, names) {
+  lastRoutes = rows;
+  const select = $("#service-filter");
+  const options = ["", ...names];
+  if ([...select.options].map((o) => o.value).join() !== options.join()) {
+    select.replaceChildren(...options.map((n) => el("option", { value: n }, n || "all")));
+  }
+  select.value = chosen;
+  $("#routes tbody").replaceChildren(...rows.filter((r) => !chosen || r.service === chosen).map((r) =>
+    el("tr", { "data-route": r.route, "data-route-service": r.service },
+      el("td", {}, r.service), el("td", {}, r.route),
+      el("td", { class: rate(r.success_rate) }, pct(r.success_rate)),
+      el("td", {}, r.rps.toFixed(1)), el("td", {}, ms(r.p50_ms)), el("td", {}, ms(r.p99_ms)),
+      el("td", {}, String(r.denied)), el("td", {}, String(r.rate_limited)))));
+}
+
+$("#service-filter").addEventListener("change", (e) => {
+  chosen = e.target.value;
+  routes(lastRoutes, [...$("#service-filter").options].map((o) => o.value).filter(Boolean));
+});
+$("#services tbody").addEventListener("click", (e) => {
+  const row = e.target.closest("tr[data-service]");
+  if (!row) return;
+  chosen = row.dataset.service;
+  routes(lastRoutes, [...$("#service-filter").options].map((o) => o.value).filter(Boolean));
+});
+
 // Services on a circle, a line per edge labelled with its success rate.
 function topology(edges, rows) {
   const names = new Set(rows.map((r) => r.name));
@@ -87,9 +119,12 @@ function render(s) {
   $("#window").textContent = s.window_seconds.toFixed(0);
   $("#source").textContent = s.source;
   services(s.services);
+  routes(s.routes || [], s.services.map((r) => r.name));
   topology(s.edges, s.services);
   if (s.checks) checks(s.checks);
-  $("#status").textContent = `live · updated ${new Date(s.at * 1000).toLocaleTimeString()}`;
+  $("#status").textContent = s.error
+    ? `no figures: ${s.error}`
+    : `live · updated ${new Date(s.at * 1000).toLocaleTimeString()}`;
   document.body.dataset.updates = String(Number(document.body.dataset.updates || 0) + 1);
 }
 

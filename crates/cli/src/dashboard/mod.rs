@@ -51,9 +51,50 @@ struct Snapshot {
     source: &'static str,
     window_seconds: f64,
     services: Vec<crate::golden::Golden>,
+    /// Per service and route (the policy's route names, gRPC methods).
+    routes: Vec<RouteRow>,
     edges: Vec<crate::edges::Row>,
     #[serde(skip_serializing_if = "Option::is_none")]
     checks: Option<serde_json::Value>,
+    /// Why there are no figures this round, when there are none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+#[derive(serde::Serialize)]
+struct RouteRow {
+    service: String,
+    route: String,
+    #[serde(flatten)]
+    golden: crate::golden::Golden,
+}
+
+/// Per service and route, as the receiving proxies measured it.
+fn routes(w: &Window) -> Vec<RouteRow> {
+    // A separator no authority or route label holds.
+    const SEP: char = '\u{1f}';
+    crate::golden::aggregate(w, |l| {
+        (l.get("direction").map(String::as_str) == Some("inbound")).then(|| {
+            format!(
+                "{}{SEP}{}",
+                l.get("authority").map_or("", String::as_str),
+                l.get("route").map_or("default", String::as_str)
+            )
+        })
+    })
+    .into_iter()
+    .map(|g| {
+        let (service, route) = g
+            .name
+            .split_once(SEP)
+            .unwrap_or((g.name.as_str(), "default"));
+        RouteRow {
+            service: service.to_string(),
+            route: route.to_string(),
+            golden: g.clone(),
+        }
+    })
+    .collect()
 }
 
 /// Rolling scrapes of the proxies: each refresh adds one, and the window
@@ -116,11 +157,11 @@ async fn collect(args: &Args, tx: watch::Sender<Arc<String>>) {
             Some(url) => window::query_prometheus(url, Duration::from_secs(60)).await,
             None => rolling.next(&args.source).await,
         };
-        let window = match window {
-            Ok(w) => w,
+        let (window, error) = match window {
+            Ok(w) => (w, None),
             Err(e) => {
                 tracing_free_warn(&format!("dashboard: no figures this round: {e:#}"));
-                continue;
+                (Window::default(), Some(format!("{e:#}")))
             }
         };
         if last_check
@@ -137,8 +178,10 @@ async fn collect(args: &Args, tx: watch::Sender<Arc<String>>) {
             source: args.source.name(),
             window_seconds: window.seconds,
             services: crate::golden::by_service(&window),
+            routes: routes(&window),
             edges: crate::edges::edges(&window),
             checks: last_check.as_ref().map(|(_, c)| c.clone()),
+            error,
         };
         match serde_json::to_string(&snapshot) {
             Ok(json) => {
@@ -237,7 +280,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("--listen {}", args.listen))?;
     let addr = listener.local_addr()?;
     let (tx, rx) = watch::channel(Arc::new(
-        serde_json::json!({"at": 0, "source": args.source.name(), "window_seconds": 0.0, "services": [], "edges": []})
+        serde_json::json!({"at": 0, "source": args.source.name(), "window_seconds": 0.0, "services": [], "routes": [], "edges": []})
             .to_string(),
     ));
     eprintln!(
