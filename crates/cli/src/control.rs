@@ -79,6 +79,22 @@ impl ControlArgs {
     }
 }
 
+/// A channel to the control plane the targets file names (the default
+/// file when `None`), trusting the anchors it names, expecting the default
+/// name.
+pub(crate) async fn channel_from_targets(
+    targets: Option<PathBuf>,
+) -> anyhow::Result<tonic::transport::Channel> {
+    let path = targets.unwrap_or_else(crate::targets::default_path);
+    let listed = crate::targets::load(&path)?;
+    let grpc = crate::targets::control_of(&listed)
+        .0
+        .unwrap_or_else(|| crate::targets::DEFAULT_CONTROL.into());
+    let anchors = crate::targets::anchors_of(&listed).ok_or_else(no_anchors)?;
+    let name: Name = weft_channel::DEFAULT_NAME.parse()?;
+    connect(&grpc, &anchors, &name).await
+}
+
 /// A channel to the control plane at `grpc`, connected now.
 pub(crate) async fn connect(
     grpc: &str,

@@ -20,7 +20,7 @@ pub(crate) struct Args {
 }
 
 #[derive(serde::Serialize)]
-struct Row {
+pub(crate) struct Row {
     addr: SocketAddr,
     weight: u32,
     identity: Option<String>,
@@ -28,7 +28,7 @@ struct Row {
 }
 
 #[derive(serde::Serialize)]
-struct View {
+pub(crate) struct View {
     service: String,
     /// False when no discovery backend knows the name (proxies then use
     /// DNS themselves).
@@ -41,15 +41,29 @@ const SETTLE: Duration = Duration::from_millis(200);
 
 pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let channel = args.control.channel().await?;
+    let view = fetch(channel, &args.service).await?;
+    if args.output == "json" {
+        println!("{}", serde_json::to_string_pretty(&view)?);
+        return Ok(());
+    }
+    print(&view);
+    Ok(())
+}
+
+/// What discovery says of `service` now, through the control plane.
+pub(crate) async fn fetch(
+    channel: tonic::transport::Channel,
+    service: &str,
+) -> anyhow::Result<View> {
     let mut client = DestinationClient::new(channel);
     let mut stream = client
         .get(GetDestination {
-            path: args.service.clone(),
+            path: service.to_string(),
             ..Default::default()
         })
         .await
         .map_err(|s| anyhow::anyhow!("{}", s.message()))
-        .with_context(|| format!("asking for {}", args.service))?
+        .with_context(|| format!("asking for {service}"))?
         .into_inner();
     let mut state: BTreeMap<SocketAddr, WeightedAddr> = BTreeMap::new();
     let mut exists = true;
@@ -68,8 +82,8 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
             exists = true;
         }
     }
-    let view = View {
-        service: args.service,
+    Ok(View {
+        service: service.to_string(),
         exists,
         endpoints: state
             .into_iter()
@@ -83,21 +97,20 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
                 }),
             })
             .collect(),
-    };
-    if args.output == "json" {
-        println!("{}", serde_json::to_string_pretty(&view)?);
-        return Ok(());
-    }
+    })
+}
+
+fn print(view: &View) {
     if !view.exists {
         println!(
             "{}: no discovery backend knows this name (proxies resolve it with DNS)",
             view.service
         );
-        return Ok(());
+        return;
     }
     if view.endpoints.is_empty() {
         println!("{}: known, but has no endpoints now", view.service);
-        return Ok(());
+        return;
     }
     println!(
         "{:<24} {:>6}  {:<28} HINT",
@@ -112,5 +125,4 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
             r.protocol_hint.unwrap_or("-")
         );
     }
-    Ok(())
 }

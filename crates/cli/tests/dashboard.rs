@@ -147,6 +147,21 @@ async fn the_dashboard_shows_the_mesh_live_in_a_browser() -> anyhow::Result<()> 
     assert!(checks.contains(&"ready") && checks.len() >= 5, "{checks:?}");
     assert!(dom.contains("live · updated"), "{dom}");
 
+    // A service chosen: its routes only, and its endpoints from discovery
+    // (the api's proxy, proving api.demo).
+    let dom = chromium(
+        &format!("{url}?updates=1&service=api.demo:8080"),
+        dir.path(),
+        None,
+    )
+    .await?;
+    let endpoint = mesh.server.inbound.to_string();
+    assert_eq!(attrs(&dom, "data-endpoint"), [endpoint.as_str()], "{dom}");
+    assert!(
+        dom.contains("Endpoints of api.demo:8080") && dom.contains(">api.demo<"),
+        "{dom}"
+    );
+
     let png = shots()?.join("overview.png");
     chromium(&format!("{url}?updates=2"), dir.path(), Some(&png)).await?;
     let size = std::fs::metadata(&png)?.len();

@@ -63,16 +63,37 @@ function routes(rows, names) {
       el("td", {}, String(r.denied)), el("td", {}, String(r.rate_limited)))));
 }
 
-$("#service-filter").addEventListener("change", (e) => {
-  chosen = e.target.value;
+// The chosen service's endpoints, as discovery gives them to proxies.
+function endpoints() {
+  const box = $("#endpoints-box");
+  box.hidden = !chosen;
+  if (!chosen) return;
+  $("#endpoints-title").textContent = `Endpoints of ${chosen}`;
+  fetch(`/api/endpoints?service=${encodeURIComponent(chosen)}`)
+    .then((r) => r.ok ? r.json() : r.text().then((t) => Promise.reject(new Error(t))))
+    .then((v) => {
+      $("#endpoints-note").textContent = !v.exists
+        ? "No discovery backend knows this name: proxies resolve it with DNS."
+        : v.endpoints.length ? "" : "Known, but no endpoints now.";
+      $("#endpoints tbody").replaceChildren(...v.endpoints.map((e) => el("tr", { "data-endpoint": e.addr },
+        el("td", {}, e.addr), el("td", {}, String(e.weight)),
+        el("td", {}, e.identity || "not meshed"), el("td", {}, e.protocol_hint || "–"))));
+    })
+    .catch((err) => { $("#endpoints-note").textContent = `Cannot ask the control plane: ${err.message}`; });
+}
+
+function choose(service) {
+  chosen = service;
   routes(lastRoutes, [...$("#service-filter").options].map((o) => o.value).filter(Boolean));
-});
+  endpoints();
+}
+
+$("#service-filter").addEventListener("change", (e) => choose(e.target.value));
 $("#services tbody").addEventListener("click", (e) => {
   const row = e.target.closest("tr[data-service]");
-  if (!row) return;
-  chosen = row.dataset.service;
-  routes(lastRoutes, [...$("#service-filter").options].map((o) => o.value).filter(Boolean));
+  if (row) choose(row.dataset.service);
 });
+endpoints();
 
 // Services on a circle, a line per edge labelled with its success rate.
 function topology(edges, rows) {

@@ -244,6 +244,49 @@ fn events(
     rsp
 }
 
+/// What a page asks about the chosen service: its endpoints, as discovery
+/// gives them to proxies (the control plane's Destination API).
+async fn endpoints(
+    req: &Request<Incoming>,
+    targets: Option<std::path::PathBuf>,
+    lookups: &Semaphore,
+) -> Response<Body> {
+    const TEXT: &str = "text/plain; charset=utf-8";
+    let service = req
+        .uri()
+        .query()
+        .and_then(|q| form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "service"))
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default();
+    if service.parse::<weft_detect::Authority>().is_err() {
+        return reply(
+            StatusCode::BAD_REQUEST,
+            TEXT,
+            format!("service {service:?} must be host:port\n"),
+        );
+    }
+    let Ok(_permit) = lookups.try_acquire() else {
+        return reply(StatusCode::SERVICE_UNAVAILABLE, TEXT, "busy\n");
+    };
+    let looked_up = tokio::time::timeout(Duration::from_secs(10), async {
+        let channel = crate::control::channel_from_targets(targets).await?;
+        crate::endpoints::fetch(channel, &service).await
+    })
+    .await;
+    match looked_up {
+        Ok(Ok(view)) => match serde_json::to_string(&view) {
+            Ok(json) => reply(StatusCode::OK, "application/json", json),
+            Err(e) => reply(StatusCode::INTERNAL_SERVER_ERROR, TEXT, format!("{e}\n")),
+        },
+        Ok(Err(e)) => reply(StatusCode::BAD_GATEWAY, TEXT, format!("{e:#}\n")),
+        Err(_) => reply(
+            StatusCode::GATEWAY_TIMEOUT,
+            TEXT,
+            "the control plane did not answer within 10 s\n",
+        ),
+    }
+}
+
 fn handle(
     req: &Request<Incoming>,
     rx: &watch::Receiver<Arc<String>>,
@@ -291,6 +334,8 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let collector = args.clone();
     tokio::spawn(async move { collect(&collector, tx).await });
     let clients = Arc::new(Semaphore::new(MAX_CLIENTS));
+    // Endpoint lookups (each a TLS connection to the control plane) at once.
+    let lookups = Arc::new(Semaphore::new(8));
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(s) => s,
@@ -300,11 +345,28 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
                 continue;
             }
         };
-        let (rx, clients) = (rx.clone(), clients.clone());
+        let (rx, clients, lookups, targets) = (
+            rx.clone(),
+            clients.clone(),
+            lookups.clone(),
+            args.source.targets.clone(),
+        );
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let rsp = handle(&req, &rx, &clients);
-                async move { Ok::<_, Infallible>(rsp) }
+                let (rx, clients, lookups, targets) = (
+                    rx.clone(),
+                    clients.clone(),
+                    lookups.clone(),
+                    targets.clone(),
+                );
+                async move {
+                    let rsp = if req.uri().path() == "/api/endpoints" {
+                        endpoints(&req, targets, &lookups).await
+                    } else {
+                        handle(&req, &rx, &clients)
+                    };
+                    Ok::<_, Infallible>(rsp)
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
