@@ -32,7 +32,7 @@ pub(crate) struct PolicyRow {
     pub(crate) cpu_us_per_request_range: Option<(f64, f64)>,
 }
 
-/// Rounds of the interleaved scenario (d).
+/// Rounds of the interleaved scenarios (d), (e), (f).
 const ROUNDS: usize = 4;
 
 /// One row for several rounds: totals, CPU per request over them all and
@@ -61,6 +61,27 @@ fn combine(scenario: &'static str, variant: &str, mut rounds: Vec<PolicyRow>) ->
         cpu_us_per_request: cpu_us / requests.max(1) as f64,
         cpu_us_per_request_range: Some(range),
     }
+}
+
+/// Proxies side by side taking turns, round after round, so a noisy
+/// neighbour lands on all alike; one row per variant, with its spread.
+fn interleaved(
+    scenario: &'static str,
+    dir: &Path,
+    variants: &[(&'static str, (Proc, SocketAddr))],
+    round: Drive,
+) -> anyhow::Result<Vec<PolicyRow>> {
+    let mut by_variant: Vec<Vec<PolicyRow>> = variants.iter().map(|_| Vec::new()).collect();
+    for _ in 0..ROUNDS {
+        for ((variant, (p, addr)), acc) in variants.iter().zip(&mut by_variant) {
+            acc.push(measure(scenario, *variant, dir, (p, *addr), round, || {})?);
+        }
+    }
+    Ok(variants
+        .iter()
+        .zip(by_variant)
+        .map(|((variant, _), rounds)| combine(scenario, variant, rounds))
+        .collect())
 }
 
 pub(crate) fn backend(name: &str, flags: &[&str]) -> anyhow::Result<(Proc, SocketAddr)> {
@@ -251,9 +272,6 @@ pub(crate) fn run(dir: &Path, secs: u64) -> anyhow::Result<Vec<PolicyRow>> {
     // (d) The policy layer's own cost: flat out over h2c, no policy vs
     // three routes (all to the same replica).
     let routes = "    routes:\n      - name: canary\n        match: {headers: {x-canary: \"1\"}}\n        backends: [{destination: \"api.bench:80\"}]\n      - name: api\n        match: {path_prefix: /api}\n        backends: [{destination: \"api.bench:80\"}]\n      - name: rest\n        backends: [{destination: \"api.bench:80\", weight: 90}, {destination: \"api.bench:80\", weight: 10}]\n";
-    // Both proxies run side by side and take turns, round after round,
-    // so a noisy neighbour lands on both alike; the spread over rounds
-    // shows whether a difference is real.
     let one = backend("one", &[])?;
     let variants = [
         ("no policy", proxy(dir, &[one.1], "")?),
@@ -263,22 +281,12 @@ pub(crate) fn run(dir: &Path, secs: u64) -> anyhow::Result<Vec<PolicyRow>> {
         secs: (secs / 2).max(2),
         ..max
     };
-    let mut by_variant: Vec<Vec<PolicyRow>> = variants.iter().map(|_| Vec::new()).collect();
-    for _ in 0..ROUNDS {
-        for ((variant, (p, out)), acc) in variants.iter().zip(&mut by_variant) {
-            acc.push(measure(
-                "d: policy cost (h2c max)",
-                *variant,
-                dir,
-                (p, *out),
-                round,
-                || {},
-            )?);
-        }
-    }
-    for ((variant, _), rounds) in variants.iter().zip(by_variant) {
-        rows.push(combine("d: policy cost (h2c max)", variant, rounds));
-    }
+    rows.extend(interleaved(
+        "d: policy cost (h2c max)",
+        dir,
+        &variants,
+        round,
+    )?);
     rows.extend(inbound_authz(dir, &one, round)?);
     rows.extend(run_trace(dir, secs)?);
     Ok(rows)
@@ -320,24 +328,7 @@ pub(crate) fn run_trace(dir: &Path, secs: u64) -> anyhow::Result<Vec<PolicyRow>>
         ("1% sampled", traced("0.01")?),
         ("100% sampled", traced("1")?),
     ];
-    let mut by_variant: Vec<Vec<PolicyRow>> = variants.iter().map(|_| Vec::new()).collect();
-    for _ in 0..ROUNDS {
-        for ((variant, (p, out)), acc) in variants.iter().zip(&mut by_variant) {
-            acc.push(measure(
-                "f: tracing cost (h2c max)",
-                *variant,
-                dir,
-                (p, *out),
-                round,
-                || {},
-            )?);
-        }
-    }
-    Ok(variants
-        .iter()
-        .zip(by_variant)
-        .map(|((variant, _), rounds)| combine("f: tracing cost (h2c max)", variant, rounds))
-        .collect())
+    interleaved("f: tracing cost (h2c max)", dir, &variants, round)
 }
 
 /// Scenario (e) alone.
@@ -396,22 +387,5 @@ fn inbound_authz(
             inbound_proxy(dir, app.1, &servers)?,
         ),
     ];
-    let mut by_variant: Vec<Vec<PolicyRow>> = variants.iter().map(|_| Vec::new()).collect();
-    for _ in 0..ROUNDS {
-        for ((variant, (p, inbound)), acc) in variants.iter().zip(&mut by_variant) {
-            acc.push(measure(
-                "e: inbound authz cost (h2c max)",
-                *variant,
-                dir,
-                (p, *inbound),
-                round,
-                || {},
-            )?);
-        }
-    }
-    Ok(variants
-        .iter()
-        .zip(by_variant)
-        .map(|((variant, _), rounds)| combine("e: inbound authz cost (h2c max)", variant, rounds))
-        .collect())
+    interleaved("e: inbound authz cost (h2c max)", dir, &variants, round)
 }

@@ -111,6 +111,16 @@ enum Key {
     Addr(IpAddr),
 }
 
+/// `id` lower-cased, copied only when it has capitals (proven identities
+/// hardly ever do): this is on the request path.
+fn lower(id: &str) -> std::borrow::Cow<'_, str> {
+    if id.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(id.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(id)
+    }
+}
+
 /// A [`RateLimit`] in force, with its buckets.
 #[derive(Debug)]
 pub struct Limiter {
@@ -173,7 +183,7 @@ impl Limiter {
                 .map_err(|wait| (total.rps.get(), Scope::Total, wait))?;
         }
         if let Some(id) = client.identity
-            && let Some(&i) = self.overrides.get(&id.to_ascii_lowercase())
+            && let Some(&i) = self.overrides.get(&*lower(id))
         {
             let bucket = &self.override_buckets[i];
             return bucket
@@ -184,7 +194,7 @@ impl Limiter {
             return Ok(());
         };
         let key = match client.identity {
-            Some(id) => Key::Identity(id.to_ascii_lowercase().into()),
+            Some(id) => Key::Identity(lower(id).into()),
             None => Key::Addr(client.addr),
         };
         let mut lru = match lru.lock() {

@@ -402,40 +402,55 @@ fn decode_routes<R>(
         .collect()
 }
 
-fn http_route(r: api::HttpRoute) -> Result<Decoded, String> {
-    let name = name_of(&r.metadata, &HashMap::new())
-        .ok_or_else(|| "an HTTP route without metadata".to_string())?;
-    if !r.hosts.is_empty() {
+/// A route's name, matches and own authorizations, from its parts: the
+/// HTTP and gRPC route messages differ only in their match type.
+fn route_parts<M>(
+    kind: &str,
+    metadata: &Option<Metadata>,
+    hosts: usize,
+    rules: impl IntoIterator<Item = (usize, Vec<M>)>,
+    decode: fn(M) -> Result<RouteMatch, String>,
+    authorizations: Vec<api::Authz>,
+) -> Result<Decoded, String> {
+    let name = name_of(metadata, &HashMap::new())
+        .ok_or_else(|| format!("a {kind} route without metadata"))?;
+    if hosts > 0 {
         return Err(format!("route {name:?}: host matches are not supported"));
     }
     let mut matches = Vec::new();
-    for rule in r.rules {
-        if !rule.filters.is_empty() {
+    for (filters, rule_matches) in rules {
+        if filters > 0 {
             return Err(format!("route {name:?}: filters are not supported"));
         }
-        for m in rule.matches {
-            matches.push(decode_http_match(m).map_err(|e| format!("route {name:?}: {e}"))?);
+        for m in rule_matches {
+            matches.push(decode(m).map_err(|e| format!("route {name:?}: {e}"))?);
         }
     }
-    Ok((name, matches, r.authorizations))
+    Ok((name, matches, authorizations))
+}
+
+fn http_route(r: api::HttpRoute) -> Result<Decoded, String> {
+    let rules = r.rules.into_iter().map(|x| (x.filters.len(), x.matches));
+    route_parts(
+        "HTTP",
+        &r.metadata,
+        r.hosts.len(),
+        rules,
+        decode_http_match,
+        r.authorizations,
+    )
 }
 
 fn grpc_route(r: api::GrpcRoute) -> Result<Decoded, String> {
-    let name = name_of(&r.metadata, &HashMap::new())
-        .ok_or_else(|| "a gRPC route without metadata".to_string())?;
-    if !r.hosts.is_empty() {
-        return Err(format!("route {name:?}: host matches are not supported"));
-    }
-    let mut matches = Vec::new();
-    for rule in r.rules {
-        if !rule.filters.is_empty() {
-            return Err(format!("route {name:?}: filters are not supported"));
-        }
-        for m in rule.matches {
-            matches.push(decode_grpc_match(m).map_err(|e| format!("route {name:?}: {e}"))?);
-        }
-    }
-    Ok((name, matches, r.authorizations))
+    let rules = r.rules.into_iter().map(|x| (x.filters.len(), x.matches));
+    route_parts(
+        "gRPC",
+        &r.metadata,
+        r.hosts.len(),
+        rules,
+        decode_grpc_match,
+        r.authorizations,
+    )
 }
 
 fn decode_rate_limit(r: api::HttpLocalRateLimit) -> RateLimit {

@@ -153,7 +153,8 @@ impl Authz {
         let (Some((control, watched)), Some(id)) = (&self.control, &identity) else {
             return Port::Static {
                 authz: self.clone(),
-                identity,
+                // The file's names are kept lower-cased.
+                identity: identity.map(|id| id.to_ascii_lowercase().into()),
                 port,
                 generation: self.generation.subscribe(),
             };
@@ -194,7 +195,8 @@ impl Authz {
     /// Static mode's policy of `port` for a client reaching `identity`.
     fn static_server(&self, identity: Option<&str>, port: u16) -> Arc<Server> {
         let servers = self.servers.load();
-        let Some(ports) = identity.and_then(|id| servers.get(&id.to_ascii_lowercase())) else {
+        // Lower-cased once per connection (`port`), not per request.
+        let Some(ports) = identity.and_then(|id| servers.get(id)) else {
             return self.mesh_default.clone();
         };
         ports.ports.get(&port).unwrap_or(&ports.default).clone()

@@ -323,7 +323,7 @@ servers:
     assert!(codes.contains(&Some("8".into())), "{codes:?}");
 
     // 100,000 distinct clients, one request each: the limiter keeps 1,000.
-    let rss_before = proxy_rss(&proxy)?;
+    let rss_before = proxy.rss_bytes()?;
     let started = Instant::now();
     let inbound = proxy.inbound;
     let mut tasks = tokio::task::JoinSet::new();
@@ -349,7 +349,7 @@ servers:
     while let Some(r) = tasks.join_next().await {
         served += r??;
     }
-    let rss_after = proxy_rss(&proxy)?;
+    let rss_after = proxy.rss_bytes()?;
     println!(
         "100,000 distinct clients in {:?}: RSS {} → {} KiB",
         started.elapsed(),
@@ -363,17 +363,6 @@ servers:
         "RSS grew from {rss_before} to {rss_after}"
     );
     Ok(())
-}
-
-fn proxy_rss(proxy: &Proxy) -> anyhow::Result<u64> {
-    let pid = proxy.pid().ok_or_else(|| anyhow::anyhow!("no pid"))?;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("no VmRSS"))?;
-    Ok(kib * 1024)
 }
 
 /// Policy from weft-control's `InboundServerPolicies`, enforced between

@@ -557,6 +557,18 @@ fn selector(query: &HashMap<String, String>) -> Result<Vec<(String, String)>, St
         .collect()
 }
 
+/// A request's JSON body, or the 400 the API server answers a bad one with.
+async fn read_json(req: Request<Incoming>) -> Result<Value, Response<Body>> {
+    let bad = |e: String| error(StatusCode::BAD_REQUEST, "BadRequest", &e);
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| bad(e.to_string()))?
+        .to_bytes();
+    serde_json::from_slice(&body).map_err(|e| bad(e.to_string()))
+}
+
 /// What an access review asks about.
 struct Attributes {
     verb: String,
@@ -808,13 +820,9 @@ impl Shared {
     }
 
     async fn access_review(&self, req: Request<Incoming>, own: bool) -> Response<Body> {
-        let body = match req.into_body().collect().await {
-            Ok(b) => b.to_bytes(),
-            Err(e) => return error(StatusCode::BAD_REQUEST, "BadRequest", &e.to_string()),
-        };
-        let review: Value = match serde_json::from_slice(&body) {
+        let review = match read_json(req).await {
             Ok(v) => v,
-            Err(e) => return error(StatusCode::BAD_REQUEST, "BadRequest", &e.to_string()),
+            Err(rsp) => return rsp,
         };
         let ra = &review["spec"]["resourceAttributes"];
         if !ra.is_object() {
@@ -1028,13 +1036,9 @@ impl Shared {
     }
 
     async fn token_review(&self, req: Request<Incoming>) -> Response<Body> {
-        let body = match req.into_body().collect().await {
-            Ok(b) => b.to_bytes(),
-            Err(e) => return error(StatusCode::BAD_REQUEST, "BadRequest", &e.to_string()),
-        };
-        let review: Value = match serde_json::from_slice(&body) {
+        let review = match read_json(req).await {
             Ok(v) => v,
-            Err(e) => return error(StatusCode::BAD_REQUEST, "BadRequest", &e.to_string()),
+            Err(rsp) => return rsp,
         };
         let token = review["spec"]["token"].as_str().unwrap_or_default();
         let wanted: Vec<String> = review["spec"]["audiences"]

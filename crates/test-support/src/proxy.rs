@@ -86,13 +86,23 @@ impl Proxy {
 
     /// Peak resident set size (VmHWM) in bytes, from procfs.
     pub fn peak_rss_bytes(&self) -> anyhow::Result<u64> {
+        self.status_bytes("VmHWM:")
+    }
+
+    /// Resident set size now (VmRSS) in bytes, from procfs.
+    pub fn rss_bytes(&self) -> anyhow::Result<u64> {
+        self.status_bytes("VmRSS:")
+    }
+
+    /// A `/proc/PID/status` field given in kB, in bytes.
+    fn status_bytes(&self, field: &str) -> anyhow::Result<u64> {
         let pid = self.pid().context("proxy already exited")?;
         let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
         let kib: u64 = status
             .lines()
-            .find(|l| l.starts_with("VmHWM:"))
+            .find(|l| l.starts_with(field))
             .and_then(|l| l.split_whitespace().nth(1))
-            .context("no VmHWM in /proc/PID/status")?
+            .with_context(|| format!("no {field} in /proc/{pid}/status"))?
             .parse()?;
         Ok(kib * 1024)
     }

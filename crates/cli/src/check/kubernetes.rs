@@ -288,13 +288,36 @@ fn pem_certs(what: &str, pem: &str) -> Result<Certs, Problem> {
         Ok(_) => Err((
             Status::Fail,
             format!("{what} holds no certificate"),
-            "apply `weft install`'s output again".into(),
+            REAPPLY.into(),
         )),
-        Err(e) => Err((
-            Status::Fail,
-            e,
-            "apply `weft install`'s output again".into(),
-        )),
+        Err(e) => Err((Status::Fail, e, REAPPLY.into())),
+    }
+}
+
+/// What to do about anything `weft install` made that is missing.
+const REAPPLY: &str = "apply `weft install`'s output again";
+
+/// An object `weft install` made, or the outcome to report: `missing`
+/// (with `hint`) when it is not there, the API's error otherwise, only a
+/// warning when `soft` (a Secret the operator may not be allowed to read).
+async fn installed<K>(
+    api: Api<K>,
+    name: &str,
+    missing: &str,
+    hint: &str,
+    doing: &str,
+    soft: bool,
+) -> Result<K, Outcome>
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api.get_opt(name).await {
+        Ok(Some(o)) => Ok(o),
+        Ok(None) => Err(fail(missing, hint)),
+        Err(e) => Err(match api_error(&e, doing) {
+            Err((_, detail, hint)) if soft => warn(format!("cannot check: {detail}"), hint),
+            other => other,
+        }),
     }
 }
 
@@ -302,24 +325,19 @@ fn pem_certs(what: &str, pem: &str) -> Result<Certs, Problem> {
 /// identity Secret: the same anchors, an issuer they signed, all in date.
 async fn trust_anchors(report: &mut Report, client: &kube::Client, ns: &str) -> Option<Certs> {
     let what = format!("ConfigMap {ns}/{}", names::TRUST_ANCHORS);
-    let map = match Api::<ConfigMap>::namespaced(client.clone(), ns)
-        .get_opt(names::TRUST_ANCHORS)
-        .await
+    let map = match installed(
+        Api::<ConfigMap>::namespaced(client.clone(), ns),
+        names::TRUST_ANCHORS,
+        "not found: injected proxies cannot verify anyone",
+        REAPPLY,
+        "get configmaps",
+        false,
+    )
+    .await
     {
-        Ok(Some(m)) => m,
-        Ok(None) => {
-            report.push(
-                IDENTITY,
-                &what,
-                fail(
-                    "not found: injected proxies cannot verify anyone",
-                    "apply `weft install`'s output again",
-                ),
-            );
-            return None;
-        }
-        Err(e) => {
-            report.push(IDENTITY, &what, api_error(&e, "get configmaps"));
+        Ok(m) => m,
+        Err(outcome) => {
+            report.push(IDENTITY, &what, outcome);
             return None;
         }
     };
@@ -349,31 +367,19 @@ async fn trust_anchors(report: &mut Report, client: &kube::Client, ns: &str) -> 
         );
     }
     let secret_what = format!("Secret {ns}/{}", names::IDENTITY);
-    let secret = match Api::<Secret>::namespaced(client.clone(), ns)
-        .get_opt(names::IDENTITY)
-        .await
+    let secret = match installed(
+        Api::<Secret>::namespaced(client.clone(), ns),
+        names::IDENTITY,
+        "not found: weft-control cannot start without its issuer",
+        REAPPLY,
+        "get secrets",
+        true,
+    )
+    .await
     {
-        Ok(Some(s)) => s,
-        Ok(None) => {
-            report.push(
-                IDENTITY,
-                &secret_what,
-                fail(
-                    "not found: weft-control cannot start without its issuer",
-                    "apply `weft install`'s output again",
-                ),
-            );
-            return Some(anchors);
-        }
-        Err(e) => {
-            report.push(
-                IDENTITY,
-                &secret_what,
-                match api_error(&e, "get secrets") {
-                    Err((_, detail, hint)) => warn(format!("cannot check: {detail}"), hint),
-                    ok => ok,
-                },
-            );
+        Ok(s) => s,
+        Err(outcome) => {
+            report.push(IDENTITY, &secret_what, outcome);
             return Some(anchors);
         }
     };
@@ -448,28 +454,19 @@ fn same(a: &Certs, b: &Certs) -> bool {
 async fn webhook(report: &mut Report, client: &kube::Client, ns: &str) {
     let name = names::webhook_configuration(ns);
     let what = format!("MutatingWebhookConfiguration {name}");
-    let config = match Api::<MutatingWebhookConfiguration>::all(client.clone())
-        .get_opt(&name)
-        .await
+    let config = match installed(
+        Api::<MutatingWebhookConfiguration>::all(client.clone()),
+        &name,
+        "not found: pods are not injected automatically",
+        "apply `weft install`'s output again (or inject by hand with `weft inject`)",
+        "get mutatingwebhookconfigurations",
+        false,
+    )
+    .await
     {
-        Ok(Some(c)) => c,
-        Ok(None) => {
-            report.push(
-                WEBHOOK,
-                what,
-                fail(
-                    "not found: pods are not injected automatically",
-                    "apply `weft install`'s output again (or inject by hand with `weft inject`)",
-                ),
-            );
-            return;
-        }
-        Err(e) => {
-            report.push(
-                WEBHOOK,
-                what,
-                api_error(&e, "get mutatingwebhookconfigurations"),
-            );
+        Ok(c) => c,
+        Err(outcome) => {
+            report.push(WEBHOOK, what, outcome);
             return;
         }
     };
@@ -490,7 +487,7 @@ async fn webhook(report: &mut Report, client: &kube::Client, ns: &str) {
                     ),
                     names::WEBHOOK_SERVICE
                 ),
-                "apply `weft install`'s output again",
+                REAPPLY,
             )
         } else {
             match client_config
@@ -500,7 +497,7 @@ async fn webhook(report: &mut Report, client: &kube::Client, ns: &str) {
             {
                 None => fail(
                     "no caBundle: the API server cannot verify the webhook and will not call it",
-                    "apply `weft install`'s output again",
+                    REAPPLY,
                 ),
                 Some(pem) => {
                     match pem_certs(&format!("{what} webhook {} caBundle", hook.name), &pem) {
@@ -569,31 +566,19 @@ async fn webhook_certificate(
     bundles: &[Certs],
 ) {
     let what = format!("Secret {ns}/{}", names::WEBHOOK_TLS);
-    let secret = match Api::<Secret>::namespaced(client.clone(), ns)
-        .get_opt(names::WEBHOOK_TLS)
-        .await
+    let secret = match installed(
+        Api::<Secret>::namespaced(client.clone(), ns),
+        names::WEBHOOK_TLS,
+        "not found: weft-control cannot serve the webhook",
+        REAPPLY,
+        "get secrets",
+        true,
+    )
+    .await
     {
-        Ok(Some(s)) => s,
-        Ok(None) => {
-            report.push(
-                WEBHOOK,
-                what,
-                fail(
-                    "not found: weft-control cannot serve the webhook",
-                    "apply `weft install`'s output again",
-                ),
-            );
-            return;
-        }
-        Err(e) => {
-            report.push(
-                WEBHOOK,
-                what,
-                match api_error(&e, "get secrets") {
-                    Err((_, detail, hint)) => warn(format!("cannot check: {detail}"), hint),
-                    ok => ok,
-                },
-            );
+        Ok(s) => s,
+        Err(outcome) => {
+            report.push(WEBHOOK, what, outcome);
             return;
         }
     };
@@ -666,11 +651,18 @@ async fn control_pods(
     ns: &str,
     anchors: Option<&Certs>,
 ) {
-    match Api::<Deployment>::namespaced(client.clone(), ns)
-        .get_opt(names::CONTROL)
-        .await
+    let deployment = format!("Deployment {ns}/{}", names::CONTROL);
+    match installed(
+        Api::<Deployment>::namespaced(client.clone(), ns),
+        names::CONTROL,
+        "not found",
+        REAPPLY,
+        "get deployments",
+        false,
+    )
+    .await
     {
-        Ok(Some(d)) => {
+        Ok(d) => {
             let want = d.spec.replicas.unwrap_or(1);
             let ready = d
                 .status
@@ -690,26 +682,10 @@ async fn control_pods(
                     "the pods below say why",
                 )
             };
-            report.push(
-                CONTROL,
-                format!("Deployment {ns}/{}", names::CONTROL),
-                outcome,
-            );
+            report.push(CONTROL, deployment, outcome);
         }
-        Ok(None) => {
-            report.push(
-                CONTROL,
-                format!("Deployment {ns}/{}", names::CONTROL),
-                fail("not found", "apply `weft install`'s output again"),
-            );
-            return;
-        }
-        Err(e) => {
-            report.push(
-                CONTROL,
-                format!("Deployment {ns}/{}", names::CONTROL),
-                api_error(&e, "get deployments"),
-            );
+        Err(outcome) => {
+            report.push(CONTROL, deployment, outcome);
             return;
         }
     }

@@ -160,7 +160,7 @@ async fn collect(args: &Args, tx: watch::Sender<Arc<String>>) {
         let (window, error) = match window {
             Ok(w) => (w, None),
             Err(e) => {
-                tracing_free_warn(&format!("dashboard: no figures this round: {e:#}"));
+                eprintln!("dashboard: no figures this round: {e:#}");
                 (Window::default(), Some(format!("{e:#}")))
             }
         };
@@ -187,14 +187,9 @@ async fn collect(args: &Args, tx: watch::Sender<Arc<String>>) {
             Ok(json) => {
                 tx.send_replace(Arc::new(json));
             }
-            Err(e) => tracing_free_warn(&format!("dashboard: {e}")),
+            Err(e) => eprintln!("dashboard: {e}"),
         }
     }
-}
-
-/// The CLI logs to stderr without a tracing subscriber.
-fn tracing_free_warn(message: &str) {
-    eprintln!("{message}");
 }
 
 type Body = BoxBody<Bytes, Infallible>;
