@@ -17,6 +17,7 @@ mod probe;
 mod routes;
 mod source;
 mod stat;
+mod tap;
 mod targets;
 mod top;
 mod window;

@@ -427,6 +427,13 @@ async fn serve(listener: tokio::net::TcpListener, state: Arc<State>) {
     }
 }
 
+/// The latest results the `weft probe` whose admin address is `admin`
+/// serves.
+pub(crate) async fn fetch(admin: SocketAddr) -> anyhow::Result<Vec<Result_>> {
+    let f = crate::fetch::get_ok(&format!("http://{admin}/probes.json")).await?;
+    serde_json::from_str(&f.body).map_err(|e| anyhow::anyhow!("{admin}/probes.json: {e}"))
+}
+
 /// What `weft check` says of one probe's latest results.
 pub(crate) fn verdict(r: &Result_) -> Result<String, (bool, String, String)> {
     let says = |o: &Option<OutcomeView>| match o {

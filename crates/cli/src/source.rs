@@ -40,6 +40,15 @@ impl Source {
             .collect())
     }
 
+    /// The `weft probe`s among the targets.
+    pub(crate) fn probers(&self) -> anyhow::Result<Vec<Target>> {
+        let path = self.targets.clone().unwrap_or_else(targets::default_path);
+        Ok(targets::load(&path)?
+            .into_iter()
+            .filter(|t| t.is_probe())
+            .collect())
+    }
+
     pub(crate) fn name(&self) -> &'static str {
         if self.prometheus.is_some() {
             "prometheus"

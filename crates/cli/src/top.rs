@@ -10,13 +10,8 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::TokioIo;
-use tokio::sync::mpsc;
-
 use crate::source::Output;
+use crate::tap::{self, Event, Msg};
 use crate::targets::{self, Target};
 
 #[derive(clap::Args, Debug)]
@@ -58,28 +53,6 @@ impl Direction {
     }
 }
 
-/// One line of a proxy's `/tap` stream.
-#[derive(serde::Deserialize, Debug)]
-#[serde(untagged)]
-enum Line {
-    Event(Event),
-    Lost { lost: u64 },
-}
-
-#[derive(serde::Deserialize, Debug)]
-struct Event {
-    direction: String,
-    authority: String,
-    method: String,
-    path: String,
-    #[serde(default)]
-    grpc_status: Option<u32>,
-    success: bool,
-    latency_ms: f64,
-    #[serde(default)]
-    peer_id: Option<String>,
-}
-
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 pub(crate) struct Route {
     source: String,
@@ -100,11 +73,6 @@ pub(crate) struct Row {
     last_ms: f64,
 }
 
-enum Msg {
-    Event(String, Event),
-    Lost(u64),
-}
-
 pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let path = args.targets.clone().unwrap_or_else(targets::default_path);
     let proxies: Vec<Target> = targets::load(&path)?
@@ -112,28 +80,11 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         .filter(|t| t.is_proxy())
         .collect();
     anyhow::ensure!(!proxies.is_empty(), "{} lists no proxies", path.display());
-    let (tx, mut rx) = mpsc::channel::<Msg>(4096);
-    let mut opened = Vec::new();
-    for t in &proxies {
-        let (ok_tx, ok_rx) = tokio::sync::oneshot::channel();
-        tokio::spawn(follow(t.clone(), tx.clone(), ok_tx));
-        opened.push((t, ok_rx));
+    let (_streams, mut rx, skipped) = tap::follow_all(&proxies, 4096).await;
+    for (t, why) in &skipped {
+        eprintln!("weft: skipping proxy {} ({}): {why}", t.admin, t.workload());
     }
-    drop(tx);
-    let mut tapped = 0;
-    for (t, ok) in opened {
-        match tokio::time::timeout(Duration::from_secs(5), ok).await {
-            Ok(Ok(Ok(()))) => tapped += 1,
-            Ok(Ok(Err(e))) => {
-                eprintln!("weft: skipping proxy {} ({}): {e:#}", t.admin, t.workload())
-            }
-            _ => eprintln!(
-                "weft: skipping proxy {} ({}): /tap did not answer",
-                t.admin,
-                t.workload()
-            ),
-        }
-    }
+    let tapped = proxies.len() - skipped.len();
     anyhow::ensure!(
         tapped > 0,
         "none of the {} proxies could be tapped",
@@ -265,58 +216,4 @@ fn render(routes: &HashMap<Route, Row>, limit: usize, elapsed: Duration, lost: u
         ));
     }
     out
-}
-
-/// Follows one proxy's `/tap`, reporting once whether it opened.
-async fn follow(
-    t: Target,
-    tx: mpsc::Sender<Msg>,
-    opened: tokio::sync::oneshot::Sender<anyhow::Result<()>>,
-) {
-    let mut body = match open(&t).await {
-        Ok(b) => {
-            let _ = opened.send(Ok(()));
-            b
-        }
-        Err(e) => {
-            let _ = opened.send(Err(e));
-            return;
-        }
-    };
-    let workload = t.workload();
-    let mut buf: Vec<u8> = Vec::new();
-    while let Some(Ok(frame)) = body.frame().await {
-        let Ok(data) = frame.into_data() else {
-            continue;
-        };
-        buf.extend_from_slice(&data);
-        while let Some(end) = buf.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = buf.drain(..=end).collect();
-            let msg = match serde_json::from_slice::<Line>(&line) {
-                Ok(Line::Event(e)) => Msg::Event(workload.clone(), e),
-                Ok(Line::Lost { lost }) => Msg::Lost(lost),
-                // A newer proxy's line this CLI does not know: skip it.
-                Err(_) => continue,
-            };
-            if tx.send(msg).await.is_err() {
-                return;
-            }
-        }
-    }
-}
-
-async fn open(t: &Target) -> anyhow::Result<hyper::body::Incoming> {
-    let stream = tokio::net::TcpStream::connect(t.admin).await?;
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
-    let req = http::Request::get("/tap")
-        .header(http::header::HOST, t.admin.to_string())
-        .body(Empty::<Bytes>::new())?;
-    let rsp = send.send_request(req).await.context("GET /tap")?;
-    anyhow::ensure!(
-        rsp.status().is_success(),
-        "GET /tap answered {} (an older proxy without the tap?)",
-        rsp.status()
-    );
-    Ok(rsp.into_body())
 }

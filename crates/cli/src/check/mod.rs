@@ -439,17 +439,11 @@ async fn identity(report: &mut Report, admin: &str) {
     }
 }
 
-/// The certificates in `pem`, read from `what` (named in errors).
 /// `weft probe`'s latest results: each service through the mesh and
 /// directly, so a mesh failure is told from the service's own.
 async fn probes(report: &mut Report, admin: SocketAddr) {
     const S: &str = "probes";
-    let results = match fetch::get_ok(&format!("http://{admin}/probes.json")).await {
-        Ok(f) => serde_json::from_str::<Vec<crate::probe::Result_>>(&f.body)
-            .map_err(|e| anyhow::anyhow!("{admin}/probes.json: {e}")),
-        Err(e) => Err(e),
-    };
-    let results = match results {
+    let results = match crate::probe::fetch(admin).await {
         Ok(r) => r,
         Err(e) => {
             report.push(

@@ -22,6 +22,33 @@ function ms(v) { return Number.isFinite(v) ? v.toFixed(1) + " ms" : "–"; }
 function pct(v) { return Number.isFinite(v) ? (v * 100).toFixed(1) + "%" : "–"; }
 function rate(v) { return v >= 0.99 ? "ok" : v >= 0.9 ? "warn" : "fail"; }
 
+// The latest probe results by service, for the services' rows.
+let probesBy = new Map();
+
+function probeCell(name) {
+  const list = probesBy.get(name) || [];
+  if (!list.length) return el("td", { class: "note" }, "–");
+  const say = (o) => !o ? "not run" : o.ok ? `ok ${ms(o.latency_ms)}` : "FAIL";
+  const worst = list.some((p) => p.status === "fail") ? "fail" : list.some((p) => p.status === "warn") ? "warn" : "ok";
+  return el("td", { class: worst, "data-probe-service": name, title: list.map((p) => p.detail).join("\n") },
+    list.map((p) => `${say(p.mesh)} · ${say(p.direct)}`).join("; "));
+}
+
+function probes(rows) {
+  probesBy = new Map();
+  for (const p of rows) {
+    if (!probesBy.has(p.authority)) probesBy.set(p.authority, []);
+    probesBy.get(p.authority).push(p);
+  }
+  const outcome = (o) => !o ? el("td", {}, "not run yet")
+    : el("td", { class: o.ok ? "ok" : "fail" }, o.ok ? `ok in ${ms(o.latency_ms)}` : `failed: ${o.error || "?"}`);
+  $("#probes tbody").replaceChildren(...rows.map((p) => el("tr", { "data-probe": p.probe, "data-probe-status": p.status },
+    el("th", { scope: "row" }, p.probe), el("td", {}, p.kind), el("td", {}, p.authority || "–"),
+    outcome(p.mesh), outcome(p.direct),
+    el("td", { class: p.status }, el("span", { class: "badge" }, p.status === "ok" ? "ok" : p.status.toUpperCase()), ` ${p.detail}`))));
+  $("#no-probes").hidden = rows.length > 0;
+}
+
 function services(rows) {
   const body = $("#services tbody");
   body.replaceChildren(...rows.map((r) => {
@@ -36,6 +63,7 @@ function services(rows) {
       el("td", {}, pct(r.mtls_share)),
       el("td", {}, String(r.denied)),
       el("td", {}, String(r.rate_limited)),
+      probeCell(r.name),
     );
     return tr;
   }));
@@ -82,10 +110,65 @@ function endpoints() {
     .catch((err) => { $("#endpoints-note").textContent = `Cannot ask the control plane: ${err.message}`; });
 }
 
+// The live tap of the chosen service: the proxies' /tap, filtered by the
+// server and paced to what a page can draw. `?tap=N` starts it at once
+// and stops after N requests (for headless browsers).
+const TAP_ROWS = 100;
+const tapLimit = Number(new URLSearchParams(location.search).get("tap")) || 0;
+let tap = null;
+
+function tapStop(why) {
+  if (tap) tap.close();
+  tap = null;
+  $("#tap-toggle").textContent = "Start";
+  if (why) $("#tap-status").textContent = why;
+}
+
+function tapStart() {
+  tapStop();
+  const form = new FormData($("#tap-form"));
+  const q = new URLSearchParams({ service: chosen });
+  for (const [k, v] of form) if (v) q.set(k, v);
+  const body = $("#tap tbody");
+  body.replaceChildren();
+  let seen = 0;
+  let skipped = 0;
+  tap = new EventSource(`/api/tap?${q}`);
+  $("#tap-toggle").textContent = "Stop";
+  $("#tap-status").textContent = "opening…";
+  tap.addEventListener("open", (m) => {
+    const o = JSON.parse(m.data);
+    $("#tap-status").textContent = `tapping ${o.tapped} proxies` + (o.skipped.length ? ` (skipped: ${o.skipped.join("; ")})` : "");
+  });
+  tap.addEventListener("skipped", (m) => { skipped += JSON.parse(m.data).skipped; });
+  tap.addEventListener("lost", (m) => { skipped += JSON.parse(m.data).lost; });
+  tap.addEventListener("ended", () => tapStop("every proxy's tap ended"));
+  tap.onmessage = (m) => {
+    const e = JSON.parse(m.data);
+    seen += 1;
+    const status = e.grpc_status !== undefined ? `${e.status} · grpc ${e.grpc_status}` : String(e.status || "–");
+    body.prepend(el("tr", { "data-tap": e.path, class: e.success ? "" : "failed" },
+      el("td", {}, new Date().toLocaleTimeString()), el("td", {}, e.workload), el("td", {}, e.direction),
+      el("td", {}, e.method), el("td", {}, e.path),
+      el("td", { class: e.success ? "ok" : "fail" }, status), el("td", {}, ms(e.latency_ms)),
+      el("td", {}, e.peer_id || (e.tls ? "?" : "not meshed"))));
+    while (body.rows.length > TAP_ROWS) body.deleteRow(-1);
+    $("#tap-status").textContent = `${seen} requests` + (skipped ? ` (${skipped} more not shown: too fast to draw)` : "");
+    if (tapLimit && seen >= tapLimit) tapStop(`${seen} requests · paused after ${tapLimit}`);
+  };
+  tap.onerror = () => { if (tap) $("#tap-status").textContent = "tap interrupted; retrying…"; };
+}
+
+$("#tap-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  if (tap) tapStop("stopped"); else tapStart();
+});
+
 function choose(service) {
   chosen = service;
   routes(lastRoutes, [...$("#service-filter").options].map((o) => o.value).filter(Boolean));
   endpoints();
+  if (tap) tapStart();
 }
 
 $("#service-filter").addEventListener("change", (e) => choose(e.target.value));
@@ -94,6 +177,13 @@ $("#services tbody").addEventListener("click", (e) => {
   if (row) choose(row.dataset.service);
 });
 endpoints();
+// Filters in the address fill the form: a tap can be linked to.
+for (const [k, v] of new URLSearchParams(location.search)) {
+  const field = $("#tap-form").elements[k];
+  if (field && field.type === "checkbox") field.checked = v === "1";
+  else if (field && k !== "service") field.value = v;
+}
+if (tapLimit && chosen) tapStart();
 
 // Services on a circle, a line per edge labelled with its success rate.
 function topology(edges, rows) {
@@ -138,6 +228,7 @@ function checks(list) {
 
 function render(s) {
   $("#window").textContent = s.window_seconds.toFixed(0);
+  probes(s.probes || []);
   $("#source").textContent = s.source;
   services(s.services);
   routes(s.routes || [], s.services.map((r) => r.name));

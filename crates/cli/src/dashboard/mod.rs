@@ -22,6 +22,8 @@ use tokio::sync::{Semaphore, watch};
 use crate::source::Source;
 use crate::window::{self, Window};
 
+mod tap;
+
 const INDEX: &str = include_str!("index.html");
 const APP_JS: &str = include_str!("app.js");
 const APP_CSS: &str = include_str!("app.css");
@@ -29,6 +31,10 @@ const APP_CSS: &str = include_str!("app.css");
 const MAX_CLIENTS: usize = 64;
 /// The window each snapshot reports on, when scraping the proxies.
 const WINDOW: Duration = Duration::from_secs(10);
+/// Connections served at once.
+const MAX_CONNECTIONS: usize = 256;
+/// Live taps open at once: each holds a connection to every proxy.
+const MAX_TAPS: usize = 8;
 /// Checks run less often than traffic refreshes: they dial every proxy.
 const CHECK_EVERY: Duration = Duration::from_secs(10);
 
@@ -54,6 +60,9 @@ struct Snapshot {
     /// Per service and route (the policy's route names, gRPC methods).
     routes: Vec<RouteRow>,
     edges: Vec<crate::edges::Row>,
+    /// Each probe through the mesh and directly, with `weft check`'s
+    /// verdict.
+    probes: Vec<ProbeRow>,
     #[serde(skip_serializing_if = "Option::is_none")]
     checks: Option<serde_json::Value>,
     /// Why there are no figures this round, when there are none.
@@ -67,6 +76,59 @@ struct RouteRow {
     route: String,
     #[serde(flatten)]
     golden: crate::golden::Golden,
+}
+
+#[derive(serde::Serialize)]
+struct ProbeRow {
+    #[serde(flatten)]
+    result: crate::probe::Result_,
+    /// `ok`, `warn` or `fail`, as `weft check` would say.
+    status: &'static str,
+    detail: String,
+}
+
+/// The latest results of every `weft probe` in the targets; a prober that
+/// does not answer is a failed row of its own.
+async fn probes(source: &Source) -> Vec<ProbeRow> {
+    let Ok(probers) = source.probers() else {
+        return Vec::new();
+    };
+    let mut rows = Vec::new();
+    for p in probers {
+        match tokio::time::timeout(Duration::from_secs(2), crate::probe::fetch(p.admin)).await {
+            Ok(Ok(results)) => rows.extend(results.into_iter().map(|r| {
+                let (status, detail) = match crate::probe::verdict(&r) {
+                    Ok(d) => ("ok", d),
+                    Err((true, d, hint)) => ("fail", format!("{d} → {hint}")),
+                    Err((false, d, hint)) => ("warn", format!("{d} → {hint}")),
+                };
+                ProbeRow {
+                    result: r,
+                    status,
+                    detail,
+                }
+            })),
+            Ok(Err(e)) => rows.push(ProbeRow::unreachable(&p, format!("{e:#}"))),
+            Err(_) => rows.push(ProbeRow::unreachable(&p, "no answer within 2 s".into())),
+        }
+    }
+    rows
+}
+
+impl ProbeRow {
+    fn unreachable(p: &crate::targets::Target, why: String) -> Self {
+        ProbeRow {
+            result: crate::probe::Result_ {
+                probe: format!("weft probe at {}", p.admin),
+                kind: "-".into(),
+                authority: String::new(),
+                mesh: None,
+                direct: None,
+            },
+            status: "fail",
+            detail: format!("{why} → is `weft probe` running?"),
+        }
+    }
 }
 
 /// Per service and route, as the receiving proxies measured it.
@@ -180,6 +242,7 @@ async fn collect(args: &Args, tx: watch::Sender<Arc<String>>) {
             services: crate::golden::by_service(&window),
             routes: routes(&window),
             edges: crate::edges::edges(&window),
+            probes: probes(&args.source).await,
             checks: last_check.as_ref().map(|(_, c)| c.clone()),
             error,
         };
@@ -226,7 +289,12 @@ fn events(
         },
     );
     rx.mark_changed();
-    let mut rsp = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+    sse(BodyExt::boxed(StreamBody::new(stream)))
+}
+
+/// A server-sent event stream.
+fn sse(body: Body) -> Response<Body> {
+    let mut rsp = Response::new(body);
     let h = rsp.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
@@ -282,11 +350,21 @@ async fn endpoints(
     }
 }
 
-fn handle(
-    req: &Request<Incoming>,
-    rx: &watch::Receiver<Arc<String>>,
-    clients: &Arc<Semaphore>,
-) -> Response<Body> {
+/// What every connection shares.
+struct State {
+    args: Arc<Args>,
+    snapshots: watch::Receiver<Arc<String>>,
+    /// Pages following `/events`.
+    clients: Arc<Semaphore>,
+    /// Endpoint lookups at once (each a TLS connection to the control
+    /// plane).
+    lookups: Semaphore,
+    /// Live taps at once (each holds a connection to every proxy).
+    taps: Arc<Semaphore>,
+}
+
+async fn handle(req: Request<Incoming>, state: &State) -> Response<Body> {
+    const TEXT: &str = "text/plain; charset=utf-8";
     match req.uri().path() {
         "/" | "/index.html" => reply(StatusCode::OK, "text/html; charset=utf-8", INDEX),
         "/app.js" => reply(StatusCode::OK, "text/javascript; charset=utf-8", APP_JS),
@@ -294,21 +372,30 @@ fn handle(
         "/api/snapshot" => reply(
             StatusCode::OK,
             "application/json",
-            rx.borrow().as_str().to_string(),
+            state.snapshots.borrow().as_str().to_string(),
         ),
-        "/events" => match clients.clone().try_acquire_owned() {
-            Ok(permit) => events(rx.clone(), permit),
+        "/api/endpoints" => {
+            endpoints(&req, state.args.source.targets.clone(), &state.lookups).await
+        }
+        "/api/tap" => match state.taps.clone().try_acquire_owned() {
+            Ok(permit) => {
+                tap::serve(req.uri().query().unwrap_or(""), &state.args.source, permit).await
+            }
             Err(_) => reply(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "text/plain; charset=utf-8",
+                TEXT,
+                format!("more than {MAX_TAPS} taps are open; close one\n"),
+            ),
+        },
+        "/events" => match state.clients.clone().try_acquire_owned() {
+            Ok(permit) => events(state.snapshots.clone(), permit),
+            Err(_) => reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                TEXT,
                 format!("more than {MAX_CLIENTS} pages are open\n"),
             ),
         },
-        _ => reply(
-            StatusCode::NOT_FOUND,
-            "text/plain; charset=utf-8",
-            "not found\n",
-        ),
+        _ => reply(StatusCode::NOT_FOUND, TEXT, "not found\n"),
     }
 }
 
@@ -318,7 +405,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("--listen {}", args.listen))?;
     let addr = listener.local_addr()?;
     let (tx, rx) = watch::channel(Arc::new(
-        serde_json::json!({"at": 0, "source": args.source.name(), "window_seconds": 0.0, "services": [], "routes": [], "edges": []})
+        serde_json::json!({"at": 0, "source": args.source.name(), "window_seconds": 0.0, "services": [], "routes": [], "edges": [], "probes": []})
             .to_string(),
     ));
     eprintln!(
@@ -328,10 +415,19 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let args = Arc::new(args);
     let collector = args.clone();
     tokio::spawn(async move { collect(&collector, tx).await });
-    let clients = Arc::new(Semaphore::new(MAX_CLIENTS));
-    // Endpoint lookups (each a TLS connection to the control plane) at once.
-    let lookups = Arc::new(Semaphore::new(8));
+    let state = Arc::new(State {
+        args,
+        snapshots: rx,
+        clients: Arc::new(Semaphore::new(MAX_CLIENTS)),
+        lookups: Semaphore::new(8),
+        taps: Arc::new(Semaphore::new(MAX_TAPS)),
+    });
+    let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
+        // At the bound, accepting waits for a connection to close.
+        let Ok(slot) = connections.clone().acquire_owned().await else {
+            return Ok(());
+        };
         let (stream, _) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
@@ -340,28 +436,12 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
                 continue;
             }
         };
-        let (rx, clients, lookups, targets) = (
-            rx.clone(),
-            clients.clone(),
-            lookups.clone(),
-            args.source.targets.clone(),
-        );
+        let state = state.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let (rx, clients, lookups, targets) = (
-                    rx.clone(),
-                    clients.clone(),
-                    lookups.clone(),
-                    targets.clone(),
-                );
-                async move {
-                    let rsp = if req.uri().path() == "/api/endpoints" {
-                        endpoints(&req, targets, &lookups).await
-                    } else {
-                        handle(&req, &rx, &clients)
-                    };
-                    Ok::<_, Infallible>(rsp)
-                }
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(handle(req, &state).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
