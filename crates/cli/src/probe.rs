@@ -292,7 +292,12 @@ impl State {
 fn load(path: &std::path::Path) -> anyhow::Result<File> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let file: File = serde_saphyr::from_str(&text)
+    parse(&text, path)
+}
+
+/// A probes file's text; `path` names it in errors.
+fn parse(text: &str, path: &std::path::Path) -> anyhow::Result<File> {
+    let file: File = serde_saphyr::from_str(text)
         .with_context(|| format!("{} is not a probes file", path.display()))?;
     let mut names = std::collections::HashSet::new();
     for (i, p) in file.probes.iter().enumerate() {
@@ -321,6 +326,23 @@ fn load(path: &std::path::Path) -> anyhow::Result<File> {
 
 pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let file = load(&args.probes)?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("--listen {}", args.listen))?;
+    probe(file, listener).await
+}
+
+/// Starts probing as the probes file `yaml` says (the demo's own), served
+/// on `listener`; stops when the task is dropped.
+pub(crate) async fn spawn(
+    yaml: &str,
+    listener: tokio::net::TcpListener,
+) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
+    let file = parse(yaml, std::path::Path::new("(the demo's probes)"))?;
+    Ok(tokio::spawn(probe(file, listener)))
+}
+
+async fn probe(file: File, listener: tokio::net::TcpListener) -> anyhow::Result<()> {
     let mut registry = Registry::default();
     let success = Family::<Labels, Gauge>::default();
     let latency = Family::<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
@@ -341,16 +363,15 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         latest: Mutex::new(HashMap::new()),
         specs: file.probes.clone(),
     });
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("--listen {}", args.listen))?;
     eprintln!(
         "weft probe: serving http://{}/metrics and /probes.json; {} probes every {:?}",
         listener.local_addr()?,
         file.probes.len(),
         file.interval
     );
-    tokio::spawn(serve(listener, state.clone()));
+    // The server stops with the probing (the demo drops it).
+    let _server =
+        tokio_util::task::AbortOnDropHandle::new(tokio::spawn(serve(listener, state.clone())));
     let mut tick = tokio::time::interval(file.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -371,12 +392,23 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
 }
 
 async fn serve(listener: tokio::net::TcpListener, state: Arc<State>) {
+    // Scrapers and `weft check`s at once; more wait to be accepted.
+    let connections = Arc::new(tokio::sync::Semaphore::new(64));
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let Ok(slot) = connections.clone().acquire_owned().await else {
+            return;
+        };
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                eprintln!("weft probe: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
         };
         let state = state.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let svc = hyper::service::service_fn(
                 move |req: http::Request<hyper::body::Incoming>| {
                     let state = state.clone();
@@ -421,6 +453,8 @@ async fn serve(listener: tokio::net::TcpListener, state: Arc<State>) {
                 },
             );
             let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
         });

@@ -111,6 +111,16 @@ async fn the_demo_mesh_works_and_the_cli_shows_it() -> anyhow::Result<()> {
             .is_some_and(|c| c.len() >= 10 && c.iter().all(|c| c["status"] == "ok")),
         "{check:#}"
     );
+    // The demo's own probes, both paths of both passing.
+    let mut probes: Vec<&str> = check
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["section"] == "probes")
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    probes.sort();
+    assert_eq!(probes, ["api", "health"], "{check:#}");
 
     let (stdout, _) = demo.finish().await?;
     linked_trace(&receiver)?;

@@ -196,23 +196,20 @@ async fn handle(
     fail_every: Option<u64>,
     n: u64,
 ) -> Result<Response<Body>, Infallible> {
-    {
-        {
-            {
-                if !delay.is_zero() {
-                    tokio::time::sleep(delay).await;
-                }
-                if fail_every.is_some_and(|every| every > 0 && n.is_multiple_of(every)) {
-                    return Ok::<_, Infallible>(reply(
-                        name,
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        full("injected failure\n"),
-                    ));
-                }
-                Ok::<_, Infallible>(respond(name, req).await)
-            }
-        }
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
     }
+    // `/healthz` is the service's health check: the failures injected to
+    // stand for application errors do not touch it.
+    let injected = fail_every.is_some_and(|every| every > 0 && n.is_multiple_of(every));
+    if injected && req.uri().path() != "/healthz" {
+        return Ok(reply(
+            name,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            full("injected failure\n"),
+        ));
+    }
+    Ok(respond(name, req).await)
 }
 
 fn full(b: impl Into<Bytes>) -> Body {

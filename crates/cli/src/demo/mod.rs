@@ -199,7 +199,27 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         .map(|w| w.proxy.outbound)
         .context("no traffic proxy")?;
 
-    let groups = target_groups(&workloads, &control);
+    step("probing api and health through the mesh and directly");
+    let prober = TcpListener::bind(any).await?;
+    let prober_addr = prober.local_addr()?;
+    let _probes = tokio_util::task::AbortOnDropHandle::new(
+        crate::probe::spawn(
+            &format!(
+                "proxy: {client}\ninterval: 5s\ntimeout: 2s\nprobes:\n\
+                 - {{name: api, authority: \"api.demo:8080\", direct: \"{}\", http: {{path: /healthz}}}}\n\
+                 - {{name: health, authority: \"health.demo:9090\", direct: \"{}\", grpc: {{service: \"\"}}}}\n",
+                api_1.addr, health_1.addr
+            ),
+            prober,
+        )
+        .await?,
+    );
+
+    let mut groups = target_groups(&workloads, &control);
+    groups.push(Group {
+        targets: vec![prober_addr.to_string()],
+        labels: [("role".to_string(), "probe".to_string())].into(),
+    });
     targets::write(&targets_path, &groups)?;
     let proxies: Vec<Target> = targets::from_groups(groups)?
         .into_iter()
@@ -372,7 +392,8 @@ fn print_guide(
         ("edges", "who talks to whom, with their identities"),
         ("top", "the busiest routes, live"),
         ("endpoints api.demo:8080", "what discovery says"),
-        ("check", "is the mesh healthy"),
+        ("check", "is the mesh healthy (the probes too)"),
+        ("dashboard", "all of it in a browser"),
     ] {
         println!("    {:<44} # {what}", format!("weft {cmd}{flag}"));
     }
