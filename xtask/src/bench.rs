@@ -39,6 +39,10 @@ struct Options {
     only_authz: bool,
     /// `trace`: only tracing's cost.
     only_trace: bool,
+    /// `versus`: only weft against HAProxy with the same threads.
+    only_versus: bool,
+    /// `--quick`: scenario g in brief, failing only on a gross regression.
+    quick: bool,
     duration: u64,
     rounds: u64,
     watchers: usize,
@@ -54,6 +58,8 @@ fn options(args: &[String]) -> anyhow::Result<Options> {
         only_hosts: false,
         only_authz: false,
         only_trace: false,
+        only_versus: false,
+        quick: false,
         duration: 12,
         rounds: 3,
         watchers: 1000,
@@ -101,12 +107,14 @@ fn options(args: &[String]) -> anyhow::Result<Options> {
                 Some("hosts") => o.only_hosts = true,
                 Some("authz") => o.only_authz = true,
                 Some("trace") => o.only_trace = true,
+                Some("versus") => o.only_versus = true,
                 other => {
                     bail!(
-                        "--only {other:?}: the partial runs are fan-out, policy, authz, trace and hosts"
+                        "--only {other:?}: the partial runs are fan-out, policy, authz, trace, versus and hosts"
                     )
                 }
             },
+            "--quick" => o.quick = true,
             "--out" => o.out = PathBuf::from(it.next().context("--out needs a path")?),
             "--strict" => o.strict = true,
             other => bail!("unknown bench flag {other:?}"),
@@ -187,6 +195,8 @@ struct Report {
     policy: Vec<crate::policy::PolicyRow>,
     /// Capture paths and upgrades under load.
     hosts: crate::hosts::Hosts,
+    /// weft against HAProxy with the same threads.
+    versus: crate::versus::Versus,
     targets: Vec<Target>,
     /// The same measures for the peer, to read the targets against.
     references: Vec<Reference>,
@@ -509,6 +519,30 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
         let _ = std::fs::remove_dir_all(&dir);
         return Ok(());
     }
+    if opts.only_versus || opts.quick {
+        // Quick: one thread each, one round of 2 s per load.
+        let (secs, rounds) = if opts.quick {
+            (2, 1)
+        } else {
+            ((opts.duration / opts.rounds).max(2), opts.rounds)
+        };
+        let v = crate::versus::run(&dir, secs, rounds, opts.quick)?;
+        print!(
+            "{}{}",
+            crate::versus::table(&v),
+            verdicts(&v.targets, &v.references)
+        );
+        if let Some(parent) = opts.out.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(&opts.out, serde_json::to_string_pretty(&v)?)?;
+        println!("\nJSON: {}", opts.out.display());
+        let _ = std::fs::remove_dir_all(&dir);
+        if (opts.quick || opts.strict) && v.targets.iter().any(|t| !t.pass) {
+            bail!("a performance target was missed");
+        }
+        return Ok(());
+    }
     if opts.only_hosts {
         let hosts = crate::hosts::run(&dir, opts.duration, opts.rounds)?;
         let (targets, references) = crate::hosts::targets(&hosts);
@@ -736,6 +770,12 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     targets.extend(t);
     references.extend(r);
 
+    eprintln!("bench: weft against HAProxy with the same threads");
+    let mut versus =
+        crate::versus::run(&dir, (opts.duration / opts.rounds).max(2), opts.rounds, false)?;
+    targets.append(&mut versus.targets);
+    references.append(&mut versus.references);
+
     let peak = s.outbound.peak_rss_bytes();
     targets.push(Target {
         name: "weft RSS idle".into(),
@@ -764,6 +804,7 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
         fan_out,
         policy,
         hosts,
+        versus,
         targets,
         references,
     };
@@ -832,6 +873,7 @@ fn table(r: &Report) -> String {
     );
     out.push_str(&policy_table(&r.policy));
     out.push_str(&crate::hosts::table(&r.hosts));
+    out.push_str(&crate::versus::table(&r.versus));
     out.push_str(&verdicts(&r.targets, &r.references));
     out
 }

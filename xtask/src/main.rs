@@ -5,6 +5,7 @@ mod hosts;
 mod mesh;
 mod policy;
 mod procs;
+mod versus;
 
 use std::process::Command;
 
