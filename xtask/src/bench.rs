@@ -771,8 +771,12 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     references.extend(r);
 
     eprintln!("bench: weft against HAProxy with the same threads");
-    let mut versus =
-        crate::versus::run(&dir, (opts.duration / opts.rounds).max(2), opts.rounds, false)?;
+    let mut versus = crate::versus::run(
+        &dir,
+        (opts.duration / opts.rounds).max(2),
+        opts.rounds,
+        false,
+    )?;
     targets.append(&mut versus.targets);
     references.append(&mut versus.references);
 

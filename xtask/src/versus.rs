@@ -230,7 +230,10 @@ fn weft(dir: &Path, threads: usize, backend: SocketAddr) -> anyhow::Result<Conte
     let (proc, outbound, _) = start_proxy(
         &proxy,
         &[
-            ("WEFT_PROXY_DESTINATIONS", destinations.display().to_string()),
+            (
+                "WEFT_PROXY_DESTINATIONS",
+                destinations.display().to_string(),
+            ),
             ("WEFT_PROXY_CORES", threads.to_string()),
         ],
     )?;
@@ -380,8 +383,10 @@ fn judge(v: &mut Versus, quick: bool) {
             MIN_RATIO_TWO_THREADS
         };
         for load in [Load::H2Mux, Load::H2Single, Load::H1Max] {
-            let (Some(w), Some(h)) = (row(load, Who::Weft, threads), row(load, Who::Haproxy, threads))
-            else {
+            let (Some(w), Some(h)) = (
+                row(load, Who::Weft, threads),
+                row(load, Who::Haproxy, threads),
+            ) else {
                 continue;
             };
             let (m, range) = ratio(w, h, |r| r.rps);
@@ -532,7 +537,10 @@ pub(crate) fn table(v: &Versus) -> String {
         let cpu = if r.who == Who::Direct {
             "–".to_string()
         } else {
-            format!("{:.1} ({clo:.1}–{chi:.1})", r.mean(|x| x.cpu_us_per_request))
+            format!(
+                "{:.1} ({clo:.1}–{chi:.1})",
+                r.mean(|x| x.cpu_us_per_request)
+            )
         };
         let _ = writeln!(
             out,
