@@ -10,7 +10,7 @@ use std::process::Command;
 use anyhow::{Context, bail};
 use serde::Serialize;
 
-use crate::procs::{Proc, field, free_port, spawn_until, target_dir, wait_listening};
+use crate::procs::{Proc, field, spawn_until, target_dir};
 
 const AUTHORITY: &str = "bench.test:8080";
 const HOP_AUTHORITY: &str = "hop.test:8080";
@@ -374,27 +374,9 @@ fn setup(dir: &Path) -> anyhow::Result<Setup> {
     std::thread::sleep(std::time::Duration::from_millis(500));
     let idle_rss = outbound.rss_bytes();
 
-    let haproxy_h1 = free_port()?;
-    let haproxy_h2 = free_port()?;
-    let cfg = dir.join("haproxy.cfg");
-    std::fs::write(
-        &cfg,
-        format!(
-            "global\n  maxconn 4096\n\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\n\
-             frontend h1\n  bind {haproxy_h1}\n  default_backend be_h1\n\n\
-             frontend h2\n  bind {haproxy_h2} proto h2\n  default_backend be_h2\n\n\
-             backend be_h1\n  http-reuse always\n  server s1 {backend}\n\n\
-             backend be_h2\n  server s1 {backend} proto h2\n"
-        ),
-    )?;
-    let child = weft_test_support::process::std_command("haproxy")
-        .args(["-f", &cfg.display().to_string(), "-db"])
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .context("starting haproxy (Debian package haproxy)")?;
-    let haproxy = Proc { child };
-    wait_listening(haproxy_h1)?;
-    wait_listening(haproxy_h2)?;
+    // HAProxy's default threads (one per CPU); scenario g compares
+    // thread for thread.
+    let (haproxy, haproxy_h1, haproxy_h2) = crate::versus::start_haproxy(dir, None, backend)?;
     let mtls = start_mtls(dir, backend)?;
     Ok(Setup {
         mtls,

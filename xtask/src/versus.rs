@@ -186,12 +186,34 @@ pub(crate) struct Versus {
 }
 
 fn haproxy(dir: &Path, threads: usize, backend: SocketAddr) -> anyhow::Result<Contender> {
+    let (proc, h1, h2) = start_haproxy(dir, Some(threads), backend)?;
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let idle_rss = proc.rss_bytes();
+    Ok(Contender {
+        who: Who::Haproxy,
+        threads,
+        proc: Some(proc),
+        h1,
+        h2,
+        authority: None,
+        idle_rss,
+    })
+}
+
+/// HAProxy with an HTTP/1.1 and an h2c frontend to `backend`, with
+/// `threads` threads or its default (one per CPU).
+pub(crate) fn start_haproxy(
+    dir: &Path,
+    threads: Option<usize>,
+    backend: SocketAddr,
+) -> anyhow::Result<(Proc, SocketAddr, SocketAddr)> {
     let (h1, h2) = (free_port()?, free_port()?);
-    let cfg = dir.join(format!("haproxy-{threads}.cfg"));
+    let nbthread = threads.map_or(String::new(), |t| format!("  nbthread {t}\n"));
+    let cfg = dir.join(format!("haproxy-{}.cfg", threads.unwrap_or(0)));
     std::fs::write(
         &cfg,
         format!(
-            "global\n  nbthread {threads}\n  maxconn 4096\n\n\
+            "global\n{nbthread}  maxconn 4096\n\n\
              defaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\n\
              frontend h1\n  bind {h1}\n  default_backend be_h1\n\n\
              frontend h2\n  bind {h2} proto h2\n  default_backend be_h2\n\n\
@@ -207,17 +229,7 @@ fn haproxy(dir: &Path, threads: usize, backend: SocketAddr) -> anyhow::Result<Co
     let proc = Proc { child };
     wait_listening(h1)?;
     wait_listening(h2)?;
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    let idle_rss = proc.rss_bytes();
-    Ok(Contender {
-        who: Who::Haproxy,
-        threads,
-        proc: Some(proc),
-        h1,
-        h2,
-        authority: None,
-        idle_rss,
-    })
+    Ok((proc, h1, h2))
 }
 
 fn weft(dir: &Path, threads: usize, backend: SocketAddr) -> anyhow::Result<Contender> {
@@ -405,14 +417,7 @@ fn judge(v: &mut Versus, quick: bool) {
             });
             let (c, crange) = ratio(w, h, |r| r.cpu_us_per_request);
             references.push(Reference {
-                name: format!(
-                    "{} CPU µs/request, weft / HAProxy, {threads} thread(s): {:.1} vs {:.1} (rounds {:.2}–{:.2})",
-                    load.name(),
-                    w.mean(|r| r.cpu_us_per_request),
-                    h.mean(|r| r.cpu_us_per_request),
-                    crange.0,
-                    crange.1
-                ),
+                name: cpu_name(load, threads, w, h, crange),
                 measured: c,
                 unit: "×",
             });
@@ -430,14 +435,7 @@ fn judge(v: &mut Versus, quick: bool) {
             };
             let (c, crange) = ratio(w, h, |r| r.cpu_us_per_request);
             targets.push(Target {
-                name: format!(
-                    "{} CPU µs/request, weft / HAProxy, {threads} thread(s): {:.1} vs {:.1} (rounds {:.2}–{:.2})",
-                    load.name(),
-                    w.mean(|r| r.cpu_us_per_request),
-                    h.mean(|r| r.cpu_us_per_request),
-                    crange.0,
-                    crange.1
-                ),
+                name: cpu_name(load, threads, w, h, crange),
                 measured: c,
                 limit: MAX_CPU_RATIO_AT_1K,
                 unit: "×",
@@ -495,22 +493,16 @@ fn judge(v: &mut Versus, quick: bool) {
             unit: "MiB",
             pass: idle <= MAX_IDLE_RSS_MIB,
         });
-        let peak = v
-            .rows
-            .iter()
-            .filter(|r| r.who == Who::Weft)
-            .map(|r| r.peak_rss_bytes)
-            .max()
-            .unwrap_or(0) as f64
-            / 1048576.0;
-        let hpeak = v
-            .rows
-            .iter()
-            .filter(|r| r.who == Who::Haproxy)
-            .map(|r| r.peak_rss_bytes)
-            .max()
-            .unwrap_or(0) as f64
-            / 1048576.0;
+        let peak_mib = |who: Who| {
+            v.rows
+                .iter()
+                .filter(|r| r.who == who)
+                .map(|r| r.peak_rss_bytes)
+                .max()
+                .unwrap_or(0) as f64
+                / 1048576.0
+        };
+        let (peak, hpeak) = (peak_mib(Who::Weft), peak_mib(Who::Haproxy));
         targets.push(Target {
             name: format!("weft peak RSS after the max-throughput runs (HAProxy: {hpeak:.1} MiB)"),
             measured: peak,
@@ -521,6 +513,19 @@ fn judge(v: &mut Versus, quick: bool) {
     }
     v.targets = targets;
     v.references = references;
+}
+
+/// A CPU-per-request comparison's name, with both means and the range
+/// of the per-round ratio.
+fn cpu_name(load: Load, threads: usize, weft: &Row, haproxy: &Row, range: (f64, f64)) -> String {
+    format!(
+        "{} CPU µs/request, weft / HAProxy, {threads} thread(s): {:.1} vs {:.1} (rounds {:.2}–{:.2})",
+        load.name(),
+        weft.mean(|r| r.cpu_us_per_request),
+        haproxy.mean(|r| r.cpu_us_per_request),
+        range.0,
+        range.1
+    )
 }
 
 pub(crate) fn table(v: &Versus) -> String {

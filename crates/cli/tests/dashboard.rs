@@ -79,25 +79,7 @@ async fn the_dashboard_shows_the_mesh_live_in_a_browser() -> anyhow::Result<()> 
             mesh.client.outbound, mesh.backend.addr
         ),
     )?;
-    let prober = Started::run(
-        &workspace_binary("weft")?,
-        &[
-            "probe",
-            "--probes",
-            &probes.to_string_lossy(),
-            "--listen",
-            "127.0.0.1:0",
-        ],
-        "serving http://",
-    )
-    .await?;
-    let prober_admin = prober
-        .said()
-        .split("serving http://")
-        .nth(1)
-        .and_then(|s| s.split('/').next())
-        .context("no address in the prober's first line")?
-        .to_string();
+    let (prober, prober_admin) = Started::weft_probe(&workspace_binary("weft")?, &probes).await?;
     let targets = dir.path().join("targets.json");
     mesh.write_targets(
         &targets,

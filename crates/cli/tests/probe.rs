@@ -50,25 +50,7 @@ probes:
             mesh.client.outbound, mesh.backend.addr, grpc.addr
         ),
     )?;
-    let prober = Started::run(
-        &workspace_binary("weft")?,
-        &[
-            "probe",
-            "--probes",
-            &probes.to_string_lossy(),
-            "--listen",
-            "127.0.0.1:0",
-        ],
-        "serving http://",
-    )
-    .await?;
-    let admin = prober
-        .said()
-        .split("serving http://")
-        .nth(1)
-        .and_then(|s| s.split('/').next())
-        .context("no address in its first line")?
-        .to_string();
+    let (prober, admin) = Started::weft_probe(&workspace_binary("weft")?, &probes).await?;
 
     // Both paths of both probes succeed.
     let deadline = Instant::now() + Duration::from_secs(10);

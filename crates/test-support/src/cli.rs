@@ -45,6 +45,35 @@ impl Started {
         Ok(run)
     }
 
+    /// `weft probe --probes FILE` (the `weft` binary at `bin`) on a free
+    /// port; it and the address its metrics and `/probes.json` are served
+    /// at.
+    pub async fn weft_probe(
+        bin: &std::path::Path,
+        probes: &std::path::Path,
+    ) -> anyhow::Result<(Self, String)> {
+        let probe = Self::run(
+            bin,
+            &[
+                "probe",
+                "--probes",
+                &probes.to_string_lossy(),
+                "--listen",
+                "127.0.0.1:0",
+            ],
+            "serving http://",
+        )
+        .await?;
+        let admin = probe
+            .said()
+            .split("serving http://")
+            .nth(1)
+            .and_then(|s| s.split('/').next())
+            .context("no address in weft probe's first line")?
+            .to_string();
+        Ok((probe, admin))
+    }
+
     /// What it said on stderr up to the marker.
     pub fn said(&self) -> &str {
         &self.said
