@@ -340,16 +340,23 @@ pub(crate) fn start_proxy(
     Ok((proc, field(&line, "outbound")?, field(&line, "inbound")?))
 }
 
-fn setup(dir: &Path) -> anyhow::Result<Setup> {
-    let release = target_dir()?.join("release");
-    let mut cmd = weft_test_support::process::std_command(release.join("weft-test-backend"));
+/// The release `weft-test-backend` on a free port, and its address.
+pub(crate) fn start_backend() -> anyhow::Result<(Proc, SocketAddr)> {
+    let bin = target_dir()?.join("release/weft-test-backend");
+    let mut cmd = weft_test_support::process::std_command(bin);
     cmd.args(["--listen", "127.0.0.1:0", "--name", "bench"]);
-    let (backend_proc, line) = spawn_until("backend", cmd, "listening ", false)?;
-    let backend: SocketAddr = line
+    let (proc, line) = spawn_until("backend", cmd, "listening ", false)?;
+    let addr = line
         .trim_start_matches("listening ")
         .trim()
         .parse()
         .context("backend address")?;
+    Ok((proc, addr))
+}
+
+fn setup(dir: &Path) -> anyhow::Result<Setup> {
+    let release = target_dir()?.join("release");
+    let (backend_proc, backend) = start_backend()?;
 
     let proxy = release.join("weft-proxy");
     let (inbound, _, inbound_addr) = start_proxy(

@@ -13,7 +13,7 @@ use anyhow::Context;
 use serde::Serialize;
 
 use crate::bench::{Reference, Target, percentile, start_proxy};
-use crate::procs::{Proc, free_port, spawn_until, target_dir, wait_listening};
+use crate::procs::{Proc, free_port, target_dir, wait_listening};
 
 const AUTHORITY: &str = "bench.test:8080";
 
@@ -26,23 +26,25 @@ const MAX_PEAK_RSS_MIB: f64 = 12.0;
 /// `--quick` fails only below this: a gross regression, never noise.
 const QUICK_FLOOR_RATIO: f64 = 0.5;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Load {
     /// HTTP/1.1 keep-alive, 32 connections, as fast as possible.
-    #[serde(rename = "h1 max 32 conns")]
     H1Max,
     /// h2c, 16 connections × 16 concurrent streams.
-    #[serde(rename = "h2c max 16x16")]
     H2Mux,
     /// h2c, 64 connections × 1 stream.
-    #[serde(rename = "h2c max 64x1")]
     H2Single,
     /// HTTP/1.1 at 1,000 requests/s (10 connections × 100/s).
-    #[serde(rename = "h1 1k rps")]
     H1Rate,
     /// h2c at 1,000 requests/s.
-    #[serde(rename = "h2c 1k rps")]
     H2Rate,
+}
+
+/// Named in the JSON as in the table.
+impl Serialize for Load {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
 }
 
 impl Load {
@@ -264,15 +266,7 @@ fn weft(dir: &Path, threads: usize, backend: SocketAddr) -> anyhow::Result<Conte
 }
 
 pub(crate) fn run(dir: &Path, seconds: u64, rounds: u64, quick: bool) -> anyhow::Result<Versus> {
-    let release = target_dir()?.join("release");
-    let mut cmd = weft_test_support::process::std_command(release.join("weft-test-backend"));
-    cmd.args(["--listen", "127.0.0.1:0", "--name", "bench"]);
-    let (_backend, line) = spawn_until("backend", cmd, "listening ", false)?;
-    let backend: SocketAddr = line
-        .trim_start_matches("listening ")
-        .trim()
-        .parse()
-        .context("backend address")?;
+    let (_backend, backend) = crate::bench::start_backend()?;
     let mut contenders = vec![Contender {
         who: Who::Direct,
         threads: 0,

@@ -15,6 +15,7 @@ mod inject;
 mod install;
 mod probe;
 mod routes;
+mod serve;
 mod source;
 mod stat;
 mod tap;

@@ -7,7 +7,6 @@
 //! `path="mesh|direct"`) and as JSON (`/probes.json`) for `weft check`.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -370,8 +369,17 @@ async fn probe(file: File, listener: tokio::net::TcpListener) -> anyhow::Result<
         file.interval
     );
     // The server stops with the probing (the demo drops it).
-    let _server =
-        tokio_util::task::AbortOnDropHandle::new(tokio::spawn(serve(listener, state.clone())));
+    let served = state.clone();
+    // Scrapers and `weft check`s at once.
+    let _server = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(crate::serve::http1(
+        listener,
+        64,
+        "weft probe",
+        move |req| {
+            let rsp = respond(&served, &req);
+            async move { rsp }
+        },
+    )));
     let mut tick = tokio::time::interval(file.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -391,74 +399,46 @@ async fn probe(file: File, listener: tokio::net::TcpListener) -> anyhow::Result<
     }
 }
 
-async fn serve(listener: tokio::net::TcpListener, state: Arc<State>) {
-    // Scrapers and `weft check`s at once; more wait to be accepted.
-    let connections = Arc::new(tokio::sync::Semaphore::new(64));
-    loop {
-        let Ok(slot) = connections.clone().acquire_owned().await else {
-            return;
-        };
-        let stream = match listener.accept().await {
-            Ok((s, _)) => s,
-            Err(e) => {
-                eprintln!("weft probe: accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
+/// `/metrics`, `/probes.json` and `/ready`.
+fn respond(
+    state: &State,
+    req: &http::Request<hyper::body::Incoming>,
+) -> http::Response<Full<Bytes>> {
+    let (status, ctype, body) = match req.uri().path() {
+        "/metrics" => {
+            let mut text = String::new();
+            match prometheus_client::encoding::text::encode(&mut text, &state.registry) {
+                Ok(()) => (
+                    http::StatusCode::OK,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    text,
+                ),
+                Err(_) => (
+                    http::StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain",
+                    "cannot encode\n".into(),
+                ),
             }
-        };
-        let state = state.clone();
-        tokio::spawn(async move {
-            let _slot = slot;
-            let svc = hyper::service::service_fn(
-                move |req: http::Request<hyper::body::Incoming>| {
-                    let state = state.clone();
-                    async move {
-                        let (status, ctype, body) = match req.uri().path() {
-                            "/metrics" => {
-                                let mut text = String::new();
-                                match prometheus_client::encoding::text::encode(
-                                    &mut text,
-                                    &state.registry,
-                                ) {
-                                    Ok(()) => (
-                                        200,
-                                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                                        text,
-                                    ),
-                                    Err(_) => (500, "text/plain", "cannot encode\n".into()),
-                                }
-                            }
-                            "/probes.json" => (
-                                200,
-                                "application/json",
-                                serde_json::to_string(&state.results())
-                                    .unwrap_or_else(|_| "[]".into()),
-                            ),
-                            "/ready" => (200, "text/plain", "ready\n".into()),
-                            _ => (
-                                404,
-                                "text/plain",
-                                "try /metrics, /probes.json or /ready\n".into(),
-                            ),
-                        };
-                        let mut rsp = http::Response::new(Full::new(Bytes::from(body)));
-                        *rsp.status_mut() =
-                            http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::OK);
-                        rsp.headers_mut().insert(
-                            http::header::CONTENT_TYPE,
-                            http::HeaderValue::from_static(ctype),
-                        );
-                        Ok::<_, Infallible>(rsp)
-                    }
-                },
-            );
-            let _ = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
-        });
-    }
+        }
+        "/probes.json" => (
+            http::StatusCode::OK,
+            "application/json",
+            serde_json::to_string(&state.results()).unwrap_or_else(|_| "[]".into()),
+        ),
+        "/ready" => (http::StatusCode::OK, "text/plain", "ready\n".into()),
+        _ => (
+            http::StatusCode::NOT_FOUND,
+            "text/plain",
+            "try /metrics, /probes.json or /ready\n".into(),
+        ),
+    };
+    let mut rsp = http::Response::new(Full::new(Bytes::from(body)));
+    *rsp.status_mut() = status;
+    rsp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(ctype),
+    );
+    rsp
 }
 
 /// The latest results the `weft probe` whose admin address is `admin`

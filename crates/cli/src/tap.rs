@@ -9,6 +9,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::targets::Target;
 
@@ -78,7 +79,10 @@ async fn follow(
     tx: mpsc::Sender<Msg>,
     opened: tokio::sync::oneshot::Sender<anyhow::Result<()>>,
 ) {
-    let mut body = match open(&t).await {
+    // The connection's task goes with this one: a reader dropped (the
+    // page went away) closes the proxy's `/tap` at once, not at its next
+    // event.
+    let (mut body, _conn) = match open(&t).await {
         Ok(b) => {
             let _ = opened.send(Ok(()));
             b
@@ -115,10 +119,12 @@ async fn follow(
     }
 }
 
-async fn open(t: &Target) -> anyhow::Result<hyper::body::Incoming> {
+async fn open(
+    t: &Target,
+) -> anyhow::Result<(hyper::body::Incoming, AbortOnDropHandle<hyper::Result<()>>)> {
     let stream = tokio::net::TcpStream::connect(t.admin).await?;
     let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
+    let conn = AbortOnDropHandle::new(tokio::spawn(conn));
     let req = http::Request::get("/tap")
         .header(http::header::HOST, t.admin.to_string())
         .body(Empty::<Bytes>::new())?;
@@ -128,5 +134,5 @@ async fn open(t: &Target) -> anyhow::Result<hyper::body::Incoming> {
         "GET /tap answered {} (an older proxy without the tap?)",
         rsp.status()
     );
-    Ok(rsp.into_body())
+    Ok((rsp.into_body(), conn))
 }

@@ -3,6 +3,7 @@
 //! and `weft check`).
 
 use std::convert::Infallible;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode, header};
@@ -11,11 +12,8 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
-
-use std::sync::Arc;
-
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 use weft_authz::DefaultPolicy;
 use weft_destinations::Destinations;
 

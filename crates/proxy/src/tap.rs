@@ -157,7 +157,8 @@ impl Listener {
     }
 }
 
-fn truncate(s: &str, max: usize) -> &str {
+/// `s` cut to at most `max` bytes, at a character boundary.
+pub(crate) fn truncate(s: &str, max: usize) -> &str {
     if s.len() <= max {
         return s;
     }
@@ -166,6 +167,49 @@ fn truncate(s: &str, max: usize) -> &str {
         end -= 1;
     }
     &s[..end]
+}
+
+/// What watches one request to its end: the tap, while anyone listens,
+/// and its trace span, when tracing is on. Both learn the outcome from the
+/// labels it is counted with. One pointer, null when nothing watches: it
+/// travels with every response body.
+#[derive(Default)]
+pub struct Observed(Option<Box<Watchers>>);
+
+struct Watchers {
+    tap: Option<Tapped>,
+    span: Option<crate::trace::Span>,
+}
+
+impl Observed {
+    pub fn new(tap: Option<Tapped>, span: Option<crate::trace::Span>) -> Self {
+        if tap.is_none() && span.is_none() {
+            return Self(None);
+        }
+        Self(Some(Box::new(Watchers { tap, span })))
+    }
+
+    /// The endpoint that answered, after `retries` earlier tries.
+    pub fn upstream(
+        &mut self,
+        endpoint: std::net::SocketAddr,
+        retries: u32,
+        headers: &http::HeaderMap,
+    ) {
+        if let Some(s) = self.0.as_mut().and_then(|w| w.span.as_mut()) {
+            s.upstream(endpoint, retries, headers);
+        }
+    }
+
+    pub fn finish(self, labels: &ResponseLabels) {
+        let Some(w) = self.0 else { return };
+        if let Some(t) = w.tap {
+            t.finish(labels);
+        }
+        if let Some(s) = w.span {
+            s.finish(labels);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -210,48 +254,5 @@ mod tests {
         }
         drop(listener);
         assert!(tap.start(&Method::GET, &uri, Instant::now()).is_none());
-    }
-}
-
-/// What watches one request to its end: the tap, while anyone listens,
-/// and its trace span, when tracing is on. Both learn the outcome from the
-/// labels it is counted with. One pointer, null when nothing watches: it
-/// travels with every response body.
-#[derive(Default)]
-pub struct Observed(Option<Box<Watchers>>);
-
-struct Watchers {
-    tap: Option<Tapped>,
-    span: Option<crate::trace::Span>,
-}
-
-impl Observed {
-    pub fn new(tap: Option<Tapped>, span: Option<crate::trace::Span>) -> Self {
-        if tap.is_none() && span.is_none() {
-            return Self(None);
-        }
-        Self(Some(Box::new(Watchers { tap, span })))
-    }
-
-    /// The endpoint that answered, after `retries` earlier tries.
-    pub fn upstream(
-        &mut self,
-        endpoint: std::net::SocketAddr,
-        retries: u32,
-        headers: &http::HeaderMap,
-    ) {
-        if let Some(s) = self.0.as_mut().and_then(|w| w.span.as_mut()) {
-            s.upstream(endpoint, retries, headers);
-        }
-    }
-
-    pub fn finish(self, labels: &ResponseLabels) {
-        let Some(w) = self.0 else { return };
-        if let Some(t) = w.tap {
-            t.finish(labels);
-        }
-        if let Some(s) = w.span {
-            s.finish(labels);
-        }
     }
 }

@@ -297,50 +297,61 @@ fn pem_certs(what: &str, pem: &str) -> Result<Certs, Problem> {
 /// What to do about anything `weft install` made that is missing.
 const REAPPLY: &str = "apply `weft install`'s output again";
 
-/// An object `weft install` made, or the outcome to report: `missing`
-/// (with `hint`) when it is not there, the API's error otherwise, only a
-/// warning when `soft` (a Secret the operator may not be allowed to read).
-async fn installed<K>(
-    api: Api<K>,
-    name: &str,
-    missing: &str,
-    hint: &str,
-    doing: &str,
+/// An object `weft install` made, looked up by `installed`, and what to
+/// say when it is not there.
+struct Expect<'a> {
+    name: &'a str,
+    /// The failure's detail when it does not exist.
+    missing: &'a str,
+    hint: &'a str,
+    /// The verb and resource, for a refusal's remedy.
+    doing: &'a str,
+    /// Only a warning when it cannot be read (a Secret the operator may
+    /// not be allowed to see).
     soft: bool,
-) -> Result<K, Outcome>
+}
+
+/// The object, or `None` once why not is in the report under `what`.
+async fn installed<K>(
+    report: &mut Report,
+    section: &'static str,
+    what: &str,
+    api: Api<K>,
+    e: Expect<'_>,
+) -> Option<K>
 where
     K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
-    match api.get_opt(name).await {
-        Ok(Some(o)) => Ok(o),
-        Ok(None) => Err(fail(missing, hint)),
-        Err(e) => Err(match api_error(&e, doing) {
-            Err((_, detail, hint)) if soft => warn(format!("cannot check: {detail}"), hint),
+    let outcome = match api.get_opt(e.name).await {
+        Ok(Some(o)) => return Some(o),
+        Ok(None) => fail(e.missing, e.hint),
+        Err(err) => match api_error(&err, e.doing) {
+            Err((_, detail, hint)) if e.soft => warn(format!("cannot check: {detail}"), hint),
             other => other,
-        }),
-    }
+        },
+    };
+    report.push(section, what, outcome);
+    None
 }
 
 /// The trust anchors in ConfigMap weft-trust-anchors, checked against the
 /// identity Secret: the same anchors, an issuer they signed, all in date.
 async fn trust_anchors(report: &mut Report, client: &kube::Client, ns: &str) -> Option<Certs> {
     let what = format!("ConfigMap {ns}/{}", names::TRUST_ANCHORS);
-    let map = match installed(
+    let map = installed(
+        report,
+        IDENTITY,
+        &what,
         Api::<ConfigMap>::namespaced(client.clone(), ns),
-        names::TRUST_ANCHORS,
-        "not found: injected proxies cannot verify anyone",
-        REAPPLY,
-        "get configmaps",
-        false,
+        Expect {
+            name: names::TRUST_ANCHORS,
+            missing: "not found: injected proxies cannot verify anyone",
+            hint: REAPPLY,
+            doing: "get configmaps",
+            soft: false,
+        },
     )
-    .await
-    {
-        Ok(m) => m,
-        Err(outcome) => {
-            report.push(IDENTITY, &what, outcome);
-            return None;
-        }
-    };
+    .await?;
     let pem = map
         .data
         .as_ref()
@@ -367,21 +378,22 @@ async fn trust_anchors(report: &mut Report, client: &kube::Client, ns: &str) -> 
         );
     }
     let secret_what = format!("Secret {ns}/{}", names::IDENTITY);
-    let secret = match installed(
+    let Some(secret) = installed(
+        report,
+        IDENTITY,
+        &secret_what,
         Api::<Secret>::namespaced(client.clone(), ns),
-        names::IDENTITY,
-        "not found: weft-control cannot start without its issuer",
-        REAPPLY,
-        "get secrets",
-        true,
+        Expect {
+            name: names::IDENTITY,
+            missing: "not found: weft-control cannot start without its issuer",
+            hint: REAPPLY,
+            doing: "get secrets",
+            soft: true,
+        },
     )
     .await
-    {
-        Ok(s) => s,
-        Err(outcome) => {
-            report.push(IDENTITY, &secret_what, outcome);
-            return Some(anchors);
-        }
+    else {
+        return Some(anchors);
     };
     let key = |k: &str| {
         secret
@@ -454,21 +466,22 @@ fn same(a: &Certs, b: &Certs) -> bool {
 async fn webhook(report: &mut Report, client: &kube::Client, ns: &str) {
     let name = names::webhook_configuration(ns);
     let what = format!("MutatingWebhookConfiguration {name}");
-    let config = match installed(
+    let Some(config) = installed(
+        report,
+        WEBHOOK,
+        &what,
         Api::<MutatingWebhookConfiguration>::all(client.clone()),
-        &name,
-        "not found: pods are not injected automatically",
-        "apply `weft install`'s output again (or inject by hand with `weft inject`)",
-        "get mutatingwebhookconfigurations",
-        false,
+        Expect {
+            name: &name,
+            missing: "not found: pods are not injected automatically",
+            hint: "apply `weft install`'s output again (or inject by hand with `weft inject`)",
+            doing: "get mutatingwebhookconfigurations",
+            soft: false,
+        },
     )
     .await
-    {
-        Ok(c) => c,
-        Err(outcome) => {
-            report.push(WEBHOOK, what, outcome);
-            return;
-        }
+    else {
+        return;
     };
     let webhooks = config.webhooks.unwrap_or_default();
     let mut bundles = Vec::new();
@@ -566,21 +579,22 @@ async fn webhook_certificate(
     bundles: &[Certs],
 ) {
     let what = format!("Secret {ns}/{}", names::WEBHOOK_TLS);
-    let secret = match installed(
+    let Some(secret) = installed(
+        report,
+        WEBHOOK,
+        &what,
         Api::<Secret>::namespaced(client.clone(), ns),
-        names::WEBHOOK_TLS,
-        "not found: weft-control cannot serve the webhook",
-        REAPPLY,
-        "get secrets",
-        true,
+        Expect {
+            name: names::WEBHOOK_TLS,
+            missing: "not found: weft-control cannot serve the webhook",
+            hint: REAPPLY,
+            doing: "get secrets",
+            soft: true,
+        },
     )
     .await
-    {
-        Ok(s) => s,
-        Err(outcome) => {
-            report.push(WEBHOOK, what, outcome);
-            return;
-        }
+    else {
+        return;
     };
     let pem = secret
         .data
@@ -652,43 +666,44 @@ async fn control_pods(
     anchors: Option<&Certs>,
 ) {
     let deployment = format!("Deployment {ns}/{}", names::CONTROL);
-    match installed(
+    let Some(d) = installed(
+        report,
+        CONTROL,
+        &deployment,
         Api::<Deployment>::namespaced(client.clone(), ns),
-        names::CONTROL,
-        "not found",
-        REAPPLY,
-        "get deployments",
-        false,
+        Expect {
+            name: names::CONTROL,
+            missing: "not found",
+            hint: REAPPLY,
+            doing: "get deployments",
+            soft: false,
+        },
     )
     .await
-    {
-        Ok(d) => {
-            let want = d.spec.replicas.unwrap_or(1);
-            let ready = d
-                .status
-                .as_ref()
-                .and_then(|s| s.ready_replicas)
-                .unwrap_or(0);
-            let outcome = if ready >= want && want > 0 {
-                Ok(format!("{ready}/{want} replicas ready"))
-            } else if ready > 0 {
-                warn(
-                    format!("{ready}/{want} replicas ready"),
-                    "the pods below say why the others are not",
-                )
-            } else {
-                fail(
-                    format!("0/{want} replicas ready: no discovery, identity or injection"),
-                    "the pods below say why",
-                )
-            };
-            report.push(CONTROL, deployment, outcome);
-        }
-        Err(outcome) => {
-            report.push(CONTROL, deployment, outcome);
-            return;
-        }
-    }
+    else {
+        return;
+    };
+    let want = d.spec.replicas.unwrap_or(1);
+    let ready = d
+        .status
+        .as_ref()
+        .and_then(|s| s.ready_replicas)
+        .unwrap_or(0);
+    let outcome = if ready >= want && want > 0 {
+        Ok(format!("{ready}/{want} replicas ready"))
+    } else if ready > 0 {
+        warn(
+            format!("{ready}/{want} replicas ready"),
+            "the pods below say why the others are not",
+        )
+    } else {
+        fail(
+            format!("0/{want} replicas ready: no discovery, identity or injection"),
+            "the pods below say why",
+        )
+    };
+    report.push(CONTROL, deployment, outcome);
+
     let pods = match Api::<Pod>::namespaced(client.clone(), ns)
         .list(&ListParams::default().labels(&format!("{}={}", names::NAME_LABEL, names::CONTROL)))
         .await

@@ -16,7 +16,6 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
 use hyper::body::{Frame, Incoming};
-use hyper_util::rt::TokioIo;
 use tokio::sync::{Semaphore, watch};
 
 use crate::source::Source;
@@ -422,32 +421,10 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         lookups: Semaphore::new(8),
         taps: Arc::new(Semaphore::new(MAX_TAPS)),
     });
-    let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        // At the bound, accepting waits for a connection to close.
-        let Ok(slot) = connections.clone().acquire_owned().await else {
-            return Ok(());
-        };
-        let (stream, _) = match listener.accept().await {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!("dashboard: accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+    crate::serve::http1(listener, MAX_CONNECTIONS, "dashboard", move |req| {
         let state = state.clone();
-        tokio::spawn(async move {
-            let _slot = slot;
-            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(handle(req, &state).await) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
-        });
-    }
+        async move { handle(req, &state).await }
+    })
+    .await;
+    Ok(())
 }

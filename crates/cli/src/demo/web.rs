@@ -5,7 +5,6 @@
 //! instrumented application, it passes its request's trace context on to
 //! both calls, so a request's spans form one trace.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -14,8 +13,6 @@ use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::client::conn::http2;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
@@ -52,24 +49,15 @@ pub(crate) async fn start(listener: TcpListener, proxy: SocketAddr) -> anyhow::R
         api: Mutex::new(None),
         health: grpc::channel_via(proxy, HEALTH).await?,
     });
-    let task = tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let _ = stream.set_nodelay(true);
+    let task = tokio::spawn(crate::serve::http1(
+        listener,
+        1024,
+        "demo web",
+        move |req| {
             let deps = deps.clone();
-            tokio::spawn(async move {
-                let svc = service_fn(move |req| {
-                    let deps = deps.clone();
-                    async move { Ok::<_, Infallible>(handle(&deps, req).await) }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
+            async move { handle(&deps, req).await }
+        },
+    ));
     Ok(Web { task })
 }
 

@@ -154,11 +154,7 @@ impl Span {
         if !(self.sampled || failed || elapsed >= self.tracer.slow) {
             return;
         }
-        let path = self.uri.path();
-        let mut end = path.len().min(MAX_PATH);
-        while !path.is_char_boundary(end) {
-            end -= 1;
-        }
+        let path = crate::tap::truncate(self.uri.path(), MAX_PATH);
         let route = &*labels.dst.route;
         let name = if route == "default" {
             format!("{} {}", self.method, labels.dst.authority)
@@ -167,7 +163,7 @@ impl Span {
         };
         let mut attributes = vec![
             text("http.request.method", self.method.as_str()),
-            text("url.path", &path[..end]),
+            text("url.path", path),
             text("server.address", &*labels.dst.authority),
             text("http.route", route),
             text(
