@@ -14,7 +14,7 @@ use crate::procs::{Proc, field, spawn_until, target_dir};
 
 const AUTHORITY: &str = "bench.test:8080";
 const HOP_AUTHORITY: &str = "hop.test:8080";
-const MTLS_AUTHORITY: &str = "mtls.test:8080";
+pub(crate) const MTLS_AUTHORITY: &str = "mtls.test:8080";
 const MTLS_SERVER_ID: &str = "server.bench.weft";
 const MTLS_CLIENT_ID: &str = "client.bench.weft";
 
@@ -41,6 +41,8 @@ struct Options {
     only_trace: bool,
     /// `versus`: only weft against HAProxy with the same threads.
     only_versus: bool,
+    /// `orig-proto`: only HTTP/1.1 between meshed proxies, upgraded or not.
+    only_orig_proto: bool,
     /// `--quick`: scenario g in brief, failing only on a gross regression.
     quick: bool,
     duration: u64,
@@ -59,6 +61,7 @@ fn options(args: &[String]) -> anyhow::Result<Options> {
         only_authz: false,
         only_trace: false,
         only_versus: false,
+        only_orig_proto: false,
         quick: false,
         duration: 12,
         rounds: 3,
@@ -108,9 +111,10 @@ fn options(args: &[String]) -> anyhow::Result<Options> {
                 Some("authz") => o.only_authz = true,
                 Some("trace") => o.only_trace = true,
                 Some("versus") => o.only_versus = true,
+                Some("orig-proto") => o.only_orig_proto = true,
                 other => {
                     bail!(
-                        "--only {other:?}: the partial runs are fan-out, policy, authz, trace, versus and hosts"
+                        "--only {other:?}: the partial runs are fan-out, policy, authz, trace, versus, orig-proto and hosts"
                     )
                 }
             },
@@ -197,6 +201,8 @@ struct Report {
     hosts: crate::hosts::Hosts,
     /// weft against HAProxy with the same threads.
     versus: crate::versus::Versus,
+    /// HTTP/1.1 between meshed proxies, upgraded to HTTP/2 or not.
+    orig_proto: crate::origproto::OrigProto,
     targets: Vec<Target>,
     /// The same measures for the peer, to read the targets against.
     references: Vec<Reference>,
@@ -224,6 +230,25 @@ pub(crate) struct Mtls {
     pub(crate) inbound: Proc,
     pub(crate) inbound_addr: SocketAddr,
     pub(crate) ca_dir: PathBuf,
+    /// The client side's environment, for more outbound proxies.
+    client_env: Vec<(&'static str, String)>,
+}
+
+impl Mtls {
+    /// Another client-side proxy with `extra` settings, ready to route
+    /// `MTLS_AUTHORITY`: the process, its outbound and admin addresses.
+    pub(crate) fn outbound_with(
+        &self,
+        extra: &[(&'static str, String)],
+    ) -> anyhow::Result<(Proc, SocketAddr, SocketAddr)> {
+        let proxy = target_dir()?.join("release/weft-proxy");
+        let mut env = self.client_env.clone();
+        env.extend_from_slice(extra);
+        let (proc, line) = spawn_proxy(&proxy, &env)?;
+        let outbound = field(&line, "outbound")?;
+        wait_mtls_route(outbound)?;
+        Ok((proc, outbound, field(&line, "admin")?))
+    }
 }
 
 fn run_ok(mut cmd: Command, what: &str) -> anyhow::Result<String> {
@@ -283,7 +308,8 @@ pub(crate) fn start_mtls(dir: &Path, backend: SocketAddr) -> anyhow::Result<Mtls
             "destinations:\n  \"{MTLS_AUTHORITY}\":\n    endpoints:\n      - addr: {inbound_addr}\n        identity: {MTLS_SERVER_ID}\n"
         ),
     )?;
-    let (outbound, outbound_addr, _) = start_proxy(&proxy, &meshed(MTLS_CLIENT_ID)?)?;
+    let client_env = meshed(MTLS_CLIENT_ID)?;
+    let (outbound, outbound_addr, _) = start_proxy(&proxy, &client_env)?;
     // Certified and the route known before any measured request.
     wait_mtls_route(outbound_addr)?;
     Ok(Mtls {
@@ -293,6 +319,7 @@ pub(crate) fn start_mtls(dir: &Path, backend: SocketAddr) -> anyhow::Result<Mtls
         inbound,
         inbound_addr,
         ca_dir,
+        client_env,
     })
 }
 
@@ -327,6 +354,12 @@ pub(crate) fn start_proxy(
     bin: &Path,
     env: &[(&str, String)],
 ) -> anyhow::Result<(Proc, SocketAddr, SocketAddr)> {
+    let (proc, line) = spawn_proxy(bin, env)?;
+    Ok((proc, field(&line, "outbound")?, field(&line, "inbound")?))
+}
+
+/// A proxy on free ports, and its `listening` line (every address).
+fn spawn_proxy(bin: &Path, env: &[(&str, String)]) -> anyhow::Result<(Proc, String)> {
     let mut cmd = weft_test_support::process::std_command(bin);
     cmd.env_clear()
         .env("WEFT_PROXY_OUTBOUND_LISTEN", "127.0.0.1:0")
@@ -336,8 +369,7 @@ pub(crate) fn start_proxy(
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let (proc, line) = spawn_until("weft-proxy", cmd, " listening ", true)?;
-    Ok((proc, field(&line, "outbound")?, field(&line, "inbound")?))
+    spawn_until("weft-proxy", cmd, " listening ", true)
 }
 
 /// The release `weft-test-backend` on a free port, and its address.
@@ -530,6 +562,17 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
         if (opts.quick || opts.strict) && v.targets.iter().any(|t| !t.pass) {
             bail!("a performance target was missed");
         }
+        return Ok(());
+    }
+    if opts.only_orig_proto {
+        let o = crate::origproto::run(&dir, (opts.duration / opts.rounds).max(2), opts.rounds)?;
+        print!(
+            "{}{}",
+            crate::origproto::table(&o),
+            verdicts(&o.targets, &o.references)
+        );
+        println!("{}", serde_json::to_string_pretty(&o)?);
+        let _ = std::fs::remove_dir_all(&dir);
         return Ok(());
     }
     if opts.only_hosts {
@@ -759,6 +802,12 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     targets.extend(t);
     references.extend(r);
 
+    eprintln!("bench: HTTP/1.1 between meshed proxies, over HTTP/2 or not");
+    let mut orig_proto =
+        crate::origproto::run(&dir, (opts.duration / opts.rounds).max(2), opts.rounds)?;
+    targets.append(&mut orig_proto.targets);
+    references.append(&mut orig_proto.references);
+
     eprintln!("bench: weft against HAProxy with the same threads");
     let mut versus = crate::versus::run(
         &dir,
@@ -798,6 +847,7 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
         policy,
         hosts,
         versus,
+        orig_proto,
         targets,
         references,
     };
@@ -867,6 +917,7 @@ fn table(r: &Report) -> String {
     out.push_str(&policy_table(&r.policy));
     out.push_str(&crate::hosts::table(&r.hosts));
     out.push_str(&crate::versus::table(&r.versus));
+    out.push_str(&crate::origproto::table(&r.orig_proto));
     out.push_str(&verdicts(&r.targets, &r.references));
     out
 }

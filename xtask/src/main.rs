@@ -3,6 +3,7 @@
 mod bench;
 mod hosts;
 mod mesh;
+mod origproto;
 mod policy;
 mod procs;
 mod versus;
@@ -11,7 +12,7 @@ use std::process::Command;
 
 use anyhow::{Context, bail};
 
-const USAGE: &str = "usage: cargo xtask <demo [weft demo flags] | bench [--duration SECS] [--rounds N] [--watchers N] [--services N] [--only fan-out|policy|authz|trace|hosts] [--out FILE] [--strict]>";
+const USAGE: &str = "usage: cargo xtask <demo [weft demo flags] | bench [--duration SECS] [--rounds N] [--watchers N] [--services N] [--only fan-out|policy|authz|trace|hosts|versus|orig-proto] [--quick] [--out FILE] [--strict]>";
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);

@@ -170,7 +170,7 @@ impl Row {
     }
 }
 
-fn spread(values: impl Iterator<Item = f64>) -> (f64, f64) {
+pub(crate) fn spread(values: impl Iterator<Item = f64>) -> (f64, f64) {
     values.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
         (lo.min(v), hi.max(v))
     })

@@ -289,12 +289,16 @@ fn weighted_addr(e: &Endpoint) -> WeightedAddr {
             },
         )),
     });
-    // A meshed endpoint is a weft proxy, whose inbound side accepts HTTP/2
-    // whatever the application speaks.
-    let protocol_hint = e.identity.as_ref().map(|_| ProtocolHint {
-        protocol: Some(protocol_hint::Protocol::H2(protocol_hint::H2 {})),
-        opaque_transport: None,
-    });
+    // A meshed endpoint is a proxy, whose inbound side accepts HTTP/2
+    // (HTTP/1 carried with `l5d-orig-proto`) whatever the application
+    // speaks.
+    let protocol_hint = match weft_destinations::ProtocolHint::of_identity(e.identity.as_ref()) {
+        weft_destinations::ProtocolHint::Http2 => Some(ProtocolHint {
+            protocol: Some(protocol_hint::Protocol::H2(protocol_hint::H2 {})),
+            opaque_transport: None,
+        }),
+        weft_destinations::ProtocolHint::Unknown => None,
+    };
     WeightedAddr {
         addr: Some(e.addr.into()),
         weight: e.weight.get(),

@@ -58,6 +58,32 @@ pub struct EndpointSpec {
     /// The identity the endpoint's proxy proves with its certificate. When
     /// set, clients open mutual TLS to it and require exactly this name.
     pub identity: Option<Name>,
+    /// What the endpoint accepts beyond what its application speaks.
+    pub hint: ProtocolHint,
+}
+
+/// Discovery's protocol hint for an endpoint (the Destination API's
+/// `ProtocolHint`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum ProtocolHint {
+    /// Nothing known: requests go as the client sent them.
+    #[default]
+    Unknown,
+    /// A meshed proxy, whose inbound side takes HTTP/2 whatever the
+    /// application behind it speaks: HTTP/1 requests may be carried to it
+    /// over HTTP/2 (`l5d-orig-proto`) and restored there.
+    Http2,
+}
+
+impl ProtocolHint {
+    /// The hint for an endpoint named in a destinations file or by
+    /// weft-control: one with an identity is reached through its proxy.
+    pub fn of_identity(identity: Option<&Name>) -> Self {
+        match identity {
+            Some(_) => Self::Http2,
+            None => Self::Unknown,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -163,6 +189,7 @@ impl Destinations {
                 endpoints.push(EndpointSpec {
                     addr,
                     weight,
+                    hint: ProtocolHint::of_identity(identity.as_ref()),
                     identity,
                 });
             }

@@ -49,6 +49,7 @@ pub const ENV_METRICS_MAX_AUTHORITIES: &str = "WEFT_PROXY_METRICS_MAX_AUTHORITIE
 pub const ENV_WORKLOADS: &str = "WEFT_PROXY_WORKLOADS";
 pub const ENV_UPGRADE_TIMEOUT: &str = "WEFT_PROXY_UPGRADE_TIMEOUT";
 pub const ENV_REUSE_PORT: &str = "WEFT_PROXY_REUSE_PORT";
+pub const ENV_ORIG_PROTO: &str = "WEFT_PROXY_ORIG_PROTO";
 pub const ENV_TRACE_COLLECTOR: &str = "WEFT_PROXY_TRACE_COLLECTOR";
 pub const ENV_TRACE_SAMPLE: &str = "WEFT_PROXY_TRACE_SAMPLE";
 pub const ENV_TRACE_SLOW: &str = "WEFT_PROXY_TRACE_SLOW";
@@ -94,6 +95,9 @@ pub struct Config {
     /// Bind the traffic listeners with SO_REUSEPORT, so a second proxy can
     /// share the ports (the rolling alternative to SIGUSR2).
     pub reuse_port: bool,
+    /// Carry outbound HTTP/1 requests to meshed proxies over HTTP/2
+    /// (`l5d-orig-proto`), multiplexed on one connection per endpoint.
+    pub orig_proto: bool,
     /// The control plane: destinations come from it instead of the file,
     /// and certificates, when an identity is configured.
     pub control: Option<ControlConfig>,
@@ -376,6 +380,9 @@ impl Config {
                 .unwrap_or_default(),
             reuse_port: p
                 .parse(ENV_REUSE_PORT, "false", parse_bool)
+                .unwrap_or_default(),
+            orig_proto: p
+                .parse(ENV_ORIG_PROTO, "true", parse_bool)
                 .unwrap_or_default(),
             control: None,
             identity: None,

@@ -14,11 +14,13 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use linkerd2_proxy_api::destination::destination_client::DestinationClient;
-use linkerd2_proxy_api::destination::{GetDestination, WeightedAddr, tls_identity, update};
+use linkerd2_proxy_api::destination::{
+    GetDestination, WeightedAddr, protocol_hint, tls_identity, update,
+};
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
 use weft_channel::{ChannelError, ClientTls, CurrentCert};
-use weft_destinations::EndpointSpec;
+use weft_destinations::{EndpointSpec, ProtocolHint};
 use weft_detect::Authority;
 use weft_identity::Name;
 
@@ -313,8 +315,13 @@ fn spec(a: WeightedAddr) -> Option<EndpointSpec> {
             }
         }
     });
+    let hint = match a.protocol_hint.and_then(|h| h.protocol) {
+        Some(protocol_hint::Protocol::H2(_)) => ProtocolHint::Http2,
+        _ => ProtocolHint::Unknown,
+    };
     Some(EndpointSpec {
         addr,
+        hint,
         // Weight 0 would take an endpoint out of rotation without removing
         // it; the API means "unweighted".
         weight: NonZeroU32::new(a.weight).unwrap_or(NonZeroU32::MIN),

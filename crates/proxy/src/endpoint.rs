@@ -23,6 +23,7 @@ use crate::http::ReqBody;
 use crate::io::{CountingIo, UpstreamIo};
 use crate::metrics::{Direction, Peer, TcpMetrics, TlsLabel};
 use crate::tls::Tls;
+use weft_destinations::ProtocolHint;
 use weft_identity::Name;
 
 /// Idle HTTP/1.1 connections older than this are closed rather than reused:
@@ -85,6 +86,9 @@ pub struct EndpointSettings {
     pub limits: Arc<crate::config::Limits>,
     /// Per-node mode: the workload whose router this is, for metrics.
     pub workload: Option<Arc<str>>,
+    /// Whether HTTP/1 requests to an endpoint hinted HTTP/2 (a meshed
+    /// proxy) travel over HTTP/2 with `l5d-orig-proto`.
+    pub orig_proto_upgrade: bool,
 }
 
 /// Connects to one fixed address, over mutual TLS when the endpoint is
@@ -165,6 +169,9 @@ pub struct Endpoint {
     pub identity: Option<Name>,
     /// Metric labels for requests sent here, rendered once.
     pub tls_label: TlsLabel,
+    /// HTTP/1 requests go to this endpoint over its HTTP/2 connection, as
+    /// `l5d-orig-proto` upgrades: it is a meshed proxy that restores them.
+    pub upgrade_http1: bool,
     pub load: Arc<Load>,
     pub connector: Connector,
     http1: Mutex<Vec<Pooled>>,
@@ -208,7 +215,12 @@ pub enum Sender {
 }
 
 impl Endpoint {
-    pub fn new(addr: SocketAddr, identity: Option<Name>, settings: &EndpointSettings) -> Self {
+    pub fn new(
+        addr: SocketAddr,
+        identity: Option<Name>,
+        hint: ProtocolHint,
+        settings: &EndpointSettings,
+    ) -> Self {
         let tls = match (&settings.tls, &identity) {
             (Some(tls), Some(id)) => Some((tls.clone(), id.clone())),
             _ => None,
@@ -223,6 +235,7 @@ impl Endpoint {
             addr,
             identity,
             tls_label,
+            upgrade_http1: settings.orig_proto_upgrade && hint == ProtocolHint::Http2,
             load: Arc::new(Load::new(PeakEwmaConfig::default())),
             connector: Connector {
                 addr,

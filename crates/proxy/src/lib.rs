@@ -232,6 +232,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         tls,
         limits: limits.clone(),
         workload,
+        orig_proto_upgrade: config.orig_proto,
     };
     let max_authorities = config.limits.metrics_max_authorities;
     let outbound_labels = Arc::new(metrics::AuthorityLabels::new(

@@ -25,6 +25,7 @@ path, hands it the listeners and drains once it is ready.
   WEFT_PROXY_WORKLOADS         per-node mode: YAML file of local workloads and identities
   WEFT_PROXY_UPGRADE_TIMEOUT   how long a process started by SIGUSR2 has to get ready (30s)
   WEFT_PROXY_REUSE_PORT        SO_REUSEPORT on the traffic listeners (default false)
+  WEFT_PROXY_ORIG_PROTO        HTTP/1 to meshed proxies carried over HTTP/2 (default true)
   WEFT_PROXY_CONTROL_ADDR, _TRUST_ANCHORS, _CONTROL_NAME (weft-control.weft.local),
   _IDENTITY_NAME, _IDENTITY_TOKEN_FILE, _REGISTER, _REGISTER_ADDR, _ETCD,
   _INBOUND_AUTHORITIES: the mesh (see README)

@@ -18,7 +18,7 @@ use tokio::sync::OnceCell;
 use weft_identity::Name;
 
 use crate::control::Control;
-use crate::destinations::{Destinations, EndpointSpec, Policy};
+use crate::destinations::{Destinations, EndpointSpec, Policy, ProtocolHint};
 use crate::endpoint::{Endpoint, EndpointSettings};
 use crate::metrics::AuthorityLabels;
 
@@ -210,7 +210,7 @@ fn is_grpc_method(path: &str) -> bool {
 /// Draws the balancer makes to find an endpoint not in connect backoff.
 const PICKS_PAST_FAILING: usize = 4;
 
-type EndpointKey = (SocketAddr, Option<Name>);
+type EndpointKey = (SocketAddr, Option<Name>, ProtocolHint);
 
 #[derive(Debug)]
 pub struct Router {
@@ -380,16 +380,21 @@ impl Router {
             .collect()
     }
 
-    fn endpoint(&self, addr: SocketAddr, identity: Option<&Name>) -> Arc<Endpoint> {
+    fn endpoint(
+        &self,
+        addr: SocketAddr,
+        identity: Option<&Name>,
+        hint: ProtocolHint,
+    ) -> Arc<Endpoint> {
         let mut eps = match self.endpoints.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         };
-        let key = (addr, identity.cloned());
+        let key = (addr, identity.cloned(), hint);
         if let Some(e) = eps.get(&key).and_then(Weak::upgrade) {
             return e;
         }
-        let e = Arc::new(Endpoint::new(addr, identity.cloned(), &self.settings));
+        let e = Arc::new(Endpoint::new(addr, identity.cloned(), hint, &self.settings));
         eps.insert(key, Arc::downgrade(&e));
         e
     }
@@ -398,7 +403,7 @@ impl Router {
         let items: Vec<_> = specs
             .iter()
             .map(|s| {
-                let e = self.endpoint(s.addr, s.identity.as_ref());
+                let e = self.endpoint(s.addr, s.identity.as_ref(), s.hint);
                 let load = e.load.clone();
                 (e, load, s.weight.get())
             })
@@ -408,7 +413,7 @@ impl Router {
     }
 
     fn single(&self, addr: SocketAddr) -> Set<Arc<Endpoint>> {
-        let e = self.endpoint(addr, None);
+        let e = self.endpoint(addr, None, ProtocolHint::Unknown);
         let load = e.load.clone();
         Set::new([(e, load, 1)]).unwrap_or_else(|_| Set::empty())
     }
@@ -626,6 +631,7 @@ impl Router {
                 addr,
                 weight: std::num::NonZeroU32::MIN,
                 identity: None,
+                hint: ProtocolHint::Unknown,
             })
             .collect();
         Ok(self.build_set(&specs))

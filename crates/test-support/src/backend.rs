@@ -8,6 +8,7 @@
 //! - `/bytes/N`: stream N bytes
 //! - `/trailers`: a body followed by trailers (`x-trailer: yes`)
 //! - `/headers`: the request headers, one `name: value` per line
+//! - `/version`: the request's HTTP version (`HTTP/1.1`, `HTTP/2.0`)
 //! - `/upgrade`: 101 Switching Protocols to `Upgrade: echo`, then echo bytes
 //! - anything else: the backend's name
 //!
@@ -304,6 +305,7 @@ async fn respond(name: &str, mut req: Request<Incoming>) -> Response<Body> {
                 .insert(http::header::TRAILER, HeaderValue::from_static("x-trailer"));
             rsp
         }
+        "version" => reply(name, StatusCode::OK, full(format!("{:?}", req.version()))),
         "headers" => {
             let mut out = String::new();
             for (k, v) in req.headers() {

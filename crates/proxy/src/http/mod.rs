@@ -4,6 +4,7 @@
 mod body;
 mod error;
 mod headers;
+mod orig_proto;
 mod replay;
 
 use std::convert::Infallible;
@@ -56,6 +57,15 @@ const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(1);
 pub enum HttpVersion {
     Http1,
     Http2,
+}
+
+/// How a request goes upstream: in `version`, or, when `may_upgrade` and
+/// the endpoint picked is a meshed proxy, as HTTP/1 carried over HTTP/2
+/// (`orig_proto`).
+#[derive(Clone, Copy, Debug)]
+struct Wire {
+    version: HttpVersion,
+    may_upgrade: bool,
 }
 
 /// Draining, an HTTP/1 connection with no request for this long is closed
@@ -480,6 +490,21 @@ impl HttpContext {
         }
 
         let upgrade = is_upgrade(&req);
+        // Inbound: an HTTP/1 request a meshed proxy carried over HTTP/2
+        // goes to the application as HTTP/1.1 again.
+        let downgraded = self.direction == Direction::inbound
+            && self.version == HttpVersion::Http2
+            && orig_proto::downgrade(req.headers_mut());
+        let wire = Wire {
+            version: if downgraded {
+                HttpVersion::Http1
+            } else {
+                self.version
+            },
+            may_upgrade: self.direction == Direction::outbound
+                && self.version == HttpVersion::Http1
+                && !upgrade,
+        };
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         strip_hop_by_hop(req.headers_mut(), upgrade);
         // The proxy has already agreed to read the body (hyper sent the
@@ -502,7 +527,7 @@ impl HttpContext {
         // A percentile needs the destination's recent latencies.
         let record_latency = matches!(hedge, Some(Hedge::Percentile(_)));
         let deadline = timeout.map(|t| (t, tokio::time::Instant::from_std(start) + t));
-        if let Err(e) = self.prepare_uri(&mut req, authority) {
+        if let Err(e) = self.prepare_uri(&mut req, authority, wire.version) {
             return self.fail(tapped, label, e, grpc, start, self.tls_for(None));
         }
         let response_timeout = self.response_timeout(&req, grpc);
@@ -562,11 +587,11 @@ impl HttpContext {
             };
             let outcome = match hedge {
                 Some(h) => {
-                    self.hedged(&target, req, h, deadline, response_timeout)
+                    self.hedged(&target, req, h, deadline, response_timeout, wire)
                         .await
                 }
                 None => {
-                    self.attempt(&target, req, deadline, response_timeout, &tried)
+                    self.attempt(&target, req, deadline, response_timeout, &tried, wire)
                         .await
                 }
             };
@@ -660,6 +685,9 @@ impl HttpContext {
             });
         }
         strip_hop_by_hop(rsp.headers_mut(), upgraded);
+        if downgraded {
+            orig_proto::mark_response(&mut rsp);
+        }
 
         let labels = ResponseLabels {
             direction: self.direction,
@@ -689,10 +717,11 @@ impl HttpContext {
     async fn attempt(
         &self,
         target: &Target,
-        req: Request<ReqBody>,
+        mut req: Request<ReqBody>,
         deadline: Option<(Duration, tokio::time::Instant)>,
         response_timeout: Option<Duration>,
         tried: &[SocketAddr],
+        wire: Wire,
     ) -> Result<(Arc<Endpoint>, crate::endpoint::InFlight, Response<Incoming>), Failed> {
         let timed_out = |endpoint: Option<Arc<Endpoint>>| Failed {
             error: ProxyError::Timeout(deadline.map(|(t, _)| t).unwrap_or_default()),
@@ -702,7 +731,7 @@ impl HttpContext {
         let attempts = CONNECT_ATTEMPTS.min(target.len().max(1));
         let mut avoid = tried.to_vec();
         let mut attempt = 0;
-        let (endpoint, mut in_flight, sender) = loop {
+        let (endpoint, mut in_flight, sender, upgraded) = loop {
             attempt += 1;
             let Some((endpoint, load)) = target.pick_excluding(&avoid) else {
                 return Err(Failed {
@@ -735,17 +764,25 @@ impl HttpContext {
                     });
                 }
             };
+            // Decided per endpoint: an HTTP/1 request to a meshed proxy
+            // rides its HTTP/2 connection.
+            let upgrade_to = match wire.version {
+                HttpVersion::Http1 if wire.may_upgrade && endpoint.upgrade_http1 => {
+                    orig_proto::h2_uri(&req)
+                }
+                _ => None,
+            };
             let connect = async {
-                match self.version {
-                    HttpVersion::Http1 => endpoint.http1().await,
-                    HttpVersion::Http2 => endpoint.http2().await,
+                match (wire.version, &upgrade_to) {
+                    (HttpVersion::Http1, None) => endpoint.http1().await,
+                    _ => endpoint.http2().await,
                 }
             };
             let Some(connected) = within(deadline, connect).await else {
                 return Err(timed_out(Some(endpoint)));
             };
             match connected {
-                Ok(sender) => break (endpoint, in_flight, sender),
+                Ok(sender) => break (endpoint, in_flight, sender, upgrade_to),
                 Err(e) => {
                     let mut in_flight = in_flight;
                     in_flight.pending.observe_failure();
@@ -763,6 +800,13 @@ impl HttpContext {
         };
         // The deadline: dropping the send on expiry cancels the upstream
         // request (stream reset, or the HTTP/1 connection closed).
+        let upgraded = match upgraded {
+            Some(uri) => {
+                orig_proto::upgrade(&mut req, uri);
+                true
+            }
+            None => false,
+        };
         let sent = within(deadline, endpoint.send(sender, req));
         let sent = match response_timeout {
             Some(t) => match tokio::time::timeout(t, sent).await {
@@ -789,7 +833,12 @@ impl HttpContext {
             return Err(timed_out(Some(endpoint)));
         };
         match sent {
-            Ok(rsp) => Ok((endpoint, in_flight, rsp)),
+            Ok(mut rsp) => {
+                if upgraded {
+                    orig_proto::restore_response(&mut rsp);
+                }
+                Ok((endpoint, in_flight, rsp))
+            }
             Err(e) => {
                 let (error, kind) = match &e {
                     SendError::Connect(c) => {
@@ -831,8 +880,9 @@ impl HttpContext {
         h: HedgeWith<'_>,
         deadline: Option<(Duration, tokio::time::Instant)>,
         response_timeout: Option<Duration>,
+        wire: Wire,
     ) -> Result<(Arc<Endpoint>, crate::endpoint::InFlight, Response<Incoming>), Failed> {
-        let first = self.attempt(target, req, deadline, response_timeout, &[]);
+        let first = self.attempt(target, req, deadline, response_timeout, &[], wire);
         tokio::pin!(first);
         tokio::select! {
             r = &mut first => return r,
@@ -849,7 +899,7 @@ impl HttpContext {
         let mut req = Request::from_parts(copy_parts(h.parts), ReqBody::Replay(body));
         req.headers_mut()
             .insert(RETRY_ATTEMPT_HEADER, http::HeaderValue::from(2u32));
-        let second = self.attempt(target, req, deadline, response_timeout, &[]);
+        let second = self.attempt(target, req, deadline, response_timeout, &[], wire);
         tokio::pin!(second);
         tokio::select! {
             r = &mut first => match r {
@@ -953,8 +1003,9 @@ impl HttpContext {
         &self,
         req: &mut Request<Incoming>,
         authority: &Authority,
+        version: HttpVersion,
     ) -> Result<(), ProxyError> {
-        match self.version {
+        match version {
             HttpVersion::Http1 => {
                 // An absolute-form target names the authority, and Host
                 // must say the same (RFC 9112 §3.2.2): the upstream sees
