@@ -2,6 +2,7 @@
 
 mod bench;
 mod hosts;
+mod idle;
 mod mesh;
 mod origproto;
 mod policy;
@@ -12,7 +13,7 @@ use std::process::Command;
 
 use anyhow::{Context, bail};
 
-const USAGE: &str = "usage: cargo xtask <demo [weft demo flags] | bench [--duration SECS] [--rounds N] [--watchers N] [--services N] [--only fan-out|policy|authz|trace|hosts|versus|orig-proto] [--quick] [--out FILE] [--strict]>";
+const USAGE: &str = "usage: cargo xtask <demo [weft demo flags] | bench [--duration SECS] [--rounds N] [--watchers N] [--services N] [--only fan-out|policy|authz|trace|hosts|versus|orig-proto|idle] [--quick] [--out FILE] [--strict]>";
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);

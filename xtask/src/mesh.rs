@@ -119,7 +119,41 @@ pub(crate) struct FanOut {
     /// watcher receiving the update, in milliseconds.
     pub(crate) change_to_all_ms: Vec<f64>,
     pub(crate) control_rss_bytes: u64,
+    /// weft-control's RSS with the services loaded and no stream open.
+    pub(crate) control_rss_before_bytes: u64,
+    /// (RSS with every stream open − RSS before) / streams.
+    pub(crate) bytes_per_stream: f64,
     pub(crate) control_cpu_s: f64,
+}
+
+/// One endpoint change must reach every watcher within this (worst of
+/// the changes).
+const MAX_FAN_OUT_MS: f64 = 20.0;
+/// What an open `Get` stream may cost the control plane.
+const MAX_BYTES_PER_STREAM: f64 = 2048.0;
+
+pub(crate) fn fan_out_targets(f: &FanOut) -> Vec<crate::bench::Target> {
+    let worst = f.change_to_all_ms.iter().copied().fold(0.0_f64, f64::max);
+    vec![
+        crate::bench::Target {
+            name: format!(
+                "one endpoint change reaches all {} watchers (worst of {})",
+                f.watchers,
+                f.change_to_all_ms.len()
+            ),
+            measured: worst,
+            limit: MAX_FAN_OUT_MS,
+            unit: "ms",
+            pass: worst <= MAX_FAN_OUT_MS,
+        },
+        crate::bench::Target {
+            name: format!("control-plane memory per Get stream, {} streams", f.streams),
+            measured: f.bytes_per_stream,
+            limit: MAX_BYTES_PER_STREAM,
+            unit: "bytes",
+            pass: f.bytes_per_stream <= MAX_BYTES_PER_STREAM,
+        },
+    ]
 }
 
 /// A key put through etcd's JSON gateway (keys and values base64).
@@ -209,6 +243,10 @@ pub(crate) fn fan_out(
         &weft_channel::DEFAULT_NAME.parse()?,
         None,
     )?;
+    // The services are loaded once the control plane answers: let it
+    // settle, then call that the baseline.
+    std::thread::sleep(Duration::from_millis(500));
+    let rss_before = control.rss_bytes();
     runtime.block_on(async {
         let setup_started = Instant::now();
         let (first_tx, mut first_rx) = tokio::sync::mpsc::channel::<()>(watchers * services);
@@ -246,6 +284,7 @@ pub(crate) fn fan_out(
                 .context("streams never all answered")?;
         }
         let setup_s = setup_started.elapsed().as_secs_f64();
+        let rss_streams = control.rss_bytes();
         let cpu_before = control.cpu_seconds();
         let mut change_to_all_ms = Vec::new();
         for c in 0..changes {
@@ -274,6 +313,9 @@ pub(crate) fn fan_out(
             setup_s,
             change_to_all_ms,
             control_rss_bytes: control.rss_bytes(),
+            control_rss_before_bytes: rss_before,
+            bytes_per_stream: rss_streams.saturating_sub(rss_before) as f64
+                / (watchers * services) as f64,
             control_cpu_s: control.cpu_seconds() - cpu_before,
         })
     })

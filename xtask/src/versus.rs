@@ -187,8 +187,11 @@ pub(crate) struct Versus {
     pub(crate) references: Vec<Reference>,
 }
 
+/// HAProxy's connection limit in the throughput runs.
+pub(crate) const HAPROXY_MAXCONN: usize = 4096;
+
 fn haproxy(dir: &Path, threads: usize, backend: SocketAddr) -> anyhow::Result<Contender> {
-    let (proc, h1, h2) = start_haproxy(dir, Some(threads), backend)?;
+    let (proc, h1, h2) = start_haproxy(dir, Some(threads), HAPROXY_MAXCONN, backend)?;
     std::thread::sleep(std::time::Duration::from_millis(300));
     let idle_rss = proc.rss_bytes();
     Ok(Contender {
@@ -203,10 +206,12 @@ fn haproxy(dir: &Path, threads: usize, backend: SocketAddr) -> anyhow::Result<Co
 }
 
 /// HAProxy with an HTTP/1.1 and an h2c frontend to `backend`, with
-/// `threads` threads or its default (one per CPU).
+/// `threads` threads or its default (one per CPU), accepting up to
+/// `maxconn` connections.
 pub(crate) fn start_haproxy(
     dir: &Path,
     threads: Option<usize>,
+    maxconn: usize,
     backend: SocketAddr,
 ) -> anyhow::Result<(Proc, SocketAddr, SocketAddr)> {
     let (h1, h2) = (free_port()?, free_port()?);
@@ -215,7 +220,7 @@ pub(crate) fn start_haproxy(
     std::fs::write(
         &cfg,
         format!(
-            "global\n{nbthread}  maxconn 4096\n\n\
+            "global\n{nbthread}  maxconn {maxconn}\n\n\
              defaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\n\
              frontend h1\n  bind {h1}\n  default_backend be_h1\n\n\
              frontend h2\n  bind {h2} proto h2\n  default_backend be_h2\n\n\

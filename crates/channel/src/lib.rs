@@ -11,6 +11,7 @@
 //! each API decides what an anonymous caller may do.
 
 mod client;
+pub mod codec;
 mod server;
 
 use std::path::Path;

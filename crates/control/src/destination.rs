@@ -14,7 +14,9 @@ use linkerd2_proxy_api::destination::{
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+use tonic::codegen::{Body, BoxFuture, Context, Poll, Service, StdError, http};
 use tonic::{Request, Response, Status};
+use weft_channel::codec::Lean;
 use weft_detect::Authority;
 
 use crate::clients::{ClientSlot, Clients};
@@ -35,6 +37,81 @@ impl DestinationService {
             discovery,
             metrics,
             clients: Clients::new(max_per_client),
+        }
+    }
+}
+
+/// The Destination service as tonic serves it, but with
+/// [`weft_channel::codec::Lean`] buffers: the generated server gives each
+/// stream an 8 KiB encode buffer for its whole life, most of what an idle
+/// `Get` stream costs.
+#[derive(Clone)]
+pub struct DestinationServer(Arc<DestinationService>);
+
+impl DestinationServer {
+    pub fn new(service: DestinationService) -> Self {
+        Self(Arc::new(service))
+    }
+}
+
+impl tonic::server::NamedService for DestinationServer {
+    const NAME: &'static str = "io.linkerd.proxy.destination.Destination";
+}
+
+const GET: &str = "/io.linkerd.proxy.destination.Destination/Get";
+const GET_PROFILE: &str = "/io.linkerd.proxy.destination.Destination/GetProfile";
+
+struct GetSvc(Arc<DestinationService>);
+
+impl tonic::server::ServerStreamingService<GetDestination> for GetSvc {
+    type Response = Update;
+    type ResponseStream = UpdateStream;
+    type Future = BoxFuture<Response<UpdateStream>, Status>;
+
+    fn call(&mut self, request: Request<GetDestination>) -> Self::Future {
+        let inner = self.0.clone();
+        Box::pin(async move { inner.get(request).await })
+    }
+}
+
+struct GetProfileSvc(Arc<DestinationService>);
+
+impl tonic::server::ServerStreamingService<GetDestination> for GetProfileSvc {
+    type Response = DestinationProfile;
+    type ResponseStream = ProfileStream;
+    type Future = BoxFuture<Response<ProfileStream>, Status>;
+
+    fn call(&mut self, request: Request<GetDestination>) -> Self::Future {
+        let inner = self.0.clone();
+        Box::pin(async move { inner.get_profile(request).await })
+    }
+}
+
+impl<B> Service<http::Request<B>> for DestinationServer
+where
+    B: Body + Send + 'static,
+    B::Error: Into<StdError> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let inner = self.0.clone();
+        match req.uri().path() {
+            GET => Box::pin(async move {
+                let mut grpc = tonic::server::Grpc::new(Lean::default());
+                Ok(grpc.server_streaming(GetSvc(inner), req).await)
+            }),
+            GET_PROFILE => Box::pin(async move {
+                let mut grpc = tonic::server::Grpc::new(Lean::default());
+                Ok(grpc.server_streaming(GetProfileSvc(inner), req).await)
+            }),
+            _ => Box::pin(async move { Ok(Status::unimplemented("no such method").into_http()) }),
         }
     }
 }
@@ -210,33 +287,42 @@ fn profile(authority: &Authority, resolution: &Resolution) -> DestinationProfile
 /// What one `Get` stream has told its client, and so what to tell it next.
 #[derive(Default)]
 pub(crate) struct Diff {
-    /// `None` until the first message: every stream starts with one.
-    sent: Option<(bool, BTreeMap<SocketAddr, Endpoint>)>,
+    /// `None` until the first message: every stream starts with one. The
+    /// answer it was built from, shared with discovery and every other
+    /// stream of the name, never a copy of it.
+    sent: Option<Resolution>,
+}
+
+/// Whether the name exists, and its endpoints.
+fn endpoints_of(resolution: &Resolution) -> (bool, Option<&BTreeMap<SocketAddr, Endpoint>>) {
+    match resolution {
+        Resolution::Pending | Resolution::Unknown => (false, None),
+        Resolution::Known(s) => (true, Some(&s.endpoints)),
+    }
 }
 
 impl Diff {
     /// The messages that bring the client from what it was told to
     /// `resolution`. The first call always yields at least one message.
     pub(crate) fn next(&mut self, resolution: &Resolution) -> Vec<Update> {
-        let (known, next) = match resolution {
-            // Nothing to say until discovery has an answer.
-            Resolution::Pending => return Vec::new(),
-            Resolution::Unknown => (false, BTreeMap::new()),
-            Resolution::Known(s) => (true, s.endpoints.clone()),
-        };
+        // Nothing to say until discovery has an answer.
+        if *resolution == Resolution::Pending {
+            return Vec::new();
+        }
+        let (known, next) = endpoints_of(resolution);
+        let next_len = next.map_or(0, BTreeMap::len);
         let mut out = Vec::new();
-        match self.sent.take() {
-            None => {
-                if next.is_empty() {
-                    out.push(no_endpoints(known));
-                } else {
-                    out.push(add(next.values()));
-                }
-            }
-            Some((was_known, prev)) => {
+        match &self.sent {
+            None => match next {
+                Some(next) if !next.is_empty() => out.push(add(next.values())),
+                _ => out.push(no_endpoints(known)),
+            },
+            Some(sent) => {
+                let (was_known, prev) = endpoints_of(sent);
                 let removed: Vec<_> = prev
-                    .keys()
-                    .filter(|a| !next.contains_key(a))
+                    .into_iter()
+                    .flat_map(BTreeMap::keys)
+                    .filter(|a| !next.is_some_and(|n| n.contains_key(a)))
                     .map(|a| (*a).into())
                     .collect();
                 if !removed.is_empty() {
@@ -245,20 +331,22 @@ impl Diff {
                     });
                 }
                 let changed: Vec<&Endpoint> = next
-                    .values()
-                    .filter(|e| prev.get(&e.addr) != Some(e))
+                    .into_iter()
+                    .flat_map(BTreeMap::values)
+                    .filter(|e| prev.and_then(|p| p.get(&e.addr)) != Some(e))
                     .collect();
                 if !changed.is_empty() {
                     out.push(add(changed.into_iter()));
                 }
                 // The service came or went: say so, so a client can fall
                 // back to DNS (or stop doing so).
-                if next.is_empty() && (was_known != known || !prev.is_empty()) {
+                let prev_len = prev.map_or(0, BTreeMap::len);
+                if next_len == 0 && (was_known != known || prev_len != 0) {
                     out.push(no_endpoints(known));
                 }
             }
         }
-        self.sent = Some((known, next));
+        self.sent = Some(resolution.clone());
         out
     }
 }

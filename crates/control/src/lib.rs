@@ -4,7 +4,6 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use linkerd2_proxy_api::destination::destination_server::DestinationServer;
 use linkerd2_proxy_api::identity::identity_server::IdentityServer;
 use linkerd2_proxy_api::inbound::inbound_server_policies_server::InboundServerPoliciesServer;
 use tokio::net::TcpListener;
@@ -209,7 +208,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
                 .saturating_add(EXTRA_STREAMS),
         ))
         .http2_max_header_list_size(Some(16 * 1024))
-        .add_service(DestinationServer::new(
+        .add_service(destination::DestinationServer::new(
             destination::DestinationService::new(
                 discovery.clone(),
                 metrics.clone(),

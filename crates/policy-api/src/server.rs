@@ -99,7 +99,8 @@ where
                 Ok(grpc.unary(GetSvc(inner), req).await)
             }),
             WATCH => Box::pin(async move {
-                let mut grpc = tonic::server::Grpc::new(tonic_prost::ProstCodec::default());
+                // One stream per proxy per followed name, mostly idle.
+                let mut grpc = tonic::server::Grpc::new(weft_channel::codec::Lean::default());
                 Ok(grpc.server_streaming(WatchSvc(inner), req).await)
             }),
             _ => Box::pin(async move { Ok(Status::unimplemented("no such method").into_http()) }),

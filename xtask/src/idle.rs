@@ -1,0 +1,157 @@
+//! Memory per idle HTTP/2 client connection: `CONNECTIONS` connections
+//! opened to a proxy, one request each (so every connection is detected,
+//! served and has answered), then held open while the proxy's RSS is read.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use std::fmt::Write as _;
+
+use anyhow::Context;
+use serde::Serialize;
+
+use crate::procs::Proc;
+
+pub(crate) const CONNECTIONS: usize = 10_000;
+/// Handshakes in flight at once while the connections are opened.
+const PARALLEL: usize = 200;
+
+#[derive(Debug, Serialize)]
+pub(crate) struct Idle {
+    pub(crate) who: String,
+    pub(crate) connections: usize,
+    pub(crate) rss_before_bytes: u64,
+    pub(crate) rss_after_bytes: u64,
+    pub(crate) bytes_per_connection: f64,
+}
+
+/// Opens the connections to `addr` (sending `authority`), reads `proc`'s
+/// RSS before and with all of them open, then closes them.
+pub(crate) fn measure(
+    who: &str,
+    proc: &Proc,
+    addr: SocketAddr,
+    authority: Option<&str>,
+) -> anyhow::Result<Idle> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let authority = authority.map_or_else(|| addr.to_string(), str::to_string);
+    runtime.block_on(async {
+        // One connection first, so the proxy's first-use allocations (its
+        // upstream connection, the route) are in the baseline.
+        let mut held = vec![open(addr, &authority).await?];
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let rss_before = proc.rss_bytes();
+        while held.len() < CONNECTIONS {
+            let batch = PARALLEL.min(CONNECTIONS - held.len());
+            let opening: Vec<_> = (0..batch)
+                .map(|_| {
+                    let authority = authority.clone();
+                    tokio::spawn(async move { open(addr, &authority).await })
+                })
+                .collect();
+            for o in opening {
+                held.push(o.await??);
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let rss_after = proc.rss_bytes();
+        drop(held);
+        Ok(Idle {
+            who: who.to_string(),
+            connections: CONNECTIONS,
+            rss_before_bytes: rss_before,
+            rss_after_bytes: rss_after,
+            bytes_per_connection: rss_after.saturating_sub(rss_before) as f64
+                / (CONNECTIONS - 1) as f64,
+        })
+    })
+}
+
+type Held = hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>>;
+
+async fn open(addr: SocketAddr, authority: &str) -> anyhow::Result<Held> {
+    let mut send = weft_test_support::client::http2(addr)
+        .await
+        .with_context(|| {
+            format!(
+                "connecting to {addr} (with {CONNECTIONS} connections, `ulimit -n` must allow them)"
+            )
+        })?;
+    let rsp = send
+        .send_request(weft_test_support::client::get_h2(authority, "/")?)
+        .await?;
+    anyhow::ensure!(rsp.status() == 200, "{who}: {}", rsp.status(), who = addr);
+    Ok(send)
+}
+
+/// weft's inbound side and HAProxy's h2 frontend, each in front of the
+/// same backend.
+pub(crate) fn run(dir: &Path) -> anyhow::Result<Vec<Idle>> {
+    let (_backend, backend) = crate::bench::start_backend()?;
+    let proxy = crate::procs::target_dir()?.join("release/weft-proxy");
+    let (weft, _, inbound) = crate::bench::start_proxy(
+        &proxy,
+        &[
+            ("WEFT_PROXY_INBOUND_FORWARD", backend.to_string()),
+            ("WEFT_PROXY_MAX_CONNECTIONS", (2 * CONNECTIONS).to_string()),
+        ],
+    )?;
+    let mut out = vec![measure("weft inbound", &weft, inbound, None)?];
+    drop(weft);
+    let (haproxy, _, h2) = crate::versus::start_haproxy(dir, Some(1), 2 * CONNECTIONS, backend)?;
+    out.push(measure("HAProxy nbthread 1", &haproxy, h2, None)?);
+    Ok(out)
+}
+
+/// What an idle HTTP/2 connection may cost weft.
+const MAX_BYTES_PER_CONNECTION: f64 = 8192.0;
+
+pub(crate) fn targets(idle: &[Idle]) -> (Vec<crate::bench::Target>, Vec<crate::bench::Reference>) {
+    let mut targets = Vec::new();
+    let mut references = Vec::new();
+    for i in idle {
+        let name = format!(
+            "{}: memory per idle HTTP/2 connection ({} held)",
+            i.who, i.connections
+        );
+        if i.who.starts_with("weft") {
+            targets.push(crate::bench::Target {
+                name,
+                measured: i.bytes_per_connection,
+                limit: MAX_BYTES_PER_CONNECTION,
+                unit: "bytes",
+                pass: i.bytes_per_connection <= MAX_BYTES_PER_CONNECTION,
+            });
+        } else {
+            references.push(crate::bench::Reference {
+                name,
+                measured: i.bytes_per_connection,
+                unit: "bytes",
+            });
+        }
+    }
+    (targets, references)
+}
+
+pub(crate) fn table(idle: &[Idle]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\n| idle HTTP/2 connections | held | RSS before | RSS with them | per connection |\n|---|---:|---:|---:|---:|"
+    );
+    for i in idle {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.1} MiB | {:.1} MiB | {:.0} bytes |",
+            i.who,
+            i.connections,
+            i.rss_before_bytes as f64 / 1048576.0,
+            i.rss_after_bytes as f64 / 1048576.0,
+            i.bytes_per_connection
+        );
+    }
+    out
+}
