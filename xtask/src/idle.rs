@@ -26,26 +26,26 @@ pub(crate) struct Idle {
     pub(crate) bytes_per_connection: f64,
 }
 
-/// Opens the connections to `addr` (sending `authority`), reads `proc`'s
-/// RSS before and with all of them open, then closes them.
+/// Opens `connections` connections to `addr`, reads `proc`'s RSS before
+/// and with all of them open, then closes them.
 pub(crate) fn measure(
     who: &str,
     proc: &Proc,
     addr: SocketAddr,
-    authority: Option<&str>,
+    connections: usize,
 ) -> anyhow::Result<Idle> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let authority = authority.map_or_else(|| addr.to_string(), str::to_string);
+    let authority = addr.to_string();
     runtime.block_on(async {
         // One connection first, so the proxy's first-use allocations (its
         // upstream connection, the route) are in the baseline.
         let mut held = vec![open(addr, &authority).await?];
         tokio::time::sleep(Duration::from_millis(500)).await;
         let rss_before = proc.rss_bytes();
-        while held.len() < CONNECTIONS {
-            let batch = PARALLEL.min(CONNECTIONS - held.len());
+        while held.len() < connections {
+            let batch = PARALLEL.min(connections - held.len());
             let opening: Vec<_> = (0..batch)
                 .map(|_| {
                     let authority = authority.clone();
@@ -61,11 +61,11 @@ pub(crate) fn measure(
         drop(held);
         Ok(Idle {
             who: who.to_string(),
-            connections: CONNECTIONS,
+            connections,
             rss_before_bytes: rss_before,
             rss_after_bytes: rss_after,
             bytes_per_connection: rss_after.saturating_sub(rss_before) as f64
-                / (CONNECTIONS - 1) as f64,
+                / (connections - 1) as f64,
         })
     })
 }
@@ -88,8 +88,31 @@ async fn open(addr: SocketAddr, authority: &str) -> anyhow::Result<Held> {
 }
 
 /// weft's inbound side and HAProxy's h2 frontend, each in front of the
-/// same backend.
+/// same backend. HAProxy holds fewer when the open-file limit cannot
+/// allow it two descriptors per connection (this VM's hard limit is
+/// 20,000); the figure per connection is what compares.
 pub(crate) fn run(dir: &Path) -> anyhow::Result<Vec<Idle>> {
+    // This process holds the client ends and each proxy the server ends:
+    // the soft open-file limit goes up to the hard one (the children
+    // inherit it), which must allow the connections.
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    if limit.current < limit.maximum {
+        rustix::process::setrlimit(
+            rustix::process::Resource::Nofile,
+            rustix::process::Rlimit {
+                current: limit.maximum,
+                maximum: limit.maximum,
+            },
+        )
+        .context("raising the soft open-file limit to the hard one")?;
+    }
+    let nofile = limit.maximum.unwrap_or(u64::MAX) as usize;
+    anyhow::ensure!(
+        nofile > CONNECTIONS + 256,
+        "the open-file limit ({nofile}) does not allow {CONNECTIONS} connections"
+    );
+    // HAProxy reserves two descriptors per connection it may accept.
+    let haproxy_conns = CONNECTIONS.min(nofile.saturating_sub(512) / 2);
     let (_backend, backend) = crate::bench::start_backend()?;
     let proxy = crate::procs::target_dir()?.join("release/weft-proxy");
     let (weft, _, inbound) = crate::bench::start_proxy(
@@ -99,10 +122,11 @@ pub(crate) fn run(dir: &Path) -> anyhow::Result<Vec<Idle>> {
             ("WEFT_PROXY_MAX_CONNECTIONS", (2 * CONNECTIONS).to_string()),
         ],
     )?;
-    let mut out = vec![measure("weft inbound", &weft, inbound, None)?];
+    let mut out = vec![measure("weft inbound", &weft, inbound, CONNECTIONS)?];
     drop(weft);
-    let (haproxy, _, h2) = crate::versus::start_haproxy(dir, Some(1), 2 * CONNECTIONS, backend)?;
-    out.push(measure("HAProxy nbthread 1", &haproxy, h2, None)?);
+    let (haproxy, _, h2) =
+        crate::versus::start_haproxy(dir, Some(1), haproxy_conns + 16, backend)?;
+    out.push(measure("HAProxy nbthread 1", &haproxy, h2, haproxy_conns)?);
     Ok(out)
 }
 
