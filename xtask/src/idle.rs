@@ -124,8 +124,7 @@ pub(crate) fn run(dir: &Path) -> anyhow::Result<Vec<Idle>> {
     )?;
     let mut out = vec![measure("weft inbound", &weft, inbound, CONNECTIONS)?];
     drop(weft);
-    let (haproxy, _, h2) =
-        crate::versus::start_haproxy(dir, Some(1), haproxy_conns + 16, backend)?;
+    let (haproxy, _, h2) = crate::versus::start_haproxy(dir, Some(1), haproxy_conns + 16, backend)?;
     out.push(measure("HAProxy nbthread 1", &haproxy, h2, haproxy_conns)?);
     Ok(out)
 }

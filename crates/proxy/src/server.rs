@@ -87,12 +87,26 @@ impl Side {
             tracker.spawn(async move {
                 // The slot is held for as long as the connection is served.
                 let _slot = accepted.permit;
-                side.serve(accepted.stream, accepted.peer, shutdown).await
+                // Two phases, each boxed, so the task holds two pointers:
+                // detection (and a TLS handshake) is freed once it has
+                // decided, and a connection served for hours holds only
+                // what serving needs.
+                let serving = Box::pin(side.serve(accepted.stream, accepted.peer, shutdown)).await;
+                if let Some(serving) = serving {
+                    serving.await;
+                }
             });
         }
     }
 
-    async fn serve(&self, stream: TcpStream, peer: SocketAddr, shutdown: CancellationToken) {
+    /// Detects the connection's protocol (terminating TLS addressed to
+    /// this proxy) and returns what serves it, if anything does.
+    async fn serve(
+        &self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        shutdown: CancellationToken,
+    ) -> Option<Serving> {
         let _ = stream.set_nodelay(true);
         let orig_dst = original_dst(&stream);
         let tls_slot = TlsSlot::default();
@@ -144,7 +158,7 @@ impl Side {
                 Ok(p) => p,
                 Err(e) => {
                     tracing::debug!(error = %e, "connection failed during detection");
-                    return;
+                    return None;
                 }
             };
         tracing::trace!(?protocol, bytes = prefix.len(), "detected");
@@ -157,7 +171,7 @@ impl Side {
                 Ok(sni) => sni,
                 Err(e) => {
                     tracing::debug!(error = %e, "connection failed while reading the ClientHello");
-                    return;
+                    return None;
                 }
             };
             // TLS addressed to this proxy's identity (or, per node, to a
@@ -176,16 +190,20 @@ impl Side {
             };
             if let Some(tls) = tls {
                 let io = PrefixedIo::new(prefix.freeze(), io);
-                let accepted = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.accept(io)).await;
+                // Boxed, as every phase of a connection: the task then
+                // holds only the phase it is in (a handshake's state is
+                // gone once it is done), not the largest of them all.
+                let accepted =
+                    tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, Box::pin(tls.accept(io))).await;
                 let (mut stream, client_id) = match accepted {
                     Ok(Ok(s)) => s,
                     Ok(Err(e)) => {
                         tracing::info!(error = %e, "inbound TLS handshake failed");
-                        return;
+                        return None;
                     }
                     Err(_) => {
                         tracing::info!("inbound TLS handshake timed out");
-                        return;
+                        return None;
                     }
                 };
                 let client_tls = match client_id {
@@ -205,7 +223,7 @@ impl Side {
                     Ok(p) => p,
                     Err(e) => {
                         tracing::debug!(error = %e, "TLS connection failed during detection");
-                        return;
+                        return None;
                     }
                 };
                 let io = PrefixedIo::new(inner.freeze(), stream);
@@ -238,7 +256,12 @@ impl Side {
     }
 
     /// Hands a detected connection to the HTTP proxy or the opaque relay.
-    async fn dispatch<I>(&self, io: I, conn: Detected, shutdown: CancellationToken)
+    async fn dispatch<I>(
+        &self,
+        io: I,
+        conn: Detected,
+        shutdown: CancellationToken,
+    ) -> Option<Serving>
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -286,7 +309,7 @@ impl Side {
                 if let Some(conn) = &inbound
                     && !conn.authorize_connection(&self.metrics, &client_tls)
                 {
-                    return;
+                    return None;
                 }
                 let idle = self.limits.tcp_idle_timeout;
                 let looped = opaque_target
@@ -294,25 +317,28 @@ impl Side {
                     .is_some_and(|t| t.endpoints().iter().any(|a| self.listen_addrs.contains(*a)));
                 if looped {
                     tracing::info!(direction = ?self.direction, "opaque connection would loop back to this proxy; closing");
-                    return;
+                    return None;
                 }
-                match opaque_target {
+                return match opaque_target {
                     Some(t) => match inbound {
                         Some(conn) => {
-                            conn.while_authorized(
-                                tcp::relay(io, t, idle),
-                                &self.metrics,
-                                &client_tls,
-                            )
-                            .await
+                            let metrics = self.metrics.clone();
+                            Some(Box::pin(async move {
+                                conn.while_authorized(
+                                    tcp::relay(io, t, idle),
+                                    &metrics,
+                                    &client_tls,
+                                )
+                                .await
+                            }))
                         }
-                        None => tcp::relay(io, t, idle).await,
+                        None => Some(Box::pin(tcp::relay(io, t, idle))),
                     },
                     None => {
-                        tracing::debug!(direction = ?self.direction, ?protocol, "opaque connection without a destination; closing")
+                        tracing::debug!(direction = ?self.direction, ?protocol, "opaque connection without a destination; closing");
+                        None
                     }
-                }
-                return;
+                };
             }
         };
         let ctx = Arc::new(HttpContext {
@@ -333,9 +359,12 @@ impl Side {
             inbound,
             tracer: self.tracer.clone(),
         });
-        http::serve(io, ctx, shutdown).await;
+        Some(Box::pin(http::serve(io, ctx, shutdown)))
     }
 }
+
+/// A connection's serving phase: the HTTP server or the relay.
+type Serving = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 /// What the server learned about a connection before handing it on.
 struct Detected {

@@ -176,8 +176,8 @@ where
                 .header_read_timeout(limits.header_read_timeout)
                 .max_headers(HTTP1_MAX_HEADERS)
                 .max_buf_size((limits.max_header_bytes as usize).max(8192));
-            let conn = builder.serve_connection(io, svc).with_upgrades();
-            tokio::pin!(conn);
+            // Boxed: only the protocol this connection speaks is allocated.
+            let mut conn = Box::pin(builder.serve_connection(io, svc).with_upgrades());
             // Draining, a connection in use ends with its next response
             // (`Connection: close`); one left idle for DRAIN_IDLE is closed.
             let mut draining = false;
@@ -209,8 +209,7 @@ where
                 .max_local_error_reset_streams(HTTP2_MAX_LOCAL_ERROR_RESETS)
                 .keep_alive_interval(limits.http2_keepalive_interval)
                 .keep_alive_timeout(limits.http2_keepalive_timeout);
-            let conn = builder.serve_connection(io, svc);
-            tokio::pin!(conn);
+            let mut conn = Box::pin(builder.serve_connection(io, svc));
             // A connection must start a request within the header read
             // timeout, and is closed after the idle timeout without one.
             let mut closing: Option<tokio::time::Instant> = None;
