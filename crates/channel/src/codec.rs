@@ -12,8 +12,9 @@ use std::marker::PhantomData;
 use tonic::codec::{BufferSettings, Codec};
 use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
 
-/// The initial encode buffer: a few typical Destination updates.
-pub const BUFFER: usize = 512;
+/// The initial encode buffer: a typical Destination update (two meshed
+/// endpoints) fits; a larger message grows it.
+pub const BUFFER: usize = 256;
 /// Encoded messages are handed to the transport once this many bytes are
 /// waiting (tonic's default).
 const YIELD_THRESHOLD: usize = 32 * 1024;
