@@ -18,14 +18,6 @@ pub(crate) const MTLS_AUTHORITY: &str = "mtls.test:8080";
 const MTLS_SERVER_ID: &str = "server.bench.weft";
 const MTLS_CLIENT_ID: &str = "client.bench.weft";
 
-/// What the issue asks of one proxy on this machine.
-const MAX_ADDED_P99_US: f64 = 200.0;
-const MIN_H2C_THROUGHPUT_VS_HAPROXY: f64 = 0.8;
-const MAX_IDLE_RSS: u64 = 8 << 20;
-const MAX_PEAK_RSS: u64 = 20 << 20;
-/// What issue 3 asks of mutual TLS between two proxies.
-const MAX_MTLS_ADDED_P99_US: f64 = 50.0;
-
 struct Options {
     /// `fan-out`: only the control-plane fan-out measure.
     only_fan_out: bool,
@@ -688,28 +680,29 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
                 unit: "µs",
             });
         }
-        // p99 at 1k RPS on `path` over `base`, against `limit`.
-        let mut p99_added = |what: &str, base, path, limit: f64| {
+        // p99 at 1k RPS on `path` over `base`: reported beside the direct
+        // path's own p99, the noise floor, never judged (1–5 ms of noise
+        // on this VM; the judged rows are scenario g's).
+        let noise = find(proto, Path_::Direct, Mode::Rate1k).map_or(f64::NAN, |d| d.p99_us);
+        let mut p99_added = |what: &str, base, path| {
             if let (Some(b), Some(p)) = (
                 find(proto, base, Mode::Rate1k),
                 find(proto, path, Mode::Rate1k),
             ) {
-                let added = p.p99_us - b.p99_us;
-                targets.push(Target {
-                    name: format!("{proto:?} p99 added by {what} at 1k RPS"),
-                    measured: added,
-                    limit,
+                references.push(Reference {
+                    name: format!(
+                        "{proto:?} p99 added by {what} at 1k RPS (direct's own p99: {noise:.0} µs)"
+                    ),
+                    measured: p.p99_us - b.p99_us,
                     unit: "µs",
-                    pass: added <= limit,
                 });
             }
         };
-        p99_added("one proxy", Path_::Direct, Path_::Weft, MAX_ADDED_P99_US);
+        p99_added("one proxy", Path_::Direct, Path_::Weft);
         p99_added(
             "mTLS over plaintext two-hop",
             Path_::WeftTwoHop,
             Path_::WeftTwoHopMtls,
-            MAX_MTLS_ADDED_P99_US,
         );
         if let (Some(plain), Some(mtls)) = (
             find(proto, Path_::WeftTwoHop, Mode::Max),
@@ -726,13 +719,12 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
         find(Proto::H2c, Path_::Weft, Mode::Max),
         find(Proto::H2c, Path_::Haproxy, Mode::Max),
     ) {
-        let ratio = w.rps / h.rps;
-        targets.push(Target {
-            name: "h2c max throughput, weft / HAProxy".into(),
-            measured: ratio,
-            limit: MIN_H2C_THROUGHPUT_VS_HAPROXY,
+        // HAProxy runs its default threads here: scenario g judges
+        // thread for thread.
+        references.push(Reference {
+            name: "h2c max throughput, weft (1 thread) / HAProxy (default threads)".into(),
+            measured: w.rps / h.rps,
             unit: "×",
-            pass: ratio >= MIN_H2C_THROUGHPUT_VS_HAPROXY,
         });
     }
     eprintln!("bench: mTLS handshakes against the meshed inbound proxy, {round_secs} s");
@@ -826,21 +818,9 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     targets.append(&mut versus.targets);
     references.append(&mut versus.references);
 
+    // Idle and peak RSS are judged in scenario g, against issue 15's
+    // limits; these are the table's figures for this setup's proxy.
     let peak = s.outbound.peak_rss_bytes();
-    targets.push(Target {
-        name: "weft RSS idle".into(),
-        measured: s.idle_rss as f64 / (1 << 20) as f64,
-        limit: (MAX_IDLE_RSS >> 20) as f64,
-        unit: "MiB",
-        pass: s.idle_rss <= MAX_IDLE_RSS,
-    });
-    targets.push(Target {
-        name: "weft peak RSS after max-throughput runs".into(),
-        measured: peak as f64 / (1 << 20) as f64,
-        limit: (MAX_PEAK_RSS >> 20) as f64,
-        unit: "MiB",
-        pass: peak <= MAX_PEAK_RSS,
-    });
 
     let report = Report {
         duration_s: opts.duration,

@@ -2,11 +2,10 @@
 //! opened to a proxy, one request each (so every connection is detected,
 //! served and has answered), then held open while the proxy's RSS is read.
 
+use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
-
-use std::fmt::Write as _;
 
 use anyhow::Context;
 use serde::Serialize;
@@ -28,30 +27,19 @@ pub(crate) struct Idle {
 
 /// Opens `connections` connections to `addr`, reads `proc`'s RSS before
 /// and with all of them open, then closes them.
-pub(crate) fn measure(
-    who: &str,
-    proc: &Proc,
-    addr: SocketAddr,
-    connections: usize,
-) -> anyhow::Result<Idle> {
+fn measure(who: &str, proc: &Proc, addr: SocketAddr, connections: usize) -> anyhow::Result<Idle> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let authority = addr.to_string();
     runtime.block_on(async {
         // One connection first, so the proxy's first-use allocations (its
         // upstream connection, the route) are in the baseline.
-        let mut held = vec![open(addr, &authority).await?];
+        let mut held = vec![open(addr).await?];
         tokio::time::sleep(Duration::from_millis(500)).await;
         let rss_before = proc.rss_bytes();
         while held.len() < connections {
             let batch = PARALLEL.min(connections - held.len());
-            let opening: Vec<_> = (0..batch)
-                .map(|_| {
-                    let authority = authority.clone();
-                    tokio::spawn(async move { open(addr, &authority).await })
-                })
-                .collect();
+            let opening: Vec<_> = (0..batch).map(|_| tokio::spawn(open(addr))).collect();
             for o in opening {
                 held.push(o.await??);
             }
@@ -72,7 +60,8 @@ pub(crate) fn measure(
 
 type Held = hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>>;
 
-async fn open(addr: SocketAddr, authority: &str) -> anyhow::Result<Held> {
+/// One HTTP/2 connection to `addr` that has had one answer.
+async fn open(addr: SocketAddr) -> anyhow::Result<Held> {
     let mut send = weft_test_support::client::http2(addr)
         .await
         .with_context(|| {
@@ -81,9 +70,9 @@ async fn open(addr: SocketAddr, authority: &str) -> anyhow::Result<Held> {
             )
         })?;
     let rsp = send
-        .send_request(weft_test_support::client::get_h2(authority, "/")?)
+        .send_request(weft_test_support::client::get_h2(&addr.to_string(), "/")?)
         .await?;
-    anyhow::ensure!(rsp.status() == 200, "{who}: {}", rsp.status(), who = addr);
+    anyhow::ensure!(rsp.status() == 200, "{addr} answered {}", rsp.status());
     Ok(send)
 }
 

@@ -23,6 +23,12 @@ pub(crate) struct Run {
     requests: u64,
     failed: u64,
     rps: f64,
+    /// What the proxies did; none on the direct path.
+    proxies: Option<Proxies>,
+}
+
+#[derive(Clone, Copy, Debug, Serialize)]
+struct Proxies {
     /// Both proxies' CPU over the requests.
     cpu_us_per_request: f64,
     /// Open connections from the client-side proxy to the server side
@@ -53,8 +59,8 @@ struct Path_ {
     name: &'static str,
     url: String,
     authority: Option<&'static str>,
-    procs: Vec<Proc>,
-    admin: Option<SocketAddr>,
+    /// The client-side proxy and its admin address, on the meshed paths.
+    proxy: Option<(Proc, SocketAddr)>,
 }
 
 pub(crate) fn run(dir: &Path, seconds: u64, rounds: u64) -> anyhow::Result<OrigProto> {
@@ -71,8 +77,7 @@ pub(crate) fn run(dir: &Path, seconds: u64, rounds: u64) -> anyhow::Result<OrigP
             },
             url: format!("http://{addr}/"),
             authority: Some(MTLS_AUTHORITY),
-            procs: vec![proc],
-            admin: Some(admin),
+            proxy: Some((proc, admin)),
         })
     };
     let paths = [
@@ -80,8 +85,7 @@ pub(crate) fn run(dir: &Path, seconds: u64, rounds: u64) -> anyhow::Result<OrigP
             name: "direct",
             url: format!("http://{backend}/"),
             authority: None,
-            procs: Vec::new(),
-            admin: None,
+            proxy: None,
         },
         outbound(true)?,
         outbound(false)?,
@@ -94,15 +98,10 @@ pub(crate) fn run(dir: &Path, seconds: u64, rounds: u64) -> anyhow::Result<OrigP
     for round in 0..rounds {
         for (i, p) in paths.iter().enumerate() {
             eprintln!("  orig-proto round {}: {}", round + 1, p.name);
-            // The server side's CPU counts only on the meshed paths.
-            let cpu = |procs: &[Proc]| -> f64 {
-                let mut s: f64 = procs.iter().map(Proc::cpu_seconds).sum();
-                if !procs.is_empty() {
-                    s += mtls.inbound.cpu_seconds();
-                }
-                s
-            };
-            let before = cpu(&p.procs);
+            // Both sides' CPU: the client's proxy and the server's.
+            let cpu =
+                |(proc, _): &(Proc, SocketAddr)| proc.cpu_seconds() + mtls.inbound.cpu_seconds();
+            let before = p.proxy.as_ref().map(cpu);
             let mut load =
                 weft_test_support::load::H2load::new(&p.url, dir.join("h2load-origproto.log"));
             load.h1 = true;
@@ -112,23 +111,25 @@ pub(crate) fn run(dir: &Path, seconds: u64, rounds: u64) -> anyhow::Result<OrigP
             load.warm_up_secs = 1;
             load.authority = p.authority.map(str::to_string);
             let r = load.run()?;
-            let used = cpu(&p.procs) - before;
-            let upstream_connections = match p.admin {
-                Some(admin) => {
-                    let m = runtime.block_on(weft_test_support::metrics::scrape(admin))?;
-                    m.sum(
-                        "tcp_open_connections",
-                        &[("direction", "outbound"), ("peer", "dst")],
-                    )
+            let proxies = match (&p.proxy, before) {
+                (Some(proxy), Some(before)) => {
+                    let used = cpu(proxy) - before;
+                    let m = runtime.block_on(weft_test_support::metrics::scrape(proxy.1))?;
+                    Some(Proxies {
+                        cpu_us_per_request: used * 1e6 / r.total().max(1) as f64,
+                        upstream_connections: m.sum(
+                            "tcp_open_connections",
+                            &[("direction", "outbound"), ("peer", "dst")],
+                        ),
+                    })
                 }
-                None => f64::from(CLIENTS),
+                _ => None,
             };
             runs[i].push(Run {
                 requests: r.total(),
                 failed: r.failed,
                 rps: r.rps,
-                cpu_us_per_request: used * 1e6 / r.total().max(1) as f64,
-                upstream_connections,
+                proxies,
             });
             latencies[i].extend(r.latencies_us);
         }
@@ -164,7 +165,10 @@ fn judge(rows: &[Row]) -> (Vec<Target>, Vec<Reference>) {
     let [direct, up, plain] = rows else {
         return (targets, references);
     };
-    let worst_conns = spread(up.rounds.iter().map(|r| r.upstream_connections)).1;
+    let proxies =
+        |row: &Row| -> Vec<Proxies> { row.rounds.iter().filter_map(|r| r.proxies).collect() };
+    let (up_p, plain_p) = (proxies(up), proxies(plain));
+    let worst_conns = spread(up_p.iter().map(|p| p.upstream_connections)).1;
     targets.push(Target {
         name: format!(
             "connections between meshed proxies, HTTP/1.1 over HTTP/2, {CLIENTS} clients at 1k RPS (most in any round)"
@@ -175,10 +179,9 @@ fn judge(rows: &[Row]) -> (Vec<Target>, Vec<Reference>) {
         pass: worst_conns <= 1.0,
     });
     // Round by round, both paths having run in the same round.
-    let ratios: Vec<f64> = up
-        .rounds
+    let ratios: Vec<f64> = up_p
         .iter()
-        .zip(&plain.rounds)
+        .zip(&plain_p)
         .map(|(u, p)| u.cpu_us_per_request / p.cpu_us_per_request)
         .collect();
     let mean = ratios.iter().sum::<f64>() / ratios.len().max(1) as f64;
@@ -212,29 +215,25 @@ pub(crate) fn table(o: &OrigProto) -> String {
         "\nHTTP/1.1 between meshed proxies, {} client connections at {} RPS, {} s per round:\n\n| path | req/s | failed | CPU µs/req (both proxies) | connections between proxies | p50 µs | p99 µs |\n|---|---:|---:|---:|---:|---:|---:|",
         o.clients, o.rps, o.seconds_per_run
     );
+    // Mean (min–max) of what the rounds measured; "–" where none did.
+    fn range(values: &[f64]) -> String {
+        if values.is_empty() {
+            return "–".into();
+        }
+        let (lo, hi) = spread(values.iter().copied());
+        let mean = values.iter().sum::<f64>() / values.len() as f64;
+        format!("{mean:.1} ({lo:.1}–{hi:.1})")
+    }
     for r in &o.rows {
-        let range = |f: &dyn Fn(&Run) -> f64| {
-            let (lo, hi) = spread(r.rounds.iter().map(f));
-            let mean = r.rounds.iter().map(f).sum::<f64>() / r.rounds.len().max(1) as f64;
-            format!("{mean:.1} ({lo:.1}–{hi:.1})")
-        };
-        let direct = r.path == "direct";
+        let of = |f: fn(&Run) -> Option<f64>| r.rounds.iter().filter_map(f).collect::<Vec<_>>();
         let _ = writeln!(
             out,
             "| {} | {} | {} | {} | {} | {:.0} | {:.0} |",
             r.path,
-            range(&|x| x.rps),
+            range(&of(|x| Some(x.rps))),
             r.rounds.iter().map(|x| x.failed).sum::<u64>(),
-            if direct {
-                "–".into()
-            } else {
-                range(&|x| x.cpu_us_per_request)
-            },
-            if direct {
-                "–".into()
-            } else {
-                range(&|x| x.upstream_connections)
-            },
+            range(&of(|x| x.proxies.map(|p| p.cpu_us_per_request))),
+            range(&of(|x| x.proxies.map(|p| p.upstream_connections))),
             r.p50_us,
             r.p99_us
         );

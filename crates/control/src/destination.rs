@@ -55,7 +55,7 @@ impl DestinationServer {
 }
 
 impl tonic::server::NamedService for DestinationServer {
-    const NAME: &'static str = "io.linkerd.proxy.destination.Destination";
+    const NAME: &'static str = api::destination_server::SERVICE_NAME;
 }
 
 const GET: &str = "/io.linkerd.proxy.destination.Destination/Get";
@@ -294,10 +294,11 @@ pub(crate) struct Diff {
 }
 
 /// Whether the name exists, and its endpoints.
-fn endpoints_of(resolution: &Resolution) -> (bool, Option<&BTreeMap<SocketAddr, Endpoint>>) {
+fn endpoints_of(resolution: &Resolution) -> (bool, &BTreeMap<SocketAddr, Endpoint>) {
+    static NONE: BTreeMap<SocketAddr, Endpoint> = BTreeMap::new();
     match resolution {
-        Resolution::Pending | Resolution::Unknown => (false, None),
-        Resolution::Known(s) => (true, Some(&s.endpoints)),
+        Resolution::Pending | Resolution::Unknown => (false, &NONE),
+        Resolution::Known(s) => (true, &s.endpoints),
     }
 }
 
@@ -310,19 +311,15 @@ impl Diff {
             return Vec::new();
         }
         let (known, next) = endpoints_of(resolution);
-        let next_len = next.map_or(0, BTreeMap::len);
         let mut out = Vec::new();
         match &self.sent {
-            None => match next {
-                Some(next) if !next.is_empty() => out.push(add(next.values())),
-                _ => out.push(no_endpoints(known)),
-            },
+            None if next.is_empty() => out.push(no_endpoints(known)),
+            None => out.push(add(next.values())),
             Some(sent) => {
                 let (was_known, prev) = endpoints_of(sent);
                 let removed: Vec<_> = prev
-                    .into_iter()
-                    .flat_map(BTreeMap::keys)
-                    .filter(|a| !next.is_some_and(|n| n.contains_key(a)))
+                    .keys()
+                    .filter(|a| !next.contains_key(a))
                     .map(|a| (*a).into())
                     .collect();
                 if !removed.is_empty() {
@@ -331,17 +328,15 @@ impl Diff {
                     });
                 }
                 let changed: Vec<&Endpoint> = next
-                    .into_iter()
-                    .flat_map(BTreeMap::values)
-                    .filter(|e| prev.and_then(|p| p.get(&e.addr)) != Some(e))
+                    .values()
+                    .filter(|e| prev.get(&e.addr) != Some(e))
                     .collect();
                 if !changed.is_empty() {
                     out.push(add(changed.into_iter()));
                 }
                 // The service came or went: say so, so a client can fall
                 // back to DNS (or stop doing so).
-                let prev_len = prev.map_or(0, BTreeMap::len);
-                if next_len == 0 && (was_known != known || prev_len != 0) {
+                if next.is_empty() && (was_known != known || !prev.is_empty()) {
                     out.push(no_endpoints(known));
                 }
             }

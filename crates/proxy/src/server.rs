@@ -190,11 +190,7 @@ impl Side {
             };
             if let Some(tls) = tls {
                 let io = PrefixedIo::new(prefix.freeze(), io);
-                // Boxed, as every phase of a connection: the task then
-                // holds only the phase it is in (a handshake's state is
-                // gone once it is done), not the largest of them all.
-                let accepted =
-                    tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, Box::pin(tls.accept(io))).await;
+                let accepted = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.accept(io)).await;
                 let (mut stream, client_id) = match accepted {
                     Ok(Ok(s)) => s,
                     Ok(Err(e)) => {

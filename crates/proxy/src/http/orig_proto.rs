@@ -7,10 +7,12 @@
 //! difference; between the proxies, a hundred client connections become
 //! one.
 
-use http::header::{self, HeaderMap, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, Uri, Version};
 
-pub(super) const HEADER: &str = "l5d-orig-proto";
+/// A `HeaderName` rather than a string: looked up on every inbound HTTP/2
+/// request, it is then neither parsed nor lower-cased each time.
+pub(super) const HEADER: HeaderName = HeaderName::from_static("l5d-orig-proto");
 
 /// The HTTP/2 form of an HTTP/1 request that `prepare_uri` has put in
 /// origin form with a `Host`: `http://{Host}{path}`. `None` when the Host
@@ -48,7 +50,7 @@ pub(super) fn upgrade<B>(req: &mut Request<B>, uri: Uri) {
 
 /// The response to an upgraded request, as the HTTP/1 client expects it.
 pub(super) fn restore_response<B>(rsp: &mut Response<B>) {
-    let version = match rsp.headers_mut().remove(HEADER) {
+    let version = match rsp.headers_mut().remove(&HEADER) {
         Some(v) if v.as_bytes().starts_with(b"HTTP/1.0") => Version::HTTP_10,
         _ => Version::HTTP_11,
     };
@@ -59,12 +61,12 @@ pub(super) fn restore_response<B>(rsp: &mut Response<B>) {
 /// the header off. The value may go on (`HTTP/1.1; absolute-form`); an
 /// unknown version is left alone and the request goes as HTTP/2.
 pub(super) fn downgrade(headers: &mut HeaderMap) -> bool {
-    let Some(v) = headers.get(HEADER) else {
+    let Some(v) = headers.get(&HEADER) else {
         return false;
     };
     let known = v.as_bytes().starts_with(b"HTTP/1.1") || v.as_bytes().starts_with(b"HTTP/1.0");
     if known {
-        headers.remove(HEADER);
+        headers.remove(&HEADER);
     } else {
         tracing::debug!(value = ?v, "unknown {HEADER} version; forwarding as HTTP/2");
     }
