@@ -237,7 +237,7 @@ impl Mtls {
         &self,
         extra: &[(&'static str, String)],
     ) -> anyhow::Result<(Proc, SocketAddr, SocketAddr)> {
-        let proxy = target_dir()?.join("release/weft-proxy");
+        let proxy = crate::procs::proxy_bin()?;
         let mut env = self.client_env.clone();
         env.extend_from_slice(extra);
         let (proc, line) = spawn_proxy(&proxy, &env)?;
@@ -283,7 +283,7 @@ pub(crate) fn start_mtls(dir: &Path, backend: SocketAddr) -> anyhow::Result<Mtls
     let (control, line) = spawn_until("weft-control", cmd, " listening ", true)?;
     let grpc = field(&line, "grpc")?;
     let anchors = ca_dir.join("ca.crt").display().to_string();
-    let proxy = release.join("weft-proxy");
+    let proxy = crate::procs::proxy_bin()?;
     let meshed = |name: &str| -> anyhow::Result<Vec<(&'static str, String)>> {
         Ok(vec![
             ("WEFT_PROXY_CONTROL_ADDR", grpc.to_string()),
@@ -383,10 +383,9 @@ pub(crate) fn start_backend() -> anyhow::Result<(Proc, SocketAddr)> {
 }
 
 fn setup(dir: &Path) -> anyhow::Result<Setup> {
-    let release = target_dir()?.join("release");
     let (backend_proc, backend) = start_backend()?;
 
-    let proxy = release.join("weft-proxy");
+    let proxy = crate::procs::proxy_bin()?;
     let (inbound, _, inbound_addr) = start_proxy(
         &proxy,
         &[("WEFT_PROXY_INBOUND_FORWARD", backend.to_string())],
@@ -522,6 +521,7 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
         }
     }
     crate::build_release()?;
+    crate::build_shipped_proxy()?;
     let dir = std::env::temp_dir().join(format!("weft-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     if opts.only_policy || opts.only_authz || opts.only_trace {

@@ -97,7 +97,8 @@ fn capture(dir: &Path, secs: u64, rounds: u64) -> anyhow::Result<Vec<CaptureRow>
     // The proxy runs as root (uid 0), whose traffic is never captured;
     // the transparent client runs as nobody.
     let mut cmd = weft_test_support::process::std_command("ip");
-    cmd.args(["netns", "exec", &client.name, &release("weft-proxy")?])
+    cmd.args(["netns", "exec", &client.name])
+        .arg(crate::procs::proxy_bin()?)
         .env_clear()
         .env("WEFT_PROXY_OUTBOUND_LISTEN", "127.0.0.1:4140")
         .env("WEFT_PROXY_INBOUND_LISTEN", "127.0.0.1:4143")
@@ -308,7 +309,7 @@ fn upgrade() -> anyhow::Result<Vec<UpgradeRow>> {
 }
 
 fn start(backend: SocketAddr) -> anyhow::Result<(Proc, SocketAddr, SocketAddr)> {
-    let mut cmd = weft_test_support::process::std_command(release("weft-proxy")?);
+    let mut cmd = weft_test_support::process::std_command(crate::procs::proxy_bin()?);
     cmd.env_clear()
         .env("WEFT_PROXY_OUTBOUND_LISTEN", "127.0.0.1:0")
         .env("WEFT_PROXY_INBOUND_LISTEN", "127.0.0.1:0")

@@ -103,7 +103,7 @@ pub(crate) fn run(dir: &Path) -> anyhow::Result<Vec<Idle>> {
     // HAProxy reserves two descriptors per connection it may accept.
     let haproxy_conns = CONNECTIONS.min(nofile.saturating_sub(512) / 2);
     let (_backend, backend) = crate::bench::start_backend()?;
-    let proxy = crate::procs::target_dir()?.join("release/weft-proxy");
+    let proxy = crate::procs::proxy_bin()?;
     let (weft, _, inbound) = crate::bench::start_proxy(
         &proxy,
         &[

@@ -41,6 +41,41 @@ fn demo(args: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Builds the proxy as it ships (docker/Dockerfile): glibc linked
+/// statically, so it maps no shared libc, libm or loader whole (1.7 MiB of
+/// idle RSS) and needs nothing from its image. Cargo applies the flag only
+/// with an explicit `--target`, which keeps proc-macros dynamic. On a host
+/// that is not glibc Linux, the plain release build is what ships.
+pub(crate) fn build_shipped_proxy() -> anyhow::Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let version = Command::new(&rustc)
+        .arg("-vV")
+        .output()
+        .context("running rustc -vV")?;
+    let host = String::from_utf8_lossy(&version.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("host: ").map(str::to_string))
+        .context("rustc -vV names no host")?;
+    if !host.ends_with("-linux-gnu") {
+        eprintln!("bench: host {host} is not glibc Linux; measuring the plain release proxy");
+        return Ok(());
+    }
+    let status = Command::new(&cargo)
+        .args(["build", "--release", "--target", &host, "--config"])
+        .arg(format!(
+            "target.{host}.rustflags=[\"-C\", \"target-feature=+crt-static\"]"
+        ))
+        .args(["-p", "weft-proxy", "--bin", "weft-proxy"])
+        .status()
+        .context("running cargo build (static proxy)")?;
+    if !status.success() {
+        bail!("cargo build --release --target {host} (static proxy) failed");
+    }
+    procs::ship(procs::target_dir()?.join(&host).join("release/weft-proxy"));
+    Ok(())
+}
+
 pub(crate) fn build_release() -> anyhow::Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(&cargo)

@@ -110,7 +110,7 @@ fn proxy(dir: &Path, endpoints: &[SocketAddr], policy: &str) -> anyhow::Result<(
             list.join(", ")
         ),
     )?;
-    let bin = target_dir()?.join("release/weft-proxy");
+    let bin = crate::procs::proxy_bin()?;
     let (p, outbound, _) = start_proxy(
         &bin,
         &[("WEFT_PROXY_DESTINATIONS", file.display().to_string())],
@@ -310,7 +310,7 @@ pub(crate) fn run_trace(dir: &Path, secs: u64) -> anyhow::Result<Vec<PolicyRow>>
             &file,
             format!("destinations:\n  \"{AUTHORITY}\":\n    endpoints: [{list}]\n"),
         )?;
-        let bin = target_dir()?.join("release/weft-proxy");
+        let bin = crate::procs::proxy_bin()?;
         let mut env = vec![("WEFT_PROXY_DESTINATIONS", file.display().to_string())];
         if !sample.is_empty() {
             env.push(("WEFT_PROXY_TRACE_COLLECTOR", collector.to_string()));
@@ -347,7 +347,7 @@ pub(crate) fn run_authz(dir: &Path, secs: u64) -> anyhow::Result<Vec<PolicyRow>>
 fn inbound_proxy(dir: &Path, app: SocketAddr, servers: &str) -> anyhow::Result<(Proc, SocketAddr)> {
     let file = dir.join(format!("authz-{}.yaml", unique_suffix()));
     std::fs::write(&file, format!("destinations: {{}}\n{servers}"))?;
-    let bin = target_dir()?.join("release/weft-proxy");
+    let bin = crate::procs::proxy_bin()?;
     let (p, _, inbound) = start_proxy(
         &bin,
         &[

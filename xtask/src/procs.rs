@@ -17,6 +17,22 @@ pub(crate) fn target_dir() -> anyhow::Result<PathBuf> {
         .unwrap_or_else(|| root.join("target")))
 }
 
+static SHIPPED: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// From now on, [`proxy_bin`] is `bin`.
+pub(crate) fn ship(bin: PathBuf) {
+    let _ = SHIPPED.set(bin);
+}
+
+/// The proxy binary every scenario measures: the one that ships, once
+/// built, else the plain release build.
+pub(crate) fn proxy_bin() -> anyhow::Result<PathBuf> {
+    match SHIPPED.get() {
+        Some(p) => Ok(p.clone()),
+        None => Ok(target_dir()?.join("release/weft-proxy")),
+    }
+}
+
 /// A child killed on drop.
 pub(crate) struct Proc {
     pub(crate) child: Child,

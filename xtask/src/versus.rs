@@ -13,7 +13,7 @@ use anyhow::Context;
 use serde::Serialize;
 
 use crate::bench::{Reference, Target, percentile, start_proxy};
-use crate::procs::{Proc, free_port, target_dir, wait_listening};
+use crate::procs::{Proc, free_port, wait_listening};
 
 const AUTHORITY: &str = "bench.test:8080";
 
@@ -245,7 +245,7 @@ fn weft(dir: &Path, threads: usize, backend: SocketAddr) -> anyhow::Result<Conte
         &destinations,
         format!("destinations:\n  \"{AUTHORITY}\":\n    endpoints:\n      - addr: {backend}\n"),
     )?;
-    let proxy = target_dir()?.join("release/weft-proxy");
+    let proxy = crate::procs::proxy_bin()?;
     let (proc, outbound, _) = start_proxy(
         &proxy,
         &[
@@ -287,12 +287,13 @@ pub(crate) fn run(dir: &Path, seconds: u64, rounds: u64, quick: bool) -> anyhow:
         contenders.push(weft(dir, t, backend)?);
     }
     eprintln!(
-        "bench g: {} against backend {backend}, {seconds} s per run, {rounds} rounds, interleaved; nothing pinned",
+        "bench g: {} against backend {backend}, {seconds} s per run, {rounds} rounds, interleaved; nothing pinned; weft is {}",
         contenders
             .iter()
             .map(Contender::label)
             .collect::<Vec<_>>()
-            .join(", ")
+            .join(", "),
+        crate::procs::proxy_bin()?.display()
     );
     let log = dir.join("versus-h2load.log");
     let mut rows = Vec::new();

@@ -89,6 +89,8 @@ pub struct EndpointSettings {
     /// Whether HTTP/1 requests to an endpoint hinted HTTP/2 (a meshed
     /// proxy) travel over HTTP/2 with `l5d-orig-proto`.
     pub orig_proto_upgrade: bool,
+    /// How many cores (each with its own connections to every endpoint).
+    pub cores: usize,
 }
 
 /// Connects to one fixed address, over mutual TLS when the endpoint is
@@ -174,11 +176,9 @@ pub struct Endpoint {
     pub upgrade_http1: bool,
     pub load: Arc<Load>,
     pub connector: Connector,
-    http1: Mutex<Vec<Pooled>>,
-    http2: ArcSwapOption<http2::SendRequest<ReqBody>>,
-    /// Single flight for the HTTP/2 connection: concurrent requests share
-    /// one connect, and its failure.
-    http2_connecting: Mutex<Option<SharedConnect>>,
+    /// One pool per core, so a request is sent on a connection whose task
+    /// runs on the request's own thread.
+    pools: Box<[Pool]>,
     /// Requests in flight here (HTTP/1 connections, HTTP/2 streams).
     slots: Arc<Semaphore>,
     limits: Arc<crate::config::Limits>,
@@ -187,6 +187,16 @@ pub struct Endpoint {
     failures: AtomicU32,
     backoff_until: AtomicU64,
     epoch: Instant,
+}
+
+/// Connections to the endpoint that one core's requests use.
+#[derive(Default)]
+struct Pool {
+    http1: Mutex<Vec<Pooled>>,
+    http2: ArcSwapOption<http2::SendRequest<ReqBody>>,
+    /// Single flight for the HTTP/2 connection: concurrent requests share
+    /// one connect, and its failure.
+    http2_connecting: Mutex<Option<SharedConnect>>,
 }
 
 type SharedConnect =
@@ -245,15 +255,20 @@ impl Endpoint {
                 tls,
                 workload: settings.workload.clone(),
             },
-            http1: Mutex::new(Vec::new()),
-            http2: ArcSwapOption::empty(),
-            http2_connecting: Mutex::new(None),
+            pools: (0..settings.cores.max(1))
+                .map(|_| Pool::default())
+                .collect(),
             slots: Arc::new(Semaphore::new(settings.limits.endpoint_max_in_flight)),
             limits: settings.limits.clone(),
             failures: AtomicU32::new(0),
             backoff_until: AtomicU64::new(0),
             epoch: Instant::now(),
         }
+    }
+
+    /// This core's pool.
+    fn pool(&self) -> &Pool {
+        &self.pools[crate::cores::current() % self.pools.len()]
     }
 
     /// Takes one of the endpoint's in-flight slots, waiting at most the
@@ -343,7 +358,7 @@ impl Endpoint {
     }
 
     fn checkout_http1(&self) -> Option<http1::SendRequest<ReqBody>> {
-        let mut pool = self.http1.lock().ok()?;
+        let mut pool = self.pool().http1.lock().ok()?;
         let now = Instant::now();
         // Closed and long-idle connections go; busy ones (a response body
         // still streaming) stay for later.
@@ -358,7 +373,7 @@ impl Endpoint {
     /// Returns a connection whose request has been answered; it becomes
     /// ready again once the response body has been read.
     pub fn checkin_http1(&self, send: http1::SendRequest<ReqBody>) {
-        if let Ok(mut pool) = self.http1.lock()
+        if let Ok(mut pool) = self.pool().http1.lock()
             && pool.len() < HTTP1_MAX_POOLED
         {
             pool.push(Pooled {
@@ -378,7 +393,8 @@ impl Endpoint {
 
     async fn connect_http2(&self) -> Result<Sender, ConnectError> {
         let connect = {
-            let mut slot = match self.http2_connecting.lock() {
+            let pool = self.pool();
+            let mut slot = match pool.http2_connecting.lock() {
                 Ok(s) => s,
                 Err(p) => p.into_inner(),
             };
@@ -395,13 +411,14 @@ impl Endpoint {
             }
         };
         let result = connect.clone().await;
-        if let Ok(mut slot) = self.http2_connecting.lock()
+        let pool = self.pool();
+        if let Ok(mut slot) = pool.http2_connecting.lock()
             && slot.as_ref().is_some_and(|c| c.ptr_eq(&connect))
         {
             *slot = None;
             match &result {
                 Ok(send) => {
-                    self.http2.store(Some(Arc::new(send.clone())));
+                    pool.http2.store(Some(Arc::new(send.clone())));
                     self.connect_succeeded();
                 }
                 Err(_) => self.connect_failed(),
@@ -443,7 +460,7 @@ impl Endpoint {
     }
 
     fn live_http2(&self) -> Option<http2::SendRequest<ReqBody>> {
-        let current = self.http2.load();
+        let current = self.pool().http2.load();
         let send = current.as_deref()?;
         (!send.is_closed()).then(|| send.clone())
     }
@@ -476,7 +493,7 @@ impl Endpoint {
         let fresh = if http1 {
             Sender::Http1(self.connect_http1().await.map_err(SendError::Connect)?)
         } else {
-            self.http2.store(None);
+            self.pool().http2.store(None);
             self.http2().await.map_err(SendError::Connect)?
         };
         self.try_send(fresh, req)

@@ -7,6 +7,7 @@ pub mod admin;
 pub mod authz;
 pub mod config;
 pub mod control;
+pub mod cores;
 pub use weft_destinations as destinations;
 pub mod endpoint;
 pub mod http;
@@ -55,6 +56,8 @@ pub enum RunError {
     },
     #[error("WEFT_PROXY_TRACE_COLLECTOR: {0}")]
     Trace(String),
+    #[error(transparent)]
+    Cores(#[from] cores::StartError),
     #[error("cannot install signal handler: {0}")]
     Signal(#[source] std::io::Error),
     #[error("cannot start the admin server's thread: {0}")]
@@ -233,6 +236,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         limits: limits.clone(),
         workload,
         orig_proto_upgrade: config.orig_proto,
+        cores: config.cores,
     };
     let max_authorities = config.limits.metrics_max_authorities;
     let outbound_labels = Arc::new(metrics::AuthorityLabels::new(
@@ -451,6 +455,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     });
     let admin_shutdown = CancellationToken::new();
     let admin_thread = spawn_admin(admin, admin_listener, admin_shutdown.clone())?;
+    let cores = cores::Cores::start(config.cores, &shutdown, &tracker)?;
 
     for (direction, router, listeners, labels) in [
         (
@@ -491,6 +496,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             authz: authz.clone(),
             server_id: server_id.clone(),
             tracer: tracer.clone(),
+            cores: cores.clone(),
         });
         let name = match direction {
             Direction::outbound => "outbound",

@@ -73,15 +73,9 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    // One core gets a current-thread runtime: no work stealing, no
-    // cross-thread wakeups, no contended locks inside h2.
-    let mut builder = if config.cores == 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        let mut b = tokio::runtime::Builder::new_multi_thread();
-        b.worker_threads(config.cores);
-        b
-    };
+    // The main runtime is core 0; with more cores, `run` starts a
+    // current-thread runtime per core (see `weft_proxy::cores`).
+    let mut builder = tokio::runtime::Builder::new_current_thread();
     let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

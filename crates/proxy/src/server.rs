@@ -16,6 +16,7 @@ use weft_detect::{Authority, ClientHello, Detection, MAX_PREFIX, Protocol, clien
 use crate::authz::Authz;
 use crate::authz::InboundConn;
 use crate::config::Limits;
+use crate::cores::{Cores, Local};
 use crate::http::{self, HttpContext, HttpVersion, ListenAddrs};
 use crate::io::{CountingIo, PrefixedIo, TlsSlot};
 use crate::metrics::{AuthorityLabels, Direction, DirectionLabels, Metrics, Peer, TlsLabel};
@@ -61,6 +62,8 @@ pub struct Side {
     pub server_id: Option<Arc<str>>,
     /// When tracing is on.
     pub tracer: Option<Arc<crate::trace::Tracer>>,
+    /// The cores connections are spread over.
+    pub cores: Arc<Cores>,
 }
 
 impl Side {
@@ -82,21 +85,41 @@ impl Side {
                 _ = shutdown.cancelled() => return,
                 a = listener.accept(|| { refused.inc(); }) => a,
             };
-            let side = self.clone();
-            let shutdown = shutdown.clone();
-            tracker.spawn(async move {
-                // The slot is held for as long as the connection is served.
-                let _slot = accepted.permit;
-                // Two phases, each boxed, so the task holds two pointers:
-                // detection (and a TLS handshake) is freed once it has
-                // decided, and a connection served for hours holds only
-                // what serving needs.
-                let serving = Box::pin(side.serve(accepted.stream, accepted.peer, shutdown)).await;
-                if let Some(serving) = serving {
-                    serving.await;
-                }
-            });
+            if let Some(local) =
+                self.cores
+                    .place(&self, accepted.stream, accepted.peer, accepted.permit)
+            {
+                self.clone()
+                    .spawn_serving(local, accepted.peer, shutdown.clone(), &tracker);
+            }
         }
+    }
+
+    /// Serves a connection on this thread's runtime.
+    pub(crate) fn spawn_serving(
+        self: Arc<Self>,
+        local: Local,
+        peer: SocketAddr,
+        shutdown: CancellationToken,
+        tracker: &TaskTracker,
+    ) {
+        tracker.spawn(async move {
+            // The slot (and the core's count) is held for as long as the
+            // connection is served.
+            let Local {
+                stream,
+                permit: _permit,
+                open: _open,
+            } = local;
+            // Two phases, each boxed, so the task holds two pointers:
+            // detection (and a TLS handshake) is freed once it has
+            // decided, and a connection served for hours holds only
+            // what serving needs.
+            let serving = Box::pin(self.serve(stream, peer, shutdown)).await;
+            if let Some(serving) = serving {
+                serving.await;
+            }
+        });
     }
 
     /// Detects the connection's protocol (terminating TLS addressed to
