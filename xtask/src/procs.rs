@@ -33,6 +33,25 @@ pub(crate) fn proxy_bin() -> anyhow::Result<PathBuf> {
     }
 }
 
+/// Drops `bin`'s pages from the page cache (those no process maps), so the
+/// next start reads it from disk as a freshly pulled image would. A binary
+/// the linker has just written sits in the cache in large folios, which
+/// the kernel maps whole on a fault: the same proxy measured 6.5 MiB idle
+/// that way and 5.9 MiB read from disk.
+pub(crate) fn start_cold(bin: &Path) -> anyhow::Result<()> {
+    let file = std::fs::File::open(bin).with_context(|| format!("opening {}", bin.display()))?;
+    rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed)
+        .with_context(|| format!("dropping {} from the page cache", bin.display()))?;
+    Ok(())
+}
+
+/// `name` as found on `PATH`.
+pub(crate) fn on_path(name: &str) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
 /// A child killed on drop.
 pub(crate) struct Proc {
     pub(crate) child: Child,
