@@ -86,7 +86,7 @@ pub struct Config {
     /// How long a DNS answer for an unknown authority is reused.
     #[serde(with = "humantime_serde_compat")]
     pub dns_refresh: Duration,
-    /// Worker threads.
+    /// Cores: a thread with its own current-thread runtime each.
     pub cores: usize,
     /// How long a process started by SIGUSR2 has to become ready before
     /// it is stopped and this one keeps serving.
@@ -781,9 +781,7 @@ impl Parser {
 }
 
 /// One core by default, as a sidecar should: it shares its host with the
-/// application it serves, and a single-threaded runtime has no cross-thread
-/// wakeups or contended locks (measured with `cargo xtask bench`: ~30 % more
-/// requests per CPU second than two workers on a 2-core machine).
+/// application it serves.
 fn default_cores() -> usize {
     1
 }

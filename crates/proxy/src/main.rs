@@ -21,7 +21,7 @@ path, hands it the listeners and drains once it is ready.
   WEFT_PROXY_CONNECT_TIMEOUT   upstream connect timeout (default 1s)
   WEFT_PROXY_SHUTDOWN_GRACE    drain time after SIGTERM (default 30s)
   WEFT_PROXY_DNS_REFRESH       reuse of DNS answers for unconfigured names (default 5s)
-  WEFT_PROXY_CORES             worker threads (default 1)
+  WEFT_PROXY_CORES             cores, a thread and runtime each (default 1)
   WEFT_PROXY_WORKLOADS         per-node mode: YAML file of local workloads and identities
   WEFT_PROXY_UPGRADE_TIMEOUT   how long a process started by SIGUSR2 has to get ready (30s)
   WEFT_PROXY_REUSE_PORT        SO_REUSEPORT on the traffic listeners (default false)
