@@ -48,7 +48,9 @@ struct Handoff {
 /// The cores, and how many connections each serves.
 pub struct Cores {
     open: Arc<[AtomicUsize]>,
-    /// Cores 1.. (core 0 is the acceptor's own runtime).
+    /// Cores 1.. (core 0 is the acceptor's own runtime). Unbounded, yet
+    /// bounded: every hand-off carries one of its listener's connection
+    /// slots.
     others: Vec<mpsc::UnboundedSender<Handoff>>,
 }
 

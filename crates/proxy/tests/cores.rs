@@ -31,19 +31,26 @@ fn cpu_by_thread(pid: u32) -> anyhow::Result<BTreeMap<String, u64>> {
     Ok(out)
 }
 
+/// A two-core proxy routing `svc.test:8080` to `backend`.
+async fn two_cores(
+    backend: &Backend,
+    env: &[(&str, &str)],
+) -> anyhow::Result<(Proxy, DestinationsFile)> {
+    let file = DestinationsFile::new(&[("svc.test:8080", &[(backend.addr, 1)])])?;
+    let path = file.path_str();
+    let mut all = vec![
+        ("WEFT_PROXY_DESTINATIONS", path.as_str()),
+        ("WEFT_PROXY_CORES", "2"),
+    ];
+    all.extend_from_slice(env);
+    let proxy = Proxy::start(PROXY.as_ref(), &all).await?;
+    Ok((proxy, file))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_are_spread_over_cores_each_with_its_own_upstream() -> anyhow::Result<()> {
     let backend = Backend::start("a").await?;
-    let file = DestinationsFile::new(&[("svc.test:8080", &[(backend.addr, 1)])])?;
-    let path = file.path_str();
-    let proxy = Proxy::start(
-        PROXY.as_ref(),
-        &[
-            ("WEFT_PROXY_DESTINATIONS", &path),
-            ("WEFT_PROXY_CORES", "2"),
-        ],
-    )
-    .await?;
+    let (proxy, _file) = two_cores(&backend, &[]).await?;
     let pid = proxy.pid().ok_or_else(|| anyhow::anyhow!("no pid"))?;
     let before = cpu_by_thread(pid)?;
     assert!(before.contains_key("weft-core-1"), "{before:?}");
@@ -102,17 +109,7 @@ async fn connections_are_spread_over_cores_each_with_its_own_upstream() -> anyho
 async fn a_drain_waits_for_connections_on_every_core() -> anyhow::Result<()> {
     let backend =
         Backend::start_with_delay("a", "127.0.0.1:0".parse()?, Duration::from_millis(600)).await?;
-    let file = DestinationsFile::new(&[("svc.test:8080", &[(backend.addr, 1)])])?;
-    let path = file.path_str();
-    let mut proxy = Proxy::start(
-        PROXY.as_ref(),
-        &[
-            ("WEFT_PROXY_DESTINATIONS", &path),
-            ("WEFT_PROXY_CORES", "2"),
-            ("WEFT_PROXY_SHUTDOWN_GRACE", "10s"),
-        ],
-    )
-    .await?;
+    let (mut proxy, _file) = two_cores(&backend, &[("WEFT_PROXY_SHUTDOWN_GRACE", "10s")]).await?;
     // Two connections: one per core. Each has a slow request in flight
     // when the drain starts; both must be answered.
     let mut inflight = Vec::new();
