@@ -69,6 +69,7 @@ impl Drop for Open {
 /// A connection this core serves itself.
 pub struct Local {
     pub stream: TcpStream,
+    pub peer: SocketAddr,
     pub permit: OwnedSemaphorePermit,
     pub open: Open,
 }
@@ -135,6 +136,7 @@ impl Cores {
             _ => {
                 return Some(Local {
                     stream,
+                    peer,
                     permit,
                     open,
                 });
@@ -186,10 +188,10 @@ async fn serve_handoffs(
         handoff.side.spawn_serving(
             Local {
                 stream,
+                peer: handoff.peer,
                 permit: handoff.permit,
                 open: handoff.open,
             },
-            handoff.peer,
             shutdown.clone(),
             &tracker,
         );

@@ -392,8 +392,10 @@ impl Endpoint {
     }
 
     async fn connect_http2(&self) -> Result<Sender, ConnectError> {
+        // One pool throughout: the one this request's core connects for
+        // is the one whose single flight it clears.
+        let pool = self.pool();
         let connect = {
-            let pool = self.pool();
             let mut slot = match pool.http2_connecting.lock() {
                 Ok(s) => s,
                 Err(p) => p.into_inner(),
@@ -411,7 +413,6 @@ impl Endpoint {
             }
         };
         let result = connect.clone().await;
-        let pool = self.pool();
         if let Ok(mut slot) = pool.http2_connecting.lock()
             && slot.as_ref().is_some_and(|c| c.ptr_eq(&connect))
         {

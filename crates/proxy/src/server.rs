@@ -90,7 +90,7 @@ impl Side {
                     .place(&self, accepted.stream, accepted.peer, accepted.permit)
             {
                 self.clone()
-                    .spawn_serving(local, accepted.peer, shutdown.clone(), &tracker);
+                    .spawn_serving(local, shutdown.clone(), &tracker);
             }
         }
     }
@@ -99,7 +99,6 @@ impl Side {
     pub(crate) fn spawn_serving(
         self: Arc<Self>,
         local: Local,
-        peer: SocketAddr,
         shutdown: CancellationToken,
         tracker: &TaskTracker,
     ) {
@@ -108,6 +107,7 @@ impl Side {
             // connection is served.
             let Local {
                 stream,
+                peer,
                 permit: _permit,
                 open: _open,
             } = local;
