@@ -526,13 +526,14 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir)?;
     if opts.only_policy || opts.only_authz || opts.only_trace {
         let rows = if opts.only_authz {
-            crate::policy::run_authz(&dir, opts.duration)?
+            crate::policy::run_authz(&dir, opts.duration, opts.rounds)?
         } else if opts.only_trace {
             crate::policy::run_trace(&dir, opts.duration)?
         } else {
             crate::policy::run(&dir, opts.duration)?
         };
         print!("{}", policy_table(&rows));
+        print!("{}", verdicts(&crate::policy::targets(&rows), &[]));
         println!("{}", serde_json::to_string_pretty(&rows)?);
         let _ = std::fs::remove_dir_all(&dir);
         return Ok(());
@@ -749,16 +750,7 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
             .iter()
             .find(|r| r.scenario.starts_with(scenario) && r.variant == variant)
     };
-    if let (Some(none), Some(routes)) = (row("d:", "no policy"), row("d:", "3 routes")) {
-        let more = routes.cpu_us_per_request / none.cpu_us_per_request - 1.0;
-        targets.push(Target {
-            name: "CPU per request added by a 3-route policy (h2c max)".into(),
-            measured: more * 100.0,
-            limit: 5.0,
-            unit: "%",
-            pass: more <= 0.05,
-        });
-    }
+    targets.extend(crate::policy::targets(&policy));
     if let Some(healthy) = row("b:", "all healthy") {
         for variant in ["1 of 5 10x slower", "1 of 5 30x slower"] {
             if let Some(slow) = row("b:", variant) {
@@ -943,17 +935,28 @@ pub(crate) fn verdicts(targets: &[Target], references: &[Reference]) -> String {
     out
 }
 
+/// A variant against its scenario's first, as medians of paired rounds
+/// with their spread.
+fn paired_cell(p: crate::policy::Paired) -> String {
+    let (clo, chi) = p.cpu_more_pct_range;
+    let (rlo, rhi) = p.rps_ratio_range;
+    format!(
+        "{:+.1} % ({clo:+.1} to {chi:+.1}), {:.2}× ({rlo:.2}–{rhi:.2}); median of {} rounds",
+        p.cpu_more_pct_median, p.rps_ratio_median, p.rounds
+    )
+}
+
 /// The traffic-policy scenarios as a table.
 fn policy_table(rows: &[crate::policy::PolicyRow]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "\n| policy scenario | variant | req/s | p50 µs | p99 µs | failed | proxy CPU µs/req |\n|---|---|---:|---:|---:|---:|---:|"
+        "\n| policy scenario | variant | req/s | p50 µs | p99 µs | failed | proxy CPU µs/req | paired with the first variant: CPU/req, req/s |\n|---|---|---:|---:|---:|---:|---:|---|"
     );
     for p in rows {
         let _ = writeln!(
             out,
-            "| {} | {} | {:.0} | {:.0} | {:.0} | {} | {:.1}{} |",
+            "| {} | {} | {:.0} | {:.0} | {:.0} | {} | {:.1}{} | {} |",
             p.scenario,
             p.variant,
             p.rps,
@@ -963,7 +966,8 @@ fn policy_table(rows: &[crate::policy::PolicyRow]) -> String {
             p.cpu_us_per_request,
             p.cpu_us_per_request_range
                 .map(|(lo, hi)| format!(" ({lo:.1}–{hi:.1})"))
-                .unwrap_or_default()
+                .unwrap_or_default(),
+            p.paired.map(paired_cell).unwrap_or_default()
         );
     }
     out

@@ -47,7 +47,6 @@ fn demo(args: &[String]) -> anyhow::Result<()> {
 /// with an explicit `--target`, which keeps proc-macros dynamic. On a host
 /// that is not glibc Linux, the plain release build is what ships.
 pub(crate) fn build_shipped_proxy() -> anyhow::Result<()> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
     let version = Command::new(&rustc)
         .arg("-vV")
@@ -61,7 +60,7 @@ pub(crate) fn build_shipped_proxy() -> anyhow::Result<()> {
         eprintln!("bench: host {host} is not glibc Linux; measuring the plain release proxy");
         return Ok(());
     }
-    let status = Command::new(&cargo)
+    let status = cargo()
         .args(["build", "--release", "--target", &host, "--config"])
         .arg(format!(
             "target.{host}.rustflags=[\"-C\", \"target-feature=+crt-static\"]"
@@ -76,9 +75,32 @@ pub(crate) fn build_shipped_proxy() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Cargo, without what `cargo run` told xtask about xtask: ring's build
+/// script watches `CARGO_MANIFEST_DIR`, so inheriting it made every
+/// `cargo xtask bench` rebuild ring and all that depends on it (five
+/// minutes) after any plain `cargo build`, and the other way round.
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        if name.starts_with("CARGO_PKG_")
+            || matches!(
+                &*name,
+                "CARGO_MANIFEST_DIR"
+                    | "CARGO_MANIFEST_PATH"
+                    | "CARGO_CRATE_NAME"
+                    | "CARGO_BIN_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+            )
+        {
+            cmd.env_remove(&*name);
+        }
+    }
+    cmd
+}
+
 pub(crate) fn build_release() -> anyhow::Result<()> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(&cargo)
+    let status = cargo()
         .args([
             "build",
             "--release",

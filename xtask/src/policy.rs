@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use serde::Serialize;
 
-use crate::bench::{Mode, Proto, h2load, percentile, start_proxy};
+use crate::bench::{Mode, Proto, Target, h2load, percentile, start_proxy};
 use crate::procs::{Proc, spawn_until, target_dir};
 
 const AUTHORITY: &str = "api.bench:80";
@@ -30,9 +30,104 @@ pub(crate) struct PolicyRow {
     /// Lowest and highest CPU per request over the rounds, when the
     /// scenario ran in rounds.
     pub(crate) cpu_us_per_request_range: Option<(f64, f64)>,
+    /// Against the scenario's first variant, round by round, when the
+    /// variants took turns.
+    pub(crate) paired: Option<Paired>,
 }
 
-/// Rounds of the interleaved scenarios (d), (e), (f).
+/// One variant against the scenario's first, each round compared with
+/// the same round's first variant, so that what the machine did in that
+/// round (a neighbour's load, the CPU's clock) divides out. The median
+/// round is the figure: one disturbed round moves it by one place, not
+/// by its size.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub(crate) struct Paired {
+    pub(crate) rounds: usize,
+    /// CPU per request, this variant's over the first's, in per cent more.
+    pub(crate) cpu_more_pct_median: f64,
+    pub(crate) cpu_more_pct_range: (f64, f64),
+    /// Requests per second, this variant's over the first's.
+    pub(crate) rps_ratio_median: f64,
+    pub(crate) rps_ratio_range: (f64, f64),
+}
+
+impl Paired {
+    /// `first` holds the first variant's (CPU per request, req/s) by round.
+    fn of(rounds: &[PolicyRow], first: &[(f64, f64)]) -> Option<Paired> {
+        let pairs = rounds.iter().zip(first);
+        let cpu: Vec<f64> = pairs
+            .clone()
+            .map(|(r, (cpu, _))| (r.cpu_us_per_request / cpu - 1.0) * 100.0)
+            .filter(|v| v.is_finite())
+            .collect();
+        let rps: Vec<f64> = pairs
+            .map(|(r, (_, rps))| r.rps / rps)
+            .filter(|v| v.is_finite())
+            .collect();
+        Some(Paired {
+            rounds: cpu.len(),
+            cpu_more_pct_median: median(&cpu)?,
+            cpu_more_pct_range: range(&cpu)?,
+            rps_ratio_median: median(&rps)?,
+            rps_ratio_range: range(&rps)?,
+        })
+    }
+}
+
+/// The costs judged: what a policy adds to each request, the median of
+/// its paired rounds, against the goal of 5 %.
+pub(crate) fn targets(rows: &[PolicyRow]) -> Vec<Target> {
+    [
+        (
+            "d:",
+            "3 routes",
+            "CPU per request added by a 3-route policy (h2c max)",
+        ),
+        (
+            "e:",
+            "20 authorizations + rate limit",
+            "CPU per request added by 20 authorizations and a rate limit (inbound, h2c max)",
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(scenario, variant, name)| {
+        let row = rows
+            .iter()
+            .find(|r| r.scenario.starts_with(scenario) && r.variant == variant)?;
+        let p = row.paired?;
+        let (lo, hi) = p.cpu_more_pct_range;
+        Some(Target {
+            name: format!(
+                "{name}, median of {} paired rounds ({lo:+.1} to {hi:+.1} %)",
+                p.rounds
+            ),
+            measured: p.cpu_more_pct_median,
+            limit: 5.0,
+            unit: "%",
+            pass: p.cpu_more_pct_median <= 5.0,
+        })
+    })
+    .collect()
+}
+
+fn median(v: &[f64]) -> Option<f64> {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(v[n / 2]),
+        _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+    }
+}
+
+fn range(v: &[f64]) -> Option<(f64, f64)> {
+    let lo = v.iter().copied().reduce(f64::min)?;
+    let hi = v.iter().copied().reduce(f64::max)?;
+    Some((lo, hi))
+}
+
+/// Rounds of the interleaved scenarios (d), (e), (f) in the full run.
 const ROUNDS: usize = 4;
 
 /// One row for several rounds: totals, CPU per request over them all and
@@ -60,27 +155,52 @@ fn combine(scenario: &'static str, variant: &str, mut rounds: Vec<PolicyRow>) ->
         p99_us: mid.p99_us,
         cpu_us_per_request: cpu_us / requests.max(1) as f64,
         cpu_us_per_request_range: Some(range),
+        paired: None,
     }
 }
 
 /// Proxies side by side taking turns, round after round, so a noisy
-/// neighbour lands on all alike; one row per variant, with its spread.
+/// neighbour lands on all alike; one row per variant, with its spread and
+/// its rounds paired with the first variant's. Every other round runs the
+/// variants in reverse, so that whatever drifts within a round (the
+/// backend's warmth, the page cache, a neighbour starting) favours none.
 fn interleaved(
     scenario: &'static str,
     dir: &Path,
     variants: &[(&'static str, (Proc, SocketAddr))],
     round: Drive,
+    rounds: usize,
 ) -> anyhow::Result<Vec<PolicyRow>> {
     let mut by_variant: Vec<Vec<PolicyRow>> = variants.iter().map(|_| Vec::new()).collect();
-    for _ in 0..ROUNDS {
-        for ((variant, (p, addr)), acc) in variants.iter().zip(&mut by_variant) {
-            acc.push(measure(scenario, *variant, dir, (p, *addr), round, || {})?);
+    for n in 0..rounds {
+        let mut order: Vec<usize> = (0..variants.len()).collect();
+        if n % 2 == 1 {
+            order.reverse();
+        }
+        for i in order {
+            let (variant, (p, addr)) = &variants[i];
+            by_variant[i].push(measure(scenario, *variant, dir, (p, *addr), round, || {})?);
         }
     }
+    let first: Vec<(f64, f64)> = by_variant
+        .first()
+        .map(|r| {
+            r.iter()
+                .map(|row| (row.cpu_us_per_request, row.rps))
+                .collect()
+        })
+        .unwrap_or_default();
     Ok(variants
         .iter()
         .zip(by_variant)
-        .map(|((variant, _), rounds)| combine(scenario, variant, rounds))
+        .enumerate()
+        .map(|(i, ((variant, _), rounds))| {
+            let paired = (i > 0).then(|| Paired::of(&rounds, &first)).flatten();
+            PolicyRow {
+                paired,
+                ..combine(scenario, variant, rounds)
+            }
+        })
         .collect())
 }
 
@@ -163,6 +283,7 @@ fn measure(
         p99_us: percentile(lat, 99.0),
         cpu_us_per_request: cpu * 1e6 / r.total().max(1) as f64,
         cpu_us_per_request_range: None,
+        paired: None,
     };
     eprintln!(
         "  {:<28} {:<28} {:>8.0} req/s  p50 {:>8.0} µs  p99 {:>9.0} µs  failed {:>5}  {:>5.1} µs CPU/req",
@@ -286,8 +407,9 @@ pub(crate) fn run(dir: &Path, secs: u64) -> anyhow::Result<Vec<PolicyRow>> {
         dir,
         &variants,
         round,
+        ROUNDS,
     )?);
-    rows.extend(inbound_authz(dir, &one, round)?);
+    rows.extend(inbound_authz(dir, &one, round, ROUNDS)?);
     rows.extend(run_trace(dir, secs)?);
     Ok(rows)
 }
@@ -328,18 +450,19 @@ pub(crate) fn run_trace(dir: &Path, secs: u64) -> anyhow::Result<Vec<PolicyRow>>
         ("1% sampled", traced("0.01")?),
         ("100% sampled", traced("1")?),
     ];
-    interleaved("f: tracing cost (h2c max)", dir, &variants, round)
+    interleaved("f: tracing cost (h2c max)", dir, &variants, round, ROUNDS)
 }
 
-/// Scenario (e) alone.
-pub(crate) fn run_authz(dir: &Path, secs: u64) -> anyhow::Result<Vec<PolicyRow>> {
+/// Scenario (e) alone: `secs` in all for each variant, in `rounds`
+/// paired rounds.
+pub(crate) fn run_authz(dir: &Path, secs: u64, rounds: u64) -> anyhow::Result<Vec<PolicyRow>> {
     let one = backend("one", &[])?;
     let round = Drive {
         proto: Proto::H2c,
         mode: Mode::Max,
-        secs: (secs / 2).max(2),
+        secs: (secs / rounds.max(1)).max(2),
     };
-    inbound_authz(dir, &one, round)
+    inbound_authz(dir, &one, round, usize::try_from(rounds)?)
 }
 
 /// An inbound proxy in front of `app`, serving as `api.bench`, with the
@@ -369,6 +492,7 @@ fn inbound_authz(
     dir: &Path,
     app: &(Proc, SocketAddr),
     round: Drive,
+    rounds: usize,
 ) -> anyhow::Result<Vec<PolicyRow>> {
     let mut servers = format!(
         "servers:\n  \"api.bench\":\n    ports:\n      \"{}\":\n        default: deny\n        rate_limit: {{total_rps: 10000000, per_client_rps: 10000000}}\n        authorizations:\n",
@@ -387,5 +511,11 @@ fn inbound_authz(
             inbound_proxy(dir, app.1, &servers)?,
         ),
     ];
-    interleaved("e: inbound authz cost (h2c max)", dir, &variants, round)
+    interleaved(
+        "e: inbound authz cost (h2c max)",
+        dir,
+        &variants,
+        round,
+        rounds,
+    )
 }
