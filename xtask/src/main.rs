@@ -4,6 +4,7 @@ mod bench;
 mod hosts;
 mod idle;
 mod mesh;
+mod order;
 mod origproto;
 mod policy;
 mod procs;
@@ -22,6 +23,7 @@ fn main() -> anyhow::Result<()> {
     match task.as_deref() {
         Some("demo") => demo(&rest),
         Some("bench") => bench::run(&rest),
+        Some("order") => order::run(),
         _ => bail!("{USAGE}"),
     }
 }
@@ -47,6 +49,22 @@ fn demo(args: &[String]) -> anyhow::Result<()> {
 /// with an explicit `--target`, which keeps proc-macros dynamic. On a host
 /// that is not glibc Linux, the plain release build is what ships.
 pub(crate) fn build_shipped_proxy() -> anyhow::Result<()> {
+    match build_static_proxy(None)? {
+        Some(bin) => procs::ship(bin),
+        None => eprintln!("bench: the host is not glibc Linux; measuring the plain release proxy"),
+    }
+    Ok(())
+}
+
+/// The shipped proxy, and the linker's map of it (where each function
+/// landed), for `cargo xtask order`. Not a build with symbols kept: that
+/// changes the profile, which changes the names of most functions.
+pub(crate) fn build_proxy_with_map(map: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
+    build_static_proxy(Some(map))?.context("cargo xtask order needs a glibc Linux host")
+}
+
+/// The static proxy's path, or `None` where there is no glibc to link.
+fn build_static_proxy(map: Option<&std::path::Path>) -> anyhow::Result<Option<std::path::PathBuf>> {
     let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
     let version = Command::new(&rustc)
         .arg("-vV")
@@ -57,22 +75,24 @@ pub(crate) fn build_shipped_proxy() -> anyhow::Result<()> {
         .find_map(|l| l.strip_prefix("host: ").map(str::to_string))
         .context("rustc -vV names no host")?;
     if !host.ends_with("-linux-gnu") {
-        eprintln!("bench: host {host} is not glibc Linux; measuring the plain release proxy");
-        return Ok(());
+        return Ok(None);
     }
-    let status = cargo()
-        .args(["build", "--release", "--target", &host, "--config"])
+    let mut cmd = cargo();
+    cmd.args(["build", "--release", "--target", &host, "--config"])
         .arg(format!(
             "target.{host}.rustflags=[\"-C\", \"target-feature=+crt-static\"]"
         ))
-        .args(["-p", "weft-proxy", "--bin", "weft-proxy"])
-        .status()
-        .context("running cargo build (static proxy)")?;
+        .args(["-p", "weft-proxy", "--bin", "weft-proxy"]);
+    if let Some(map) = map {
+        cmd.env("WEFT_PROXY_LINK_MAP", map);
+    }
+    let status = cmd.status().context("running cargo build (static proxy)")?;
     if !status.success() {
         bail!("cargo build --release --target {host} (static proxy) failed");
     }
-    procs::ship(procs::target_dir()?.join(&host).join("release/weft-proxy"));
-    Ok(())
+    Ok(Some(
+        procs::target_dir()?.join(&host).join("release/weft-proxy"),
+    ))
 }
 
 /// Cargo, without what `cargo run` told xtask about xtask: ring's build
