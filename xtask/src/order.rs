@@ -2,21 +2,23 @@
 //! `crates/proxy/link/text.order`, which the proxy's build script hands
 //! the linker (`--symbol-ordering-file`).
 //!
-//! A proxy that has started and waits touches about a thousand of its
-//! functions, about 1 MB of its 7.6 MB of code; left where the compiler
-//! put them they lie on some seventy 64 KiB blocks, and the kernel maps a
-//! whole block around each page fault, so the idle proxy carried about
-//! 4.7 MiB of its own code. Laid out together they fill eighteen blocks.
-//! The request path follows, so the pages a busy proxy keeps hot are few
-//! and adjacent too.
+//! A proxy that has started and waits runs about 800 of its functions,
+//! about 1 MB of its 7.6 MB of code; left where the compiler put them they
+//! lie on some seventy 64 KiB blocks, and the kernel maps a whole block
+//! around each page fault, so an idle proxy kept 5.5 MiB of its own code
+//! resident. Laid out together they fill about eighteen blocks. The
+//! request path follows, so the pages a busy proxy keeps hot are few and
+//! adjacent too.
 //!
-//! The functions are those callgrind sees run: the proxy starts under
+//! The functions are those callgrind sees run (the proxy starts under
 //! valgrind, is dumped once ready and idle, then carries HTTP/1.1 and h2c
 //! requests outbound and inbound and answers `/metrics`, and is dumped
-//! again. Names are the linker's (mangled); a name that later disappears
-//! is skipped by the linker, so the file ages gracefully and only needs
-//! regenerating when much has moved (a new dependency version, new code
-//! on the start-up path).
+//! again), and those a native run of the same steps first touches outside
+//! the laid-out code (`perf record -e page-faults`). Names are the
+//! linker's (mangled); a name that later disappears is skipped by the
+//! linker, so the file ages gracefully and only needs regenerating when
+//! much has moved (a new dependency version, new code on the start-up
+//! path).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -121,28 +123,40 @@ impl Layout {
         layout
     }
 
-    /// Each name once, in its earliest group.
+    /// Each name kept only in its earliest group: a function already
+    /// placed needs no later place.
+    fn disjoint(mut self) -> Layout {
+        let mut seen = BTreeSet::new();
+        for group in [
+            &mut self.start_up,
+            &mut self.start_up_native,
+            &mut self.requests,
+            &mut self.requests_native,
+        ] {
+            group.retain(|name| !seen.contains(name));
+            seen.extend(group.iter().cloned());
+        }
+        self
+    }
+
     fn render(&self) -> String {
         let mut text = String::from(HEADER);
-        let mut seen = BTreeSet::new();
         for (title, names) in GROUPS.iter().zip(self.groups()) {
             text.push('\n');
             text.push_str(title);
             text.push('\n');
             for name in names {
-                if seen.insert(name) {
-                    text.push_str(name);
-                    text.push('\n');
-                }
+                text.push_str(name);
+                text.push('\n');
             }
         }
         text
     }
 }
 
-/// The shipped proxy, built with a link map (the same binary), run
-/// under callgrind: the functions run until idle, and those run while
-/// carrying requests, by name.
+/// The shipped proxy, built with a link map (the same binary), run under
+/// callgrind and natively under perf: the functions run until idle, and
+/// those run while carrying requests, by name.
 fn build_and_profile(
     valgrind: &Path,
     control: &Path,
@@ -168,24 +182,26 @@ fn build_and_profile(
         dir,
         destinations,
         backend,
+        runtime: tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?,
     };
     let (start_up, requests) = callgrind(&setup, valgrind, control)?;
     let name = |addrs: BTreeSet<u64>| -> anyhow::Result<BTreeSet<String>> {
-        let found: Vec<&str> = addrs
-            .iter()
-            .filter_map(|a| symbol_at(&symbols, *a))
-            .collect();
         // Callgrind's addresses are the linked ones; were most outside the
         // map's text, they would not be (a relocated base), and the file
         // would order nothing.
-        if found.len() * 2 < addrs.len() {
+        let resolved = addrs
+            .iter()
+            .filter(|a| symbol_at(&symbols, **a).is_some())
+            .count();
+        if resolved * 2 < addrs.len() {
             bail!(
-                "only {} of the {} addresses callgrind reported are in the link map's .text",
-                found.len(),
+                "only {resolved} of the {} addresses callgrind reported are in the link map's .text",
                 addrs.len()
             );
         }
-        Ok(found.into_iter().map(str::to_string).collect())
+        Ok(named(&symbols, &addrs))
     };
     let mut layout = Layout {
         start_up: name(start_up)?,
@@ -205,31 +221,26 @@ fn build_and_profile(
     layout.requests_native = still(&before.requests_native);
     match on_path("perf") {
         Some(perf) => {
+            // Page faults land in data too: only text counts, and no
+            // minimum share is expected.
             let (idle, busy) = native_faults(&setup, &perf)?;
-            // Page faults land anywhere in a function, and in data too:
-            // only text counts, and no minimum share is expected.
-            let named = |addrs: BTreeSet<u64>| -> Vec<String> {
-                addrs
-                    .iter()
-                    .filter_map(|a| symbol_at(&symbols, *a))
-                    .map(str::to_string)
-                    .collect()
-            };
-            layout.start_up_native.extend(named(idle));
-            layout.requests_native.extend(named(busy));
+            layout.start_up_native.extend(named(&symbols, &idle));
+            layout.requests_native.extend(named(&symbols, &busy));
         }
         None => eprintln!(
             "order: perf is not installed; code chosen for this CPU at run time is not laid out"
         ),
     }
-    // A function in an earlier group needs no place in a later one.
-    let start_up = layout.start_up.clone();
-    layout.start_up_native.retain(|n| !start_up.contains(n));
-    let early: BTreeSet<String> = start_up.union(&layout.start_up_native).cloned().collect();
-    layout.requests.retain(|n| !early.contains(n));
-    let early: BTreeSet<String> = early.union(&layout.requests).cloned().collect();
-    layout.requests_native.retain(|n| !early.contains(n));
-    Ok(layout)
+    Ok(layout.disjoint())
+}
+
+/// The functions holding `addrs`.
+fn named(symbols: &[(u64, u64, String)], addrs: &BTreeSet<u64>) -> BTreeSet<String> {
+    addrs
+        .iter()
+        .filter_map(|a| symbol_at(symbols, *a))
+        .map(str::to_string)
+        .collect()
 }
 
 /// Where the proxy runs, and what for.
@@ -238,11 +249,13 @@ struct Setup<'a> {
     dir: &'a Path,
     destinations: PathBuf,
     backend: std::net::SocketAddr,
+    /// For the admin GETs, with the test support's client.
+    runtime: tokio::runtime::Runtime,
 }
 
 impl Setup<'_> {
     /// `wrapper` running the proxy, configured as the benchmark's are.
-    fn command(&self, wrapper: &Path, args: &[String]) -> std::process::Command {
+    fn command(&self, wrapper: &Path, args: &[&str]) -> std::process::Command {
         let mut cmd = weft_test_support::process::std_command(wrapper);
         cmd.env_clear()
             .args(args)
@@ -269,7 +282,7 @@ impl Setup<'_> {
         let admin = field(&line, "admin")?;
         let outbound = field(&line, "outbound")?;
         let inbound = field(&line, "inbound")?;
-        wait_ready(admin)?;
+        self.wait_ready(admin)?;
         // As the benchmark calls it idle: ready, then half a second.
         std::thread::sleep(Duration::from_millis(500));
         let idle = at_idle(&proxy)?;
@@ -295,9 +308,30 @@ impl Setup<'_> {
                 );
             }
         }
-        get(admin, "/metrics")?;
+        self.get(admin, "/metrics")?;
         let end = at_end(&proxy)?;
         Ok((idle, end, proxy))
+    }
+
+    /// A GET from the admin server, with a deadline: under valgrind the
+    /// proxy answers slowly, but it must answer.
+    fn get(&self, admin: std::net::SocketAddr, path: &str) -> anyhow::Result<String> {
+        let get = weft_test_support::metrics::get_text(admin, path);
+        self.runtime
+            .block_on(async { tokio::time::timeout(Duration::from_secs(20), get).await })
+            .with_context(|| format!("GET {path}: no answer in 20 s"))?
+    }
+
+    /// Valgrind starts the proxy some fifty times slower than it runs.
+    fn wait_ready(&self, admin: std::net::SocketAddr) -> anyhow::Result<()> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while std::time::Instant::now() < deadline {
+            if self.get(admin, "/ready").is_ok() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        bail!("the proxy was not ready in 60 s")
     }
 }
 
@@ -309,13 +343,14 @@ fn callgrind(
     control: &Path,
 ) -> anyhow::Result<(BTreeSet<u64>, BTreeSet<u64>)> {
     let out = setup.dir.join("callgrind.out");
+    let out_file = format!("--callgrind-out-file={}", out.display());
     let cmd = setup.command(
         valgrind,
         &[
-            "--tool=callgrind".into(),
-            "--demangle=no".into(),
-            "--dump-instr=no".into(),
-            format!("--callgrind-out-file={}", out.display()),
+            "--tool=callgrind",
+            "--demangle=no",
+            "--dump-instr=no",
+            &out_file,
         ],
     );
     let (start_up, requests, _proxy) = setup.exercise(
@@ -335,21 +370,22 @@ fn callgrind(
 /// finds more of it.
 fn native_faults(setup: &Setup, perf: &Path) -> anyhow::Result<(BTreeSet<u64>, BTreeSet<u64>)> {
     let data = setup.dir.join("faults.data");
+    let data_arg = data.display().to_string();
     let cmd = setup.command(
         perf,
         &[
-            "record".into(),
-            "-q".into(),
-            "-e".into(),
-            "page-faults".into(),
-            "-c".into(),
-            "1".into(),
-            "-d".into(),
-            "-k".into(),
-            "CLOCK_MONOTONIC".into(),
-            "-o".into(),
-            data.display().to_string(),
-            "--".into(),
+            "record",
+            "-q",
+            "-e",
+            "page-faults",
+            "-c",
+            "1",
+            "-d",
+            "-k",
+            "CLOCK_MONOTONIC",
+            "-o",
+            &data_arg,
+            "--",
         ],
     );
     let now = || -> f64 {
@@ -503,32 +539,6 @@ fn symbol_at(symbols: &[(u64, u64, String)], addr: u64) -> Option<&str> {
     (addr < start + size.max(&1)).then_some(name.as_str())
 }
 
-fn wait_ready(admin: std::net::SocketAddr) -> anyhow::Result<()> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while std::time::Instant::now() < deadline {
-        if get(admin, "/ready").is_ok_and(|status| status.contains(" 200 ")) {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    bail!("the proxy under valgrind was not ready in 60 s")
-}
-
-/// A plain HTTP/1.1 GET; the status line.
-fn get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    s.set_read_timeout(Some(Duration::from_secs(20)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n"
-    )?;
-    let mut body = Vec::new();
-    s.read_to_end(&mut body)?;
-    let text = String::from_utf8_lossy(&body);
-    Ok(text.lines().next().unwrap_or_default().to_string())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -541,6 +551,7 @@ mod tests {
         layout.requests.insert("poll".into());
         layout.requests.insert("main".into());
         layout.requests_native.insert("match_uri_avx2".into());
+        let layout = layout.disjoint();
         let text = layout.render();
         // Each name once, in its earliest group.
         assert_eq!(text.matches("\nmain\n").count(), 1);

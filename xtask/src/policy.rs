@@ -139,10 +139,7 @@ fn combine(scenario: &'static str, variant: &str, mut rounds: Vec<PolicyRow>) ->
         .map(|r| r.cpu_us_per_request * r.requests as f64)
         .sum();
     let cpu: Vec<f64> = rounds.iter().map(|r| r.cpu_us_per_request).collect();
-    let range = (
-        cpu.iter().copied().fold(f64::INFINITY, f64::min),
-        cpu.iter().copied().fold(0.0, f64::max),
-    );
+    let range = range(&cpu);
     rounds.sort_by(|a, b| a.p50_us.total_cmp(&b.p50_us));
     let mid = &rounds[rounds.len() / 2];
     PolicyRow {
@@ -154,7 +151,7 @@ fn combine(scenario: &'static str, variant: &str, mut rounds: Vec<PolicyRow>) ->
         p50_us: mid.p50_us,
         p99_us: mid.p99_us,
         cpu_us_per_request: cpu_us / requests.max(1) as f64,
-        cpu_us_per_request_range: Some(range),
+        cpu_us_per_request_range: range,
         paired: None,
     }
 }
