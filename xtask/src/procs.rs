@@ -91,15 +91,22 @@ impl Proc {
 
     /// User + system CPU seconds, in 10 ms ticks.
     fn cpu_ticks_seconds(&self) -> f64 {
+        let (user, system) = self.user_system_seconds();
+        user + system
+    }
+
+    /// User and system (kernel) CPU seconds so far, in 10 ms ticks
+    /// (`/proc/PID/stat`): coarse, for splitting a run of seconds.
+    pub(crate) fn user_system_seconds(&self) -> (f64, f64) {
         let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())) else {
-            return 0.0;
+            return (0.0, 0.0);
         };
         let Some((_, rest)) = stat.rsplit_once(')') else {
-            return 0.0;
+            return (0.0, 0.0);
         };
         let f: Vec<&str> = rest.split_whitespace().collect();
         let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-        (ticks(11) + ticks(12)) / 100.0
+        (ticks(11) / 100.0, ticks(12) / 100.0)
     }
 
     fn status_kib(&self, key: &str) -> u64 {

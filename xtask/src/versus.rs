@@ -131,6 +131,12 @@ impl Contender {
     fn cpu(&self) -> f64 {
         self.proc.as_ref().map_or(0.0, Proc::cpu_seconds)
     }
+
+    fn user_system(&self) -> (f64, f64) {
+        self.proc
+            .as_ref()
+            .map_or((0.0, 0.0), Proc::user_system_seconds)
+    }
 }
 
 /// One round of one load on one contender.
@@ -140,6 +146,10 @@ pub(crate) struct Run {
     requests: u64,
     failed: u64,
     cpu_us_per_request: f64,
+    /// The kernel's part of that CPU (system / user + system, in ticks):
+    /// a proxy's floor is the kernel's socket work, the same for any
+    /// proxy making the same syscalls.
+    kernel_share: f64,
     p50_us: f64,
     p99_us: f64,
     max_us: f64,
@@ -308,16 +318,24 @@ pub(crate) fn run(dir: &Path, seconds: u64, rounds: u64, quick: bool) -> anyhow:
             for (i, c) in contenders.iter().enumerate() {
                 let url = format!("http://{}/", if load.h1() { c.h1 } else { c.h2 });
                 let before = c.cpu();
+                let (user0, sys0) = c.user_system();
                 let r = load
                     .h2load(&url, c.authority, seconds, &log)
                     .with_context(|| format!("{} through {}", load.name(), c.label()))?;
                 let cpu = c.cpu() - before;
+                let (user1, sys1) = c.user_system();
+                let (user, sys) = (user1 - user0, sys1 - sys0);
                 let requests = r.total();
                 runs[i].push(Run {
                     rps: r.rps,
                     requests,
                     failed: r.failed + r.status_5xx,
                     cpu_us_per_request: cpu * 1e6 / requests.max(1) as f64,
+                    kernel_share: if user + sys > 0.0 {
+                        sys / (user + sys)
+                    } else {
+                        f64::NAN
+                    },
                     p50_us: percentile(&r.latencies_us, 50.0),
                     p99_us: percentile(&r.latencies_us, 99.0),
                     max_us: r.latencies_us.last().copied().unwrap_or(f64::NAN),
@@ -423,6 +441,31 @@ fn judge(v: &mut Versus, quick: bool) {
             references.push(Reference {
                 name: cpu_name(load, threads, w, h, crange),
                 measured: c,
+                unit: "×",
+            });
+            // Where the difference is: the kernel's socket work is about
+            // the same for both (the same syscalls per request), so the
+            // gap is user space.
+            let part = |r: &Row, kernel: bool| {
+                r.mean(|x| {
+                    let k = if kernel {
+                        x.kernel_share
+                    } else {
+                        1.0 - x.kernel_share
+                    };
+                    x.cpu_us_per_request * k
+                })
+            };
+            references.push(Reference {
+                name: format!(
+                    "{} user-space CPU µs/request, weft / HAProxy, {threads} thread(s): {:.1} vs {:.1} (kernel {:.1} vs {:.1})",
+                    load.name(),
+                    part(w, false),
+                    part(h, false),
+                    part(w, true),
+                    part(h, true)
+                ),
+                measured: part(w, false) / part(h, false),
                 unit: "×",
             });
         }
@@ -548,7 +591,7 @@ pub(crate) fn table(v: &Versus) -> String {
     let _ = writeln!(
         out,
         "\ng: weft vs HAProxy, same threads ({} rounds × {} s, interleaved; mean and min–max over rounds)\n\n\
-         | load | path | req/s | CPU µs/req | p50 µs | p99 µs | max µs | failed |\n|---|---|---:|---:|---:|---:|---:|---:|",
+         | load | path | req/s | CPU µs/req | kernel % | p50 µs | p99 µs | max µs | failed |\n|---|---|---:|---:|---:|---:|---:|---:|---:|",
         v.rounds, v.seconds_per_run
     );
     for r in &v.rows {
@@ -562,9 +605,14 @@ pub(crate) fn table(v: &Versus) -> String {
                 r.mean(|x| x.cpu_us_per_request)
             )
         };
+        let kernel = if r.who == Who::Direct {
+            "–".to_string()
+        } else {
+            format!("{:.0}", 100.0 * r.mean(|x| x.kernel_share))
+        };
         let _ = writeln!(
             out,
-            "| {} | {} | {:.0} ({lo:.0}–{hi:.0}) | {cpu} | {:.0} | {:.0} | {:.0} | {} |",
+            "| {} | {} | {:.0} ({lo:.0}–{hi:.0}) | {cpu} | {kernel} | {:.0} | {:.0} | {:.0} | {} |",
             r.load.name(),
             r.label,
             r.mean(|x| x.rps),
