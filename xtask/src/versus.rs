@@ -146,9 +146,10 @@ pub(crate) struct Run {
     requests: u64,
     failed: u64,
     cpu_us_per_request: f64,
-    /// The kernel's part of that CPU (system / user + system, in ticks):
-    /// a proxy's floor is the kernel's socket work, the same for any
-    /// proxy making the same syscalls.
+    /// The kernel's part of that CPU (system / user + system, in ticks;
+    /// NaN, serialized as null, when the run used too little CPU to
+    /// tell): a proxy's floor is the kernel's socket work, the same for
+    /// any proxy making the same syscalls.
     kernel_share: f64,
     p50_us: f64,
     p99_us: f64,
@@ -196,6 +197,11 @@ pub(crate) struct Versus {
     pub(crate) targets: Vec<Target>,
     pub(crate) references: Vec<Reference>,
 }
+
+/// The least CPU a run must use for its user/kernel split to be shown:
+/// the split comes from 10 ms ticks (scaled by the kernel to the exact
+/// runtime), so a run at 1k RPS, about ten ticks, gives noise.
+const MIN_SPLIT_SECONDS: f64 = 0.5;
 
 /// HAProxy's connection limit in the throughput runs.
 pub(crate) const HAPROXY_MAXCONN: usize = 4096;
@@ -331,7 +337,7 @@ pub(crate) fn run(dir: &Path, seconds: u64, rounds: u64, quick: bool) -> anyhow:
                     requests,
                     failed: r.failed + r.status_5xx,
                     cpu_us_per_request: cpu * 1e6 / requests.max(1) as f64,
-                    kernel_share: if user + sys > 0.0 {
+                    kernel_share: if user + sys >= MIN_SPLIT_SECONDS {
                         sys / (user + sys)
                     } else {
                         f64::NAN
@@ -605,10 +611,11 @@ pub(crate) fn table(v: &Versus) -> String {
                 r.mean(|x| x.cpu_us_per_request)
             )
         };
-        let kernel = if r.who == Who::Direct {
+        let share = r.mean(|x| x.kernel_share);
+        let kernel = if r.who == Who::Direct || share.is_nan() {
             "–".to_string()
         } else {
-            format!("{:.0}", 100.0 * r.mean(|x| x.kernel_share))
+            format!("{:.0}", 100.0 * share)
         };
         let _ = writeln!(
             out,
