@@ -452,26 +452,17 @@ fn judge(v: &mut Versus, quick: bool) {
             // Where the difference is: the kernel's socket work is about
             // the same for both (the same syscalls per request), so the
             // gap is user space.
-            let part = |r: &Row, kernel: bool| {
-                r.mean(|x| {
-                    let k = if kernel {
-                        x.kernel_share
-                    } else {
-                        1.0 - x.kernel_share
-                    };
-                    x.cpu_us_per_request * k
-                })
-            };
+            let kernel = |r: &Row| r.mean(|x| x.cpu_us_per_request * x.kernel_share);
+            let user = |r: &Row| r.mean(|x| x.cpu_us_per_request) - kernel(r);
+            let (wu, hu) = (user(w), user(h));
             references.push(Reference {
                 name: format!(
-                    "{} user-space CPU µs/request, weft / HAProxy, {threads} thread(s): {:.1} vs {:.1} (kernel {:.1} vs {:.1})",
+                    "{} user-space CPU µs/request, weft / HAProxy, {threads} thread(s): {wu:.1} vs {hu:.1} (kernel {:.1} vs {:.1})",
                     load.name(),
-                    part(w, false),
-                    part(h, false),
-                    part(w, true),
-                    part(h, true)
+                    kernel(w),
+                    kernel(h)
                 ),
-                measured: part(w, false) / part(h, false),
+                measured: wu / hu,
                 unit: "×",
             });
         }

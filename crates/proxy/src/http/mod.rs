@@ -734,7 +734,7 @@ impl HttpContext {
         &self,
         target: &Target,
         mut req: Request<ReqBody>,
-        deadline: Option<(Duration, tokio::time::Instant)>,
+        deadline: Deadline,
         response_timeout: Option<Duration>,
         tried: &[SocketAddr],
         wire: Wire,
@@ -890,7 +890,7 @@ impl HttpContext {
         target: &Target,
         req: Request<ReqBody>,
         h: HedgeWith<'_>,
-        deadline: Option<(Duration, tokio::time::Instant)>,
+        deadline: Deadline,
         response_timeout: Option<Duration>,
         wire: Wire,
     ) -> Result<(Arc<Endpoint>, crate::endpoint::InFlight, Response<Incoming>), Failed> {
@@ -1280,7 +1280,7 @@ fn copy_parts(parts: &http::request::Parts) -> http::request::Parts {
     req.into_parts().0
 }
 
-/// A timeout and when it expires.
+/// A timeout and when it expires, if there is one.
 type Deadline = Option<(Duration, tokio::time::Instant)>;
 
 /// The request's deadline or the response timeout, whichever expires
