@@ -14,7 +14,7 @@ use futures_util::future::{BoxFuture, Shared};
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::{TrySendError, http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use weft_balance::{Load, PeakEwmaConfig};
@@ -440,7 +440,8 @@ impl Endpoint {
         let addr = self.addr;
         async move {
             let io = connector.connect().await.map_err(Arc::new)?;
-            let (send, conn) = http2::Builder::new(TokioExecutor::new())
+            let exec = crate::local::LocalExec::default();
+            let (send, conn) = http2::Builder::new(exec.clone())
                 .timer(TokioTimer::new())
                 .initial_stream_window_size(256 * 1024)
                 .initial_connection_window_size(1024 * 1024)
@@ -453,7 +454,7 @@ impl Endpoint {
                 .await
                 .map_err(|source| Arc::new(ConnectError::Handshake { addr, source }))?;
             tokio::spawn(async move {
-                if let Err(e) = conn.await {
+                if let Err(e) = crate::local::Driven::new(conn, exec).await {
                     tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
                 }
             });

@@ -13,6 +13,7 @@ pub mod endpoint;
 pub mod http;
 pub mod identity;
 pub mod io;
+pub mod local;
 pub mod metrics;
 pub mod orig_dst;
 pub mod owner;

@@ -16,7 +16,7 @@ use http::header;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 use weft_channel::error_chain;
@@ -215,7 +215,8 @@ where
             }
         }
         HttpVersion::Http2 => {
-            let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+            let exec = crate::local::LocalExec::default();
+            let mut builder = hyper::server::conn::http2::Builder::new(exec.clone());
             // Fixed windows rather than BDP probing: no extra PING traffic
             // per connection, and memory per stream stays bounded.
             builder
@@ -228,7 +229,7 @@ where
                 .max_local_error_reset_streams(HTTP2_MAX_LOCAL_ERROR_RESETS)
                 .keep_alive_interval(limits.http2_keepalive_interval)
                 .keep_alive_timeout(limits.http2_keepalive_timeout);
-            let mut conn = Box::pin(builder.serve_connection(io, svc));
+            let mut conn = crate::local::Driven::new(builder.serve_connection(io, svc), exec);
             // A connection must start a request within the header read
             // timeout, and is closed after the idle timeout without one.
             let mut closing: Option<tokio::time::Instant> = None;
@@ -236,16 +237,16 @@ where
                 let idle_at =
                     activity.idle_deadline(limits.header_read_timeout, limits.http2_idle_timeout);
                 tokio::select! {
-                    res = conn.as_mut() => break res,
+                    res = &mut conn => break res,
                     _ = shutdown.cancelled() => {
                         // Bounded by the process's shutdown grace.
-                        conn.as_mut().graceful_shutdown();
-                        break conn.as_mut().await;
+                        conn.main().graceful_shutdown();
+                        break (&mut conn).await;
                     }
                     () = tokio::time::sleep_until(idle_at), if closing.is_none() => {
                         if activity.idle_deadline(limits.header_read_timeout, limits.http2_idle_timeout) <= tokio::time::Instant::now() {
                             tracing::debug!("closing idle HTTP/2 connection");
-                            conn.as_mut().graceful_shutdown();
+                            conn.main().graceful_shutdown();
                             closing = Some(tokio::time::Instant::now() + IDLE_CLOSE_GRACE);
                         }
                     }
