@@ -6,11 +6,12 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use futures_util::task::AtomicWaker;
+use futures_util::task::{ArcWake, AtomicWaker};
 
 type Spawned = Pin<Box<dyn Future<Output = ()> + Send>>;
 
@@ -41,6 +42,21 @@ where
     }
 }
 
+/// Wakes the driving task and notes that `main` asked for it, so `main`
+/// is polled only when woken (as its own task would be): polling a
+/// connection that was not woken costs a read that finds nothing.
+struct MainWake {
+    woken: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl ArcWake for MainWake {
+    fn wake_by_ref(this: &Arc<Self>) {
+        this.woken.store(true, Ordering::Release);
+        this.task.wake();
+    }
+}
+
 /// Runs `main` and everything its executor was given, on the task that
 /// polls it; ready when `main` is and every future it started has ended.
 pub struct Driven<M: Future> {
@@ -48,15 +64,23 @@ pub struct Driven<M: Future> {
     out: Option<M::Output>,
     tasks: FuturesUnordered<Spawned>,
     exec: LocalExec,
+    wake: Arc<MainWake>,
+    main_waker: Waker,
 }
 
 impl<M: Future> Driven<M> {
     pub fn new(main: M, exec: LocalExec) -> Self {
+        let wake = Arc::new(MainWake {
+            woken: AtomicBool::new(true),
+            task: AtomicWaker::new(),
+        });
         Self {
             main: Box::pin(main),
             out: None,
             tasks: FuturesUnordered::new(),
             exec,
+            main_waker: futures_util::task::waker(wake.clone()),
+            wake,
         }
     }
 
@@ -73,11 +97,13 @@ impl<M: Future> Future for Driven<M> {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<M::Output> {
         let this = &mut *self;
         this.exec.0.waker.register(cx.waker());
+        this.wake.task.register(cx.waker());
         loop {
-            if this.out.is_none()
-                && let Poll::Ready(out) = this.main.as_mut().poll(cx)
-            {
-                this.out = Some(out);
+            if this.out.is_none() && this.wake.woken.swap(false, Ordering::AcqRel) {
+                let mut main_cx = Context::from_waker(&this.main_waker);
+                if let Poll::Ready(out) = this.main.as_mut().poll(&mut main_cx) {
+                    this.out = Some(out);
+                }
             }
             let queued = match this.exec.0.queue.lock() {
                 Ok(mut q) => std::mem::take(&mut *q),
@@ -86,7 +112,8 @@ impl<M: Future> Future for Driven<M> {
             let started = !queued.is_empty();
             this.tasks.extend(queued);
             while let Poll::Ready(Some(())) = this.tasks.poll_next_unpin(cx) {}
-            if !started {
+            let main_again = this.out.is_none() && this.wake.woken.load(Ordering::Acquire);
+            if !started && !main_again {
                 break;
             }
         }
