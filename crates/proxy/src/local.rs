@@ -15,6 +15,9 @@ use futures_util::task::{ArcWake, AtomicWaker};
 
 type Spawned = Pin<Box<dyn Future<Output = ()> + Send>>;
 
+/// Rounds of polling the connection and its futures in one poll.
+const MAX_ROUNDS: usize = 4;
+
 #[derive(Default)]
 struct Shared {
     queue: Mutex<Vec<Spawned>>,
@@ -98,7 +101,12 @@ impl<M: Future> Future for Driven<M> {
         let this = &mut *self;
         this.exec.0.waker.register(cx.waker());
         this.wake.task.register(cx.waker());
-        loop {
+        // A few rounds while starting futures or waking the connection
+        // feed each other (a stream's response wakes the connection to
+        // flush it), then the task is left to be polled again: every wake
+        // has also woken it, and a wake tokio's budget makes (its
+        // operations refuse until the task yields) must not spin here.
+        for _ in 0..MAX_ROUNDS {
             if this.out.is_none() && this.wake.woken.swap(false, Ordering::AcqRel) {
                 let mut main_cx = Context::from_waker(&this.main_waker);
                 if let Poll::Ready(out) = this.main.as_mut().poll(&mut main_cx) {
@@ -117,8 +125,11 @@ impl<M: Future> Future for Driven<M> {
                 break;
             }
         }
+        // Something started in the last round is queued still (and its
+        // start woke this task): not done yet.
+        let queued = this.exec.0.queue.lock().is_ok_and(|q| !q.is_empty());
         match this.out.take() {
-            Some(out) if this.tasks.is_empty() => Poll::Ready(out),
+            Some(out) if this.tasks.is_empty() && !queued => Poll::Ready(out),
             out => {
                 this.out = out;
                 Poll::Pending
