@@ -87,7 +87,11 @@ impl<M: Future> Driven<M> {
         }
     }
 
+    /// The connection, to act on it: it is polled on the next poll, since
+    /// what the caller does to it (hyper's `graceful_shutdown`) may change
+    /// what a poll does without waking anything.
     pub fn main(&mut self) -> Pin<&mut M> {
+        self.wake.woken.store(true, Ordering::Release);
         self.main.as_mut()
     }
 }
@@ -179,5 +183,32 @@ mod tests {
         let out = tokio::time::timeout(Duration::from_secs(5), driven).await;
         assert_eq!(out.ok().and_then(Result::ok), Some(7));
         assert_eq!(done.load(Ordering::SeqCst), 12);
+    }
+
+    /// Stands in for hyper's connection on `graceful_shutdown`: told to
+    /// stop, it is done on its next poll, and telling it wakes nothing.
+    struct Quiet {
+        stop: bool,
+    }
+
+    impl Future for Quiet {
+        type Output = ();
+        fn poll(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<()> {
+            if self.stop {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn what_is_done_through_main_is_seen_on_the_next_poll() {
+        let mut driven = Driven::new(Quiet { stop: false }, LocalExec::default());
+        let first = tokio::time::timeout(Duration::from_millis(20), &mut driven).await;
+        assert!(first.is_err(), "not told to stop yet");
+        driven.main().stop = true;
+        let out = tokio::time::timeout(Duration::from_secs(1), &mut driven).await;
+        assert!(out.is_ok(), "a stop that woke nothing must still end it");
     }
 }
