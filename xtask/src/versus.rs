@@ -194,6 +194,10 @@ pub(crate) struct Versus {
     rows: Vec<Row>,
     weft_idle_rss_bytes: u64,
     haproxy_idle_rss_bytes: u64,
+    /// CPU an idle contender uses, µs per second, one thread each (NaN in
+    /// quick mode).
+    weft_idle_cpu_us_per_s: f64,
+    haproxy_idle_cpu_us_per_s: f64,
     pub(crate) targets: Vec<Target>,
     pub(crate) references: Vec<Reference>,
 }
@@ -202,6 +206,10 @@ pub(crate) struct Versus {
 /// the split comes from 10 ms ticks (scaled by the kernel to the exact
 /// runtime), so a run at 1k RPS, about ten ticks, gives noise.
 const MIN_SPLIT_SECONDS: f64 = 0.5;
+
+/// How long the started contenders are watched doing nothing, together,
+/// before any load: a sidecar idles most of its life, times 500 pods.
+const IDLE_WINDOW: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// HAProxy's connection limit in the throughput runs.
 pub(crate) const HAPROXY_MAXCONN: usize = 4096;
@@ -315,6 +323,25 @@ pub(crate) fn run(dir: &Path, seconds: u64, rounds: u64, quick: bool) -> anyhow:
             .join(", "),
         crate::procs::proxy_bin()?.display()
     );
+    let idle_cpu: Vec<f64> = if quick {
+        vec![f64::NAN; contenders.len()]
+    } else {
+        let before: Vec<f64> = contenders.iter().map(Contender::cpu).collect();
+        std::thread::sleep(IDLE_WINDOW);
+        contenders
+            .iter()
+            .zip(before)
+            .map(|(c, b)| (c.cpu() - b) * 1e6 / IDLE_WINDOW.as_secs_f64())
+            .collect()
+    };
+    let idle_cpu_of = |who: Who| {
+        contenders
+            .iter()
+            .zip(&idle_cpu)
+            .find(|(c, _)| c.who == who && c.threads == 1)
+            .map_or(f64::NAN, |(_, &cpu)| cpu)
+    };
+    let (weft_idle_cpu, haproxy_idle_cpu) = (idle_cpu_of(Who::Weft), idle_cpu_of(Who::Haproxy));
     let log = dir.join("versus-h2load.log");
     let mut rows = Vec::new();
     for load in Load::ALL {
@@ -387,6 +414,8 @@ pub(crate) fn run(dir: &Path, seconds: u64, rounds: u64, quick: bool) -> anyhow:
         rows,
         weft_idle_rss_bytes: weft_idle,
         haproxy_idle_rss_bytes: haproxy_idle,
+        weft_idle_cpu_us_per_s: weft_idle_cpu,
+        haproxy_idle_cpu_us_per_s: haproxy_idle_cpu,
         targets: Vec::new(),
         references: Vec::new(),
     };
@@ -558,6 +587,15 @@ fn judge(v: &mut Versus, quick: bool) {
             limit: MAX_PEAK_RSS_MIB,
             unit: "MiB",
             pass: peak <= MAX_PEAK_RSS_MIB,
+        });
+        references.push(Reference {
+            name: format!(
+                "weft idle CPU, 1 thread, over {} s (HAProxy nbthread 1: {:.0} µs/s)",
+                IDLE_WINDOW.as_secs(),
+                v.haproxy_idle_cpu_us_per_s
+            ),
+            measured: v.weft_idle_cpu_us_per_s,
+            unit: "µs/s",
         });
         let (peak2, hpeak2) = (peak_mib(Who::Weft, 2), peak_mib(Who::Haproxy, 2));
         references.push(Reference {
