@@ -115,12 +115,19 @@ fn drain(fd: &OwnedFd) {
 mod tests {
     use super::*;
 
+    /// A fresh directory for one test, holding `d.yaml`.
+    fn scratch(tag: &str) -> (PathBuf, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("weft-changes-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let file = dir.join("d.yaml");
+        let made = std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&file, "a"));
+        assert!(made.is_ok(), "{made:?}");
+        (dir, file)
+    }
+
     #[test]
     fn a_write_to_the_file_ends_the_wait_and_its_neighbours_do_not() {
-        let dir = std::env::temp_dir().join(format!("weft-changes-{}", std::process::id()));
-        let _ = std::fs::create_dir_all(&dir);
-        let file = dir.join("d.yaml");
-        std::fs::write(&file, "a").expect("write the file");
+        let (dir, file) = scratch("write");
         let mut changes = Changes::new(&file);
         assert!(changes.notified(), "inotify works on this machine's /tmp");
         let writer = {
@@ -147,10 +154,7 @@ mod tests {
 
     #[test]
     fn a_file_replaced_by_rename_ends_the_wait_and_the_new_one_is_watched() {
-        let dir = std::env::temp_dir().join(format!("weft-changes-mv-{}", std::process::id()));
-        let _ = std::fs::create_dir_all(&dir);
-        let file = dir.join("d.yaml");
-        std::fs::write(&file, "a").expect("write the file");
+        let (dir, file) = scratch("mv");
         let mut changes = Changes::new(&file);
         for (i, text) in ["b", "c"].into_iter().enumerate() {
             let writer = {
