@@ -77,30 +77,32 @@ impl Changes {
     }
 
     pub(crate) fn wait(&mut self) {
-        let timeout = match &self.inotify {
-            Some((_, Some(_))) => FALLBACK,
+        match &self.inotify {
+            Some((fd, Some(_))) => wait_for_event(fd, FALLBACK),
             // Nothing to watch (no inotify, or the file is missing for now).
-            _ => POLL_INTERVAL,
-        };
-        if let Some((fd, Some(_))) = &self.inotify {
-            let deadline = Instant::now() + timeout;
-            loop {
-                let left = deadline.saturating_duration_since(Instant::now());
-                let ts = Timespec {
-                    tv_sec: left.as_secs() as _,
-                    tv_nsec: left.subsec_nanos() as _,
-                };
-                match rustix::event::poll(&mut [PollFd::new(fd, PollFlags::IN)], Some(&ts)) {
-                    Err(rustix::io::Errno::INTR) => continue,
-                    Ok(n) if n > 0 => drain(fd),
-                    _ => {}
-                }
-                break;
-            }
-        } else {
-            std::thread::sleep(timeout);
+            _ => std::thread::sleep(POLL_INTERVAL),
         }
         self.rewatch();
+    }
+}
+
+/// Until an event is queued on `fd` or `timeout` passed.
+fn wait_for_event(fd: &OwnedFd, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let ts = Timespec {
+            tv_sec: left.as_secs() as _,
+            tv_nsec: left.subsec_nanos() as _,
+        };
+        match rustix::event::poll(&mut [PollFd::new(fd, PollFlags::IN)], Some(&ts)) {
+            Err(rustix::io::Errno::INTR) => continue,
+            Ok(n) if n > 0 => drain(fd),
+            Ok(_) => {}
+            // Never looked at more often than without inotify.
+            Err(_) => std::thread::sleep(POLL_INTERVAL),
+        }
+        return;
     }
 }
 
