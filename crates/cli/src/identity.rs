@@ -43,6 +43,19 @@ pub(crate) enum Command {
         #[arg(long)]
         once: bool,
     },
+    /// Write a workload's private key (`key.p8`, PKCS#8 DER, mode 0600)
+    /// and a certificate signing request for NAME (`csr.der`) into DIR:
+    /// the identity directory linkerd2-proxy reads
+    /// (`LINKERD2_PROXY_IDENTITY_DIR`), which then certifies itself with
+    /// weft-control. weft-proxy makes its own.
+    Csr {
+        name: Name,
+        #[arg(long)]
+        dir: PathBuf,
+        /// Replace a key already in DIR.
+        #[arg(long)]
+        force: bool,
+    },
     /// Replace the issuer with a new one signed by the same trust anchor;
     /// a running weft-control picks it up within a second.
     RotateIssuer {
@@ -114,6 +127,25 @@ pub(crate) fn run(command: Command) -> anyhow::Result<()> {
             println!("{token}");
             Ok(())
         }
+        Command::Csr { name, dir, force } => {
+            let key_path = dir.join("key.p8");
+            if key_path.exists() && !force {
+                anyhow::bail!(
+                    "{} exists: a workload keeps its key (pass --force to replace it)",
+                    key_path.display()
+                );
+            }
+            let (key, csr) = weft_identity::new_csr(&name)
+                .with_context(|| format!("making a key and CSR for {name}"))?;
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            write_private(&key_path, &key.serialize_der())?;
+            let csr_path = dir.join("csr.der");
+            std::fs::write(&csr_path, &csr)
+                .with_context(|| format!("writing {}", csr_path.display()))?;
+            println!("key  {}", key_path.display());
+            println!("csr  {}  for {name}", csr_path.display());
+            Ok(())
+        }
         Command::RotateIssuer {
             dir,
             anchor_key,
@@ -131,6 +163,21 @@ pub(crate) fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Writes `bytes` readable by the owner only, from the moment it exists.
+fn write_private(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(bytes)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 fn ca_dir(dir: &std::path::Path, anchor_key: Option<PathBuf>) -> CaDir {

@@ -275,8 +275,14 @@ fn profile(authority: &Authority, resolution: &Resolution) -> DestinationProfile
             retry_budget: Some(retry_budget()),
             ..Default::default()
         },
+        // Asked by address, the name is the service's whose address it is;
+        // an endpoint's own address has none.
         Resolution::Known(service) => DestinationProfile {
-            fully_qualified_name: authority.bare_host().to_string(),
+            fully_qualified_name: match (&service.name, authority.socket_addr()) {
+                (Some(name), _) => name.bare_host().to_string(),
+                (None, Some(_)) => String::new(),
+                (None, None) => authority.bare_host().to_string(),
+            },
             opaque_protocol: service.opaque,
             retry_budget: Some(retry_budget()),
             ..Default::default()
@@ -361,7 +367,7 @@ fn add<'a>(endpoints: impl Iterator<Item = &'a Endpoint>) -> Update {
     }
 }
 
-fn weighted_addr(e: &Endpoint) -> WeightedAddr {
+pub(crate) fn weighted_addr(e: &Endpoint) -> WeightedAddr {
     let tls_identity = e.identity.as_ref().map(|name| TlsIdentity {
         server_name: Some(tls_identity::DnsLikeIdentity {
             name: name.to_string(),
@@ -442,6 +448,7 @@ mod tests {
             endpoints: eps.iter().map(|e| (e.addr, e.clone())).collect(),
             opaque: false,
             policy: Default::default(),
+            name: None,
         }))
     }
 

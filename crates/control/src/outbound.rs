@@ -18,7 +18,10 @@ use weft_detect::Authority;
 use weft_policy_api::server::OutboundPolicies;
 use weft_policy_api::wire::{OutboundPolicy, TrafficSpec};
 
+use linkerd2_proxy_api::destination::WeightedAddr;
+
 use crate::clients::{ClientSlot, Clients};
+use crate::destination::weighted_addr;
 use crate::discovery::{Discovery, Resolution, Watch};
 use crate::metrics::{Metrics, OpenStream};
 
@@ -56,12 +59,43 @@ fn authority(spec: &TrafficSpec) -> Result<Authority, Status> {
     }
 }
 
+/// The policy a client asking for `authority` gets. Asked by address, a
+/// service's own address (a virtual IP) answers with the service's policy
+/// under its name, since backends are discovered by name (linkerd2-proxy
+/// panics on an address there); any other address (a pod's, or one
+/// nobody knows) is forwarded to as it is, meshed if discovery knows its
+/// endpoint's identity.
 fn policy(authority: &Authority, resolution: &Resolution) -> OutboundPolicy {
-    match resolution {
-        Resolution::Known(s) => weft_policy_api::encode(authority, &s.policy, s.opaque),
-        Resolution::Pending | Resolution::Unknown => {
-            weft_policy_api::encode(authority, &Policy::default(), false)
-        }
+    let service = match resolution {
+        Resolution::Known(s) => Some(s),
+        Resolution::Pending | Resolution::Unknown => None,
+    };
+    let Some(addr) = authority.socket_addr() else {
+        return match service {
+            Some(s) => weft_policy_api::encode(authority, &s.policy, s.opaque),
+            None => weft_policy_api::encode(authority, &Policy::default(), false),
+        };
+    };
+    match service {
+        Some(s) => match &s.name {
+            Some(name) => weft_policy_api::encode(name, &s.policy, s.opaque),
+            None => {
+                let endpoint = s.endpoints.get(&addr).map(weighted_addr);
+                weft_policy_api::encode_forward(
+                    endpoint.unwrap_or_else(|| unknown_addr(addr)),
+                    s.opaque,
+                )
+            }
+        },
+        None => weft_policy_api::encode_forward(unknown_addr(addr), false),
+    }
+}
+
+fn unknown_addr(addr: std::net::SocketAddr) -> WeightedAddr {
+    WeightedAddr {
+        addr: Some(addr.into()),
+        weight: 1,
+        ..Default::default()
     }
 }
 

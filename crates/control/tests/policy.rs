@@ -142,3 +142,172 @@ async fn a_plain_linkerd_client_reads_the_policy() -> anyhow::Result<()> {
     assert_eq!(bad.map(|s| s.code()), Some(tonic::Code::InvalidArgument));
     Ok(())
 }
+
+const ADDRESSED: &str = r#"
+destinations:
+  "api.demo:8080":
+    addresses: ["10.96.0.20:8080"]
+    endpoints: [{addr: "127.0.0.1:18081", identity: api.demo}]
+    routes:
+      - name: split
+        backends:
+          - {destination: "api.demo:8080", weight: 9}
+          - {destination: "api-v2.demo:8080", weight: 1}
+  "api-v2.demo:8080":
+    endpoints: [{addr: "127.0.0.1:18082"}]
+"#;
+
+/// What a policy forwards to, or the discovery paths of its balancers.
+fn backends_of(p: &wire::OutboundPolicy) -> Vec<Result<String, std::net::SocketAddr>> {
+    use linkerd2_proxy_api::outbound::{backend, http_route};
+    let Some(proxy_protocol::Kind::Detect(d)) = p.protocol.as_ref().and_then(|p| p.kind.as_ref())
+    else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for rule in d
+        .http2
+        .iter()
+        .flat_map(|h| &h.routes)
+        .flat_map(|r| &r.rules)
+    {
+        let backends: Vec<_> = match rule.backends.as_ref().and_then(|b| b.kind.as_ref()) {
+            Some(http_route::distribution::Kind::FirstAvailable(f)) => f
+                .backends
+                .iter()
+                .filter_map(|b| b.backend.clone())
+                .collect(),
+            Some(http_route::distribution::Kind::RandomAvailable(r)) => r
+                .backends
+                .iter()
+                .filter_map(|w| w.backend.as_ref().and_then(|b| b.backend.clone()))
+                .collect(),
+            _ => Vec::new(),
+        };
+        for b in backends {
+            out.push(match b.kind {
+                Some(backend::Kind::Balancer(p2c)) => match p2c.discovery.and_then(|d| d.kind) {
+                    Some(backend::endpoint_discovery::Kind::Dst(dst)) => Ok(dst.path),
+                    None => Ok(String::new()),
+                },
+                Some(backend::Kind::Forward(w)) => Err(w
+                    .addr
+                    .and_then(|a| a.try_into().ok())
+                    .unwrap_or(([0, 0, 0, 0], 0).into())),
+                None => Ok(String::new()),
+            });
+        }
+    }
+    out
+}
+
+/// Asked by `IP:port` (a redirected connection's original destination),
+/// as linkerd2-proxy asks: a service's own address is answered with the
+/// service under its name, whose balancers discover names; an endpoint's
+/// address and an unknown one are forwarded to, an endpoint with its
+/// identity so the connection is mutual TLS.
+#[tokio::test]
+async fn an_address_gets_its_services_policy_by_name_or_is_forwarded() -> anyhow::Result<()> {
+    use linkerd2_proxy_api::destination::destination_client::DestinationClient;
+    use linkerd2_proxy_api::meta::metadata;
+    let (_dests, _ca, control) = start(ADDRESSED).await?;
+    let channel = control.channel().await?;
+    let mut linkerd = OutboundPoliciesClient::new(channel.clone());
+    let by_addr = |a: &str| -> anyhow::Result<TrafficSpec> {
+        Ok(TrafficSpec {
+            source_workload: "web".into(),
+            target: Some(traffic_spec::Target::Addr(
+                a.parse::<std::net::SocketAddr>()?.into(),
+            )),
+        })
+    };
+    let vip = linkerd.get(by_addr("10.96.0.20:8080")?).await?.into_inner();
+    let Some(metadata::Kind::Resource(parent)) = vip.metadata.clone().and_then(|m| m.kind) else {
+        anyhow::bail!("{:?}", vip.metadata);
+    };
+    assert_eq!(
+        (
+            parent.kind.as_str(),
+            parent.name.as_str(),
+            parent.namespace.as_str(),
+            parent.port
+        ),
+        ("Service", "api", "demo", 8080)
+    );
+    let weft_vip = as_weft(&vip)?;
+    assert_eq!(
+        backends_of(&weft_vip),
+        [
+            Ok("api.demo:8080".to_string()),
+            Ok("api-v2.demo:8080".to_string())
+        ]
+    );
+    // A weft proxy reads it too: the split, by name.
+    let vip_authority: Authority = "10.96.0.20:8080".parse()?;
+    let policy = decode(&vip_authority, &weft_vip)?;
+    assert_eq!(
+        policy.routes[0].backends[1].destination.to_string(),
+        "api-v2.demo:8080"
+    );
+
+    let endpoint = linkerd.get(by_addr("127.0.0.1:18081")?).await?.into_inner();
+    let endpoint = as_weft(&endpoint)?;
+    assert_eq!(backends_of(&endpoint), [Err("127.0.0.1:18081".parse()?)]);
+    let identity = forwarded_identity(&endpoint);
+    assert_eq!(
+        identity.as_deref(),
+        Some("api.demo"),
+        "the endpoint is meshed"
+    );
+    decode(&"127.0.0.1:18081".parse()?, &endpoint)?;
+
+    let unknown = linkerd.get(by_addr("10.9.9.9:80")?).await?.into_inner();
+    let unknown = as_weft(&unknown)?;
+    assert_eq!(backends_of(&unknown), [Err("10.9.9.9:80".parse()?)]);
+    assert_eq!(forwarded_identity(&unknown), None);
+
+    // GetProfile by address: the service's name, or none for an endpoint.
+    let mut dst = DestinationClient::new(channel);
+    for (addr, fqn) in [("10.96.0.20:8080", "api.demo"), ("127.0.0.1:18081", "")] {
+        let mut stream = dst
+            .get_profile(linkerd2_proxy_api::destination::GetDestination {
+                scheme: "k8s".into(),
+                path: addr.into(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        let p = tokio::time::timeout(Duration::from_secs(3), stream.message())
+            .await??
+            .ok_or_else(|| anyhow::anyhow!("no profile"))?;
+        assert_eq!(p.fully_qualified_name, fqn, "{addr}");
+    }
+    Ok(())
+}
+
+/// The published message as a weft proxy receives it.
+fn as_weft(
+    p: &linkerd2_proxy_api::outbound::OutboundPolicy,
+) -> anyhow::Result<wire::OutboundPolicy> {
+    use prost::Message;
+    Ok(wire::OutboundPolicy::decode(p.encode_to_vec().as_slice())?)
+}
+
+fn forwarded_identity(p: &wire::OutboundPolicy) -> Option<String> {
+    use linkerd2_proxy_api::outbound::{backend, http_route};
+    let Some(proxy_protocol::Kind::Detect(d)) = p.protocol.as_ref().and_then(|p| p.kind.as_ref())
+    else {
+        return None;
+    };
+    let rule = d.http2.as_ref()?.routes.first()?.rules.first()?;
+    let Some(http_route::distribution::Kind::FirstAvailable(f)) =
+        rule.backends.as_ref().and_then(|b| b.kind.as_ref())
+    else {
+        return None;
+    };
+    let Some(backend::Kind::Forward(w)) = f.backends.first()?.backend.as_ref()?.kind.as_ref()
+    else {
+        return None;
+    };
+    Some(w.tls_identity.as_ref()?.server_name.as_ref()?.name.clone())
+}

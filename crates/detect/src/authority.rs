@@ -76,6 +76,12 @@ impl Authority {
         self.port
     }
 
+    /// The address, when the host is an IP literal rather than a name.
+    pub fn socket_addr(&self) -> Option<std::net::SocketAddr> {
+        let ip = self.bare_host().parse::<std::net::IpAddr>().ok()?;
+        Some(std::net::SocketAddr::new(ip, self.port))
+    }
+
     /// The host without IPv6 brackets, as DNS or `SocketAddr` parsing wants it.
     pub fn bare_host(&self) -> &str {
         self.host

@@ -4,9 +4,11 @@
 #![forbid(unsafe_code)]
 
 mod authority;
+mod path;
 mod protocol;
 mod tls;
 
 pub use authority::{Authority, AuthorityError};
+pub use path::{PathError, normalize_path};
 pub use protocol::{Detection, MAX_PREFIX, Protocol, detect};
 pub use tls::{ClientHello, client_hello};

@@ -6,12 +6,15 @@ use weft_detect::Authority;
 
 use crate::wire::{OutboundPolicy, TrafficSpec};
 
+/// An address is asked for as one (`Target::Addr`), as the API asks.
 fn spec(authority: &Authority, workload: &str) -> TrafficSpec {
+    use linkerd2_proxy_api::outbound::traffic_spec::Target;
     TrafficSpec {
         source_workload: workload.to_string(),
-        target: Some(
-            linkerd2_proxy_api::outbound::traffic_spec::Target::Authority(authority.to_string()),
-        ),
+        target: Some(match authority.socket_addr() {
+            Some(addr) => Target::Addr(addr.into()),
+            None => Target::Authority(authority.to_string()),
+        }),
     }
 }
 

@@ -27,6 +27,30 @@ pub enum DecodeError {
     NoProtocol,
     #[error("route {route:?}: {reason}")]
     Route { route: String, reason: String },
+    #[error("{what}: invalid metadata: {reason}")]
+    Metadata { what: String, reason: &'static str },
+}
+
+/// Metadata as linkerd2-proxy requires it: present, and a resource with
+/// its group, kind, name and namespace. A policy linkerd2-proxy would
+/// refuse is refused here too, so a weft proxy never accepts what another
+/// client of the same control plane cannot use.
+fn metadata(what: impl FnOnce() -> String, m: Option<&Metadata>) -> Result<(), DecodeError> {
+    let reason = match m.and_then(|m| m.kind.as_ref()) {
+        None => "missing",
+        Some(metadata::Kind::Default(_)) => return Ok(()),
+        Some(metadata::Kind::Resource(r)) => match () {
+            () if r.group.is_empty() => "group must not be empty",
+            () if r.kind.is_empty() => "kind must not be empty",
+            () if r.name.is_empty() => "name must not be empty",
+            () if r.namespace.is_empty() => "namespace must not be empty",
+            () => return Ok(()),
+        },
+    };
+    Err(DecodeError::Metadata {
+        what: what(),
+        reason,
+    })
 }
 
 fn refuse(route: &str, reason: impl Into<String>) -> DecodeError {
@@ -47,6 +71,7 @@ pub fn decode(authority: &Authority, msg: &OutboundPolicy) -> Result<Policy, Dec
         .as_ref()
         .and_then(|p| p.kind.as_ref())
         .ok_or(DecodeError::NoProtocol)?;
+    metadata(|| "the policy".into(), msg.metadata.as_ref())?;
     let ext = msg
         .weft
         .as_ref()
@@ -116,6 +141,7 @@ fn http_routes(
 ) -> Result<Vec<Decoded>, DecodeError> {
     let mut out = Vec::new();
     for (i, route) in routes.iter().enumerate() {
+        metadata(|| format!("route {i}"), route.metadata.as_ref())?;
         let (name, is_default) = name(route.metadata.as_ref(), i);
         let ext = ext.get(i).cloned().unwrap_or_default();
         if !route.hosts.is_empty() {
@@ -177,6 +203,7 @@ fn grpc_routes(
 ) -> Result<Vec<Decoded>, DecodeError> {
     let mut out = Vec::new();
     for (i, route) in routes.iter().enumerate() {
+        metadata(|| format!("route {i}"), route.metadata.as_ref())?;
         let (name, is_default) = name(route.metadata.as_ref(), i);
         let ext = ext.get(i).cloned().unwrap_or_default();
         if !route.hosts.is_empty() {
@@ -399,6 +426,15 @@ fn backends(
         if weight == 0 {
             continue;
         }
+        if let Some(b) = backend {
+            metadata(
+                || format!("route {route:?}: backend {i}"),
+                b.metadata.as_ref(),
+            )?;
+            if b.queue.is_none() {
+                return Err(refuse(route, format!("backend {i}: no queue")));
+            }
+        }
         let destination = match backend.and_then(|b| b.kind.as_ref()) {
             Some(backend::Kind::Balancer(p2c)) => {
                 let path = p2c
@@ -412,12 +448,17 @@ fn backends(
                         format!("backend {i}: a balancer needs a discovery path"),
                     )
                 })?;
-                path.parse::<Authority>().map_err(|_| {
-                    refuse(
-                        route,
-                        format!("backend {i}: discovery path {path:?} is not host:port"),
-                    )
-                })?
+                match path.parse::<Authority>() {
+                    Ok(a) if a.socket_addr().is_none() => a,
+                    // Destination `Get` resolves names: an address is a
+                    // `Forward` backend (linkerd2-proxy panics on one).
+                    _ => {
+                        return Err(refuse(
+                            route,
+                            format!("backend {i}: discovery path {path:?} is not a name:port"),
+                        ));
+                    }
+                }
             }
             Some(backend::Kind::Forward(addr)) => {
                 let addr = addr

@@ -9,6 +9,7 @@
 
 use std::time::Duration;
 
+use linkerd2_proxy_api::destination::WeightedAddr;
 use linkerd2_proxy_api::http_route as api_route;
 use linkerd2_proxy_api::meta::{self, Metadata, metadata};
 use linkerd2_proxy_api::outbound::{
@@ -32,6 +33,11 @@ const QUEUE_FAILFAST: Duration = Duration::from_millis(500);
 
 /// The name of the route a destination without routes has.
 pub(crate) const DEFAULT_ROUTE: &str = "default";
+/// The namespace of a service whose name has none (`Service` resources
+/// must have one).
+const DEFAULT_NAMESPACE: &str = "default";
+/// The metadata name of a policy or backend forwarding to an address.
+pub(crate) const FORWARD: &str = "forward";
 
 /// The policy for `authority`. `opaque` services are TCP only: their
 /// policy has no HTTP routes.
@@ -143,7 +149,7 @@ fn http_route(
                 group: "policy.weft.io".into(),
                 kind: "Route".into(),
                 name: route.name.to_string(),
-                namespace: String::new(),
+                namespace: ServiceName::of(authority).namespace.to_string(),
                 section: authority.to_string(),
                 port: 0,
             })),
@@ -241,15 +247,28 @@ fn failure_accrual(b: &BreakerConfig) -> Option<FailureAccrual> {
     })
 }
 
-/// A load-balanced backend discovered with Destination `Get`.
+fn queue() -> Option<Queue> {
+    Some(Queue {
+        capacity: QUEUE_CAPACITY,
+        failfast_timeout: Some(duration(QUEUE_FAILFAST)),
+    })
+}
+
+/// A load-balanced backend discovered with Destination `Get`, which the
+/// API defines for names only (linkerd2-proxy refuses, indeed panics on,
+/// an IP path): an address is a backend of its own, forwarded to.
 fn balancer(authority: &Authority) -> Backend {
+    if let Some(addr) = authority.socket_addr() {
+        return forward(WeightedAddr {
+            addr: Some(addr.into()),
+            weight: 1,
+            ..Default::default()
+        });
+    }
     let ewma = PeakEwmaConfig::default();
     Backend {
         metadata: Some(service_metadata(authority)),
-        queue: Some(Queue {
-            capacity: QUEUE_CAPACITY,
-            failfast_timeout: Some(duration(QUEUE_FAILFAST)),
-        }),
+        queue: queue(),
         kind: Some(backend::Kind::Balancer(backend::BalanceP2c {
             discovery: Some(backend::EndpointDiscovery {
                 kind: Some(backend::endpoint_discovery::Kind::Dst(
@@ -265,6 +284,93 @@ fn balancer(authority: &Authority) -> Backend {
                 },
             )),
         })),
+    }
+}
+
+fn forward(endpoint: WeightedAddr) -> Backend {
+    Backend {
+        metadata: Some(Metadata {
+            kind: Some(metadata::Kind::Default(FORWARD.into())),
+        }),
+        queue: queue(),
+        kind: Some(backend::Kind::Forward(endpoint)),
+    }
+}
+
+/// The policy of an address that is no service (a pod's own address, or
+/// one discovery does not know), looked up by `IP:port`: everything is
+/// forwarded to `endpoint` as it is, with the identity and protocol hint
+/// discovery knows for it, as Linkerd's controller answers an address
+/// outside the cluster's services.
+pub fn encode_forward(endpoint: WeightedAddr, opaque: bool) -> OutboundPolicy {
+    let backend = forward(endpoint);
+    let default = || {
+        Some(Metadata {
+            kind: Some(metadata::Kind::Default(FORWARD.into())),
+        })
+    };
+    let opaque_routes = proxy_protocol::Opaque {
+        routes: vec![api::OpaqueRoute {
+            metadata: default(),
+            rules: vec![api::opaque_route::Rule {
+                backends: Some(api::opaque_route::Distribution {
+                    kind: Some(api::opaque_route::distribution::Kind::FirstAvailable(
+                        api::opaque_route::distribution::FirstAvailable {
+                            backends: vec![api::opaque_route::RouteBackend {
+                                backend: Some(backend.clone()),
+                                filters: Vec::new(),
+                            }],
+                        },
+                    )),
+                }),
+                filters: Vec::new(),
+            }],
+        }],
+    };
+    let kind = if opaque {
+        proxy_protocol::Kind::Opaque(opaque_routes)
+    } else {
+        #[allow(deprecated)] // The struct needs them; proxies ignore them.
+        let routes = vec![HttpRoute {
+            metadata: default(),
+            hosts: Vec::new(),
+            rules: vec![http_route::Rule {
+                matches: vec![api_route::HttpRouteMatch::default()],
+                filters: Vec::new(),
+                backends: Some(http_route::Distribution {
+                    kind: Some(http_route::distribution::Kind::FirstAvailable(
+                        http_route::distribution::FirstAvailable {
+                            backends: vec![http_route::RouteBackend {
+                                backend: Some(backend),
+                                filters: Vec::new(),
+                                request_timeout: None,
+                            }],
+                        },
+                    )),
+                }),
+                request_timeout: None,
+                timeouts: None,
+                retry: None,
+                allow_l5d_request_headers: false,
+            }],
+        }];
+        proxy_protocol::Kind::Detect(proxy_protocol::Detect {
+            timeout: Some(duration(DETECT_TIMEOUT)),
+            opaque: Some(opaque_routes),
+            http1: Some(proxy_protocol::Http1 {
+                routes: routes.clone(),
+                failure_accrual: None,
+            }),
+            http2: Some(proxy_protocol::Http2 {
+                routes,
+                failure_accrual: None,
+            }),
+        })
+    };
+    OutboundPolicy {
+        protocol: Some(ProxyProtocol { kind: Some(kind) }),
+        metadata: default(),
+        weft: None,
     }
 }
 
@@ -291,14 +397,42 @@ fn opaque_protocol(authority: &Authority) -> proxy_protocol::Opaque {
     }
 }
 
+/// A service's name and namespace as a Kubernetes-style resource:
+/// `name.namespace` with or without `.svc[.domain]`; any other host is a
+/// name of its own in `default`. linkerd2-proxy refuses a policy in which
+/// any resource's namespace is empty.
+struct ServiceName<'a> {
+    name: &'a str,
+    namespace: &'a str,
+}
+
+impl<'a> ServiceName<'a> {
+    fn of(authority: &'a Authority) -> Self {
+        let host = authority.bare_host();
+        let mut labels = host.split('.');
+        match (labels.next(), labels.next(), labels.next()) {
+            (Some(name), Some(namespace), None | Some("svc"))
+                if authority.socket_addr().is_none() =>
+            {
+                Self { name, namespace }
+            }
+            _ => Self {
+                name: host,
+                namespace: DEFAULT_NAMESPACE,
+            },
+        }
+    }
+}
+
 /// A destination as a resource: a service named by host, with its port.
 fn service_metadata(authority: &Authority) -> Metadata {
+    let ServiceName { name, namespace } = ServiceName::of(authority);
     Metadata {
         kind: Some(metadata::Kind::Resource(meta::Resource {
             group: "core".into(),
             kind: "Service".into(),
-            name: authority.bare_host().to_string(),
-            namespace: String::new(),
+            name: name.to_string(),
+            namespace: namespace.to_string(),
             section: String::new(),
             port: u32::from(authority.port()),
         })),

@@ -19,7 +19,7 @@ pub mod server;
 pub mod wire;
 
 pub use decode::{DecodeError, decode};
-pub use encode::encode;
+pub use encode::{encode, encode_forward};
 
 /// The gRPC service name, for routing and for `Unimplemented` checks.
 pub const SERVICE: &str = "io.linkerd.proxy.outbound.OutboundPolicies";

@@ -209,9 +209,25 @@ fn what_weft_cannot_honour_is_refused_with_the_route() -> anyhow::Result<()> {
 fn grpc_routes_from_other_servers_decode_by_their_meaning() -> anyhow::Result<()> {
     use linkerd2_proxy_api::grpc_route::{GrpcRouteMatch, GrpcRpcMatch};
     let a: Authority = "greeter.demo:50051".parse()?;
+    let resource = |group: &str, kind: &str, name: &str| {
+        Some(linkerd2_proxy_api::meta::Metadata {
+            kind: Some(linkerd2_proxy_api::meta::metadata::Kind::Resource(
+                linkerd2_proxy_api::meta::Resource {
+                    group: group.into(),
+                    kind: kind.into(),
+                    name: name.into(),
+                    namespace: "demo".into(),
+                    ..Default::default()
+                },
+            )),
+        })
+    };
     let backend = api::Backend {
-        metadata: None,
-        queue: None,
+        metadata: resource("core", "Service", "greeter-v2"),
+        queue: Some(api::Queue {
+            capacity: 100,
+            failfast_timeout: None,
+        }),
         kind: Some(api::backend::Kind::Balancer(api::backend::BalanceP2c {
             discovery: Some(api::backend::EndpointDiscovery {
                 kind: Some(api::backend::endpoint_discovery::Kind::Dst(
@@ -225,7 +241,7 @@ fn grpc_routes_from_other_servers_decode_by_their_meaning() -> anyhow::Result<()
     };
     #[allow(deprecated)]
     let route = api::GrpcRoute {
-        metadata: None,
+        metadata: resource("gateway.networking.k8s.io", "GRPCRoute", "greeter-split"),
         hosts: Vec::new(),
         rules: vec![api::grpc_route::Rule {
             matches: vec![GrpcRouteMatch {
@@ -268,7 +284,7 @@ fn grpc_routes_from_other_servers_decode_by_their_meaning() -> anyhow::Result<()
                 failure_accrual: None,
             })),
         }),
-        metadata: None,
+        metadata: resource("core", "Service", "greeter"),
         weft: None,
     };
     let p = decode(&a, &msg)?;
@@ -276,7 +292,7 @@ fn grpc_routes_from_other_servers_decode_by_their_meaning() -> anyhow::Result<()
     let [r] = p.routes.as_slice() else {
         anyhow::bail!("{:?}", p.routes)
     };
-    assert_eq!(r.name.as_ref(), "route-0");
+    assert_eq!(r.name.as_ref(), "greeter-split");
     assert_eq!(
         r.matches.path_prefix.as_deref(),
         Some("/helloworld.Greeter/SayHello")

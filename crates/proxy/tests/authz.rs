@@ -589,3 +589,64 @@ servers:
     );
     Ok(())
 }
+
+/// A rule on `/path/public` is judged on the path the application will
+/// serve: dot segments (plain, percent-encoded, after `//`) are resolved
+/// before policy sees the path and the application gets the resolved
+/// path; an escaped slash, which an application might decode into a
+/// separator policy never saw, is refused with 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dot_segments_cannot_climb_out_of_an_allowed_prefix() -> anyhow::Result<()> {
+    let app = Backend::start("api").await?;
+    let port = app.addr.port();
+    let file = DestinationsFile::from_yaml(&format!(
+        r#"destinations: {{}}
+servers:
+  "api.demo":
+    ports:
+      "{port}":
+        default: deny
+        authorizations:
+          - name: public
+            clients: {{networks: [127.0.0.0/8]}}
+            routes: [{{path_prefix: /path/public}}]
+"#
+    ))?;
+    let proxy = inbound_proxy(&file, app.addr, &[]).await?;
+    let body = |path: &'static str| {
+        let proxy = &proxy;
+        async move {
+            let mut conn = client::http1(proxy.inbound).await?;
+            let (status, _, body) = text(conn.send_request(request("GET", path)?).await?).await?;
+            anyhow::Ok((status.as_u16(), body))
+        }
+    };
+    assert_eq!(
+        body("/path/public/a").await?,
+        (200, "/path/public/a".into())
+    );
+    assert_eq!(
+        body("/path/public/./a//b?q=/../x").await?,
+        (200, "/path/public/a/b?q=/../x".into()),
+        "the application gets the path policy judged; the query is left alone"
+    );
+    for climb in [
+        "/path/public/../admin",
+        "/path/public/%2e%2e/admin",
+        "/path/public/.%2E/admin",
+        "/path/public//../../path/admin",
+    ] {
+        let (status, error, _) = send(&proxy, None, "GET", climb).await?;
+        assert_eq!(status, 403, "{climb}: {error}");
+    }
+    let hits = app.hits();
+    let (status, error, _) = send(&proxy, None, "GET", "/path/public/..%2fadmin").await?;
+    assert_eq!(status, 400);
+    assert!(error.contains("escaped slash"), "{error}");
+    assert_eq!(
+        app.hits(),
+        hits,
+        "refused requests never reach the application"
+    );
+    Ok(())
+}

@@ -9,6 +9,7 @@
 //! - `/trailers`: a body followed by trailers (`x-trailer: yes`)
 //! - `/headers`: the request headers, one `name: value` per line
 //! - `/version`: the request's HTTP version (`HTTP/1.1`, `HTTP/2.0`)
+//! - `/path/...`: the request's path and query as received
 //! - `/upgrade`: 101 Switching Protocols to `Upgrade: echo`, then echo bytes
 //! - anything else: the backend's name
 //!
@@ -262,6 +263,16 @@ async fn respond(name: &str, mut req: Request<Incoming>) -> Response<Body> {
             }
             reply(name, StatusCode::OK, full(n.to_string()))
         }
+        "path" => reply(
+            name,
+            StatusCode::OK,
+            full(
+                req.uri()
+                    .path_and_query()
+                    .map(|p| p.as_str().to_string())
+                    .unwrap_or_default(),
+            ),
+        ),
         "echo" => reply(
             name,
             StatusCode::OK,

@@ -100,6 +100,7 @@ impl DnsBackend {
                     endpoints,
                     opaque: false,
                     policy: Default::default(),
+                    name: None,
                 })))
             }
             Ok(_) => Some(Resolution::Unknown),

@@ -113,6 +113,7 @@ fn resolve(state: &State, addresses: &AddressIndex, authority: &Authority) -> Re
             endpoints: BTreeMap::clone(eps),
             opaque: false,
             policy: Default::default(),
+            name: None,
         })),
         _ => addresses.resolve(authority),
     }

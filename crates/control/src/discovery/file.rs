@@ -35,7 +35,7 @@ impl Snapshot {
         for (authority, d) in &destinations.by_authority {
             if let Resolution::Known(service) = resolve(&destinations, authority) {
                 for addr in &d.addresses {
-                    addresses.insert_service(*addr, service.clone());
+                    addresses.insert_service(*addr, authority, &service);
                 }
             }
         }
@@ -93,6 +93,7 @@ fn resolve(d: &Destinations, authority: &Authority) -> Resolution {
         endpoints: endpoints(dest),
         opaque: dest.opaque,
         policy: dest.policy.clone(),
+        name: None,
     }))
 }
 

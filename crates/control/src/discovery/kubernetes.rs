@@ -338,17 +338,21 @@ fn build(objects: &Objects, naming: &Naming) -> Snapshot {
                 endpoints,
                 opaque: false,
                 policy: Default::default(),
+                name: None,
             });
             let domain = &naming.cluster_domain;
+            let mut fqdn = None;
             for host in [
                 format!("{name}.{ns}.svc.{domain}"),
                 format!("{name}.{ns}.svc"),
                 format!("{name}.{ns}"),
             ] {
                 if let Ok(a) = format!("{host}:{service_port}").parse::<Authority>() {
+                    fqdn.get_or_insert_with(|| a.clone());
                     by_authority.insert(a, service.clone());
                 }
             }
+            let Some(fqdn) = fqdn else { continue };
             for ip in spec
                 .cluster_ips
                 .iter()
@@ -356,7 +360,11 @@ fn build(objects: &Objects, naming: &Naming) -> Snapshot {
                 .chain(spec.cluster_ip.iter())
             {
                 if let Ok(ip) = ip.parse::<IpAddr>() {
-                    cluster_ips.push((SocketAddr::new(ip, service_port), service.clone()));
+                    cluster_ips.push((
+                        SocketAddr::new(ip, service_port),
+                        fqdn.clone(),
+                        service.clone(),
+                    ));
                 }
             }
             services.push(service);
@@ -372,8 +380,8 @@ fn build(objects: &Objects, naming: &Naming) -> Snapshot {
             .iter()
             .map(|s| (&placeholder, &s.endpoints, s.opaque)),
     );
-    for (addr, service) in cluster_ips {
-        addresses.insert_service(addr, service);
+    for (addr, name, service) in cluster_ips {
+        addresses.insert_service(addr, &name, &service);
     }
     let pods = objects
         .pods

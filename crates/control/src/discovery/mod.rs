@@ -37,6 +37,11 @@ pub struct Service {
     /// Routes, timeouts, retries, breaker: the file's, or the defaults for
     /// backends that only know endpoints.
     pub policy: weft_destinations::Policy,
+    /// The service's name, when it was found by one of its own addresses
+    /// (a virtual IP): a client that asked by address is told the name.
+    /// `None` when it was asked for by name, or when the address is one
+    /// endpoint's (a pod), which has no service of its own.
+    pub name: Option<Authority>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -125,6 +130,7 @@ impl AddressIndex {
                         endpoints: BTreeMap::from([(*addr, e.clone())]),
                         opaque,
                         policy: Default::default(),
+                        name: None,
                     })
                 });
             }
@@ -132,18 +138,23 @@ impl AddressIndex {
         Self(index)
     }
 
-    /// `addr` is a service's own address (a virtual IP): it answers with
-    /// the whole service, ahead of an endpoint at the same address.
-    pub fn insert_service(&mut self, addr: SocketAddr, service: Arc<Service>) {
-        self.0.insert(addr, service);
+    /// `addr` is the own address (a virtual IP) of the service `name`: it
+    /// answers with the whole service and its name, ahead of an endpoint at
+    /// the same address.
+    pub fn insert_service(&mut self, addr: SocketAddr, name: &Authority, service: &Service) {
+        let service = Service {
+            name: Some(name.clone()),
+            ..service.clone()
+        };
+        self.0.insert(addr, Arc::new(service));
     }
 
     /// The endpoint `authority` names, if it is an `IP:port` in the index.
     pub fn resolve(&self, authority: &Authority) -> Resolution {
-        let Ok(ip) = authority.bare_host().parse::<std::net::IpAddr>() else {
+        let Some(addr) = authority.socket_addr() else {
             return Resolution::Unknown;
         };
-        match self.0.get(&SocketAddr::new(ip, authority.port())) {
+        match self.0.get(&addr) {
             Some(service) => Resolution::Known(service.clone()),
             None => Resolution::Unknown,
         }

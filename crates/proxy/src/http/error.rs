@@ -58,6 +58,8 @@ pub enum ProxyError {
     Loop(std::net::SocketAddr),
     #[error("more than one Host header")]
     DuplicateHost,
+    #[error(transparent)]
+    BadPath(#[from] weft_detect::PathError),
     #[error("the request body is malformed or was cut short: {0}")]
     ClientBody(String),
     #[error("{addr} sent no response headers within {timeout:?}")]
@@ -87,6 +89,7 @@ impl ProxyError {
             Self::NoAuthority
             | Self::BadAuthority(_)
             | Self::DuplicateHost
+            | Self::BadPath(_)
             | Self::ClientBody(_) => StatusCode::BAD_REQUEST,
             Self::NoEndpoints(_)
             | Self::Route(_)
@@ -106,7 +109,9 @@ impl ProxyError {
     /// A short, stable name for the `error` metric label.
     pub fn kind(&self) -> &'static str {
         match self {
-            Self::NoAuthority | Self::BadAuthority(_) | Self::DuplicateHost => "bad_request",
+            Self::NoAuthority | Self::BadAuthority(_) | Self::DuplicateHost | Self::BadPath(_) => {
+                "bad_request"
+            }
             Self::ClientBody(_) => "client_body",
             Self::ResponseTimeout { .. } => "response_timeout",
             Self::Timeout(_) => "timeout",

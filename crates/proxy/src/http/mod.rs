@@ -332,6 +332,32 @@ fn is_grpc(req: &Request<Incoming>) -> bool {
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
+/// Puts the request's path in the form routes and inbound policy judge
+/// (`weft_detect::normalize_path`), and sends it on in that form, so the
+/// application serves exactly the path policy allowed.
+fn normalize_uri<B>(req: &mut Request<B>) -> Result<(), ProxyError> {
+    // CONNECT's target is an authority, `OPTIONS *` has no path.
+    if req.method() == Method::CONNECT || req.uri().path() == "*" {
+        return Ok(());
+    }
+    let path = match weft_detect::normalize_path(req.uri().path())? {
+        std::borrow::Cow::Borrowed(_) => return Ok(()),
+        std::borrow::Cow::Owned(p) => p,
+    };
+    let path_and_query = match req.uri().query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path,
+    };
+    let mut parts = req.uri().clone().into_parts();
+    parts.path_and_query = Some(
+        path_and_query
+            .parse()
+            .map_err(|_| weft_detect::PathError::BadEscape)?,
+    );
+    *req.uri_mut() = http::Uri::from_parts(parts).map_err(|_| weft_detect::PathError::BadEscape)?;
+    Ok(())
+}
+
 fn is_upgrade(req: &Request<Incoming>) -> bool {
     req.version() <= Version::HTTP_11
         && req.headers().contains_key(header::UPGRADE)
@@ -443,6 +469,8 @@ impl HttpContext {
             // RFC 9112 §3.2: which Host is meant is ambiguous; answering
             // would invite request smuggling.
             Err(ProxyError::DuplicateHost)
+        } else if let Err(e) = normalize_uri(&mut req) {
+            Err(e)
         } else {
             self.target(&req).await
         };
