@@ -206,8 +206,15 @@ impl RouteMatch {
         }
     }
 
+    /// A match without a method matches every method but CONNECT: a
+    /// CONNECT opens a tunnel of bytes that no later request-level
+    /// decision (route, rate limit, metrics per request) sees, so only a
+    /// match that names it admits it.
     pub fn matches(&self, method: &http::Method, path: &str) -> bool {
-        self.method.as_ref().is_none_or(|m| m == method) && self.path.matches(path)
+        match &self.method {
+            Some(m) => m == method && self.path.matches(path),
+            None => method != http::Method::CONNECT && self.path.matches(path),
+        }
     }
 
     /// Gateway API precedence: an exact path over a prefix, a longer
@@ -222,6 +229,8 @@ impl RouteMatch {
     pub(crate) fn intersect(&self, other: &Self) -> Option<Self> {
         let method = match (&self.method, &other.method) {
             (Some(a), Some(b)) if a != b => return None,
+            // No match without a method admits CONNECT.
+            (Some(m), None) | (None, Some(m)) if m == http::Method::CONNECT => return None,
             (Some(m), _) | (None, Some(m)) => Some(m.clone()),
             (None, None) => None,
         };
@@ -234,7 +243,8 @@ impl RouteMatch {
     pub(crate) fn covers(&self, other: &Self) -> bool {
         self.path.covers(&other.path)
             && match (&self.method, &other.method) {
-                (None, _) => true,
+                (None, Some(m)) => m != http::Method::CONNECT,
+                (None, None) => true,
                 (Some(a), Some(b)) => a == b,
                 (Some(_), None) => false,
             }

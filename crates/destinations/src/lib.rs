@@ -20,6 +20,13 @@ pub use policy::{
     Budget, Hedge, Policy, Retry, RetryOn, Route, RouteBackend, RouteMatch, grpc_status_name,
 };
 pub use servers::{DETECT_TIMEOUT, ServerSpec};
+
+/// The longest duration any policy may hold (a timeout, a backoff, a
+/// hedge delay), whether from a file or from the control plane: far
+/// beyond any sensible value, and far enough below what `Instant +
+/// Duration` can hold that arithmetic on it never overflows (a value
+/// near `i64::MAX` seconds aborted the proxy).
+pub const MAX_DURATION: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 use weft_detect::Authority;
 use weft_identity::Name;
 
@@ -464,6 +471,14 @@ destinations:
             (
                 "timeout: 0s",
                 "destinations.\"a:1\".timeout: must be more than 0",
+            ),
+            (
+                "timeout: 292471208677years",
+                "destinations.\"a:1\".timeout: \"292471208677years\" is longer than 1day",
+            ),
+            (
+                "breaker: {min_open: 1s, max_open: 100000h}",
+                "destinations.\"a:1\".breaker.max_open: \"100000h\" is longer than 1day",
             ),
             (
                 "breaker: {min_open: 5s, max_open: 1s}",

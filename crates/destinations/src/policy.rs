@@ -364,8 +364,15 @@ fn one() -> u32 {
 
 /// `at` says where in the file a value is, for errors: the path of keys.
 pub(crate) fn duration(at: &str, text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text)
-        .map_err(|e| format!("{at}: {text:?} is not a duration such as 500ms or 2s ({e})"))
+    let d = humantime::parse_duration(text)
+        .map_err(|e| format!("{at}: {text:?} is not a duration such as 500ms or 2s ({e})"))?;
+    if d > crate::MAX_DURATION {
+        return Err(format!(
+            "{at}: {text:?} is longer than {}",
+            humantime::format_duration(crate::MAX_DURATION)
+        ));
+    }
+    Ok(d)
 }
 
 fn timeout(at: &str, text: Option<&str>) -> Result<Option<Duration>, String> {

@@ -29,6 +29,13 @@ pub enum DecodeError {
     Route { route: String, reason: String },
     #[error("{what}: invalid metadata: {reason}")]
     Metadata { what: String, reason: &'static str },
+    #[error("{what}: duration {seconds}s {nanos}ns is negative or longer than {max:?}")]
+    Duration {
+        what: String,
+        seconds: i64,
+        nanos: i32,
+        max: Duration,
+    },
 }
 
 /// Metadata as linkerd2-proxy requires it: present, and a resource with
@@ -95,7 +102,7 @@ pub fn decode(authority: &Authority, msg: &OutboundPolicy) -> Result<Policy, Dec
             return Ok(Policy::default());
         }
     };
-    let breaker = breaker(accrual);
+    let breaker = breaker(accrual)?;
     // The default route of a destination without routes: its settings are
     // the destination's.
     if let [only] = routes.as_slice()
@@ -170,7 +177,8 @@ fn http_routes(
                 })
                 .transpose()?;
             #[allow(deprecated)] // Older servers set only this.
-            let timeout = timeout(rule.timeouts.as_ref(), rule.request_timeout.as_ref());
+            let timeout = timeout(&name, rule.timeouts.as_ref(), rule.request_timeout.as_ref())?;
+            let hedge = hedge(&name, &ext)?;
             let matches = if rule.matches.is_empty() {
                 vec![RouteMatch::default()]
             } else {
@@ -187,7 +195,7 @@ fn http_routes(
                         backends: backends.clone(),
                         timeout,
                         retry: retry.clone(),
-                        hedge: hedge(&ext),
+                        hedge,
                     },
                     is_default,
                 });
@@ -232,7 +240,8 @@ fn grpc_routes(
                 retry(r.max_retries, (false, Vec::new()), codes, &ext)
             });
             #[allow(deprecated)] // Older servers set only this.
-            let timeout = timeout(rule.timeouts.as_ref(), rule.request_timeout.as_ref());
+            let timeout = timeout(&name, rule.timeouts.as_ref(), rule.request_timeout.as_ref())?;
+            let hedge = hedge(&name, &ext)?;
             let matches = if rule.matches.is_empty() {
                 vec![RouteMatch::default()]
             } else {
@@ -249,7 +258,7 @@ fn grpc_routes(
                         backends: backends.clone(),
                         timeout,
                         retry: retry.clone(),
-                        hedge: hedge(&ext),
+                        hedge,
                     },
                     is_default,
                 });
@@ -538,33 +547,36 @@ fn retry(
     }
 }
 
-fn hedge(ext: &RouteExtension) -> Option<Hedge> {
-    if let Some(d) = ext
+fn hedge(route: &str, ext: &RouteExtension) -> Result<Option<Hedge>, DecodeError> {
+    let after = ext
         .hedge_after
-        .and_then(std_duration)
-        .filter(|d| !d.is_zero())
-    {
-        return Some(Hedge::After(d));
+        .map(|d| std_duration(|| format!("route {route:?}: hedge delay"), d))
+        .transpose()?;
+    if let Some(d) = after.filter(|d| !d.is_zero()) {
+        return Ok(Some(Hedge::After(d)));
     }
-    ext.hedge_percentile
+    Ok(ext
+        .hedge_percentile
         .filter(|q| (0.5..=0.999).contains(q))
-        .map(Hedge::Percentile)
+        .map(Hedge::Percentile))
 }
 
 /// weft bounds a request until its response headers: the `request`
 /// timeout, else `response`, else the deprecated per-rule one.
 fn timeout(
+    route: &str,
     timeouts: Option<&api_route::Timeouts>,
     deprecated: Option<&prost_types::Duration>,
-) -> Option<Duration> {
-    timeouts
+) -> Result<Option<Duration>, DecodeError> {
+    let d = timeouts
         .and_then(|t| t.request.or(t.response))
         .or(deprecated.copied())
-        .and_then(std_duration)
-        .filter(|d| !d.is_zero())
+        .map(|d| std_duration(|| format!("route {route:?}: timeout"), d))
+        .transpose()?;
+    Ok(d.filter(|d| !d.is_zero()))
 }
 
-fn breaker(accrual: Option<&FailureAccrual>) -> BreakerConfig {
+fn breaker(accrual: Option<&FailureAccrual>) -> Result<BreakerConfig, DecodeError> {
     let defaults = BreakerConfig::default();
     let (failures, backoff) = match accrual.and_then(|a| a.kind.as_ref()) {
         Some(failure_accrual::Kind::ConsecutiveFailures(c)) => (c.max_failures, c.backoff.as_ref()),
@@ -575,21 +587,37 @@ fn breaker(accrual: Option<&FailureAccrual>) -> BreakerConfig {
     };
     let min_open = backoff
         .and_then(|b| b.min_backoff)
-        .and_then(std_duration)
+        .map(|d| std_duration(|| "failure accrual: min_backoff".into(), d))
+        .transpose()?
         .filter(|d| !d.is_zero())
         .unwrap_or(defaults.min_open);
     let max_open = backoff
         .and_then(|b| b.max_backoff)
-        .and_then(std_duration)
+        .map(|d| std_duration(|| "failure accrual: max_backoff".into(), d))
+        .transpose()?
         .unwrap_or(defaults.max_open)
         .max(min_open);
-    BreakerConfig {
+    Ok(BreakerConfig {
         consecutive_failures: failures,
         min_open,
         max_open,
-    }
+    })
 }
 
-fn std_duration(d: prost_types::Duration) -> Option<Duration> {
-    Duration::try_from(d).ok()
+/// A duration from the wire, refused when negative or beyond
+/// [`weft_destinations::MAX_DURATION`]: the proxy adds these to
+/// `Instant`s, which a value near `i64::MAX` seconds overflows.
+fn std_duration(
+    what: impl FnOnce() -> String,
+    d: prost_types::Duration,
+) -> Result<Duration, DecodeError> {
+    match Duration::try_from(d) {
+        Ok(std) if std <= weft_destinations::MAX_DURATION => Ok(std),
+        _ => Err(DecodeError::Duration {
+            what: what(),
+            seconds: d.seconds,
+            nanos: d.nanos,
+            max: weft_destinations::MAX_DURATION,
+        }),
+    }
 }

@@ -321,3 +321,36 @@ fn what_linkerd2_proxy_refuses_weft_refuses_too() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// A duration the proxy would add to an `Instant` is bounded: a timeout or
+/// backoff near `i64::MAX` seconds (which aborted the proxy) or a negative
+/// one refuses the whole policy, naming where it was.
+#[test]
+fn durations_beyond_a_day_or_below_zero_are_refused() -> anyhow::Result<()> {
+    let d = Destinations::parse(Path::new("test.yaml"), FILE)?;
+    let a: Authority = "api.demo:8080".parse()?;
+    let good = encode(&a, &d.by_authority[&a].policy, false);
+    decode(&a, &good)?;
+    for (seconds, nanos) in [(i64::MAX, 999_999_999), (-1, 0), (86_401, 0)] {
+        let mut p = good.clone();
+        if let Some(api::proxy_protocol::Kind::Detect(det)) =
+            p.protocol.as_mut().and_then(|p| p.kind.as_mut())
+            && let Some(h) = det.http1.as_mut()
+        {
+            h.routes[0].rules[0].timeouts = Some(linkerd2_proxy_api::http_route::Timeouts {
+                request: Some(prost_types::Duration { seconds, nanos }),
+                ..Default::default()
+            });
+        }
+        let err = decode(&a, &p)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            err.starts_with(r#"route "to-an-address": timeout: duration "#)
+                && err.ends_with("is negative or longer than 86400s"),
+            "{seconds}: {err}"
+        );
+    }
+    Ok(())
+}

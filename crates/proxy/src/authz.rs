@@ -297,6 +297,14 @@ impl InboundConn {
     }
 
     /// Whether a non-HTTP connection may go on; counted either way.
+    /// Whether the connection-level policy admits the client, uncounted:
+    /// a question asked before there is a connection to count.
+    pub fn admits_connection(&self, tls: &TlsLabel) -> bool {
+        self.server()
+            .authorize_connection(&self.client(tls))
+            .is_ok()
+    }
+
     pub fn authorize_connection(&self, metrics: &Metrics, tls: &TlsLabel) -> bool {
         let server = self.server();
         match server.authorize_connection(&self.client(tls)) {

@@ -821,8 +821,18 @@ fn parse_path(s: &str) -> Result<PathBuf, String> {
     Ok(PathBuf::from(s))
 }
 
+/// No setting is meant to be longer than a day (`MAX_DURATION`), and a
+/// far longer one would overflow the deadline arithmetic built on it.
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("not a duration like 300ms or 30s ({e})"))
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("not a duration like 300ms or 30s ({e})"))?;
+    if d > weft_destinations::MAX_DURATION {
+        return Err(format!(
+            "longer than {}",
+            humantime::format_duration(weft_destinations::MAX_DURATION)
+        ));
+    }
+    Ok(d)
 }
 
 fn parse_positive_duration(s: &str) -> Result<Duration, String> {
@@ -937,6 +947,7 @@ mod tests {
             (ENV_SHUTDOWN_GRACE, "soon"),
             (ENV_DETECT_TIMEOUT, "10s"),
             (ENV_LOG, "[[["),
+            (ENV_HEADER_READ_TIMEOUT, "292471208677years"),
         ]))
         .expect_err("invalid");
         let names: Vec<_> = err.0.iter().map(|e| e.name).collect();
@@ -946,6 +957,7 @@ mod tests {
                 ENV_OUTBOUND_LISTEN,
                 ENV_DETECT_TIMEOUT,
                 ENV_SHUTDOWN_GRACE,
+                ENV_HEADER_READ_TIMEOUT,
                 ENV_LOG
             ]
         );
@@ -954,6 +966,7 @@ mod tests {
             text.contains("WEFT_PROXY_OUTBOUND_LISTEN=\"nowhere\""),
             "{text}"
         );
+        assert!(text.contains("longer than 1day"), "{text}");
     }
 
     #[test]

@@ -119,6 +119,15 @@ impl Control {
                         }
                     }
                 }
+                Err(status) if status.code() == tonic::Code::ResourceExhausted => {
+                    let Some(router) = router.upgrade() else {
+                        return;
+                    };
+                    router.refuse_controlled(&target, status.message());
+                    if let Some(tx) = first.take() {
+                        let _ = tx.send(());
+                    }
+                }
                 Err(status) => {
                     tracing::debug!(%authority, error = %status.message(), "control plane unavailable");
                 }

@@ -25,9 +25,12 @@ use crate::metrics::AuthorityLabels;
 /// How long a request for a name new to this proxy waits for the control
 /// plane's first answer before falling back to DNS.
 const CONTROL_FIRST_ANSWER: Duration = Duration::from_secs(1);
-/// Names followed on the control plane, at most: beyond this, new names go
-/// to DNS. Names unused for the discovery idle timeout are let go first.
-const MAX_CONTROLLED_TARGETS: usize = 10_000;
+/// Names followed on the control plane, at most: weft-control's default
+/// `--max-names-per-client`, so the proxy's bound is met before the
+/// control plane's. A new name beyond it fails (it may be a meshed
+/// service, which DNS would reach in plaintext). Names unused for the
+/// discovery idle timeout are let go first.
+const MAX_CONTROLLED_TARGETS: usize = 2_000;
 /// Failed DNS lookups remembered at most, so a client naming random hosts
 /// cannot grow the negative cache.
 const MAX_NEGATIVE: usize = 10_000;
@@ -55,6 +58,18 @@ pub enum RouteError {
         ttl: Duration,
         reason: String,
     },
+    /// The control plane would not follow the name (this proxy follows too
+    /// many): going to DNS instead could send a meshed service's traffic
+    /// in plaintext, so the request fails.
+    #[error("the control plane refused to follow {authority}: {reason}")]
+    ControlRefused {
+        authority: Authority,
+        reason: String,
+    },
+    #[error(
+        "this proxy already follows {max} names on the control plane; {authority} is not sent to DNS instead, since it may be meshed"
+    )]
+    TooManyNames { authority: Authority, max: usize },
 }
 
 /// Where the endpoints of a target come from.
@@ -64,8 +79,12 @@ enum Source {
     Discovery,
     /// A Destination stream from the control plane. `known` is false while
     /// the control plane says it has never heard of the name (or has not
-    /// answered yet): requests then go to DNS.
-    Control { known: AtomicBool },
+    /// answered yet): requests then go to DNS. `refused` says why the
+    /// control plane would not follow it: requests then fail.
+    Control {
+        known: AtomicBool,
+        refused: Mutex<Option<String>>,
+    },
     /// A DNS answer, refreshed when older than the router's refresh period.
     Dns {
         resolved_at: Mutex<Instant>,
@@ -223,6 +242,8 @@ pub struct Router {
     discovered: ArcSwap<HashMap<Authority, Arc<Target>>>,
     control: Option<Control>,
     controlled: Mutex<HashMap<Authority, Arc<OnceCell<Arc<Target>>>>>,
+    /// One warning a minute when new names meet `MAX_CONTROLLED_TARGETS`.
+    too_many_names: weft_listener::Throttle,
     dynamic: RwLock<HashMap<Authority, Arc<Target>>>,
     /// Names DNS recently failed to resolve, and why.
     negative: Mutex<HashMap<Authority, (Instant, String)>>,
@@ -244,6 +265,7 @@ impl Router {
         let router = Arc::new(Self {
             control,
             controlled: Mutex::default(),
+            too_many_names: weft_listener::Throttle::new(Duration::from_secs(60)),
             settings,
             dns_refresh,
             endpoints: Mutex::default(),
@@ -430,7 +452,7 @@ impl Router {
         // (its identity: mutual TLS with no configuration) or a service's;
         // any other address is forwarded as it is.
         if self.control.is_some()
-            && let Some(t) = Box::pin(self.resolve_controlled(authority)).await
+            && let Some(t) = Box::pin(self.resolve_controlled(authority)).await?
         {
             return Ok(t);
         }
@@ -494,8 +516,13 @@ impl Router {
     /// The control plane's target for `authority`, if the control plane
     /// knows the name. The first request for a name opens its stream and
     /// waits (briefly) for the first answer; later ones never wait.
-    async fn resolve_controlled(self: &Arc<Self>, authority: &Authority) -> Option<Arc<Target>> {
-        let control = self.control.as_ref()?;
+    async fn resolve_controlled(
+        self: &Arc<Self>,
+        authority: &Authority,
+    ) -> Result<Option<Arc<Target>>, RouteError> {
+        let Some(control) = self.control.as_ref() else {
+            return Ok(None);
+        };
         let cell = {
             let mut controlled = match self.controlled.lock() {
                 Ok(g) => g,
@@ -503,7 +530,15 @@ impl Router {
             };
             match controlled.get(authority) {
                 Some(c) => c.clone(),
-                None if controlled.len() >= MAX_CONTROLLED_TARGETS => return None,
+                None if controlled.len() >= MAX_CONTROLLED_TARGETS => {
+                    if let Some(suppressed) = self.too_many_names.allow() {
+                        tracing::warn!(%authority, max = MAX_CONTROLLED_TARGETS, suppressed, "too many names followed on the control plane; failing requests for new ones rather than sending them to DNS");
+                    }
+                    return Err(RouteError::TooManyNames {
+                        authority: authority.clone(),
+                        max: MAX_CONTROLLED_TARGETS,
+                    });
+                }
                 None => {
                     let c = Arc::new(OnceCell::new());
                     controlled.insert(authority.clone(), c.clone());
@@ -518,6 +553,7 @@ impl Router {
                     Set::empty(),
                     Source::Control {
                         known: AtomicBool::new(false),
+                        refused: Mutex::new(None),
                     },
                 ));
                 let (endpoints_tx, endpoints_rx) = tokio::sync::oneshot::channel();
@@ -553,8 +589,30 @@ impl Router {
             .await;
         self.touch(target);
         match &target.source {
-            Source::Control { known } if known.load(Ordering::Acquire) => Some(target.clone()),
-            _ => None,
+            Source::Control { known, .. } if known.load(Ordering::Acquire) => {
+                Ok(Some(target.clone()))
+            }
+            Source::Control { refused, .. } => match refused.lock().ok().and_then(|r| r.clone()) {
+                Some(reason) => Err(RouteError::ControlRefused {
+                    authority: authority.clone(),
+                    reason,
+                }),
+                None => Ok(None),
+            },
+            _ => Ok(None),
+        }
+    }
+
+    /// The control plane refused to follow `target` (`reason`): its
+    /// requests fail until it answers.
+    pub(crate) fn refuse_controlled(&self, target: &Target, reason: &str) {
+        if let Source::Control { refused, .. } = &target.source
+            && let Ok(mut r) = refused.lock()
+        {
+            if r.is_none() {
+                tracing::warn!(authority = %target.authority, reason, "the control plane refused to follow a name; its requests fail rather than go to DNS");
+            }
+            *r = Some(reason.to_string());
         }
     }
 
@@ -572,8 +630,13 @@ impl Router {
             load.set_breaker(breaker);
         }
         target.set.store(Arc::new(set));
-        if let (Source::Control { known: k }, Some(v)) = (&target.source, known) {
-            k.store(v, Ordering::Release);
+        if let Source::Control { known: k, refused } = &target.source {
+            if let Some(v) = known {
+                k.store(v, Ordering::Release);
+            }
+            if let Ok(mut r) = refused.lock() {
+                *r = None;
+            }
         }
         tracing::debug!(authority = %target.authority, endpoints = specs.len(), ?known, "destination update");
         if let Ok(mut eps) = self.endpoints.lock() {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -245,8 +245,10 @@ impl Side {
                         return None;
                     }
                 };
+                let silent = inner.is_empty() && protocol == Protocol::Opaque;
                 let io = PrefixedIo::new(inner.freeze(), stream);
                 let conn = Detected {
+                    silent,
                     protocol,
                     opaque_target,
                     orig_dst,
@@ -260,8 +262,10 @@ impl Side {
             }
         }
         tls_slot.set(TlsLabel::Plain, workload.clone());
+        let silent = prefix.is_empty() && protocol == Protocol::Opaque;
         let io = PrefixedIo::new(prefix.freeze(), io);
         let conn = Detected {
+            silent,
             protocol,
             opaque_target,
             orig_dst,
@@ -293,6 +297,7 @@ impl Side {
             workload,
             peer,
             server_id,
+            silent,
         } = conn;
         // Inbound: the port whose policy applies is the application's.
         let inbound = match self.direction {
@@ -321,6 +326,40 @@ impl Side {
         } else {
             protocol
         };
+        // A client silent through detection may be an HTTP client that
+        // connected early, or the client of a server-speaks-first
+        // protocol: whoever speaks first within the header read timeout
+        // decides, so the first never escapes the HTTP policy and neither
+        // holds a connection past that timeout.
+        let (io, protocol, greeted) = match &opaque_target {
+            Some(target) if silent && !declared_opaque => {
+                let admitted = inbound
+                    .as_ref()
+                    .is_none_or(|c| c.admits_connection(&client_tls));
+                let upstream = if admitted {
+                    tcp::connect(target, Some(&self.listen_addrs)).await.ok()
+                } else {
+                    None
+                };
+                let deadline = tokio::time::Instant::now() + self.limits.header_read_timeout;
+                let mut io = io;
+                match first_words(&mut io, upstream, deadline).await {
+                    Ok(FirstWords::Client(prefix, protocol)) => {
+                        (PrefixedIo::new(prefix.freeze(), io), protocol, None)
+                    }
+                    Ok(FirstWords::Server(up, greeting, prefix)) => (
+                        PrefixedIo::new(prefix.freeze(), io),
+                        Protocol::Opaque,
+                        Some((up, greeting)),
+                    ),
+                    Err(e) => {
+                        tracing::debug!(direction = ?self.direction, error = %e, "silent connection closed");
+                        return None;
+                    }
+                }
+            }
+            _ => (PrefixedIo::new(bytes::Bytes::new(), io), protocol, None),
+        };
         let version = match protocol {
             Protocol::Http1 => HttpVersion::Http1,
             Protocol::Http2 => HttpVersion::Http2,
@@ -339,20 +378,28 @@ impl Side {
                     return None;
                 }
                 return match opaque_target {
-                    Some(t) => match inbound {
-                        Some(conn) => {
-                            let metrics = self.metrics.clone();
-                            Some(Box::pin(async move {
-                                conn.while_authorized(
-                                    tcp::relay(io, t, idle),
-                                    &metrics,
-                                    &client_tls,
-                                )
-                                .await
-                            }))
+                    Some(t) => {
+                        let relay = async move {
+                            match greeted {
+                                Some((up, greeting)) => {
+                                    let mut io = io;
+                                    if io.write_all(&greeting).await.is_ok() {
+                                        tcp::relay_connected(io, &t, up, idle).await;
+                                    }
+                                }
+                                None => tcp::relay(io, t, idle).await,
+                            }
+                        };
+                        match inbound {
+                            Some(conn) => {
+                                let metrics = self.metrics.clone();
+                                Some(Box::pin(async move {
+                                    conn.while_authorized(relay, &metrics, &client_tls).await
+                                }))
+                            }
+                            None => Some(Box::pin(relay)),
                         }
-                        None => Some(Box::pin(tcp::relay(io, t, idle))),
-                    },
+                    }
                     None => {
                         tracing::debug!(direction = ?self.direction, ?protocol, "opaque connection without a destination; closing");
                         None
@@ -399,6 +446,8 @@ struct Detected {
     peer: SocketAddr,
     /// Inbound: the identity whose policy applies.
     server_id: Option<Arc<str>>,
+    /// The client sent nothing within the detection timeout.
+    silent: bool,
 }
 
 /// Reads the rest of a TLS ClientHello into `buf`; returns its server name.
@@ -431,10 +480,11 @@ async fn read_client_hello<I: AsyncRead + Unpin>(
 }
 
 /// Reads until the first bytes identify the protocol. A client that stays
-/// silent past `timeout` is taken for a server-speaks-first protocol; one
-/// that has sent part of something (a request line trickled in) is not
-/// silent, and is given until `partial_timeout` before it is relayed as
-/// opaque.
+/// silent past `timeout` is taken for a server-speaks-first protocol
+/// (opaque, with nothing read); one that has sent part of something (a
+/// request line trickled in) is not silent, and must finish within
+/// `partial_timeout` (the header read timeout), or is closed: relayed as
+/// opaque it would escape that timeout and the HTTP policy.
 async fn read_prefix<I: AsyncRead + Unpin>(
     io: &mut I,
     timeout: Duration,
@@ -442,30 +492,112 @@ async fn read_prefix<I: AsyncRead + Unpin>(
 ) -> io::Result<(BytesMut, Protocol)> {
     let mut buf = BytesMut::with_capacity(1024);
     let start = tokio::time::Instant::now();
+    let protocol = read_prefix_into(
+        io,
+        &mut buf,
+        start + timeout,
+        start + partial_timeout.max(timeout),
+    )
+    .await?;
+    Ok((buf, protocol))
+}
+
+/// [`read_prefix`] into `buf`, which keeps what was read if the future is
+/// dropped.
+async fn read_prefix_into<I: AsyncRead + Unpin>(
+    io: &mut I,
+    buf: &mut BytesMut,
+    silent_deadline: tokio::time::Instant,
+    partial_deadline: tokio::time::Instant,
+) -> io::Result<Protocol> {
     loop {
         let deadline = if buf.is_empty() {
-            start + timeout
+            silent_deadline
         } else {
-            start + partial_timeout.max(timeout)
+            partial_deadline
         };
-        if let Detection::Known(p) = detect(&buf) {
-            return Ok((buf, p));
+        if let Detection::Known(p) = detect(buf) {
+            return Ok(p);
         }
         if buf.len() >= MAX_PREFIX {
-            return Ok((buf, Protocol::Opaque));
+            return Ok(Protocol::Opaque);
         }
         buf.reserve(1024.min(MAX_PREFIX - buf.len()));
-        match tokio::time::timeout_at(deadline, io.read_buf(&mut buf)).await {
-            Err(_) => return Ok((buf, Protocol::Opaque)),
+        match tokio::time::timeout_at(deadline, io.read_buf(buf)).await {
+            Err(_) if buf.is_empty() => return Ok(Protocol::Opaque),
+            Err(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "sent part of a request and not the rest within the header read timeout",
+                ));
+            }
             Ok(Ok(0)) if buf.is_empty() => {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     "closed before sending anything",
                 ));
             }
-            Ok(Ok(0)) => return Ok((buf, Protocol::Opaque)),
+            Ok(Ok(0)) => return Ok(Protocol::Opaque),
             Ok(Ok(_)) => {}
             Ok(Err(e)) => return Err(e),
         }
+    }
+}
+
+/// Who spoke first on a connection whose client was silent through
+/// detection.
+enum FirstWords {
+    /// The client, after all: its first bytes and their protocol.
+    Client(BytesMut, Protocol),
+    /// The server (a server-speaks-first protocol): its greeting, and
+    /// whatever part of something the client had sent meanwhile.
+    Server(tcp::Connected, BytesMut, BytesMut),
+}
+
+/// Waits, until `deadline`, for the first bytes of either the client or
+/// (when `upstream` is connected) the server. A client that speaks first
+/// is detected like any other, so an HTTP client that merely connected
+/// early is served as HTTP, under its header timeout and policy; only a
+/// server's greeting makes the connection opaque. Neither speaking by
+/// the deadline closes it, as the header read timeout closes a silent
+/// HTTP client.
+async fn first_words<I: AsyncRead + Unpin>(
+    io: &mut I,
+    upstream: Option<tcp::Connected>,
+    deadline: tokio::time::Instant,
+) -> io::Result<FirstWords> {
+    let mut prefix = BytesMut::with_capacity(1024);
+    let silent = || {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            "neither the client nor the server spoke within the header read timeout",
+        )
+    };
+    let Some(mut up) = upstream else {
+        let p = read_prefix_into(io, &mut prefix, deadline, deadline).await?;
+        if prefix.is_empty() {
+            return Err(silent());
+        }
+        return Ok(FirstWords::Client(prefix, p));
+    };
+    let mut greeting = BytesMut::with_capacity(1024);
+    let server_spoke = tokio::select! {
+        p = read_prefix_into(io, &mut prefix, deadline, deadline) => Err(p),
+        r = up.io.read_buf(&mut greeting) => Ok(r),
+    };
+    match server_spoke {
+        Err(p) => {
+            let p = p?;
+            if prefix.is_empty() {
+                return Err(silent());
+            }
+            Ok(FirstWords::Client(prefix, p))
+        }
+        Ok(Ok(0)) => Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the server closed before anyone spoke",
+        )),
+        Ok(Ok(_)) => Ok(FirstWords::Server(up, greeting, prefix)),
+        Ok(Err(e)) => Err(e),
     }
 }

@@ -26,6 +26,13 @@ pub enum ConnectFailed {
     Connect(Arc<Endpoint>, String),
 }
 
+/// An open upstream connection, in flight for the balancer until dropped.
+pub struct Connected {
+    pub endpoint: Arc<Endpoint>,
+    pub pending: Pending,
+    pub io: UpstreamIo,
+}
+
 /// Picks an endpoint and connects, going to another endpoint after a
 /// failed connect (up to three). The connection counts as in flight (the
 /// `Pending`) while it is open, so the balancer spreads long-lived
@@ -33,7 +40,7 @@ pub enum ConnectFailed {
 pub async fn connect(
     target: &Target,
     own: Option<&crate::http::ListenAddrs>,
-) -> Result<(Arc<Endpoint>, Pending, UpstreamIo), ConnectFailed> {
+) -> Result<Connected, ConnectFailed> {
     let attempts = CONNECT_ATTEMPTS.min(target.len().max(1));
     let mut failed = Vec::new();
     let mut last = None;
@@ -48,7 +55,11 @@ pub async fn connect(
         match endpoint.connect().await {
             Ok(io) => {
                 pending.observe_response();
-                return Ok((endpoint, pending, io));
+                return Ok(Connected {
+                    endpoint,
+                    pending,
+                    io,
+                });
             }
             Err(e) => {
                 pending.observe_failure();
@@ -66,17 +77,28 @@ pub async fn connect(
 
 /// Relays `client` to one of `target`'s endpoints until either side closes
 /// or nothing moves for `idle`.
-pub async fn relay<I>(mut client: I, target: Arc<Target>, idle: Duration)
+pub async fn relay<I>(client: I, target: Arc<Target>, idle: Duration)
 where
     I: AsyncRead + AsyncWrite + Unpin,
 {
-    let (endpoint, _pending, mut upstream) = match connect(&target, None).await {
-        Ok(c) => c,
+    match connect(&target, None).await {
+        Ok(c) => relay_connected(client, &target, c, idle).await,
         Err(e) => {
             tracing::info!(target = %target.authority, error = ?e, "opaque connection not relayed; closing");
-            return;
         }
-    };
+    }
+}
+
+/// [`relay`] over a connection already made.
+pub async fn relay_connected<I>(mut client: I, target: &Target, upstream: Connected, idle: Duration)
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+{
+    let Connected {
+        endpoint,
+        pending: _pending,
+        io: mut upstream,
+    } = upstream;
     match crate::io::splice(&mut client, &mut upstream, idle).await {
         Ok((up, down)) => {
             tracing::debug!(target = %target.authority, endpoint = %endpoint.addr, up, down, "opaque connection closed")

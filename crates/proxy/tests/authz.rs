@@ -650,3 +650,96 @@ servers:
     );
     Ok(())
 }
+
+/// The status line a raw HTTP/1.1 `CONNECT` gets, and the stream, open
+/// if the tunnel is.
+async fn connect(proxy: &Proxy, target: &str) -> anyhow::Result<(String, tokio::net::TcpStream)> {
+    let mut s = tokio::net::TcpStream::connect(proxy.inbound).await?;
+    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        .await?;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut byte)).await??;
+        anyhow::ensure!(n == 1, "closed after {:?}", String::from_utf8_lossy(&head));
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    Ok((head.lines().next().unwrap_or_default().to_string(), s))
+}
+
+/// An inbound CONNECT would be a tunnel to the application past every
+/// later request-level decision: routes without a method (the default
+/// policy's included) do not admit it (404, counted), only a route naming
+/// CONNECT does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_connect_needs_a_route_that_names_it() -> anyhow::Result<()> {
+    let app = Backend::start("api").await?;
+    let port = app.addr.port();
+    let target = format!("api.demo:{port}");
+
+    let no_policy = DestinationsFile::from_yaml("destinations: {}\n")?;
+    let open = inbound_proxy(&no_policy, app.addr, &[]).await?;
+    let (status, _) = connect(&open, &target).await?;
+    assert!(status.starts_with("HTTP/1.1 404"), "{status}");
+    let metrics = scrape(open.admin).await?.text;
+    assert!(
+        metrics.lines().any(|l| l.starts_with("response_total{")
+            && l.contains("direction=\"inbound\"")
+            && l.contains("error=\"route_not_found\"")),
+        "the refusal is counted"
+    );
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("inbound_http_route_not_found_total{")),
+        "{metrics}"
+    );
+
+    let policy = |connect_route: &str| {
+        format!(
+            r#"destinations: {{}}
+servers:
+  "api.demo":
+    ports:
+      "{port}":
+        default: deny
+        authorizations:
+          - name: everything
+            clients: {{networks: [127.0.0.0/8]}}
+            routes: [{{path_prefix: /}}{connect_route}]
+"#
+        )
+    };
+    let file = DestinationsFile::from_yaml(&policy(""))?;
+    let proxy = inbound_proxy(&file, app.addr, &[]).await?;
+    assert_eq!(send(&proxy, None, "GET", "/x").await?.0, 200);
+    let (status, _) = connect(&proxy, &target).await?;
+    assert!(status.starts_with("HTTP/1.1 404"), "{status}");
+    assert_eq!(app.hits(), 1, "only the GET reached the application");
+
+    file.write_yaml(&policy(", {path_prefix: /, methods: [CONNECT]}"))?;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut tunnel = loop {
+        let (status, s) = connect(&proxy, &target).await?;
+        if status.starts_with("HTTP/1.1 200") {
+            break s;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "still {status}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    tunnel
+        .write_all(b"GET /path/through HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut rsp = String::new();
+    tokio::time::timeout(Duration::from_secs(5), tunnel.read_to_string(&mut rsp)).await??;
+    assert!(rsp.ends_with("/path/through"), "{rsp}");
+    let metrics = scrape(proxy.admin).await?.text;
+    assert!(
+        metrics.lines().any(
+            |l| l.starts_with("inbound_http_authz_allow_total{") && l.contains("route_name=\"")
+        ),
+        "{metrics}"
+    );
+    Ok(())
+}

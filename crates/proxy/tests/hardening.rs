@@ -633,3 +633,105 @@ async fn a_blackholed_endpoint_costs_one_connect_timeout_not_one_per_request() -
     drop(fillers);
     Ok(())
 }
+
+/// On inbound (where detection relays a silent client as opaque), a
+/// request line trickled past the detection timeout and a client silent
+/// throughout are both closed at the header read timeout, as HAProxy
+/// closes them, without reaching the application; a client that connected
+/// early and then sends a request is served as HTTP, under the HTTP policy
+/// (a denied path is 403, not relayed as bytes past it); a
+/// server-speaks-first application still greets its client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_silent_inbound_clients_cannot_escape_the_header_timeout() -> anyhow::Result<()> {
+    let app = Backend::start("app").await?;
+    let port = app.addr.port();
+    let file = DestinationsFile::from_yaml(&format!(
+        r#"destinations: {{}}
+servers:
+  "api.demo":
+    ports:
+      "{port}":
+        default: deny
+        authorizations:
+          - name: reads
+            clients: {{networks: [127.0.0.0/8]}}
+            routes: [{{path_prefix: /allowed}}]
+"#
+    ))?;
+    let app_addr = app.addr.to_string();
+    let proxy = Proxy::start(
+        PROXY.as_ref(),
+        &[
+            ("WEFT_PROXY_DESTINATIONS", &file.path_str()),
+            ("WEFT_PROXY_INBOUND_FORWARD", &app_addr),
+            ("WEFT_PROXY_INBOUND_SERVER", "api.demo"),
+            ("WEFT_PROXY_HEADER_READ_TIMEOUT", "1s"),
+        ],
+    )
+    .await?;
+    let mut held = Vec::new();
+    let started = Instant::now();
+    for i in 0..200 {
+        let mut s = TcpStream::connect(proxy.inbound).await?;
+        if i % 2 == 0 {
+            s.write_all(b"GET /allow").await?;
+        }
+        held.push(s);
+    }
+    let mut late = TcpStream::connect(proxy.inbound).await?;
+    let mut denied = TcpStream::connect(proxy.inbound).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    late.write_all(b"GET /allowed HTTP/1.1\r\nHost: api.demo\r\nConnection: close\r\n\r\n")
+        .await?;
+    denied
+        .write_all(b"GET /admin HTTP/1.1\r\nHost: api.demo\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut rsp = String::new();
+    tokio::time::timeout(Duration::from_secs(3), late.read_to_string(&mut rsp)).await??;
+    assert!(rsp.starts_with("HTTP/1.1 200"), "{rsp}");
+    let mut rsp = String::new();
+    tokio::time::timeout(Duration::from_secs(3), denied.read_to_string(&mut rsp)).await??;
+    assert!(
+        rsp.starts_with("HTTP/1.1 403"),
+        "policy applies to a late speaker: {rsp}"
+    );
+
+    let mut open = 0;
+    for s in &mut held {
+        let left = Duration::from_secs(4).saturating_sub(started.elapsed());
+        if !closed(s, left).await {
+            open += 1;
+        }
+    }
+    let took = started.elapsed();
+    assert_eq!(open, 0, "connections still open after the header timeout");
+    assert!(
+        took >= Duration::from_millis(900),
+        "closed before the timeout: {took:?}"
+    );
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    assert_eq!(
+        app.hits(),
+        1,
+        "only the one allowed request reached the application"
+    );
+
+    // A server that speaks first is still relayed.
+    let smtp = weft_test_support::tcp::server_first(b"220 ready\r\n").await?;
+    let smtp_addr = smtp.addr.to_string();
+    let file = DestinationsFile::from_yaml("destinations: {}\n")?;
+    let relay = Proxy::start(
+        PROXY.as_ref(),
+        &[
+            ("WEFT_PROXY_DESTINATIONS", &file.path_str()),
+            ("WEFT_PROXY_INBOUND_FORWARD", &smtp_addr),
+            ("WEFT_PROXY_HEADER_READ_TIMEOUT", "1s"),
+        ],
+    )
+    .await?;
+    let mut s = TcpStream::connect(relay.inbound).await?;
+    let mut banner = [0u8; 11];
+    tokio::time::timeout(Duration::from_secs(2), s.read_exact(&mut banner)).await??;
+    assert_eq!(&banner, b"220 ready\r\n");
+    Ok(())
+}

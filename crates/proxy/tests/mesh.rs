@@ -459,3 +459,68 @@ async fn a_proxy_renews_without_its_token() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// A name the control plane refuses to follow (this proxy already follows
+/// its limit) is never sent to DNS instead, where a meshed service would
+/// be reached in plaintext: the request fails with the reason, and is
+/// counted. `localhost` resolves in DNS, so a fallback would have
+/// answered 200 from the backend directly.
+#[tokio::test]
+async fn a_refused_name_is_not_sent_to_dns_in_plaintext() -> anyhow::Result<()> {
+    let ca = MeshCa::new()?;
+    let backend = Backend::start("api").await?;
+    let port = backend.addr.port();
+    let dests = weft_test_support::DestinationsFile::from_yaml(&format!(
+        r#"destinations:
+  "a.demo:80":
+    endpoints: [{{addr: "{addr}"}}]
+  "localhost:{port}":
+    endpoints: [{{addr: "{addr}", identity: api.demo}}]
+"#,
+        addr = backend.addr
+    ))?;
+    let control = Control::start(
+        &workspace_binary("weft-control")?,
+        &ca,
+        &[
+            "--destinations",
+            &dests.path_str(),
+            "--max-names-per-client",
+            "1",
+        ],
+    )
+    .await?;
+    let client = start_proxy(&meshed(&ca, &control, "web.demo")?).await?;
+    let mut conn = Conn::connect(client.outbound, false).await?;
+    let (status, _, body) = conn.get("a.demo:80", "/").await?;
+    assert_eq!(status, 200, "{body}");
+    let localhost = format!("localhost:{port}");
+    let (status, headers, _) = conn.get(&localhost, "/").await?;
+    let error = headers
+        .get("l5d-proxy-error")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(status, 503, "{error}");
+    assert!(
+        error.contains(&format!("the control plane refused to follow {localhost}")),
+        "{error}"
+    );
+    assert_eq!(
+        backend.hits(),
+        1,
+        "nothing reached the backend around the mesh"
+    );
+    let metrics = scrape(client.admin).await?;
+    assert_eq!(
+        metrics.sum(
+            "response_total",
+            &[("direction", "outbound"), ("error", "discovery_refused")]
+        ),
+        1.0,
+        "{}",
+        metrics.text
+    );
+    assert!(client.log().contains("refused to follow a name"), "warned");
+    Ok(())
+}

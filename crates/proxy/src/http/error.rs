@@ -60,6 +60,7 @@ pub enum ProxyError {
     DuplicateHost,
     #[error(transparent)]
     BadPath(#[from] weft_detect::PathError),
+
     #[error("the request body is malformed or was cut short: {0}")]
     ClientBody(String),
     #[error("{addr} sent no response headers within {timeout:?}")]
@@ -118,6 +119,10 @@ impl ProxyError {
             Self::NoRoute(_) => "no_route",
             Self::Saturated { .. } => "saturated",
             Self::NoEndpoints(_) => "no_endpoints",
+            Self::Route(
+                crate::route::RouteError::ControlRefused { .. }
+                | crate::route::RouteError::TooManyNames { .. },
+            ) => "discovery_refused",
             Self::Route(_) => "resolve",
             Self::Connect(_) => "connect",
             Self::Upstream { .. } => "upstream",

@@ -1104,23 +1104,26 @@ impl HttpContext {
         start: Instant,
         tapped: crate::tap::Observed,
     ) -> Response<ProxyBody> {
-        let (endpoint, pending, upstream) =
-            match crate::tcp::connect(target, Some(&self.listen_addrs)).await {
-                Ok(c) => c,
-                Err(failed) => {
-                    let (e, endpoint) = match failed {
-                        crate::tcp::ConnectFailed::NoEndpoints => {
-                            (ProxyError::NoEndpoints(target.authority.to_string()), None)
-                        }
-                        crate::tcp::ConnectFailed::Loop(addr) => (ProxyError::Loop(addr), None),
-                        crate::tcp::ConnectFailed::Connect(endpoint, reason) => {
-                            (ProxyError::Connect(reason), Some(endpoint))
-                        }
-                    };
-                    let tls = self.tls_for(endpoint.as_deref());
-                    return self.fail(tapped, label, e, false, start, tls);
-                }
-            };
+        let crate::tcp::Connected {
+            endpoint,
+            pending,
+            io: upstream,
+        } = match crate::tcp::connect(target, Some(&self.listen_addrs)).await {
+            Ok(c) => c,
+            Err(failed) => {
+                let (e, endpoint) = match failed {
+                    crate::tcp::ConnectFailed::NoEndpoints => {
+                        (ProxyError::NoEndpoints(target.authority.to_string()), None)
+                    }
+                    crate::tcp::ConnectFailed::Loop(addr) => (ProxyError::Loop(addr), None),
+                    crate::tcp::ConnectFailed::Connect(endpoint, reason) => {
+                        (ProxyError::Connect(reason), Some(endpoint))
+                    }
+                };
+                let tls = self.tls_for(endpoint.as_deref());
+                return self.fail(tapped, label, e, false, start, tls);
+            }
+        };
         let on_upgrade = hyper::upgrade::on(&mut req);
         let idle = self.limits.tcp_idle_timeout;
         tokio::spawn(async move {
