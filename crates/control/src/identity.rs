@@ -28,7 +28,7 @@ const RENEW_RETRY: Duration = Duration::from_secs(10);
 pub struct IdentityService {
     issuer: Arc<ArcSwap<Issuer>>,
     token_key: TokenKey,
-    spent: SpentTokens,
+    spent: std::sync::Arc<SpentTokens>,
     leaf_lifetime: Duration,
     metrics: Metrics,
     /// With Kubernetes: ServiceAccount tokens, checked by TokenReview.
@@ -105,7 +105,7 @@ impl IdentityService {
         dir.check_served().map_err(IdentityError::Dir)?;
         let issuer = Issuer::load(&dir).map_err(IdentityError::Issuer)?;
         let token_key = dir.read_token_key().map_err(IdentityError::TokenKey)?;
-        let spent = SpentTokens::load(spent, unix(SystemTime::now()))?;
+        let spent = std::sync::Arc::new(SpentTokens::load(spent, unix(SystemTime::now()))?);
         metrics.set_issuer_expiry(issuer.not_after());
         let issuer = Arc::new(ArcSwap::from_pointee(issuer));
         tokio::spawn(follow_issuer(dir, Arc::downgrade(&issuer), metrics.clone()));
@@ -336,8 +336,12 @@ impl IdentityService {
                 // Recorded only once signing succeeded: a bad CSR does not
                 // use the token up. A concurrent use of the same token
                 // loses here.
-                self.spent
-                    .spend(&nonce, expires, unix(now))
+                // The fsync runs on a blocking thread, not the runtime's.
+                let spent = self.spent.clone();
+                let at = unix(now);
+                tokio::task::spawn_blocking(move || spent.spend(&nonce, expires, at))
+                    .await
+                    .map_err(|e| Status::internal(format!("recording the token failed: {e}")))?
                     .map_err(|e| match e {
                         SpendError::Replayed => {
                             Status::permission_denied(format!("token refused for {name}: {e}"))

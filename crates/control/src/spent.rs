@@ -69,25 +69,33 @@ impl SpentTokens {
         self.lock().contains_key(nonce)
     }
 
-    /// Marks `nonce` used, on disk before in memory: if it cannot be
-    /// recorded the token is refused, never accepted twice.
+    /// Marks `nonce` used. It is claimed in memory first (so a concurrent
+    /// use of the same token is refused) and the claim stands only once it
+    /// is on disk: if it cannot be recorded, the claim is withdrawn and the
+    /// token refused, never accepted twice. The lock is never held across
+    /// the write and its fsync; call this off the async runtime (it
+    /// blocks on the disk).
     pub fn spend(&self, nonce: &str, expires: u64, now: u64) -> Result<(), SpendError> {
-        let mut spent = self.lock();
-        if spent.contains_key(nonce) {
-            return Err(SpendError::Replayed);
-        }
-        if spent.len() >= MAX_SPENT {
-            spent.retain(|_, e| *e > now);
-            if spent.len() >= MAX_SPENT {
-                return Err(SpendError::Full);
+        {
+            let mut spent = self.lock();
+            if spent.contains_key(nonce) {
+                return Err(SpendError::Replayed);
             }
+            if spent.len() >= MAX_SPENT {
+                spent.retain(|_, e| *e > now);
+                if spent.len() >= MAX_SPENT {
+                    return Err(SpendError::Full);
+                }
+            }
+            spent.insert(nonce.to_string(), expires);
         }
-        append(&self.path, nonce, expires).map_err(|source| SpendError::Io {
-            path: self.path.clone(),
-            source,
-        })?;
-        spent.insert(nonce.to_string(), expires);
-        Ok(())
+        append(&self.path, nonce, expires).map_err(|source| {
+            self.lock().remove(nonce);
+            SpendError::Io {
+                path: self.path.clone(),
+                source,
+            }
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, u64>> {
@@ -145,5 +153,23 @@ mod tests {
         assert!(!restarted.is_spent("bb"));
         let text = std::fs::read_to_string(&path).expect("read");
         assert_eq!(text, "aa 200\n");
+    }
+
+    #[test]
+    fn a_use_that_cannot_be_recorded_is_refused_and_leaves_no_claim() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("spent-tokens");
+        let spent = SpentTokens::load(path.clone(), 100).expect("load");
+        // The file's place becomes a directory: the append fails.
+        std::fs::remove_file(&path).expect("remove");
+        std::fs::create_dir(&path).expect("mkdir");
+        assert!(matches!(
+            spent.spend("aa", 200, 100),
+            Err(SpendError::Io { .. })
+        ));
+        assert!(!spent.is_spent("aa"), "the failed use's claim is withdrawn");
+        std::fs::remove_dir(&path).expect("rmdir");
+        spent.spend("aa", 200, 100).expect("recorded now");
+        assert!(spent.is_spent("aa"));
     }
 }
