@@ -178,6 +178,10 @@ pub struct DirectionLabels {
 /// authorities do. Everything else is counted as `authority="other"`, so a
 /// client choosing `Host` headers cannot grow the metrics (or a scrape)
 /// without bound.
+///
+/// It also bounds the `route` label of gRPC calls (their method) per
+/// authority label *and in total*: the two bounds must not multiply (1,000
+/// authorities × 100 methods once made a scrape of 3 million lines).
 #[derive(Debug)]
 pub struct AuthorityLabels {
     direction: Direction,
@@ -186,6 +190,33 @@ pub struct AuthorityLabels {
     admitted: std::sync::RwLock<std::collections::HashMap<weft_detect::Authority, Arc<str>>>,
     other: Arc<str>,
     overflow: Counter,
+    methods: std::sync::RwLock<Methods>,
+}
+
+/// gRPC method labels admitted, by authority label.
+#[derive(Debug, Default)]
+struct Methods {
+    by_authority: std::collections::HashMap<Arc<str>, std::collections::HashSet<Arc<str>>>,
+    total: usize,
+}
+
+/// Distinct gRPC methods with series of their own, per authority label.
+pub const MAX_METHODS: usize = 100;
+/// Distinct (authority, gRPC method) label pairs per direction.
+pub const MAX_METHOD_SERIES: usize = 1_000;
+
+/// `/package.Service/Method`: two non-empty segments of identifier
+/// characters, at most 256 bytes.
+fn is_grpc_method(path: &str) -> bool {
+    let Some((service, method)) = path.strip_prefix('/').and_then(|p| p.split_once('/')) else {
+        return false;
+    };
+    let ident = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.')
+    };
+    path.len() <= 256 && ident(service) && ident(method)
 }
 
 /// The label of every authority folded together.
@@ -207,7 +238,47 @@ impl AuthorityLabels {
             overflow: overflow
                 .get_or_create(&DirectionLabels { direction })
                 .clone(),
+            methods: Default::default(),
         }
+    }
+
+    /// The `route` label of a gRPC call to `authority` (a label from
+    /// here or a target's): its `/package.Service/Method` while both
+    /// bounds allow a new one; `other` beyond them, or for a path that is
+    /// no gRPC method (a client cannot mint series).
+    pub fn grpc_method(&self, authority: &Arc<str>, path: &str) -> Arc<str> {
+        if !is_grpc_method(path) {
+            return self.other.clone();
+        }
+        if let Some(m) = self
+            .methods
+            .read()
+            .ok()
+            .and_then(|m| m.by_authority.get(authority)?.get(path).cloned())
+        {
+            return m;
+        }
+        let Ok(mut methods) = self.methods.write() else {
+            return self.other.clone();
+        };
+        let Methods {
+            by_authority,
+            total,
+        } = &mut *methods;
+        if *total >= MAX_METHOD_SERIES && !by_authority.contains_key(authority) {
+            return self.other.clone();
+        }
+        let seen = by_authority.entry(authority.clone()).or_default();
+        if let Some(m) = seen.get(path) {
+            return m.clone();
+        }
+        if seen.len() >= MAX_METHODS || *total >= MAX_METHOD_SERIES {
+            return self.other.clone();
+        }
+        let m: Arc<str> = path.into();
+        seen.insert(m.clone());
+        *total += 1;
+        m
     }
 
     pub fn label(&self, authority: &weft_detect::Authority) -> Arc<str> {

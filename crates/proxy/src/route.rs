@@ -110,8 +110,6 @@ pub struct Target {
     pub budget: weft_balance::RetryBudget,
     /// Recent latency, for hedging at a percentile.
     pub latency: weft_balance::LatencyWindow,
-    /// gRPC methods seen, each a `route` label, at most [`MAX_METHODS`].
-    methods: RwLock<std::collections::HashSet<Arc<str>>>,
     source: Source,
     /// When a request last named this target, in seconds since the
     /// router started: names nobody uses are let go.
@@ -130,7 +128,6 @@ impl Target {
             policy: ArcSwap::from_pointee(Policy::default()),
             budget: weft_balance::RetryBudget::default(),
             latency: weft_balance::LatencyWindow::default(),
-            methods: RwLock::default(),
             source,
             used: AtomicU64::new(0),
             follower: Mutex::new(None),
@@ -152,33 +149,6 @@ impl Target {
         // Every draw was failing: try one anyway, or nothing would ever
         // find out that it recovered.
         fallback
-    }
-
-    /// The `route` label of a gRPC call to this destination: its
-    /// `/package.Service/Method`, for the first [`MAX_METHODS`] methods
-    /// seen; `other` beyond them, or for a path that is no gRPC method (a
-    /// client cannot mint series).
-    pub fn grpc_method(&self, path: &str) -> Arc<str> {
-        static OTHER: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
-        let other = || OTHER.get_or_init(|| "other".into()).clone();
-        if !is_grpc_method(path) {
-            return other();
-        }
-        if let Some(m) = self.methods.read().ok().and_then(|m| m.get(path).cloned()) {
-            return m;
-        }
-        let Ok(mut methods) = self.methods.write() else {
-            return other();
-        };
-        if let Some(m) = methods.get(path) {
-            return m.clone();
-        }
-        if methods.len() >= MAX_METHODS {
-            return other();
-        }
-        let m: Arc<str> = path.into();
-        methods.insert(m.clone());
-        m
     }
 
     /// Like [`Target::pick`], preferring an endpoint not in `tried` (a
@@ -207,23 +177,6 @@ impl Target {
     pub fn endpoints(&self) -> Vec<SocketAddr> {
         self.set.load().iter().map(|(e, _)| e.addr).collect()
     }
-}
-
-/// Distinct gRPC methods with series of their own, per destination.
-pub const MAX_METHODS: usize = 100;
-
-/// `/package.Service/Method`: two non-empty segments of identifier
-/// characters, at most 256 bytes.
-fn is_grpc_method(path: &str) -> bool {
-    let Some((service, method)) = path.strip_prefix('/').and_then(|p| p.split_once('/')) else {
-        return false;
-    };
-    let ident = |s: &str| {
-        !s.is_empty()
-            && s.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.')
-    };
-    path.len() <= 256 && ident(service) && ident(method)
 }
 
 /// Draws the balancer makes to find an endpoint not in connect backoff.

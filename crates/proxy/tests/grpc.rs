@@ -180,3 +180,174 @@ async fn grpc_calls_are_retried_on_listed_statuses() -> anyhow::Result<()> {
     assert_eq!(unavailable, 10, "without retries every other call fails");
     Ok(())
 }
+
+/// A response whose body is over at its headers (a gRPC trailers-only
+/// answer, a 204, the answer to HEAD) is counted as it answered, not as a
+/// broken stream; a client that cancels after the headers is counted as
+/// cancelled (gRPC CANCELLED), not as the server's UNKNOWN.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_bodies_count_as_answered_and_cancels_as_cancelled() -> anyhow::Result<()> {
+    use weft_test_support::backend::Backend;
+    use weft_test_support::client::{self, get, get_h2, text};
+    let server = grpc::start().await?;
+    let backend = Backend::start("plain").await?;
+    let file = DestinationsFile::new(&[
+        ("health.test:9090", &[(server.addr, 1)]),
+        ("plain.test:80", &[(backend.addr, 1)]),
+    ])?;
+    let path = file.path_str();
+    let proxy = Proxy::start(PROXY.as_ref(), &[("WEFT_PROXY_DESTINATIONS", &path)]).await?;
+
+    let channel = grpc::channel_via(proxy.outbound, "health.test:9090").await?;
+    for _ in 0..5 {
+        let err = grpc::check(&channel, "no.such.Service")
+            .await
+            .expect_err("unknown service");
+        assert_eq!(err.code(), tonic::Code::NotFound);
+    }
+    let mut h1 = client::http1(proxy.outbound).await?;
+    let mut h2 = client::http2(proxy.outbound).await?;
+    for _ in 0..3 {
+        let (status, _, _) = text(
+            h1.send_request(get("plain.test:80", "/status/204")?)
+                .await?,
+        )
+        .await?;
+        assert_eq!(status, 204);
+        let (status, _, _) = text(
+            h2.send_request(get_h2("plain.test:80", "/status/204")?)
+                .await?,
+        )
+        .await?;
+        assert_eq!(status, 204);
+        let mut head = get("plain.test:80", "/")?;
+        *head.method_mut() = http::Method::HEAD;
+        let (status, _, body) = text(h1.send_request(head).await?).await?;
+        assert_eq!((status.as_u16(), body.as_str()), (200, ""));
+    }
+
+    // Cancelled after the headers and the first message.
+    let mut stream = grpc::watch(&channel, grpc::SERVING).await?;
+    let first = stream.message().await?;
+    assert!(first.is_some());
+    drop(stream);
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    let m = loop {
+        let m = scrape(proxy.admin).await?;
+        if m.sum("response_total", &[("error", "cancelled")]) >= 1.0
+            || std::time::Instant::now() > deadline
+        {
+            break m;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        m.sum(
+            "response_total",
+            &[("grpc_status_code", "5"), ("classification", "failure")]
+        ),
+        5.0,
+        "{}",
+        m.text
+    );
+    assert_eq!(
+        m.sum(
+            "response_total",
+            &[("status_code", "204"), ("classification", "success")]
+        ),
+        6.0,
+        "{}",
+        m.text
+    );
+    assert_eq!(
+        m.sum(
+            "response_total",
+            &[
+                ("status_code", "200"),
+                ("classification", "success"),
+                ("authority", "plain.test:80")
+            ]
+        ),
+        3.0,
+        "HEAD: {}",
+        m.text
+    );
+    assert_eq!(
+        m.sum("response_total", &[("error", "stream")]),
+        0.0,
+        "{}",
+        m.text
+    );
+    assert_eq!(
+        m.sum(
+            "response_total",
+            &[("error", "cancelled"), ("grpc_status_code", "1")]
+        ),
+        1.0,
+        "{}",
+        m.text
+    );
+    Ok(())
+}
+
+/// The two label bounds do not multiply: one client naming 20 authorities
+/// × 100 gRPC methods on inbound gets at most 1,000 method series in all
+/// (100 per authority), the rest `route="other"`, and the scrape stays
+/// small.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorities_times_methods_is_bounded_in_total() -> anyhow::Result<()> {
+    use http_body_util::Full;
+    use weft_test_support::backend::Backend;
+    use weft_test_support::client;
+    let app = Backend::start("app").await?;
+    let app_addr = app.addr.to_string();
+    let file = DestinationsFile::from_yaml("destinations: {}\n")?;
+    let proxy = Proxy::start(
+        PROXY.as_ref(),
+        &[
+            ("WEFT_PROXY_DESTINATIONS", &file.path_str()),
+            ("WEFT_PROXY_INBOUND_FORWARD", &app_addr),
+        ],
+    )
+    .await?;
+    let mut h2 = client::http2(proxy.inbound).await?;
+    for a in 0..20 {
+        for m in 0..100 {
+            let req = http::Request::post(format!("http://svc{a}.test:80/pkg.Service/Method{m}"))
+                .header("content-type", "application/grpc")
+                .body(Full::new(bytes::Bytes::new()))?;
+            h2.ready().await?;
+            h2.send_request(req).await?;
+        }
+    }
+    h2.ready().await?;
+    let m = scrape(proxy.admin).await?;
+    let pairs: std::collections::HashSet<(String, String)> = m
+        .text
+        .lines()
+        .filter(|l| l.starts_with("request_total{") && l.contains("direction=\"inbound\""))
+        .filter_map(|l| {
+            let field = |k: &str| {
+                l.split(&format!("{k}=\""))
+                    .nth(1)?
+                    .split('"')
+                    .next()
+                    .map(String::from)
+            };
+            Some((field("authority")?, field("route")?))
+        })
+        .filter(|(_, r)| r != "other")
+        .collect();
+    assert_eq!(pairs.len(), 1_000, "method series in total");
+    assert_eq!(
+        m.sum(
+            "request_total",
+            &[("direction", "inbound"), ("route", "other")]
+        ),
+        1_000.0
+    );
+    let lines = m.text.lines().count();
+    assert!(lines < 40_000, "{lines} lines in a scrape");
+    Ok(())
+}

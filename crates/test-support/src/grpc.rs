@@ -80,3 +80,18 @@ pub async fn check_with(
     let rsp = client.check(request).await?;
     Ok(rsp.into_inner().status)
 }
+
+/// `Health/Watch` for `service`: a server stream that stays open (its first
+/// message is the current status), for tests that cancel mid-stream.
+pub async fn watch(
+    channel: &Channel,
+    service: &str,
+) -> Result<tonic::Streaming<tonic_health::pb::HealthCheckResponse>, tonic::Status> {
+    let mut client = HealthClient::new(channel.clone());
+    let rsp = client
+        .watch(HealthCheckRequest {
+            service: service.to_string(),
+        })
+        .await?;
+    Ok(rsp.into_inner())
+}

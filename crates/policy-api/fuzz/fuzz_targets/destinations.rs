@@ -8,8 +8,12 @@ use libfuzzer_sys::fuzz_target;
 use weft_destinations::{Destinations, Hedge, MAX_DURATION};
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else { return };
-    let Ok(d) = Destinations::parse(Path::new("fuzz.yaml"), text) else { return };
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(d) = Destinations::parse(Path::new("fuzz.yaml"), text) else {
+        return;
+    };
     for dest in d.by_authority.values() {
         let p = &dest.policy;
         let mut durations = vec![p.breaker.min_open, p.breaker.max_open];

@@ -9,7 +9,11 @@ use linkerd2_proxy_api::inbound::Server;
 use prost::Message;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(server) = Server::decode(data) else { return };
-    let Some(clients) = NonZeroUsize::new(16) else { return };
+    let Ok(server) = Server::decode(data) else {
+        return;
+    };
+    let Some(clients) = NonZeroUsize::new(16) else {
+        return;
+    };
     let _ = weft_policy_api::inbound::decode(server, clients);
 });

@@ -11,9 +11,15 @@ use weft_detect::Authority;
 use weft_policy_api::{decode, wire};
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(msg) = wire::OutboundPolicy::decode(data) else { return };
-    let Ok(authority) = "web.demo:8080".parse::<Authority>() else { return };
-    let Ok(policy) = decode(&authority, &msg) else { return };
+    let Ok(msg) = wire::OutboundPolicy::decode(data) else {
+        return;
+    };
+    let Ok(authority) = "web.demo:8080".parse::<Authority>() else {
+        return;
+    };
+    let Ok(policy) = decode(&authority, &msg) else {
+        return;
+    };
     let mut durations = vec![policy.breaker.min_open, policy.breaker.max_open];
     durations.extend(policy.timeout);
     for route in &policy.routes {

@@ -33,10 +33,18 @@ pub enum ProxyBody {
 
 impl ProxyBody {
     pub fn upstream(inner: Incoming, classify: Classify) -> Self {
+        let mut classify = Some(classify);
+        let grpc = classify.as_ref().is_some_and(|c| c.grpc);
+        // A body over at the headers (204, `Content-Length: 0`, HEAD, a
+        // gRPC trailers-only response) may never be polled: it is a whole
+        // response now, not one cut short when it is dropped.
+        if inner.is_end_stream() {
+            finish(&mut classify, None, End::Clean);
+        }
         Self::Upstream {
-            grpc: classify.grpc,
+            grpc,
             inner,
-            classify: Some(classify),
+            classify,
             ended: false,
         }
     }
@@ -81,19 +89,19 @@ impl Body for ProxyBody {
                 match &polled {
                     Some(Ok(frame)) => {
                         if let Some(trailers) = frame.trailers_ref() {
-                            finish(classify, Some(trailers), false);
+                            finish(classify, Some(trailers), End::Clean);
                         } else if inner.is_end_stream() {
-                            finish(classify, None, false);
+                            finish(classify, None, End::Clean);
                         }
                     }
                     Some(Err(e)) if *grpc => {
                         let trailers = grpc_failure_trailers(e);
-                        finish(classify, Some(&trailers), true);
+                        finish(classify, Some(&trailers), End::UpstreamFailed);
                         *ended = true;
                         return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
                     }
-                    Some(Err(_)) => finish(classify, None, true),
-                    None => finish(classify, None, false),
+                    Some(Err(_)) => finish(classify, None, End::UpstreamFailed),
+                    None => finish(classify, None, End::Clean),
                 }
                 Poll::Ready(polled)
             }
@@ -116,10 +124,22 @@ impl Body for ProxyBody {
     }
 }
 
-/// The stream ended, seen from upstream: `error` is the upstream's failure.
-fn finish(classify: &mut Option<Classify>, trailers: Option<&HeaderMap>, error: bool) {
+/// How a response stream ended.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// At its end, with trailers or without.
+    Clean,
+    /// The upstream failed mid-stream: its endpoint's breaker counts it.
+    UpstreamFailed,
+    /// The client went away (or reset the stream) first: nobody's answer,
+    /// so no gRPC status of the server's.
+    Cancelled,
+}
+
+/// The stream ended, seen from upstream.
+fn finish(classify: &mut Option<Classify>, trailers: Option<&HeaderMap>, end: End) {
     if let Some(mut c) = classify.take() {
-        c.record(trailers, error, error);
+        c.record(trailers, end);
     }
 }
 
@@ -182,21 +202,20 @@ impl Classify {
 
     /// Counts the response once; later calls (the drop after a normal end)
     /// do nothing.
-    /// Counts the response. `error`: the stream did not end cleanly;
-    /// `upstream_failed`: and the upstream is to blame (not a client that
-    /// went away), which the endpoint's breaker counts.
-    fn record(&mut self, trailers: Option<&HeaderMap>, error: bool, upstream_failed: bool) {
+    fn record(&mut self, trailers: Option<&HeaderMap>, end: End) {
         if self.recorded {
             return;
         }
         self.recorded = true;
         let mut labels = self.labels.clone();
+        let error = end != End::Clean;
         let success = if self.grpc {
-            // A gRPC response without any grpc-status is UNKNOWN (2).
+            // A gRPC response without any grpc-status is UNKNOWN (2), or
+            // CANCELLED (1) when the client cancelled it.
             let code = self
                 .header_grpc_status
                 .or_else(|| trailers.and_then(grpc_status))
-                .unwrap_or(2);
+                .unwrap_or(if end == End::Cancelled { 1 } else { 2 });
             labels.grpc_status_code = Some(code);
             code == 0 && !error
         } else {
@@ -209,7 +228,7 @@ impl Classify {
             use weft_balance::Outcome;
             in_flight
                 .pending
-                .record(if endpoint_failed || upstream_failed {
+                .record(if endpoint_failed || end == End::UpstreamFailed {
                     Outcome::Failure
                 } else if error {
                     Outcome::Neutral
@@ -217,9 +236,11 @@ impl Classify {
                     Outcome::Success
                 });
         }
-        if error {
-            labels.error = Some("stream");
-        }
+        labels.error = match end {
+            End::Clean => labels.error,
+            End::UpstreamFailed => Some("stream"),
+            End::Cancelled => Some("cancelled"),
+        };
         labels.classification = if success {
             Classification::success
         } else {
@@ -231,10 +252,10 @@ impl Classify {
 }
 
 impl Drop for Classify {
-    /// A body dropped before its end was cut short (client went away, or a
-    /// reset): it counts, as a failure.
+    /// A body dropped before its end was cut short by the client (it went
+    /// away, or reset the stream): it counts, as a cancelled failure.
     fn drop(&mut self) {
-        self.record(None, true, false);
+        self.record(None, End::Cancelled);
     }
 }
 

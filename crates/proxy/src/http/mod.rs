@@ -493,9 +493,10 @@ impl HttpContext {
         // request's series and decides where it goes.
         let policy = target.policy.load_full();
         let route = self.matched_route(&policy, &req);
+        let authority_label = self.label_for(&target, authority.as_ref());
         let label = Dst {
-            authority: self.label_for(&target, authority.as_ref()),
-            route: self.route_label(&target, route, &req, grpc),
+            route: self.route_label(&authority_label, route, &req, grpc),
+            authority: authority_label,
             workload: self.workload.clone(),
         };
         self.labels.count(&label.authority);
@@ -971,14 +972,14 @@ impl HttpContext {
     /// (bounded per destination), else `default`.
     fn route_label(
         &self,
-        target: &Target,
+        authority: &Arc<str>,
         route: Option<&Route>,
         req: &Request<Incoming>,
         grpc: bool,
     ) -> Arc<str> {
         match route {
             Some(r) => r.name.clone(),
-            None if grpc => target.grpc_method(req.uri().path()),
+            None if grpc => self.labels.grpc_method(authority, req.uri().path()),
             None => default_route(),
         }
     }
