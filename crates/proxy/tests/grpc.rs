@@ -208,12 +208,14 @@ async fn finished_bodies_count_as_answered_and_cancels_as_cancelled() -> anyhow:
     let mut h1 = client::http1(proxy.outbound).await?;
     let mut h2 = client::http2(proxy.outbound).await?;
     for _ in 0..3 {
+        h1.ready().await?;
         let (status, _, _) = text(
             h1.send_request(get("plain.test:80", "/status/204")?)
                 .await?,
         )
         .await?;
         assert_eq!(status, 204);
+        h2.ready().await?;
         let (status, _, _) = text(
             h2.send_request(get_h2("plain.test:80", "/status/204")?)
                 .await?,
@@ -222,6 +224,7 @@ async fn finished_bodies_count_as_answered_and_cancels_as_cancelled() -> anyhow:
         assert_eq!(status, 204);
         let mut head = get("plain.test:80", "/")?;
         *head.method_mut() = http::Method::HEAD;
+        h1.ready().await?;
         let (status, _, body) = text(h1.send_request(head).await?).await?;
         assert_eq!((status.as_u16(), body.as_str()), (200, ""));
     }
