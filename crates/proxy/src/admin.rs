@@ -18,6 +18,11 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+
+/// Admin connections open at once, at most.
+pub const MAX_CONNECTIONS: usize = 64;
+/// How long a request head (or the wait for the next one) may take.
+pub const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 use crate::metrics::Metrics;
 use crate::tap::{Listener, Next};
 
@@ -151,27 +156,28 @@ impl Admin {
         }
     }
 
+    /// Serves the admin port: at most [`MAX_CONNECTIONS`] at once (a
+    /// scraper, a few CLIs and their taps), each closed if a request head
+    /// takes longer than [`HEADER_TIMEOUT`], so nothing a peer does holds
+    /// more than that many sockets, or holds them silently.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
+        let mut listener = weft_listener::Listener::new(listener, "admin", MAX_CONNECTIONS);
         loop {
-            let (stream, _) = tokio::select! {
+            let accepted = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                r = listener.accept() => match r {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "admin accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
+                a = listener.accept(|| {}) => a,
             };
             let admin = self.clone();
             tokio::spawn(async move {
+                let _permit = accepted.permit;
                 let svc = service_fn(move |req| {
                     let rsp = admin.handle(&req);
                     async move { Ok::<_, Infallible>(rsp) }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT)
+                    .serve_connection(TokioIo::new(accepted.stream), svc)
                     .await;
             });
         }

@@ -154,3 +154,41 @@ async fn endpoints_and_metrics_lint_clean() -> anyhow::Result<()> {
     assert!(unexpected.is_empty(), "promtool check metrics:\n{findings}");
     Ok(())
 }
+
+/// What a peer can hold on the admin port is bounded: connections beyond
+/// the cap are closed at once, silent ones at the header timeout, after
+/// which the port serves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_port_bounds_connections_and_silence() -> anyhow::Result<()> {
+    use std::time::{Duration, Instant};
+    use tokio::io::AsyncReadExt;
+    let file = DestinationsFile::from_yaml("destinations: {}\n")?;
+    let proxy = Proxy::start(
+        PROXY.as_ref(),
+        &[("WEFT_PROXY_DESTINATIONS", &file.path_str())],
+    )
+    .await?;
+    let started = Instant::now();
+    let mut held = Vec::new();
+    for _ in 0..64 {
+        held.push(tokio::net::TcpStream::connect(proxy.admin).await?);
+    }
+    // Past the cap: closed at once.
+    let mut extra = tokio::net::TcpStream::connect(proxy.admin).await?;
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(2), extra.read(&mut buf)).await?;
+    assert!(
+        matches!(n, Ok(0) | Err(_)),
+        "the 65th connection was served"
+    );
+    // Silent: closed at the header timeout (10 s).
+    for s in &mut held {
+        let left = Duration::from_secs(13).saturating_sub(started.elapsed());
+        let n = tokio::time::timeout(left, s.read(&mut buf)).await?;
+        assert!(matches!(n, Ok(0) | Err(_)));
+    }
+    let took = started.elapsed();
+    assert!(took >= Duration::from_secs(9), "{took:?}");
+    assert_eq!(get_text(proxy.admin, "/ready").await?, "ready\n");
+    Ok(())
+}

@@ -735,3 +735,44 @@ servers:
     assert_eq!(&banner, b"220 ready\r\n");
     Ok(())
 }
+
+/// A declared body beyond any sane size is refused up front, and an
+/// HTTP/1.1 request that merely says `application/grpc` (gRPC is HTTP/2)
+/// does not escape the inbound response timeout gRPC streams are exempt
+/// from.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_bodies_and_http1_grpc_get_no_special_treatment() -> anyhow::Result<()> {
+    let app = Backend::start("app").await?;
+    let app_addr = app.addr.to_string();
+    let file = DestinationsFile::from_yaml("destinations: {}\n")?;
+    let proxy = Proxy::start(
+        PROXY.as_ref(),
+        &[
+            ("WEFT_PROXY_DESTINATIONS", &file.path_str()),
+            ("WEFT_PROXY_INBOUND_FORWARD", &app_addr),
+            ("WEFT_PROXY_INBOUND_RESPONSE_TIMEOUT", "1s"),
+        ],
+    )
+    .await?;
+    let rsp = raw(
+        proxy.inbound,
+        b"POST /count HTTP/1.1\r\nHost: app\r\nContent-Length: 2000000000000\r\n\r\nabc",
+        Duration::from_secs(3),
+    )
+    .await?;
+    assert!(rsp.starts_with("HTTP/1.1 400"), "{rsp}");
+    assert!(rsp.contains("beyond the 1 TiB"), "{rsp}");
+    assert_eq!(app.hits(), 0);
+
+    // Read for 2.5 s: the application answers at 5 s, the bound at 1 s.
+    let rsp = raw(
+        proxy.inbound,
+        b"POST /slow/5000 HTTP/1.1\r\nHost: app\r\nContent-Type: application/grpc\r\nContent-Length: 0\r\n\r\n",
+        Duration::from_millis(2500),
+    )
+    .await?;
+    // Answered as the client asked (gRPC DEADLINE_EXCEEDED), at the bound.
+    assert!(rsp.contains("no response headers within 1s"), "{rsp}");
+    assert!(rsp.contains("grpc-status: 4"), "{rsp}");
+    Ok(())
+}

@@ -524,3 +524,25 @@ async fn a_refused_name_is_not_sent_to_dns_in_plaintext() -> anyhow::Result<()> 
     assert!(client.log().contains("refused to follow a name"), "warned");
     Ok(())
 }
+
+/// `l5d-client-id` reaches the application only as the proxy set it: the
+/// meshed caller's proven identity, never a value a client sent.
+#[tokio::test]
+async fn l5d_client_id_is_the_proven_identity_only() -> anyhow::Result<()> {
+    let mesh = Mesh::start().await?;
+    let mut conn = Conn::connect(mesh.client.outbound, false).await?;
+    let (status, _, body) = conn.get("api.demo:8080", "/headers").await?;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("l5d-client-id: web.demo"), "{body}");
+
+    let mut forged = weft_test_support::client::http1(mesh.server.inbound).await?;
+    let req = http::Request::get("/headers")
+        .header("host", "api.demo:8080")
+        .header("l5d-client-id", "admin.demo")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))?;
+    let (status, _, body) =
+        weft_test_support::client::text(forged.send_request(req).await?).await?;
+    assert_eq!(status, 200, "{body}");
+    assert!(!body.contains("l5d-client-id"), "{body}");
+    Ok(())
+}

@@ -60,6 +60,10 @@ pub enum ProxyError {
     DuplicateHost,
     #[error(transparent)]
     BadPath(#[from] weft_detect::PathError),
+    #[error(
+        "the request declares a body of {0} bytes, beyond the 1 TiB a proxied request may have"
+    )]
+    TooLarge(u64),
 
     #[error("the request body is malformed or was cut short: {0}")]
     ClientBody(String),
@@ -91,6 +95,7 @@ impl ProxyError {
             | Self::BadAuthority(_)
             | Self::DuplicateHost
             | Self::BadPath(_)
+            | Self::TooLarge(_)
             | Self::ClientBody(_) => StatusCode::BAD_REQUEST,
             Self::NoEndpoints(_)
             | Self::Route(_)
@@ -110,9 +115,11 @@ impl ProxyError {
     /// A short, stable name for the `error` metric label.
     pub fn kind(&self) -> &'static str {
         match self {
-            Self::NoAuthority | Self::BadAuthority(_) | Self::DuplicateHost | Self::BadPath(_) => {
-                "bad_request"
-            }
+            Self::NoAuthority
+            | Self::BadAuthority(_)
+            | Self::DuplicateHost
+            | Self::BadPath(_)
+            | Self::TooLarge(_) => "bad_request",
             Self::ClientBody(_) => "client_body",
             Self::ResponseTimeout { .. } => "response_timeout",
             Self::Timeout(_) => "timeout",

@@ -332,6 +332,27 @@ fn is_grpc(req: &Request<Incoming>) -> bool {
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
+/// The header naming a meshed client's proven identity to the application
+/// (Linkerd's).
+const L5D_CLIENT_ID: &str = "l5d-client-id";
+
+/// The largest body a request may declare: far beyond any upload through a
+/// sidecar (1 TiB), and a bound a client cannot talk past to hold a
+/// request open "until the rest arrives".
+const MAX_CONTENT_LENGTH: u64 = 1 << 40;
+
+/// The request's declared `Content-Length`, if any (hyper has checked it
+/// is one valid number).
+fn declared_length<B>(req: &Request<B>) -> Option<u64> {
+    req.headers()
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// Puts the request's path in the form routes and inbound policy judge
 /// (`weft_detect::normalize_path`), and sends it on in that form, so the
 /// application serves exactly the path policy allowed.
@@ -471,6 +492,10 @@ impl HttpContext {
             Err(ProxyError::DuplicateHost)
         } else if let Err(e) = normalize_uri(&mut req) {
             Err(e)
+        } else if let Some(len) = declared_length(&req)
+            && len > MAX_CONTENT_LENGTH
+        {
+            Err(ProxyError::TooLarge(len))
         } else {
             self.target(&req).await
         };
@@ -533,6 +558,17 @@ impl HttpContext {
             );
         }
 
+        // The application may trust `l5d-client-id` as the caller's
+        // proven identity: it is this proxy's to set, never the client's.
+        if self.direction == Direction::inbound {
+            let headers = req.headers_mut();
+            headers.remove(L5D_CLIENT_ID);
+            if let TlsLabel::Mutual { peer_id } = &self.client_tls
+                && let Ok(v) = http::HeaderValue::from_str(peer_id)
+            {
+                headers.insert(L5D_CLIENT_ID, v);
+            }
+        }
         if req.method() == Method::CONNECT && self.version == HttpVersion::Http1 {
             return Box::pin(self.tunnel(req, &target, label, start, tapped)).await;
         }
@@ -1028,7 +1064,9 @@ impl HttpContext {
         if self.direction != Direction::inbound {
             return None;
         }
-        if grpc {
+        // gRPC is HTTP/2: an HTTP/1.1 request saying `application/grpc` is
+        // bounded like any other.
+        if grpc && req.version() == Version::HTTP_2 {
             return req
                 .headers()
                 .get("grpc-timeout")
