@@ -232,14 +232,27 @@ pub struct Leaf {
     pub not_after: SystemTime,
 }
 
+/// A CSR larger than this is refused unparsed: a workload's (one key, one
+/// name) is a few hundred bytes.
+pub const MAX_CSR_BYTES: usize = 4096;
+
 #[derive(Debug, thiserror::Error)]
 pub enum CsrError {
     #[error("the certificate signing request does not parse or its signature is invalid: {0}")]
     Invalid(rcgen::Error),
     #[error(
-        "the certificate signing request must name exactly {requested} (as its one DNS subject alternative name), but names {found:?}"
+        "the certificate signing request must name exactly {requested} (as its one DNS subject alternative name), but names {count}: {first:?}{}",
+        if *count > first.len() { " and more" } else { "" }
     )]
-    WrongNames { requested: Name, found: Vec<String> },
+    WrongNames {
+        requested: Name,
+        /// How many names it has, and the first few (an error is short
+        /// whatever a CSR holds).
+        count: usize,
+        first: Vec<String>,
+    },
+    #[error("the certificate signing request is {0} bytes; a workload's is under {MAX_CSR_BYTES}")]
+    TooLarge(usize),
     #[error("the certificate signing request asks for a CA certificate")]
     RequestsCa,
     #[error("the issuer expired; rotate it with `weft identity rotate-issuer`")]
@@ -317,22 +330,29 @@ impl Issuer {
         if now >= self.not_after {
             return Err(CsrError::IssuerExpired);
         }
+        if csr_der.len() > MAX_CSR_BYTES {
+            return Err(CsrError::TooLarge(csr_der.len()));
+        }
         let csr =
             CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(csr_der))
                 .map_err(CsrError::Invalid)?;
-        let found: Vec<String> = csr
-            .params
-            .subject_alt_names
-            .iter()
-            .map(|s| match s {
-                SanType::DnsName(d) => d.as_str().to_string(),
-                other => format!("{other:?}"),
-            })
-            .collect();
-        if found.len() != 1 || found[0] != name.as_str() {
+        let sans = &csr.params.subject_alt_names;
+        let only = match sans.as_slice() {
+            [SanType::DnsName(d)] => d.as_str() == name.as_str(),
+            _ => false,
+        };
+        if !only {
             return Err(CsrError::WrongNames {
                 requested: name.clone(),
-                found,
+                count: sans.len(),
+                first: sans
+                    .iter()
+                    .take(3)
+                    .map(|s| match s {
+                        SanType::DnsName(d) => d.as_str().to_string(),
+                        other => format!("{other:?}"),
+                    })
+                    .collect(),
             });
         }
         if matches!(csr.params.is_ca, IsCa::Ca(_)) {

@@ -12,7 +12,8 @@ mod name;
 mod token;
 
 pub use ca::{
-    ANCHOR_LIFETIME, CaDir, CsrError, ISSUER_LIFETIME, Issuer, LEAF_LIFETIME, Leaf, new_csr,
+    ANCHOR_LIFETIME, CaDir, CsrError, ISSUER_LIFETIME, Issuer, LEAF_LIFETIME, Leaf, MAX_CSR_BYTES,
+    new_csr,
 };
 pub use files::{CaError, parse_pem_certs, read_pem_certs};
 pub use info::{CertInfo, to_pem, verify_signed_by};

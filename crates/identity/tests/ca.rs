@@ -201,3 +201,44 @@ fn a_leftover_temporary_file_cannot_loosen_a_key() {
         .collect();
     assert!(stray.is_empty(), "{stray:?}");
 }
+
+/// A CSR with many names gets a short answer: beyond 4 KiB it is not even
+/// parsed, and below that the error names the count and the first three.
+#[test]
+fn a_csr_with_many_names_is_refused_in_a_few_words() {
+    let (_tmp, dir) = init();
+    let issuer = Issuer::load(&dir).expect("issuer loads");
+    let csr_with = |n: usize| {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = (0..n)
+            .map(|i| {
+                rcgen::SanType::DnsName(
+                    rcgen::string::Ia5String::try_from(format!("n{i}.demo")).expect("ia5"),
+                )
+            })
+            .collect();
+        params.serialize_request(&key).expect("csr").der().to_vec()
+    };
+    for (n, want) in [
+        (3000, "bytes; a workload's is under 4096"),
+        (
+            20,
+            "but names 20: [\"n0.demo\", \"n1.demo\", \"n2.demo\"] and more",
+        ),
+    ] {
+        let csr = csr_with(n);
+        let err = issuer
+            .certify(
+                &csr,
+                &name("web.demo"),
+                Duration::from_secs(60),
+                SystemTime::now(),
+            )
+            .expect_err("refused")
+            .to_string();
+        assert!(err.contains(want), "{n}: {err}");
+        assert!(err.len() < 300, "{n} names: {} bytes of error", err.len());
+    }
+    assert!(csr_with(3000).len() > weft_identity::MAX_CSR_BYTES);
+}

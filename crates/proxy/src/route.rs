@@ -35,9 +35,11 @@ const MAX_CONTROLLED_TARGETS: usize = 2_000;
 /// cannot grow the negative cache.
 const MAX_NEGATIVE: usize = 10_000;
 
-/// Unknown-name targets beyond this many are forgotten wholesale: a bound
-/// on memory when clients name many distinct hosts.
-const MAX_DYNAMIC_TARGETS: usize = 10_000;
+/// DNS-resolved and literal-address targets, each map, beyond this many
+/// are forgotten wholesale: a bound on memory when clients name many
+/// distinct hosts or addresses (a target and its endpoint cost about 4 KiB:
+/// 10,000 of them held 46 MiB), the same as the control plane's.
+const MAX_DYNAMIC_TARGETS: usize = 2_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RouteError {
@@ -371,6 +373,13 @@ impl Router {
         }
         let e = Arc::new(Endpoint::new(addr, identity.cloned(), hint, &self.settings));
         eps.insert(key, Arc::downgrade(&e));
+        // A dead entry still holds its endpoint's allocation (a `Weak`
+        // keeps the block): sweep them whenever the map doubles, so
+        // clients naming ever new addresses cannot grow it (12,000 such
+        // addresses once held 6.5 MiB this way).
+        if eps.len() >= 1024 && eps.len().is_power_of_two() {
+            eps.retain(|_, w| w.strong_count() > 0);
+        }
         e
     }
 

@@ -776,3 +776,43 @@ async fn huge_bodies_and_http1_grpc_get_no_special_treatment() -> anyhow::Result
     assert!(rsp.contains("grpc-status: 4"), "{rsp}");
     Ok(())
 }
+
+/// 12,000 requests through `conn`, each naming a new address (127.x.y.z
+/// on a port nothing listens on), each refused upstream; the proxy's RSS
+/// after them.
+async fn distinct_addresses(
+    proxy: &Proxy,
+    conn: &mut hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>,
+    from: u32,
+) -> anyhow::Result<u64> {
+    for i in from..from + 12_000 {
+        let authority = format!("127.{}.{}.{}:9", (i >> 16) & 255, (i >> 8) & 255, i & 255);
+        conn.ready().await?;
+        let (status, _, _) = text(conn.send_request(get(&authority, "/")?).await?).await?;
+        anyhow::ensure!(status == 503, "{authority}: {status}\n{}", proxy.log());
+    }
+    proxy.rss_bytes()
+}
+
+/// Outbound state per authority is bounded in count: a client naming
+/// tens of thousands of distinct addresses grows the proxy no further
+/// once the per-map caps (2,000 targets) are met.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn distinct_outbound_authorities_do_not_grow_the_proxy() -> anyhow::Result<()> {
+    let file = DestinationsFile::from_yaml("destinations: {}\n")?;
+    let proxy = Proxy::start(
+        PROXY.as_ref(),
+        &[
+            ("WEFT_PROXY_DESTINATIONS", &file.path_str()),
+            ("WEFT_PROXY_CONNECT_TIMEOUT", "1s"),
+        ],
+    )
+    .await?;
+    let mut conn = client::http1(proxy.outbound).await?;
+    let first = distinct_addresses(&proxy, &mut conn, 1).await?;
+    let second = distinct_addresses(&proxy, &mut conn, 20_001).await?;
+    let grown = second.saturating_sub(first);
+    // Before the endpoint map was swept: 6.5 MiB more per 12,000.
+    assert!(grown < 1024 * 1024, "RSS grew {grown} bytes past the caps");
+    Ok(())
+}
