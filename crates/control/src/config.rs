@@ -30,6 +30,12 @@ pub struct Config {
     #[arg(long, env = "WEFT_CONTROL_MAX_NAMES_PER_CLIENT", default_value_t = 2_000, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_names_per_client: u32,
 
+    /// Most names every client without a certificate may follow at once,
+    /// together (from however many addresses): what anyone who reaches the
+    /// port can make the control plane follow, and look up in DNS.
+    #[arg(long, env = "WEFT_CONTROL_MAX_NAMES_UNCERTIFIED", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_names_uncertified: u32,
+
     /// Admin listener: /ready, /live, /metrics.
     #[arg(
         long,

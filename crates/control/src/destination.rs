@@ -32,11 +32,15 @@ pub struct DestinationService {
 impl DestinationService {
     /// `max_per_client` bounds the streams (followed names) one client
     /// holds open at once.
-    pub fn new(discovery: Discovery, metrics: Metrics, max_per_client: u32) -> Self {
+    pub fn new(
+        discovery: Discovery,
+        metrics: Metrics,
+        limits: crate::clients::ClientLimits,
+    ) -> Self {
         Self {
             discovery,
             metrics,
-            clients: Clients::new(max_per_client),
+            clients: Clients::new(limits),
         }
     }
 }

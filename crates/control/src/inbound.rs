@@ -43,14 +43,14 @@ impl InboundPolicyService {
         pods: Option<PodIdentity>,
         default: DefaultPolicy,
         metrics: Metrics,
-        max_per_client: u32,
+        limits: crate::clients::ClientLimits,
     ) -> Self {
         Self {
             file,
             pods,
             default,
             metrics,
-            clients: Clients::new(max_per_client),
+            clients: Clients::new(limits),
         }
     }
 }

@@ -195,6 +195,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         tls,
         HANDSHAKE_TIMEOUT,
     );
+    let limits = clients::ClientLimits {
+        per_client: config.max_names_per_client,
+        uncertified: config.max_names_uncertified,
+    };
     let router = tonic::transport::Server::builder()
         // Proxies hold one long-lived connection; keep-alives find dead ones.
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
@@ -209,18 +213,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         ))
         .http2_max_header_list_size(Some(16 * 1024))
         .add_service(destination::DestinationServer::new(
-            destination::DestinationService::new(
-                discovery.clone(),
-                metrics.clone(),
-                config.max_names_per_client,
-            ),
+            destination::DestinationService::new(discovery.clone(), metrics.clone(), limits),
         ))
         .add_service(OutboundPoliciesServer::new(
-            outbound::OutboundPolicyService::new(
-                discovery,
-                metrics.clone(),
-                config.max_names_per_client,
-            ),
+            outbound::OutboundPolicyService::new(discovery, metrics.clone(), limits),
         ))
         .add_service(InboundServerPoliciesServer::new(
             inbound::InboundPolicyService::new(
@@ -228,7 +224,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
                 pods,
                 config.default_inbound_policy,
                 metrics,
-                config.max_names_per_client,
+                limits,
             ),
         ))
         .add_service(IdentityServer::new(identity));

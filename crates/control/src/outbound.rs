@@ -36,11 +36,15 @@ pub struct OutboundPolicyService {
 
 impl OutboundPolicyService {
     /// `max_per_client` bounds the policy streams one client holds open.
-    pub fn new(discovery: Discovery, metrics: Metrics, max_per_client: u32) -> Self {
+    pub fn new(
+        discovery: Discovery,
+        metrics: Metrics,
+        limits: crate::clients::ClientLimits,
+    ) -> Self {
         Self {
             discovery,
             metrics,
-            clients: Clients::new(max_per_client),
+            clients: Clients::new(limits),
         }
     }
 }

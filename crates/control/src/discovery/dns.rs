@@ -5,7 +5,7 @@
 //! does not exist is `Unknown`, so proxies fall back to their own DNS.
 
 use std::collections::{BTreeMap, HashSet};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -19,8 +19,16 @@ use weft_detect::Authority;
 
 use super::{Backend, Endpoint, Resolution, Service, Watches};
 
+/// Lookups in flight at once, at most: each holds sockets (A and AAAA,
+/// UDP then TCP: up to six while a server does not answer), and a flood
+/// of followed names once drove the control plane to its fd limit.
+const MAX_LOOKUPS: usize = 16;
+/// A whole lookup (an SRV name and each of its targets) within this.
+const LOOKUP_DEADLINE: Duration = Duration::from_secs(5);
+
 pub struct DnsBackend {
     resolver: TokioResolver,
+    lookups: tokio::sync::Semaphore,
     refresh: Duration,
     watches: Watches,
     polling: Mutex<HashSet<Authority>>,
@@ -55,6 +63,7 @@ impl DnsBackend {
         let resolver = builder.build().map_err(|e| DnsError(e.to_string()))?;
         Ok(Arc::new_cyclic(|this| Self {
             resolver,
+            lookups: tokio::sync::Semaphore::new(MAX_LOOKUPS),
             refresh,
             watches: Watches::default(),
             polling: Mutex::default(),
@@ -62,12 +71,26 @@ impl DnsBackend {
         }))
     }
 
-    /// One lookup: `None` when it failed (keep the last answer).
+    /// One lookup, waiting its turn among [`MAX_LOOKUPS`] and bounded by
+    /// [`LOOKUP_DEADLINE`]: `None` when it failed (keep the last answer).
     async fn lookup(&self, authority: &Authority) -> Option<Resolution> {
-        let host = authority.bare_host();
-        if host.parse::<IpAddr>().is_ok() {
+        if authority.socket_addr().is_some() {
             return Some(Resolution::Unknown);
         }
+        let Ok(_permit) = self.lookups.acquire().await else {
+            return None;
+        };
+        match tokio::time::timeout(LOOKUP_DEADLINE, self.lookup_now(authority)).await {
+            Ok(r) => r,
+            Err(_) => {
+                tracing::info!(%authority, deadline = ?LOOKUP_DEADLINE, "DNS lookup timed out; keeping the last answer");
+                None
+            }
+        }
+    }
+
+    async fn lookup_now(&self, authority: &Authority) -> Option<Resolution> {
+        let host = authority.bare_host();
         let result: Result<Vec<(SocketAddr, u32)>, _> = if host.starts_with('_') {
             self.srv(host).await
         } else {
