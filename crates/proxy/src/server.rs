@@ -384,7 +384,7 @@ impl Side {
                                 Some((up, greeting)) => {
                                     let mut io = io;
                                     if io.write_all(&greeting).await.is_ok() {
-                                        tcp::relay_connected(io, &t, up, idle).await;
+                                        tcp::relay_connected(io, &t, *up, idle).await;
                                     }
                                 }
                                 None => tcp::relay(io, t, idle).await,
@@ -551,7 +551,7 @@ enum FirstWords {
     Client(BytesMut, Protocol),
     /// The server (a server-speaks-first protocol): its greeting, and
     /// whatever part of something the client had sent meanwhile.
-    Server(tcp::Connected, BytesMut, BytesMut),
+    Server(Box<tcp::Connected>, BytesMut, BytesMut),
 }
 
 /// Waits, until `deadline`, for the first bytes of either the client or
@@ -597,7 +597,7 @@ async fn first_words<I: AsyncRead + Unpin>(
             io::ErrorKind::UnexpectedEof,
             "the server closed before anyone spoke",
         )),
-        Ok(Ok(_)) => Ok(FirstWords::Server(up, greeting, prefix)),
+        Ok(Ok(_)) => Ok(FirstWords::Server(Box::new(up), greeting, prefix)),
         Ok(Err(e)) => Err(e),
     }
 }
