@@ -344,9 +344,11 @@ impl Side {
                 let deadline = tokio::time::Instant::now() + self.limits.header_read_timeout;
                 let mut io = io;
                 match first_words(&mut io, upstream, deadline).await {
-                    Ok(FirstWords::Client(prefix, protocol)) => {
-                        (PrefixedIo::new(prefix.freeze(), io), protocol, None)
-                    }
+                    Ok(FirstWords::Client(prefix, protocol, up)) => (
+                        PrefixedIo::new(prefix.freeze(), io),
+                        protocol,
+                        up.map(|up| (up, BytesMut::new())),
+                    ),
                     Ok(FirstWords::Server(up, greeting, prefix)) => (
                         PrefixedIo::new(prefix.freeze(), io),
                         Protocol::Opaque,
@@ -547,8 +549,9 @@ async fn read_prefix_into<I: AsyncRead + Unpin>(
 /// Who spoke first on a connection whose client was silent through
 /// detection.
 enum FirstWords {
-    /// The client, after all: its first bytes and their protocol.
-    Client(BytesMut, Protocol),
+    /// The client, after all: its first bytes and their protocol, and the
+    /// upstream connection when those bytes are opaque (relayed on it).
+    Client(BytesMut, Protocol, Option<Box<tcp::Connected>>),
     /// The server (a server-speaks-first protocol): its greeting, and
     /// whatever part of something the client had sent meanwhile.
     Server(Box<tcp::Connected>, BytesMut, BytesMut),
@@ -578,7 +581,7 @@ async fn first_words<I: AsyncRead + Unpin>(
         if prefix.is_empty() {
             return Err(silent());
         }
-        return Ok(FirstWords::Client(prefix, p));
+        return Ok(FirstWords::Client(prefix, p, None));
     };
     let mut greeting = BytesMut::with_capacity(1024);
     let server_spoke = tokio::select! {
@@ -591,7 +594,8 @@ async fn first_words<I: AsyncRead + Unpin>(
             if prefix.is_empty() {
                 return Err(silent());
             }
-            Ok(FirstWords::Client(prefix, p))
+            let up = (p == Protocol::Opaque).then(|| Box::new(up));
+            Ok(FirstWords::Client(prefix, p, up))
         }
         Ok(Ok(0)) => Err(io::Error::new(
             io::ErrorKind::UnexpectedEof,

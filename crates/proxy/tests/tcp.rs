@@ -98,3 +98,32 @@ async fn the_peek_timeout_is_configurable() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// A client of a client-first binary protocol that waits past detection
+/// before speaking is relayed on the one upstream connection the proxy
+/// made to see who speaks first: its bytes arrive, and the application
+/// sees one connection, not a spare one dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_opaque_client_is_relayed_on_one_upstream_connection() -> anyhow::Result<()> {
+    let echo = tcp::echo().await?;
+    let fwd = echo.addr.to_string();
+    let proxy = Proxy::start(PROXY.as_ref(), &[("WEFT_PROXY_INBOUND_FORWARD", &fwd)]).await?;
+    let mut s = TcpStream::connect(proxy.inbound).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let payload = [0u8, 1, 2, 3, 250, 251, 252, 253];
+    s.write_all(&payload).await?;
+    let mut back = [0u8; 8];
+    tokio::time::timeout(Duration::from_secs(2), s.read_exact(&mut back)).await??;
+    assert_eq!(back, payload);
+    let m = scrape(proxy.admin).await?;
+    assert_eq!(
+        m.sum(
+            "tcp_open_total",
+            &[("direction", "inbound"), ("peer", "dst")]
+        ),
+        1.0,
+        "{}",
+        m.text
+    );
+    Ok(())
+}
