@@ -27,6 +27,20 @@ pub use servers::{DETECT_TIMEOUT, ServerSpec};
 /// Duration` can hold that arithmetic on it never overflows (a value
 /// near `i64::MAX` seconds aborted the proxy).
 pub const MAX_DURATION: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// A duration as people write it (`500ms`, `2s`), at most [`MAX_DURATION`]:
+/// the one parser for the destinations file and the proxy's settings.
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let d = humantime::parse_duration(text)
+        .map_err(|e| format!("{text:?} is not a duration such as 500ms or 2s ({e})"))?;
+    if d > MAX_DURATION {
+        return Err(format!(
+            "{text:?} is longer than {}",
+            humantime::format_duration(MAX_DURATION)
+        ));
+    }
+    Ok(d)
+}
 use weft_detect::Authority;
 use weft_identity::Name;
 

@@ -25,6 +25,25 @@ pub struct Policy {
     pub routes: Vec<Route>,
 }
 
+impl Policy {
+    /// Every duration the policy holds: its timeout, breaker backoffs and
+    /// hedge delay, and each route's.
+    pub fn durations(&self) -> Vec<Duration> {
+        let hedge = |h: &Option<Hedge>| match h {
+            Some(Hedge::After(d)) => Some(*d),
+            _ => None,
+        };
+        let mut out = vec![self.breaker.min_open, self.breaker.max_open];
+        out.extend(self.timeout);
+        out.extend(hedge(&self.hedge));
+        for r in &self.routes {
+            out.extend(r.timeout);
+            out.extend(hedge(&r.hedge));
+        }
+        out
+    }
+}
+
 /// When and how much to try again.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Retry {
@@ -364,15 +383,7 @@ fn one() -> u32 {
 
 /// `at` says where in the file a value is, for errors: the path of keys.
 pub(crate) fn duration(at: &str, text: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(text)
-        .map_err(|e| format!("{at}: {text:?} is not a duration such as 500ms or 2s ({e})"))?;
-    if d > crate::MAX_DURATION {
-        return Err(format!(
-            "{at}: {text:?} is longer than {}",
-            humantime::format_duration(crate::MAX_DURATION)
-        ));
-    }
-    Ok(d)
+    crate::parse_duration(text).map_err(|e| format!("{at}: {e}"))
 }
 
 fn timeout(at: &str, text: Option<&str>) -> Result<Option<Duration>, String> {

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
-use weft_destinations::{Destinations, Hedge, MAX_DURATION};
+use weft_destinations::{Destinations, MAX_DURATION};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
@@ -15,16 +15,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     for dest in d.by_authority.values() {
-        let p = &dest.policy;
-        let mut durations = vec![p.breaker.min_open, p.breaker.max_open];
-        durations.extend(p.timeout);
-        for route in &p.routes {
-            durations.extend(route.timeout);
-            if let Some(Hedge::After(d)) = route.hedge {
-                durations.push(d);
-            }
-        }
-        for d in durations {
+        for d in dest.policy.durations() {
             assert!(d <= MAX_DURATION, "{d:?}");
         }
     }

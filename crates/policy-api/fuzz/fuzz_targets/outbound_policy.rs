@@ -6,7 +6,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
-use weft_destinations::{Hedge, MAX_DURATION};
+use weft_destinations::MAX_DURATION;
 use weft_detect::Authority;
 use weft_policy_api::{decode, wire};
 
@@ -20,15 +20,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(policy) = decode(&authority, &msg) else {
         return;
     };
-    let mut durations = vec![policy.breaker.min_open, policy.breaker.max_open];
-    durations.extend(policy.timeout);
-    for route in &policy.routes {
-        durations.extend(route.timeout);
-        if let Some(Hedge::After(d)) = route.hedge {
-            durations.push(d);
-        }
-    }
-    for d in durations {
+    for d in policy.durations() {
         assert!(d <= MAX_DURATION, "{d:?}");
         let _ = std::time::Instant::now() + d;
     }
