@@ -344,16 +344,11 @@ impl Side {
                 let deadline = tokio::time::Instant::now() + self.limits.header_read_timeout;
                 let mut io = io;
                 match first_words(&mut io, upstream, deadline).await {
-                    Ok(FirstWords::Client(prefix, protocol, up)) => (
-                        PrefixedIo::new(prefix.freeze(), io),
+                    Ok(FirstWords {
+                        prefix,
                         protocol,
-                        up.map(|up| (up, BytesMut::new())),
-                    ),
-                    Ok(FirstWords::Server(up, greeting, prefix)) => (
-                        PrefixedIo::new(prefix.freeze(), io),
-                        Protocol::Opaque,
-                        Some((up, greeting)),
-                    ),
+                        upstream,
+                    }) => (PrefixedIo::new(prefix.freeze(), io), protocol, upstream),
                     Err(e) => {
                         tracing::debug!(direction = ?self.direction, error = %e, "silent connection closed");
                         return None;
@@ -386,7 +381,7 @@ impl Side {
                                 Some((up, greeting)) => {
                                     let mut io = io;
                                     if io.write_all(&greeting).await.is_ok() {
-                                        tcp::relay_connected(io, &t, *up, idle).await;
+                                        tcp::relay_connected(io, &t, up, idle).await;
                                     }
                                 }
                                 None => tcp::relay(io, t, idle).await,
@@ -420,6 +415,10 @@ impl Side {
                 Direction::outbound => None,
             },
             listen_addrs: self.listen_addrs.clone(),
+            client_id: match self.direction {
+                Direction::inbound => http::client_id_header(&client_tls),
+                Direction::outbound => None,
+            },
             client_tls,
             limits: self.limits.clone(),
             labels: self.labels.clone(),
@@ -546,15 +545,18 @@ async fn read_prefix_into<I: AsyncRead + Unpin>(
     }
 }
 
-/// Who spoke first on a connection whose client was silent through
-/// detection.
-enum FirstWords {
-    /// The client, after all: its first bytes and their protocol, and the
-    /// upstream connection when those bytes are opaque (relayed on it).
-    Client(BytesMut, Protocol, Option<Box<tcp::Connected>>),
-    /// The server (a server-speaks-first protocol): its greeting, and
-    /// whatever part of something the client had sent meanwhile.
-    Server(Box<tcp::Connected>, BytesMut, BytesMut),
+/// What is known once someone spoke on a connection whose client was
+/// silent through detection.
+struct FirstWords {
+    /// What the client sent (all of it, or part of something when the
+    /// server spoke first).
+    prefix: BytesMut,
+    /// Its protocol: opaque whenever the server spoke first.
+    protocol: Protocol,
+    /// For an opaque connection, the upstream connection made to listen
+    /// for the server, and its greeting (empty if the client spoke first),
+    /// owed to the client before anything else.
+    upstream: Option<(tcp::Connected, BytesMut)>,
 }
 
 /// Waits, until `deadline`, for the first bytes of either the client or
@@ -577,11 +579,15 @@ async fn first_words<I: AsyncRead + Unpin>(
         )
     };
     let Some(mut up) = upstream else {
-        let p = read_prefix_into(io, &mut prefix, deadline, deadline).await?;
+        let protocol = read_prefix_into(io, &mut prefix, deadline, deadline).await?;
         if prefix.is_empty() {
             return Err(silent());
         }
-        return Ok(FirstWords::Client(prefix, p, None));
+        return Ok(FirstWords {
+            prefix,
+            protocol,
+            upstream: None,
+        });
     };
     let mut greeting = BytesMut::with_capacity(1024);
     let server_spoke = tokio::select! {
@@ -590,18 +596,26 @@ async fn first_words<I: AsyncRead + Unpin>(
     };
     match server_spoke {
         Err(p) => {
-            let p = p?;
+            let protocol = p?;
             if prefix.is_empty() {
                 return Err(silent());
             }
-            let up = (p == Protocol::Opaque).then(|| Box::new(up));
-            Ok(FirstWords::Client(prefix, p, up))
+            let upstream = (protocol == Protocol::Opaque).then(|| (up, BytesMut::new()));
+            Ok(FirstWords {
+                prefix,
+                protocol,
+                upstream,
+            })
         }
         Ok(Ok(0)) => Err(io::Error::new(
             io::ErrorKind::UnexpectedEof,
             "the server closed before anyone spoke",
         )),
-        Ok(Ok(_)) => Ok(FirstWords::Server(Box::new(up), greeting, prefix)),
+        Ok(Ok(_)) => Ok(FirstWords {
+            prefix,
+            protocol: Protocol::Opaque,
+            upstream: Some((up, greeting)),
+        }),
         Ok(Err(e)) => Err(e),
     }
 }

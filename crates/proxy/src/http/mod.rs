@@ -100,6 +100,9 @@ pub struct HttpContext {
     pub listen_addrs: ListenAddrs,
     /// Inbound: whether the client connected over mutual TLS, and as whom.
     pub client_tls: TlsLabel,
+    /// Inbound: `l5d-client-id` for the application, made once per
+    /// connection from `client_tls`'s proven identity.
+    pub client_id: Option<http::HeaderValue>,
     pub limits: Arc<Limits>,
     /// Inbound: the metric label of each request's authority.
     pub labels: Arc<AuthorityLabels>,
@@ -336,6 +339,15 @@ fn is_grpc(req: &Request<Incoming>) -> bool {
 /// (Linkerd's).
 const L5D_CLIENT_ID: &str = "l5d-client-id";
 
+/// The `l5d-client-id` an inbound connection's requests carry: its
+/// client's proven identity, if it has one.
+pub fn client_id_header(tls: &TlsLabel) -> Option<http::HeaderValue> {
+    match tls {
+        TlsLabel::Mutual { peer_id } => http::HeaderValue::from_str(peer_id).ok(),
+        _ => None,
+    }
+}
+
 /// The largest body a request may declare: far beyond any upload through a
 /// sidecar (1 TiB), and a bound a client cannot talk past to hold a
 /// request open "until the rest arrives".
@@ -563,10 +575,8 @@ impl HttpContext {
         if self.direction == Direction::inbound {
             let headers = req.headers_mut();
             headers.remove(L5D_CLIENT_ID);
-            if let TlsLabel::Mutual { peer_id } = &self.client_tls
-                && let Ok(v) = http::HeaderValue::from_str(peer_id)
-            {
-                headers.insert(L5D_CLIENT_ID, v);
+            if let Some(id) = &self.client_id {
+                headers.insert(L5D_CLIENT_ID, id.clone());
             }
         }
         if req.method() == Method::CONNECT && self.version == HttpVersion::Http1 {
